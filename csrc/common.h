@@ -1,0 +1,110 @@
+// Shared by the CPU and CUDA kernels: the argument bundle of reconstruct, the label dtypes, the math of
+// SPEC.md sections 2-3 written once for host and device, and the entry points python/module.cpp binds.
+// No Python and no libtorch here: raw pointers and sizes only, so the extension never depends on a torch ABI.
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "philox.h"
+
+namespace sws {
+
+enum LabelDtype : int { kU8 = 0, kI8 = 1, kI16 = 2, kI32 = 3, kI64 = 4 };
+enum Mode : int { kPaper = 0, kHierarchical = 1, kMean = 2 };
+
+// Everything reconstruct and its backward read. Arrays are contiguous; pointers of empty arrays
+// (E == 0, O == 0) are never dereferenced.
+struct ReconstructArgs {
+  const float* means = nullptr;  // [K, 2] (m_mu, m_rho)
+  const float* chol = nullptr;   // [K, 3] (a, b, c)
+  int64_t K = 0;
+  const void* labels = nullptr;  // [n], dtype per labels_dtype
+  int labels_dtype = 0;
+  int64_t n = 0;
+  const int64_t* e_pos = nullptr;  // [E] flat positions
+  const int64_t* e_a = nullptr;    // [E] components
+  const int64_t* e_b = nullptr;    // [E]
+  const float* e_alpha = nullptr;  // [E]
+  int64_t E = 0;
+  const int64_t* o_pos = nullptr;  // [O] flat positions
+  const float* o_mu = nullptr;     // [O]
+  const float* o_rho = nullptr;    // [O]
+  int64_t O = 0;
+  uint64_t seed = 0;
+  int64_t S = 1;
+  int mode = kPaper;
+  int64_t owner = 0;
+  int64_t codebook_owner = 0;
+};
+
+// Cheap size/range checks shared by every backend; throws std::invalid_argument naming `fn`.
+inline void validate_sizes(const ReconstructArgs& a, const char* fn) {
+  auto fail = [&](const std::string& what) { throw std::invalid_argument(std::string(fn) + ": " + what); };
+  if (a.K < 1) fail("K (number of components) must be >= 1, got " + std::to_string(a.K));
+  if (a.n < 0) fail("n must be >= 0, got " + std::to_string(a.n));
+  if (static_cast<uint64_t>(a.n) > kMaxElement)
+    fail("n = " + std::to_string(a.n) + " exceeds the per-stream limit of 2^34 elements");
+  if (a.S < 1 || a.S > 0xffffffffll) fail("S (samples) must be in [1, 2^32), got " + std::to_string(a.S));
+  if (a.E < 0) fail("E must be >= 0, got " + std::to_string(a.E));
+  if (a.O < 0) fail("O must be >= 0, got " + std::to_string(a.O));
+  if (a.E > a.n || a.O > a.n) fail("more ellipse/outlier entries than weights");
+  if (a.mode < kPaper || a.mode > kMean) fail("mode must be 0 (paper), 1 (hierarchical) or 2 (mean), got " + std::to_string(a.mode));
+  if (a.labels_dtype < kU8 || a.labels_dtype > kI64)
+    fail("labels_dtype must be 0=uint8 1=int8 2=int16 3=int32 4=int64, got " + std::to_string(a.labels_dtype));
+  if (a.owner < 0 || a.owner > 0xffffffffll) fail("owner must be in [0, 2^32), got " + std::to_string(a.owner));
+  if (a.codebook_owner < 0 || a.codebook_owner > 0xffffffffll)
+    fail("codebook_owner must be in [0, 2^32), got " + std::to_string(a.codebook_owner));
+  if (a.n > 0 && a.labels == nullptr) fail("labels pointer is null");
+  if (a.means == nullptr || a.chol == nullptr) fail("means/chol pointer is null");
+}
+
+// softplus exactly as torch.nn.functional.softplus (beta 1, threshold 20): x if x > 20 else log1p(exp(x)).
+SWS_HD float softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
+SWS_HD float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+// Component noise xi[s, k] = elements 2k, 2k+1 of stream (seed, s, codebook_owner, purpose 1): both come
+// from counter j = k / 2, words (0, 1) for even k and (2, 3) for odd k.
+SWS_HD void component_noise(Key key, uint64_t k, uint32_t s, uint32_t codebook_owner, float& xi0, float& xi1) {
+  const Words4 w = stream_words(key, static_cast<uint32_t>(k >> 1), s, codebook_owner, kPurposeComponent);
+  if (k & 1) {
+    box_muller(w.w[2], w.w[3], xi0, xi1);
+  } else {
+    box_muller(w.w[0], w.w[1], xi0, xi1);
+  }
+}
+
+// z = m + L xi, L = [[softplus(a), 0], [b, softplus(c)]], in the reference's float32 operation order.
+SWS_HD void sample_component(const float* means, const float* chol, uint64_t k, float xi0, float xi1, float& z_mu,
+                             float& z_rho) {
+  const float a = chol[3 * k], b = chol[3 * k + 1], c = chol[3 * k + 2];
+  z_mu = means[2 * k] + softplus(a) * xi0;
+  z_rho = (means[2 * k + 1] + b * xi0) + softplus(c) * xi1;
+}
+
+// ---- entry points (csrc/cpu/*.cpp) ----
+void philox4x32_cpu(const int64_t* counter, const int64_t* key, int64_t* out, int64_t n);
+// Elements offset .. offset+n-1 of stream (seed, sample, owner, purpose).
+void uniform_cpu(float* out, int64_t n, uint64_t offset, uint64_t seed, int64_t sample, int64_t owner, int64_t purpose);
+void normal_cpu(float* out, int64_t n, uint64_t offset, uint64_t seed, int64_t sample, int64_t owner, int64_t purpose);
+void reconstruct_cpu(const ReconstructArgs& a, float* out);
+void reconstruct_backward_cpu(const ReconstructArgs& a, const float* grad_out, float* grad_means, float* grad_chol,
+                              float* grad_mu_o, float* grad_rho_o);
+int omp_max_threads();
+void omp_set_threads(int n);
+
+// ---- entry points (csrc/cuda/reconstruct.cu; only when built with SWS_WITH_CUDA) ----
+#if defined(SWS_WITH_CUDA)
+// zbuf: device float32 workspace of S*K*2 floats.
+void reconstruct_cuda(const ReconstructArgs& a, float* out, float* zbuf, uintptr_t stream);
+// seg_*: label-sorted CSR of the entries (see reconstruct.cu); dzbuf: device float64 workspace of S*K*2.
+void reconstruct_backward_cuda(const ReconstructArgs& a, const float* grad_out, const int64_t* seg_offsets,
+                               const int64_t* seg_pos, const float* seg_coef, int64_t n_entries, double* dzbuf,
+                               float* grad_means, float* grad_chol, float* grad_mu_o, float* grad_rho_o,
+                               uintptr_t stream);
+// usable = a device is present and the runtime works; reason says why not.
+void cuda_status(bool& usable, std::string& reason);
+#endif
+
+}  // namespace sws

@@ -1,0 +1,340 @@
+// reconstruct and its backward on the CPU (OpenMP). SPEC.md sections 2-3 and 5.
+//
+// Forward. The sampled codebook z[S, K] is a few KB-MB, so it is computed once per call (a prologue of
+// S*K/2 Philox calls) and the weights become a gather from it: in paper/mean mode the op is memory bound
+// (read labels, write S*n floats), in hierarchical mode every weight also needs its own normal, and one
+// Philox call yields the 4 normals of 4 consecutive weights, so the work is split in blocks of kFwdBlock
+// elements (a multiple of 4: a block starts on a counter boundary). Loop order block -> sample -> element
+// reads the block's labels once from L1 for all S samples. Ellipse and outlier positions are overwritten
+// afterwards (positions are unique, checked, so the overwrite order does not matter).
+//
+// Backward: deterministic by construction, whatever the thread count. The n weights are cut into a
+// FIXED number of chunks (a function of n, K, S and the mode only, never of the thread count); each chunk
+// accumulates private per-(sample, component) partial sums in double, skipping ellipse/outlier positions
+// (a bitmask built once per call), and the chunk partials are reduced in chunk order. Ellipse entries are
+// then added serially in entry order, outliers are independent per entry. No float atomics anywhere.
+// Double accumulators keep the result close to an exact sum, so it also agrees with the float64 reference.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "../common.h"
+
+namespace sws {
+namespace {
+
+constexpr int64_t kFwdBlock = 4096;        // elements per forward work item (multiple of 4)
+constexpr int64_t kBwdChunk = 65536;       // preferred elements per backward chunk
+constexpr int64_t kBwdPartialCap = 1 << 21;  // max doubles held in chunk partials (16 MB)
+
+template <class F>
+void dispatch_labels(int code, const void* p, F&& f) {
+  switch (code) {
+    case kU8: f(static_cast<const uint8_t*>(p)); break;
+    case kI8: f(static_cast<const int8_t*>(p)); break;
+    case kI16: f(static_cast<const int16_t*>(p)); break;
+    case kI32: f(static_cast<const int32_t*>(p)); break;
+    case kI64: f(static_cast<const int64_t*>(p)); break;
+    default: throw std::invalid_argument("labels_dtype: unknown code " + std::to_string(code));
+  }
+}
+
+// A label as an unsigned index: negative labels become huge and fail the `< K` check.
+template <class L>
+inline uint64_t label_at(const L* lab, int64_t i) {
+  return static_cast<uint64_t>(static_cast<int64_t>(lab[i]));
+}
+
+// Validates ellipse/outlier entries (positions in range and unique, components in range, alpha finite)
+// and returns a bitmask of their positions (empty when E == O == 0). Serial: O(E + O) plus n/8 bytes.
+std::vector<uint64_t> exclusion_mask(const ReconstructArgs& a, const char* fn) {
+  std::vector<uint64_t> mask;
+  if (a.E == 0 && a.O == 0) return mask;
+  mask.assign(static_cast<size_t>((a.n + 63) / 64), 0);
+  auto mark = [&](int64_t p, const char* what, int64_t idx) {
+    if (p < 0 || p >= a.n)
+      throw std::invalid_argument(std::string(fn) + ": " + what + "[" + std::to_string(idx) + "] = " + std::to_string(p) +
+                                  " is out of range [0, " + std::to_string(a.n) + ")");
+    uint64_t& w = mask[static_cast<size_t>(p >> 6)];
+    const uint64_t bit = 1ull << (p & 63);
+    if (w & bit)
+      throw std::invalid_argument(std::string(fn) + ": position " + std::to_string(p) +
+                                  " appears twice among the ellipse/outlier positions");
+    w |= bit;
+  };
+  for (int64_t e = 0; e < a.E; ++e) {
+    mark(a.e_pos[e], "e_pos", e);
+    if (a.e_a[e] < 0 || a.e_a[e] >= a.K || a.e_b[e] < 0 || a.e_b[e] >= a.K)
+      throw std::invalid_argument(std::string(fn) + ": ellipse " + std::to_string(e) + " has components (" +
+                                  std::to_string(a.e_a[e]) + ", " + std::to_string(a.e_b[e]) + ") outside [0, " +
+                                  std::to_string(a.K) + ")");
+  }
+  for (int64_t o = 0; o < a.O; ++o) mark(a.o_pos[o], "o_pos", o);
+  return mask;
+}
+
+inline bool masked(const uint64_t* mask, int64_t i) { return (mask[i >> 6] >> (i & 63)) & 1; }
+
+[[noreturn]] void bad_labels(const char* fn, int64_t K) {
+  throw std::invalid_argument(std::string(fn) + ": a label is outside [0, K) with K = " + std::to_string(K));
+}
+
+}  // namespace
+
+void reconstruct_cpu(const ReconstructArgs& a, float* out) {
+  const char* fn = "reconstruct_cpu";
+  validate_sizes(a, fn);
+  const std::vector<uint64_t> mask = exclusion_mask(a, fn);  // validation only: positions are unique
+  const int64_t K = a.K, S = a.S, n = a.n;
+  const Key key = seed_key(a.seed);
+  const uint32_t owner = static_cast<uint32_t>(a.owner), cb_owner = static_cast<uint32_t>(a.codebook_owner);
+  const bool hier = a.mode == kHierarchical;
+
+  // Prologue: z table. paper/mean: zt[s*K + k] = z_mu (mean: m_mu). hierarchical: interleaved
+  // zt[2(s*K + k)] = z_mu, zt[2(s*K + k) + 1] = softplus(z_rho), so one cache line serves both gathers.
+  const int64_t zw = hier ? 2 : 1;
+  std::vector<float> zt(static_cast<size_t>(S * K * zw));
+#pragma omp parallel for schedule(static)
+  for (int64_t sk = 0; sk < S * K; ++sk) {
+    const int64_t s = sk / K, k = sk % K;
+    if (a.mode == kMean) {
+      zt[sk] = a.means[2 * k];
+      continue;
+    }
+    float xi0, xi1, z_mu, z_rho;
+    component_noise(key, static_cast<uint64_t>(k), static_cast<uint32_t>(s), cb_owner, xi0, xi1);
+    sample_component(a.means, a.chol, static_cast<uint64_t>(k), xi0, xi1, z_mu, z_rho);
+    if (hier) {
+      zt[2 * sk] = z_mu;
+      zt[2 * sk + 1] = softplus(z_rho);
+    } else {
+      zt[sk] = z_mu;
+    }
+  }
+  const float* z = zt.data();
+
+  // Inliers (every position; ellipse/outlier positions are overwritten below).
+  int bad = 0;
+  const int64_t nb = (n + kFwdBlock - 1) / kFwdBlock;
+  dispatch_labels(a.labels_dtype, a.labels, [&](auto lab) {
+    if (!hier) {
+#pragma omp parallel for schedule(static) reduction(| : bad)
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t i0 = b * kFwdBlock, i1 = std::min(n, i0 + kFwdBlock);
+        for (int64_t s = 0; s < S; ++s) {
+          const float* zs = z + s * K;
+          float* o = out + s * n;
+          for (int64_t i = i0; i < i1; ++i) {
+            const uint64_t c = label_at(lab, i);
+            const bool ok = c < static_cast<uint64_t>(K);
+            bad |= !ok;
+            o[i] = zs[ok ? c : 0];
+          }
+        }
+      }
+    } else {
+#pragma omp parallel for schedule(static) reduction(| : bad)
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t i0 = b * kFwdBlock, i1 = std::min(n, i0 + kFwdBlock);
+        for (int64_t s = 0; s < S; ++s) {
+          const float* zs = z + 2 * s * K;
+          float* o = out + s * n;
+          for (int64_t i = i0; i < i1; i += 4) {
+            float eps[4];
+            words_to_normal4(stream_words(key, static_cast<uint32_t>(i >> 2), static_cast<uint32_t>(s), owner, kPurposeWeight), eps);
+            const int m = static_cast<int>(std::min<int64_t>(4, i1 - i));
+            for (int t = 0; t < m; ++t) {
+              const uint64_t c = label_at(lab, i + t);
+              const bool ok = c < static_cast<uint64_t>(K);
+              bad |= !ok;
+              const uint64_t cc = ok ? c : 0;
+              o[i + t] = zs[2 * cc] + zs[2 * cc + 1] * eps[t];
+            }
+          }
+        }
+      }
+    }
+  });
+  if (bad) bad_labels(fn, K);
+
+  // Ellipses: the alpha-blend of two sampled components (plus blended noise in hierarchical mode).
+#pragma omp parallel for schedule(static)
+  for (int64_t e = 0; e < a.E; ++e) {
+    const int64_t p = a.e_pos[e], ca = a.e_a[e], cb = a.e_b[e];
+    const float al = a.e_alpha[e], bl = 1.0f - al;
+    for (int64_t s = 0; s < S; ++s) {
+      float v;
+      if (a.mode == kMean) {
+        v = al * a.means[2 * ca] + bl * a.means[2 * cb];
+      } else if (!hier) {
+        v = al * z[s * K + ca] + bl * z[s * K + cb];
+      } else {
+        const float* zs = z + 2 * s * K;
+        const float mu = al * zs[2 * ca] + bl * zs[2 * cb];
+        const float sd = al * zs[2 * ca + 1] + bl * zs[2 * cb + 1];
+        v = mu + sd * normal_at(key, static_cast<uint64_t>(p), static_cast<uint32_t>(s), owner, kPurposeWeight);
+      }
+      out[s * n + p] = v;
+    }
+  }
+  // Outliers: their own (mu, rho).
+#pragma omp parallel for schedule(static)
+  for (int64_t o = 0; o < a.O; ++o) {
+    const int64_t p = a.o_pos[o];
+    const float mu = a.o_mu[o];
+    const float sd = softplus(a.o_rho[o]);
+    for (int64_t s = 0; s < S; ++s) {
+      out[s * n + p] =
+          a.mode == kMean ? mu : mu + sd * normal_at(key, static_cast<uint64_t>(p), static_cast<uint32_t>(s), owner, kPurposeWeight);
+    }
+  }
+}
+
+void reconstruct_backward_cpu(const ReconstructArgs& a, const float* grad_out, float* grad_means, float* grad_chol,
+                              float* grad_mu_o, float* grad_rho_o) {
+  const char* fn = "reconstruct_backward_cpu";
+  validate_sizes(a, fn);
+  const std::vector<uint64_t> mask_v = exclusion_mask(a, fn);
+  const uint64_t* mask = mask_v.empty() ? nullptr : mask_v.data();
+  const int64_t K = a.K, S = a.S, n = a.n;
+  const Key key = seed_key(a.seed);
+  const uint32_t owner = static_cast<uint32_t>(a.owner), cb_owner = static_cast<uint32_t>(a.codebook_owner);
+  const bool hier = a.mode == kHierarchical;
+  const int64_t nacc = hier ? 2 : 1;  // per (s, k): sum dW [, sum dW * eps]
+  const int64_t width = S * K * nacc;
+
+  // Fixed chunking: never depends on the thread count. Large S*K means fewer (longer) chunks so the
+  // partials stay within kBwdPartialCap doubles; at worst one chunk (serial inlier pass).
+  int64_t nchunks = std::max<int64_t>(1, (n + kBwdChunk - 1) / kBwdChunk);
+  nchunks = std::min<int64_t>(nchunks, std::max<int64_t>(1, kBwdPartialCap / width));
+  int64_t chunk = (n + nchunks - 1) / nchunks;
+  chunk = std::max<int64_t>(4, (chunk + 3) / 4 * 4);  // chunks start on counter boundaries
+  if (n > 0) nchunks = (n + chunk - 1) / chunk;
+  else nchunks = 0;
+  std::unique_ptr<double[]> partial(new double[static_cast<size_t>(std::max<int64_t>(1, nchunks) * width)]);
+
+  int bad = 0;
+  dispatch_labels(a.labels_dtype, a.labels, [&](auto lab) {
+#pragma omp parallel for schedule(static) reduction(| : bad)
+    for (int64_t ci = 0; ci < nchunks; ++ci) {
+      double* acc = partial.get() + ci * width;
+      std::fill(acc, acc + width, 0.0);
+      const int64_t i0 = ci * chunk, i1 = std::min(n, i0 + chunk);
+      for (int64_t s = 0; s < S; ++s) {
+        const float* g = grad_out + s * n;
+        double* as = acc + s * K * nacc;
+        if (!hier) {
+          for (int64_t i = i0; i < i1; ++i) {
+            if (mask && masked(mask, i)) continue;
+            const uint64_t c = label_at(lab, i);
+            if (c >= static_cast<uint64_t>(K)) { bad = 1; continue; }
+            as[c] += static_cast<double>(g[i]);
+          }
+        } else {
+          for (int64_t i = i0; i < i1; i += 4) {
+            float eps[4];
+            words_to_normal4(stream_words(key, static_cast<uint32_t>(i >> 2), static_cast<uint32_t>(s), owner, kPurposeWeight), eps);
+            const int m = static_cast<int>(std::min<int64_t>(4, i1 - i));
+            for (int t = 0; t < m; ++t) {
+              if (mask && masked(mask, i + t)) continue;
+              const uint64_t c = label_at(lab, i + t);
+              if (c >= static_cast<uint64_t>(K)) { bad = 1; continue; }
+              const double gv = static_cast<double>(g[i + t]);
+              as[2 * c] += gv;
+              as[2 * c + 1] += gv * static_cast<double>(eps[t]);
+            }
+          }
+        }
+      }
+    }
+  });
+  if (bad) bad_labels(fn, K);
+
+  // Reduce chunk partials in chunk order.
+  std::vector<double> dz(static_cast<size_t>(width), 0.0);
+#pragma omp parallel for schedule(static)
+  for (int64_t x = 0; x < width; ++x) {
+    double v = 0.0;
+    for (int64_t ci = 0; ci < nchunks; ++ci) v += partial[ci * width + x];
+    dz[x] = v;
+  }
+  partial.reset();
+
+  // Ellipse entries, added in entry order (serial: fixed order is the point). The noise they need in
+  // hierarchical mode is drawn in parallel first.
+  if (a.E > 0) {
+    std::vector<float> eps_e;
+    if (hier) {
+      eps_e.resize(static_cast<size_t>(S * a.E));
+#pragma omp parallel for schedule(static)
+      for (int64_t e = 0; e < a.E; ++e)
+        for (int64_t s = 0; s < S; ++s)
+          eps_e[s * a.E + e] = normal_at(key, static_cast<uint64_t>(a.e_pos[e]), static_cast<uint32_t>(s), owner, kPurposeWeight);
+    }
+    for (int64_t s = 0; s < S; ++s) {
+      const float* g = grad_out + s * n;
+      double* ds = dz.data() + s * K * nacc;
+      for (int64_t e = 0; e < a.E; ++e) {
+        const int64_t ca = a.e_a[e], cb = a.e_b[e];
+        const float al = a.e_alpha[e], bl = 1.0f - al;
+        const double gv = static_cast<double>(g[a.e_pos[e]]);
+        ds[nacc * ca] += static_cast<double>(al) * gv;
+        ds[nacc * cb] += static_cast<double>(bl) * gv;
+        if (hier) {
+          const double ge = gv * static_cast<double>(eps_e[s * a.E + e]);
+          ds[2 * ca + 1] += static_cast<double>(al) * ge;
+          ds[2 * cb + 1] += static_cast<double>(bl) * ge;
+        }
+      }
+    }
+  }
+
+  // Per component: chain rule through z = m + L xi, summed over samples in order.
+#pragma omp parallel for schedule(static)
+  for (int64_t k = 0; k < K; ++k) {
+    double g_mmu = 0, g_mrho = 0, g_a = 0, g_b = 0, g_c = 0;
+    for (int64_t s = 0; s < S; ++s) {
+      const double dmu = dz[(s * K + k) * nacc];
+      g_mmu += dmu;
+      if (a.mode == kMean) continue;
+      float xi0, xi1;
+      component_noise(key, static_cast<uint64_t>(k), static_cast<uint32_t>(s), cb_owner, xi0, xi1);
+      g_a += dmu * xi0;
+      if (hier) {
+        float z_mu, z_rho;
+        sample_component(a.means, a.chol, static_cast<uint64_t>(k), xi0, xi1, z_mu, z_rho);
+        const double drho = dz[(s * K + k) * 2 + 1] * static_cast<double>(sigmoid(z_rho));
+        g_mrho += drho;
+        g_b += drho * xi0;
+        g_c += drho * xi1;
+      }
+    }
+    grad_means[2 * k] = static_cast<float>(g_mmu);
+    grad_means[2 * k + 1] = static_cast<float>(g_mrho);
+    grad_chol[3 * k] = static_cast<float>(g_a * static_cast<double>(sigmoid(a.chol[3 * k])));
+    grad_chol[3 * k + 1] = static_cast<float>(g_b);
+    grad_chol[3 * k + 2] = static_cast<float>(g_c * static_cast<double>(sigmoid(a.chol[3 * k + 2])));
+  }
+
+  // Outliers: independent per entry, samples summed in order.
+#pragma omp parallel for schedule(static)
+  for (int64_t o = 0; o < a.O; ++o) {
+    const int64_t p = a.o_pos[o];
+    double g_mu = 0, g_rho = 0;
+    for (int64_t s = 0; s < S; ++s) {
+      const double gv = static_cast<double>(grad_out[s * n + p]);
+      g_mu += gv;
+      if (a.mode != kMean)
+        g_rho += gv * static_cast<double>(normal_at(key, static_cast<uint64_t>(p), static_cast<uint32_t>(s), owner, kPurposeWeight));
+    }
+    grad_mu_o[o] = static_cast<float>(g_mu);
+    grad_rho_o[o] = a.mode == kMean ? 0.0f : static_cast<float>(g_rho * static_cast<double>(sigmoid(a.o_rho[o])));
+  }
+}
+
+}  // namespace sws

@@ -1,0 +1,231 @@
+"""Thin calls into the compiled module ``sws_kernels._C`` (csrc/ + python/module.cpp).
+
+The extension links no libtorch: it takes addresses (``tensor.data_ptr()``), sizes and, for CUDA, the
+stream as ints. This file owns everything torch-side: contiguity, output and workspace allocation, the
+device guard and the current stream. Checks here are the cheap ones a kernel needs to be memory-safe
+(dtypes, shapes, devices); range validation of labels and finiteness is done by ``_checks``/``functional``.
+
+CUDA backward workspace: a label-sorted CSR of "entries" is built here with torch on the device (integer
+work only: stable sort + bincount + cumsum, so it is deterministic); the kernel then reduces one segment
+per (component, sample) in a fixed order (see csrc/cuda/reconstruct.cu).
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+try:
+    from . import _C  # type: ignore[attr-defined]
+
+    AVAILABLE_CPU, CPU_REASON = True, ""
+except ImportError as _e:  # not built, or built for another Python
+    _C = None
+    AVAILABLE_CPU, CPU_REASON = False, f"sws_kernels._C not built: {_e}"
+
+if _C is not None:
+    try:
+        _built, _usable, _why = _C.cuda_status()
+    except Exception as _e:  # never let a driver problem break import
+        _built, _usable, _why = False, False, f"cuda_status failed: {type(_e).__name__}: {_e}"
+    AVAILABLE_CUDA = bool(_built and _usable)
+    CUDA_REASON = "" if AVAILABLE_CUDA else str(_why)
+else:
+    AVAILABLE_CUDA, CUDA_REASON = False, CPU_REASON
+
+__all__ = [
+    "AVAILABLE_CPU",
+    "CPU_REASON",
+    "AVAILABLE_CUDA",
+    "CUDA_REASON",
+    "philox4x32",
+    "uniform",
+    "normal",
+    "reconstruct",
+    "reconstruct_backward",
+    "set_num_threads",
+    "max_threads",
+]
+
+# labels dtype -> the code csrc/common.h expects
+_LABEL_CODES = {torch.uint8: 0, torch.int8: 1, torch.int16: 2, torch.int32: 3, torch.int64: 4}
+_MASK64 = (1 << 64) - 1
+
+
+def _need(device: torch.device) -> None:
+    if device.type == "cuda":
+        if not AVAILABLE_CUDA:
+            raise RuntimeError(f"sws_kernels native CUDA backend unavailable: {CUDA_REASON}")
+    elif device.type == "cpu":
+        if not AVAILABLE_CPU:
+            raise RuntimeError(f"sws_kernels native CPU backend unavailable: {CPU_REASON}")
+    else:
+        raise RuntimeError(f"sws_kernels native backend: unsupported device {device}")
+
+
+def _seed(seed) -> int:
+    seed = int(seed)
+    if not -(1 << 63) <= seed < (1 << 64):
+        raise ValueError(f"seed: expected a value in [0, 2**64), got {seed}")
+    return seed & _MASK64  # an int64 carrying the uint64 seed's bits decodes to the same seed
+
+
+def _check(t: torch.Tensor, name: str, dtype, device, ndim_shape=None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype}, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device}, got {t.device}")
+    if ndim_shape is not None and tuple(t.shape) != tuple(ndim_shape):
+        raise ValueError(f"{name}: expected shape {tuple(ndim_shape)}, got {tuple(t.shape)}")
+    return t.contiguous()
+
+
+def set_num_threads(n: int) -> None:
+    """OpenMP threads of the native CPU kernels (the extension's own OpenMP runtime)."""
+    _need(torch.device("cpu"))
+    _C.set_num_threads(int(n))
+
+
+def max_threads() -> int:
+    _need(torch.device("cpu"))
+    return int(_C.omp_max_threads())
+
+
+# ------------------------------------------------------------------------------------------------------
+# RNG (CPU): the test surface of csrc/philox.h
+# ------------------------------------------------------------------------------------------------------
+
+def philox4x32(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Philox4x32-10: int64 [..., 4] counters, int64 [..., 2] keys (uint32 values) -> int64 [..., 4]."""
+    _need(torch.device("cpu"))
+    if counter.dtype != torch.int64 or counter.shape[-1:] != (4,):
+        raise TypeError(f"counter: expected an int64 tensor [..., 4], got {counter.dtype} {tuple(counter.shape)}")
+    if key.dtype != torch.int64 or key.shape[-1:] != (2,):
+        raise TypeError(f"key: expected an int64 tensor [..., 2], got {key.dtype} {tuple(key.shape)}")
+    if counter.device.type != "cpu" or key.device.type != "cpu":
+        raise ValueError("philox4x32: the native version takes CPU tensors")
+    batch = torch.broadcast_shapes(counter.shape[:-1], key.shape[:-1])
+    c = counter.expand(*batch, 4).contiguous()
+    k = key.expand(*batch, 2).contiguous()
+    out = torch.empty(*batch, 4, dtype=torch.int64)
+    _C.philox4x32(c.data_ptr(), k.data_ptr(), out.data_ptr(), c.numel() // 4)
+    return out
+
+
+def uniform(seed, n: int, sample: int = 0, owner: int = 0, purpose: int = 0, offset: int = 0) -> torch.Tensor:
+    """float32 [n]: uniforms of elements offset..offset+n-1 of stream (seed, sample, owner, purpose)."""
+    _need(torch.device("cpu"))
+    out = torch.empty(int(n), dtype=torch.float32)
+    _C.uniform(out.data_ptr(), int(n), _seed(seed), int(sample), int(owner), int(purpose), int(offset))
+    return out
+
+
+def normal(seed, n: int, sample: int = 0, owner: int = 0, purpose: int = 0, offset: int = 0) -> torch.Tensor:
+    """float32 [n]: normals of elements offset..offset+n-1 of stream (seed, sample, owner, purpose)."""
+    _need(torch.device("cpu"))
+    out = torch.empty(int(n), dtype=torch.float32)
+    _C.normal(out.data_ptr(), int(n), _seed(seed), int(sample), int(owner), int(purpose), int(offset))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------
+# reconstruct
+# ------------------------------------------------------------------------------------------------------
+
+def _prep(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho):
+    dev = means.device
+    _need(dev)
+    if means.dim() != 2 or means.shape[1] != 2:
+        raise ValueError(f"means: expected shape [K, 2], got {tuple(means.shape)}")
+    K = means.shape[0]
+    means = _check(means, "means", torch.float32, dev)
+    chol = _check(chol, "chol", torch.float32, dev, (K, 3))
+    if labels.dtype not in _LABEL_CODES:
+        raise TypeError(f"labels: expected one of {list(_LABEL_CODES)}, got {labels.dtype}")
+    labels = _check(labels, "labels", labels.dtype, dev)
+    E = e_pos.numel()
+    e_pos = _check(e_pos, "e_pos", torch.int64, dev, (E,))
+    e_a = _check(e_a, "e_a", torch.int64, dev, (E,))
+    e_b = _check(e_b, "e_b", torch.int64, dev, (E,))
+    e_alpha = _check(e_alpha, "e_alpha", torch.float32, dev, (E,))
+    O = o_pos.numel()
+    o_pos = _check(o_pos, "o_pos", torch.int64, dev, (O,))
+    o_mu = _check(o_mu, "o_mu", torch.float32, dev, (O,))
+    o_rho = _check(o_rho, "o_rho", torch.float32, dev, (O,))
+    return dev, K, means, chol, labels, e_pos, e_a, e_b, e_alpha, E, o_pos, o_mu, o_rho, O
+
+
+def _common_args(K, means, chol, labels, e_pos, e_a, e_b, e_alpha, E, o_pos, o_mu, o_rho, O, seed, samples, mode,
+                 owner, codebook_owner):
+    return (means.data_ptr(), chol.data_ptr(), K, labels.data_ptr(), _LABEL_CODES[labels.dtype], labels.numel(),
+            e_pos.data_ptr(), e_a.data_ptr(), e_b.data_ptr(), e_alpha.data_ptr(), E,
+            o_pos.data_ptr(), o_mu.data_ptr(), o_rho.data_ptr(), O,
+            _seed(seed), int(samples), int(mode), int(owner), int(codebook_owner))
+
+
+def reconstruct(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode, owner,
+                codebook_owner) -> torch.Tensor:
+    """float32 [samples, *labels.shape]; mode is the int code (0 paper, 1 hierarchical, 2 mean)."""
+    dev, K, means, chol, labels, e_pos, e_a, e_b, e_alpha, E, o_pos, o_mu, o_rho, O = _prep(
+        means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho)
+    S = int(samples)
+    out = torch.empty((S, *labels.shape), dtype=torch.float32, device=dev)
+    args = _common_args(K, means, chol, labels, e_pos, e_a, e_b, e_alpha, E, o_pos, o_mu, o_rho, O, seed, S, mode,
+                        owner, codebook_owner)
+    if dev.type == "cpu":
+        _C.reconstruct_cpu(out.data_ptr(), *args)
+        return out
+    with torch.cuda.device(dev):
+        zbuf = torch.empty(max(1, S * K * 2), dtype=torch.float32, device=dev)
+        _C.reconstruct_cuda(out.data_ptr(), *args, zbuf.data_ptr(), torch.cuda.current_stream(dev).cuda_stream)
+    return out
+
+
+def _segments(labels, e_pos, e_a, e_b, e_alpha, o_pos, K):
+    """Label-sorted CSR of the backward's entries: (offsets int64 [K+1], pos int64 [N], coef float32 [N]).
+
+    Inliers (positions not in e_pos/o_pos) enter with coef 1 under their label, each ellipse weight twice:
+    (pos, alpha) under a and (pos, 1 - alpha) under b. Stable sort + bincount + cumsum: deterministic.
+    """
+    dev = labels.device
+    n = labels.numel()
+    keep = torch.ones(n, dtype=torch.bool, device=dev)
+    keep[e_pos] = False
+    keep[o_pos] = False
+    inl = keep.nonzero().reshape(-1)
+    comp = torch.cat([labels.reshape(-1)[inl].long(), e_a, e_b])
+    pos = torch.cat([inl, e_pos, e_pos])
+    coef = torch.cat([torch.ones(inl.numel(), dtype=torch.float32, device=dev), e_alpha, 1.0 - e_alpha])
+    order = torch.sort(comp, stable=True).indices
+    counts = torch.bincount(comp, minlength=K)
+    offsets = torch.zeros(K + 1, dtype=torch.int64, device=dev)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return offsets, pos[order].contiguous(), coef[order].contiguous()
+
+
+def reconstruct_backward(grad_w, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples,
+                         mode, owner, codebook_owner) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad means [K,2], grad chol [K,3], grad o_mu [O], grad o_rho [O]) from grad_w [samples, *labels.shape]."""
+    dev, K, means, chol, labels, e_pos, e_a, e_b, e_alpha, E, o_pos, o_mu, o_rho, O = _prep(
+        means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho)
+    S = int(samples)
+    grad_w = _check(grad_w, "grad_w", torch.float32, dev, (S, *labels.shape))
+    g_means = torch.empty((K, 2), dtype=torch.float32, device=dev)
+    g_chol = torch.empty((K, 3), dtype=torch.float32, device=dev)
+    g_mu = torch.empty((O,), dtype=torch.float32, device=dev)
+    g_rho = torch.empty((O,), dtype=torch.float32, device=dev)
+    args = _common_args(K, means, chol, labels, e_pos, e_a, e_b, e_alpha, E, o_pos, o_mu, o_rho, O, seed, S, mode,
+                        owner, codebook_owner)
+    outs = (g_means.data_ptr(), g_chol.data_ptr(), g_mu.data_ptr(), g_rho.data_ptr())
+    if dev.type == "cpu":
+        _C.reconstruct_backward_cpu(grad_w.data_ptr(), *args, *outs)
+        return g_means, g_chol, g_mu, g_rho
+    with torch.cuda.device(dev):
+        offsets, pos, coef = _segments(labels, e_pos, e_a, e_b, e_alpha, o_pos, K)
+        dzbuf = torch.empty(max(1, S * K * 2), dtype=torch.float64, device=dev)
+        _C.reconstruct_backward_cuda(grad_w.data_ptr(), *args, *outs, offsets.data_ptr(), pos.data_ptr(),
+                                     coef.data_ptr(), pos.numel(), dzbuf.data_ptr(),
+                                     torch.cuda.current_stream(dev).cuda_stream)
+    return g_means, g_chol, g_mu, g_rho

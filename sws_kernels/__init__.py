@@ -1,0 +1,12 @@
+"""sws_kernels: fused kernels for Bayesian neural networks with stochastic weight sharing (SWS).
+
+Import never fails: without the compiled module, without CUDA or without Triton, every op falls back to
+the pure-PyTorch reference; :func:`backends` says which backend is available and why not.
+"""
+from . import philox, reference  # noqa: F401
+from ._backend import backend, backends  # noqa: F401
+from . import functional  # noqa: F401  (imports the op catalogue)
+
+__version__ = "0.1.0"
+
+__all__ = ["philox", "reference", "functional", "backend", "backends", "__version__"]

@@ -1,0 +1,125 @@
+"""THE op catalogue: every torch.library op of sws_kernels, with its schema, fake kernel and autograd.
+
+Each op is an opaque ``torch.library.custom_op`` whose implementation asks :mod:`._backend` for a kernel
+(native C++/CUDA, Triton) and falls back to :mod:`.reference`, so every op runs, and passes
+``torch.library.opcheck``, on a CPU. Inputs reaching these ops are already validated by
+:mod:`.functional` (the public entry point); the ops themselves only check what a kernel needs to be
+memory-safe.
+
+Schemas carry the seed as a signed int64 holding the uint64 seed's bits (a schema ``int`` is int64);
+``encode_seed``/``decode_seed`` convert. Modes are int codes (0 paper, 1 hierarchical, 2 mean).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from . import _backend, _checks, native, reference
+
+log = logging.getLogger("sws_kernels")
+
+_MODES = _checks.MODES
+
+
+def encode_seed(seed: int) -> int:
+    """uint64 seed -> the int64 with the same bits (for op schemas)."""
+    return seed - (1 << 64) if seed >= (1 << 63) else seed
+
+
+def decode_seed(seed: int) -> int:
+    return seed + (1 << 64) if seed < 0 else seed
+
+
+def _ellipse(e_pos, e_a, e_b, e_alpha):
+    return None if e_pos.numel() == 0 else (e_pos, e_a, e_b, e_alpha)
+
+
+def _outliers(o_pos, o_mu, o_rho):
+    return None if o_pos.numel() == 0 else (o_pos, o_mu, o_rho)
+
+
+# ------------------------------------------------------------------------------------------------------
+# reconstruct
+# ------------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("sws_kernels::reconstruct", mutates_args=())
+def reconstruct(means: Tensor, chol: Tensor, labels: Tensor, e_pos: Tensor, e_a: Tensor, e_b: Tensor,
+                e_alpha: Tensor, o_pos: Tensor, o_mu: Tensor, o_rho: Tensor, seed: int, samples: int, mode: int,
+                owner: int, codebook_owner: int) -> Tensor:
+    """Sampled weights [samples, *labels.shape] (SPEC.md section 5, reconstruct)."""
+    name, kernel, why = _backend.select("reconstruct", means.device, means.dtype)
+    log.debug("reconstruct: backend %s (%s)", name, why)
+    seed = decode_seed(seed)
+    if kernel is None:
+        return reference.reconstruct(means, chol, labels, _ellipse(e_pos, e_a, e_b, e_alpha),
+                                     _outliers(o_pos, o_mu, o_rho), seed=seed, samples=samples,
+                                     mode=_MODES[mode], owner=owner, codebook_owner=codebook_owner).contiguous()
+    return kernel(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode, owner,
+                  codebook_owner)
+
+
+@reconstruct.register_fake
+def _(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode, owner,
+      codebook_owner):
+    return means.new_empty((samples, *labels.shape))
+
+
+@torch.library.custom_op("sws_kernels::reconstruct_backward", mutates_args=())
+def reconstruct_backward(grad_w: Tensor, means: Tensor, chol: Tensor, labels: Tensor, e_pos: Tensor, e_a: Tensor,
+                         e_b: Tensor, e_alpha: Tensor, o_pos: Tensor, o_mu: Tensor, o_rho: Tensor, seed: int,
+                         samples: int, mode: int, owner: int,
+                         codebook_owner: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dW -> (d means, d chol, d outlier mu, d outlier rho), noise regenerated from the seed."""
+    name, kernel, why = _backend.select("reconstruct_backward", means.device, means.dtype)
+    log.debug("reconstruct_backward: backend %s (%s)", name, why)
+    seed = decode_seed(seed)
+    if kernel is None:
+        g = reference.reconstruct_backward(grad_w, means, chol, labels, _ellipse(e_pos, e_a, e_b, e_alpha),
+                                           _outliers(o_pos, o_mu, o_rho), seed=seed, samples=samples,
+                                           mode=_MODES[mode], owner=owner, codebook_owner=codebook_owner)
+        return tuple(t.contiguous() for t in g)
+    return kernel(grad_w, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode,
+                  owner, codebook_owner)
+
+
+@reconstruct_backward.register_fake
+def _(grad_w, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode, owner,
+      codebook_owner):
+    return means.new_empty(means.shape), chol.new_empty(chol.shape), o_mu.new_empty(o_mu.shape), \
+        o_rho.new_empty(o_rho.shape)
+
+
+def _reconstruct_setup(ctx, inputs, output):
+    (means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode, owner,
+     codebook_owner) = inputs
+    # Only parameters and indices are saved: the noise is regenerated from (seed, samples) in backward.
+    ctx.save_for_backward(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho)
+    ctx.args = (seed, samples, mode, owner, codebook_owner)
+
+
+def _reconstruct_backward(ctx, grad):
+    saved = ctx.saved_tensors
+    g_means, g_chol, g_mu, g_rho = torch.ops.sws_kernels.reconstruct_backward(grad.contiguous(), *saved, *ctx.args)
+    # alpha is a buffer (SPEC.md section 2): not trained, no gradient.
+    return g_means, g_chol, None, None, None, None, None, None, g_mu, g_rho, None, None, None, None, None
+
+
+torch.library.register_autograd("sws_kernels::reconstruct", _reconstruct_backward, setup_context=_reconstruct_setup)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Kernel registrations (backend -> kernel). Availability is decided at call time by _backend.select.
+# ------------------------------------------------------------------------------------------------------
+
+for _name in ("native_cpu", "native_cuda"):
+    _backend.register_kernel("reconstruct", _name)(native.reconstruct)
+    _backend.register_kernel("reconstruct_backward", _name)(native.reconstruct_backward)
+
+
+def call_reconstruct(a: _checks.SWSArgs) -> Tensor:
+    """Run the reconstruct op on validated arguments (see :func:`sws_kernels._checks.sws`)."""
+    return torch.ops.sws_kernels.reconstruct(a.means, a.chol, a.labels, a.e_pos, a.e_a, a.e_b, a.e_alpha, a.o_pos,
+                                             a.o_mu, a.o_rho, encode_seed(a.seed), a.samples,
+                                             _checks.MODE_CODES[a.mode], a.owner, a.codebook_owner)

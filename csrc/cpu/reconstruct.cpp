@@ -1,12 +1,14 @@
 // reconstruct and its backward on the CPU (OpenMP). SPEC.md sections 2-3 and 5.
 //
 // Forward. The sampled codebook z[S, K] is a few KB-MB, so it is computed once per call (a prologue of
-// S*K/2 Philox calls) and the weights become a gather from it: in paper/mean mode the op is memory bound
-// (read labels, write S*n floats), in hierarchical mode every weight also needs its own normal, and one
-// Philox call yields the 4 normals of 4 consecutive weights, so the work is split in blocks of kFwdBlock
-// elements (a multiple of 4: a block starts on a counter boundary). Loop order block -> sample -> element
-// reads the block's labels once from L1 for all S samples. Ellipse and outlier positions are overwritten
-// afterwards (positions are unique, checked, so the overwrite order does not matter).
+// S*K Philox calls) and the weights become a gather from it. paper/mean mode is memory bound (read
+// labels, write S*n floats): the table is sample-interleaved (z[k*S + s]) so one label load feeds all S
+// outputs, tiles of 16 weights are written as whole cache lines, and large outputs use streaming stores
+// (no read-for-ownership). In hierarchical mode every weight also needs its own normal: one Philox call
+// yields the 4 normals of 4 consecutive weights, so blocks of kFwdBlock elements (a multiple of 4) start
+// on counter boundaries. Labels are range-checked per block with a vectorised min/max before gathering.
+// Ellipse and outlier positions are overwritten afterwards (positions are unique, checked, so the
+// overwrite order does not matter).
 //
 // Backward: deterministic by construction, whatever the thread count. The n weights are cut into a
 // FIXED number of chunks (a function of n, K, S and the mode only, never of the thread count); each chunk
@@ -25,10 +27,18 @@
 
 #include "../common.h"
 
+#if defined(__SSE2__)
+#include <immintrin.h>
+#define SWS_HAVE_SSE 1
+#else
+#define SWS_HAVE_SSE 0
+#endif
+
 namespace sws {
 namespace {
 
 constexpr int64_t kFwdBlock = 4096;        // elements per forward work item (multiple of 4)
+constexpr int64_t kStreamBytes = 16 << 20;  // outputs at least this big use streaming stores
 constexpr int64_t kBwdChunk = 65536;       // preferred elements per backward chunk
 constexpr int64_t kBwdPartialCap = 1 << 21;  // max doubles held in chunk partials (16 MB)
 
@@ -42,12 +52,6 @@ void dispatch_labels(int code, const void* p, F&& f) {
     case kI64: f(static_cast<const int64_t*>(p)); break;
     default: throw std::invalid_argument("labels_dtype: unknown code " + std::to_string(code));
   }
-}
-
-// A label as an unsigned index: negative labels become huge and fail the `< K` check.
-template <class L>
-inline uint64_t label_at(const L* lab, int64_t i) {
-  return static_cast<uint64_t>(static_cast<int64_t>(lab[i]));
 }
 
 // Validates ellipse/outlier entries (positions in range and unique, components in range, alpha finite)
@@ -84,6 +88,52 @@ inline bool masked(const uint64_t* mask, int64_t i) { return (mask[i >> 6] >> (i
   throw std::invalid_argument(std::string(fn) + ": a label is outside [0, K) with K = " + std::to_string(K));
 }
 
+
+// All labels of [i0, i1) in [0, K)? min/max in the label's own type vectorises.
+template <class L>
+inline bool labels_in_range(const L* lab, int64_t i0, int64_t i1, int64_t K) {
+  if (i0 >= i1) return true;
+  L mn = lab[i0], mx = lab[i0];
+  for (int64_t i = i0; i < i1; ++i) {
+    mn = std::min(mn, lab[i]);
+    mx = std::max(mx, lab[i]);
+  }
+  return static_cast<int64_t>(mn) >= 0 && static_cast<int64_t>(mx) < K;
+}
+
+// paper/mean gather of one block for all samples from the sample-interleaved table z[k*S + s]: tiles of
+// 16 weights x up to 8 samples are staged in registers/L1 and written as whole 64-byte lines per sample
+// (streaming stores when kStream; whole lines let the write-combining buffers flush without reads).
+template <bool kStream, class L>
+inline void gather_block(const L* lab, int64_t i0, int64_t i1, const float* z, int64_t S, int64_t n, float* out) {
+  constexpr int kT = 16, kSG = 8;
+  int64_t i = i0;
+  for (; i + kT <= i1; i += kT) {
+    for (int64_t s0 = 0; s0 < S; s0 += kSG) {
+      const int sg = static_cast<int>(std::min<int64_t>(kSG, S - s0));
+      alignas(64) float tmp[kSG][kT];
+      for (int t = 0; t < kT; ++t) {
+        const float* q = z + static_cast<int64_t>(lab[i + t]) * S + s0;
+        for (int u = 0; u < sg; ++u) tmp[u][t] = q[u];
+      }
+      for (int u = 0; u < sg; ++u) {
+        float* o = out + (s0 + u) * n + i;
+#if SWS_HAVE_SSE
+        if (kStream) {
+          for (int t = 0; t < kT; t += 4) _mm_stream_ps(o + t, _mm_load_ps(tmp[u] + t));
+          continue;
+        }
+#endif
+        std::memcpy(o, tmp[u], sizeof(tmp[u]));
+      }
+    }
+  }
+  for (; i < i1; ++i) {
+    const float* q = z + static_cast<int64_t>(lab[i]) * S;
+    for (int64_t s = 0; s < S; ++s) out[s * n + i] = q[s];
+  }
+}
+
 }  // namespace
 
 void reconstruct_cpu(const ReconstructArgs& a, float* out) {
@@ -95,15 +145,16 @@ void reconstruct_cpu(const ReconstructArgs& a, float* out) {
   const uint32_t owner = static_cast<uint32_t>(a.owner), cb_owner = static_cast<uint32_t>(a.codebook_owner);
   const bool hier = a.mode == kHierarchical;
 
-  // Prologue: z table. paper/mean: zt[s*K + k] = z_mu (mean: m_mu). hierarchical: interleaved
-  // zt[2(s*K + k)] = z_mu, zt[2(s*K + k) + 1] = softplus(z_rho), so one cache line serves both gathers.
+  // Prologue: z table. paper/mean: sample-interleaved zt[k*S + s] = z_mu (mean: m_mu), so one label
+  // load serves all S outputs from one cache line. hierarchical: zt[2(s*K + k)] = z_mu,
+  // zt[2(s*K + k) + 1] = softplus(z_rho), so one cache line serves both gathers of a weight.
   const int64_t zw = hier ? 2 : 1;
   std::vector<float> zt(static_cast<size_t>(S * K * zw));
 #pragma omp parallel for schedule(static)
   for (int64_t sk = 0; sk < S * K; ++sk) {
     const int64_t s = sk / K, k = sk % K;
     if (a.mode == kMean) {
-      zt[sk] = a.means[2 * k];
+      zt[k * S + s] = a.means[2 * k];
       continue;
     }
     float xi0, xi1, z_mu, z_rho;
@@ -113,34 +164,42 @@ void reconstruct_cpu(const ReconstructArgs& a, float* out) {
       zt[2 * sk] = z_mu;
       zt[2 * sk + 1] = softplus(z_rho);
     } else {
-      zt[sk] = z_mu;
+      zt[k * S + s] = z_mu;
     }
   }
   const float* z = zt.data();
 
-  // Inliers (every position; ellipse/outlier positions are overwritten below).
+  // Inliers (every position; ellipse/outlier positions are overwritten below). Labels are range-checked
+  // per block first (a vectorised min/max), so the gathers themselves carry no branch.
   int bad = 0;
   const int64_t nb = (n + kFwdBlock - 1) / kFwdBlock;
+  // Streaming (non-temporal) stores skip the read-for-ownership of output lines that will not be read
+  // back from cache anyway; small outputs stay cached for the matmul that consumes them.
+  const bool stream = S * n * static_cast<int64_t>(sizeof(float)) >= kStreamBytes && n % 4 == 0 &&
+                      (reinterpret_cast<uintptr_t>(out) & 15) == 0;
   dispatch_labels(a.labels_dtype, a.labels, [&](auto lab) {
     if (!hier) {
 #pragma omp parallel for schedule(static) reduction(| : bad)
       for (int64_t b = 0; b < nb; ++b) {
         const int64_t i0 = b * kFwdBlock, i1 = std::min(n, i0 + kFwdBlock);
-        for (int64_t s = 0; s < S; ++s) {
-          const float* zs = z + s * K;
-          float* o = out + s * n;
-          for (int64_t i = i0; i < i1; ++i) {
-            const uint64_t c = label_at(lab, i);
-            const bool ok = c < static_cast<uint64_t>(K);
-            bad |= !ok;
-            o[i] = zs[ok ? c : 0];
-          }
+        if (!labels_in_range(lab, i0, i1, K)) {
+          bad = 1;
+          continue;
         }
+        if (stream) gather_block<true>(lab, i0, i1, z, S, n, out);
+        else gather_block<false>(lab, i0, i1, z, S, n, out);
       }
+#if SWS_HAVE_SSE
+      if (stream) _mm_sfence();
+#endif
     } else {
 #pragma omp parallel for schedule(static) reduction(| : bad)
       for (int64_t b = 0; b < nb; ++b) {
         const int64_t i0 = b * kFwdBlock, i1 = std::min(n, i0 + kFwdBlock);
+        if (!labels_in_range(lab, i0, i1, K)) {
+          bad = 1;
+          continue;
+        }
         for (int64_t s = 0; s < S; ++s) {
           const float* zs = z + 2 * s * K;
           float* o = out + s * n;
@@ -149,11 +208,8 @@ void reconstruct_cpu(const ReconstructArgs& a, float* out) {
             words_to_normal4(stream_words(key, static_cast<uint32_t>(i >> 2), static_cast<uint32_t>(s), owner, kPurposeWeight), eps);
             const int m = static_cast<int>(std::min<int64_t>(4, i1 - i));
             for (int t = 0; t < m; ++t) {
-              const uint64_t c = label_at(lab, i + t);
-              const bool ok = c < static_cast<uint64_t>(K);
-              bad |= !ok;
-              const uint64_t cc = ok ? c : 0;
-              o[i + t] = zs[2 * cc] + zs[2 * cc + 1] * eps[t];
+              const int64_t c = static_cast<int64_t>(lab[i + t]);
+              o[i + t] = zs[2 * c] + zs[2 * c + 1] * eps[t];
             }
           }
         }
@@ -172,7 +228,7 @@ void reconstruct_cpu(const ReconstructArgs& a, float* out) {
       if (a.mode == kMean) {
         v = al * a.means[2 * ca] + bl * a.means[2 * cb];
       } else if (!hier) {
-        v = al * z[s * K + ca] + bl * z[s * K + cb];
+        v = al * z[ca * S + s] + bl * z[cb * S + s];
       } else {
         const float* zs = z + 2 * s * K;
         const float mu = al * zs[2 * ca] + bl * zs[2 * cb];
@@ -225,15 +281,17 @@ void reconstruct_backward_cpu(const ReconstructArgs& a, const float* grad_out, f
       double* acc = partial.get() + ci * width;
       std::fill(acc, acc + width, 0.0);
       const int64_t i0 = ci * chunk, i1 = std::min(n, i0 + chunk);
+      if (!labels_in_range(lab, i0, i1, K)) {  // every label, also those under ellipse/outlier positions
+        bad = 1;
+        continue;
+      }
       for (int64_t s = 0; s < S; ++s) {
         const float* g = grad_out + s * n;
         double* as = acc + s * K * nacc;
         if (!hier) {
           for (int64_t i = i0; i < i1; ++i) {
             if (mask && masked(mask, i)) continue;
-            const uint64_t c = label_at(lab, i);
-            if (c >= static_cast<uint64_t>(K)) { bad = 1; continue; }
-            as[c] += static_cast<double>(g[i]);
+            as[static_cast<int64_t>(lab[i])] += static_cast<double>(g[i]);
           }
         } else {
           for (int64_t i = i0; i < i1; i += 4) {
@@ -242,8 +300,7 @@ void reconstruct_backward_cpu(const ReconstructArgs& a, const float* grad_out, f
             const int m = static_cast<int>(std::min<int64_t>(4, i1 - i));
             for (int t = 0; t < m; ++t) {
               if (mask && masked(mask, i + t)) continue;
-              const uint64_t c = label_at(lab, i + t);
-              if (c >= static_cast<uint64_t>(K)) { bad = 1; continue; }
+              const int64_t c = static_cast<int64_t>(lab[i + t]);
               const double gv = static_cast<double>(g[i + t]);
               as[2 * c] += gv;
               as[2 * c + 1] += gv * static_cast<double>(eps[t]);

@@ -41,7 +41,15 @@ def tensor(x, name: str, *, ndim: Optional[int] = None, floating: bool = False, 
     return x
 
 
+def _tracing() -> bool:
+    """Under torch.compile the data-dependent checks (which read tensor values) are skipped: they would
+    break the graph. Eager calls, which is where inputs are first built, always run them."""
+    return torch.compiler.is_compiling()
+
+
 def finite(x: torch.Tensor, name: str) -> None:
+    if _tracing():
+        return
     if x.numel() and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{name}: expected finite values, got {bad} non-finite value(s) in {describe(x)}")
@@ -49,7 +57,7 @@ def finite(x: torch.Tensor, name: str) -> None:
 
 def in_range(x: torch.Tensor, lo: int, hi: int, name: str, what: str) -> None:
     """Values of integer tensor x in [lo, hi)."""
-    if x.numel() == 0:
+    if x.numel() == 0 or _tracing():
         return
     mn, mx = int(x.min()), int(x.max())
     if mn < lo or mx >= hi:
@@ -138,7 +146,7 @@ def sws(means, chol, labels, ellipse, outliers, seed, samples_, mode_, owner, co
         if e_alpha.shape[0] != E:
             raise ValueError(f"ellipse alpha: expected {E} entries, got {describe(e_alpha)}")
         finite(e_alpha, "ellipse alpha")
-        if E and (float(e_alpha.min()) < 0 or float(e_alpha.max()) > 1):
+        if E and not _tracing() and (float(e_alpha.min()) < 0 or float(e_alpha.max()) > 1):
             raise ValueError(f"ellipse alpha: expected values in [0, 1], got [{float(e_alpha.min())}, {float(e_alpha.max())}]")
         in_range(e_pos, 0, n, "ellipse positions", f"flat weight indices (n = {n})")
         e_pos, e_a, e_b = e_pos.to(torch.int64), e_a.to(torch.int64), e_b.to(torch.int64)
@@ -162,7 +170,7 @@ def sws(means, chol, labels, ellipse, outliers, seed, samples_, mode_, owner, co
         in_range(o_pos, 0, n, "outlier positions", f"flat weight indices (n = {n})")
         o_pos = o_pos.to(torch.int64)
     special = torch.cat([e_pos, o_pos])
-    if special.numel() and torch.unique(special).numel() != special.numel():
+    if special.numel() and not _tracing() and torch.unique(special).numel() != special.numel():
         raise ValueError("ellipse/outlier positions: expected each weight position at most once across ellipse "
                          f"and outlier positions, got {special.numel() - torch.unique(special).numel()} repeat(s)")
     return SWSArgs(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho,

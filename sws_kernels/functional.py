@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 import torch.nn.functional as _F
 
 from . import _backend, _checks, _ops, reference
@@ -34,6 +35,9 @@ def sample_components(means, chol, *, seed, samples: int = 1, codebook_owner: in
 
 def _sws_weights(means, chol, labels, ellipse, outliers, seed, samples, mode, owner, codebook_owner):
     a = _checks.sws(means, chol, labels, ellipse, outliers, seed, samples, mode, owner, codebook_owner)
+    if torch.compiler.is_compiling():
+        # Under torch.compile the opaque op is the graph node; it selects its kernel when it runs.
+        return _ops.call_reconstruct(a)
     name, _, why = _backend.select("reconstruct", means.device, means.dtype)
     log.debug("reconstruct: backend %s (%s)", name, why)
     if name == "reference":

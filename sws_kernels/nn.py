@@ -1,0 +1,706 @@
+"""Modules: the SWS codebook and layers, and bayesian-torch-compatible mean-field layers (SPEC.md sections 2-6).
+
+Every layer calls :mod:`sws_kernels.functional`, so it runs on whatever backend is selected.
+
+Sampling protocol
+-----------------
+``layer(x)`` draws one sample and returns the usual shape (a drop-in replacement).
+``layer(x, samples=S)`` returns a leading sample dimension ``[S, ...]``; with ``per_sample=True`` the input
+already has it (one input slice per sample). ``seed=None`` draws a 64-bit seed from PyTorch's default
+generator, so ``torch.manual_seed`` makes a run reproducible; pass an int or an int64 tensor to fix it.
+
+Whole-model S-sample passes (:func:`sws_kernels.predict`) use :func:`sample_mode`: inside it every
+Bayesian layer receives the batch with the S samples *folded into the batch dimension* (``[S*N, ...]``),
+unfolds it to ``[S, N, ...]``, applies sample s's weights to slice s (``per_sample=True``) and folds the
+result back. Non-Bayesian modules in between (activations, pooling, flatten, BatchNorm in eval mode) then
+see an ordinary, larger batch and need no change. All layers use the same seed inside one pass; their
+noise streams differ through their ``rng_id`` (the Philox ``owner`` word), so they are independent.
+
+Noise streams and ``rng_id``
+----------------------------
+Each codebook and layer owns a 32-bit ``rng_id`` (SPEC.md section 2), saved in its state_dict as an int64
+buffer. By default ids come from a process-wide counter, so they are distinct within a process and equal
+across processes that build the same model in the same order (e.g. DDP ranks); pass ``rng_id=`` to pin one.
+
+Codebook sharing and state_dict
+-------------------------------
+A layer registers its codebook as a submodule. When several layers share one codebook, PyTorch's
+``parameters()`` and ``modules()`` yield it once (so optimisers and :func:`sws_kernels.kl_loss` see it
+once), while ``state_dict()`` lists it under every layer's prefix (``fc1.codebook.means``,
+``fc2.codebook.means``, ...) with identical values; loading writes the same tensor several times, which
+is harmless. :func:`sws_kernels.save` stores each shared tensor only once.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import itertools
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from . import _checks, functional as SF
+from . import reference as _ref
+
+__all__ = [
+    "Codebook", "SWSLinear", "SWSConv1d", "SWSConv2d", "MeanFieldLinear", "MeanFieldConv1d", "MeanFieldConv2d",
+    "sample_mode", "label_dtype", "softplus_inv",
+]
+
+_RNG_COUNTER = itertools.count(1)
+_FOLD: contextvars.ContextVar = contextvars.ContextVar("sws_kernels_sample_mode", default=None)
+
+
+def _next_rng_id() -> int:
+    return next(_RNG_COUNTER) & 0xFFFFFFFF
+
+
+def _check_rng_id(rng_id) -> int:
+    if rng_id is None:
+        return _next_rng_id()
+    return _checks.word(rng_id, "rng_id")
+
+
+def draw_seed() -> int:
+    """A 64-bit seed from PyTorch's default CPU generator (reproducible under ``torch.manual_seed``)."""
+    # randint's upper bound is exclusive and must fit int64: draw a signed int64 and reinterpret as uint64.
+    s = int(torch.randint(-(1 << 63), (1 << 63) - 1, (), dtype=torch.int64))
+    return s + (1 << 64) if s < 0 else s
+
+
+def softplus_inv(y: torch.Tensor) -> torch.Tensor:
+    """rho with softplus(rho) = y (y > 0), stable for small and large y."""
+    y = torch.as_tensor(y, dtype=torch.float32)
+    return y + torch.log(-torch.expm1(-y))
+
+
+def label_dtype(num_components: int) -> torch.dtype:
+    """The narrowest integer dtype that holds every label in [0, K): uint8, int16 or int32."""
+    if num_components <= 256:
+        return torch.uint8
+    if num_components <= 32768:
+        return torch.int16
+    return torch.int32
+
+
+@contextlib.contextmanager
+def sample_mode(samples: int, seed=None):
+    """Run a model with S weight samples in one pass: inputs to every Bayesian layer are ``[S*N, ...]``.
+
+    The caller repeats the model input S times along the batch dimension (``x.repeat(S, 1, ...)``) and
+    unfolds the output with ``y.view(S, N, ...)``; :func:`sws_kernels.predict` does both.
+    """
+    samples = _checks.samples(samples)
+    seed = draw_seed() if seed is None else seed
+    token = _FOLD.set((samples, seed))
+    try:
+        yield seed
+    finally:
+        _FOLD.reset(token)
+
+
+def _positive_int(v, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name}: expected a positive int, got {_checks.describe(v)}")
+    if v < 1:
+        raise ValueError(f"{name}: expected a positive int, got {v}")
+    return v
+
+
+def _tuple(v, n: int, name: str) -> Tuple[int, ...]:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (v,) * n
+    if isinstance(v, (tuple, list)) and len(v) == n and all(isinstance(t, int) for t in v):
+        return tuple(v)
+    raise TypeError(f"{name}: expected an int or a tuple of {n} ints, got {_checks.describe(v)}")
+
+
+def _check_padding_mode(padding_mode: str) -> str:
+    if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+        raise ValueError(f"padding_mode: expected 'zeros', 'reflect', 'replicate' or 'circular', got {padding_mode!r}")
+    return padding_mode
+
+
+def _explicit_pad(x, padding_mode, padding, kernel_size, dilation):
+    """nn.ConvNd's non-zero padding modes: pad the input explicitly, then convolve with padding 0."""
+    n = len(kernel_size)
+    if padding == "valid":
+        return x, 0
+    if padding == "same":
+        pads = []
+        for k, d in zip(kernel_size, dilation):
+            total = d * (k - 1)
+            pads.append((total // 2, total - total // 2))
+    else:
+        pads = [(p, p) for p in padding]
+    flat = []
+    for left, right in reversed(pads):  # F.pad wants the last dimension first
+        flat += [left, right]
+    lead = x.shape[:-(n + 1)]
+    # F.pad's reflect/replicate/circular accept one or two leading dims: merge samples and batch.
+    xx = x.reshape(-1, *x.shape[-(n + 1):])
+    xx = torch.nn.functional.pad(xx, flat, mode=padding_mode)
+    return xx.reshape(*lead, *xx.shape[1:]), 0
+
+
+class _RngIdMixin:
+    """An int64 buffer ``rng_id`` (saved) with a Python-int mirror so forward never reads the tensor."""
+
+    def _init_rng_id(self, rng_id) -> None:
+        self._owner = _check_rng_id(rng_id)
+        self.register_buffer("rng_id", torch.tensor(self._owner, dtype=torch.int64))
+
+    @property
+    def owner(self) -> int:
+        return self._owner
+
+    def _load_rng_id(self, state_dict, prefix) -> None:
+        key = prefix + "rng_id"
+        if key in state_dict:
+            self._owner = _checks.word(int(state_dict[key]), key)
+
+
+def _run_sampled(x, samples, seed, per_sample, call):
+    """The sampling protocol shared by every layer (see the module docstring)."""
+    fold = _FOLD.get()
+    if fold is not None and samples is None:
+        S, fseed = fold
+        if x.dim() < 1 or x.shape[0] % S:
+            raise ValueError(f"x: inside sample_mode({S}) expected a batch dimension divisible by {S} "
+                             f"(samples folded into the batch), got {_checks.describe(x)}")
+        xs = x.reshape(S, x.shape[0] // S, *x.shape[1:])
+        y = call(xs, S, fseed, True)
+        return y.reshape(S * y.shape[1], *y.shape[2:])
+    if samples is None:
+        if per_sample:
+            raise ValueError("per_sample: expected False when samples is None (one sample, no sample dimension)")
+        y = call(x, 1, draw_seed() if seed is None else seed, False)
+        return y[0]
+    samples = _checks.samples(samples)
+    return call(x, samples, draw_seed() if seed is None else seed, bool(per_sample))
+
+
+# --------------------------------------------------------------------------------------------------
+# Codebook
+# --------------------------------------------------------------------------------------------------
+
+class Codebook(_RngIdMixin, nn.Module):
+    """K two-dimensional Gaussian components over (mu, rho), shareable by any number of SWS layers.
+
+    Parameters ``means`` [K, 2] (m_mu, m_rho) and ``chol`` [K, 3] (a, b, c) with
+    L = [[softplus(a), 0], [b, softplus(c)]] are trainable; the prior ``means0``/``chol0`` are buffers
+    (default: the initial values, as in the paper's "posterior = prior = the fit").
+
+    Default init (no ``means`` given): m_mu evenly spaced over [-mu_range, mu_range] (the bulk of a
+    Kaiming-uniform weight init for fan-in >= 25), m_rho spread over [-5, -3] by a low-discrepancy
+    sequence (sigma 0.007-0.05, the usual mean-field range), and a small diagonal Cholesky whose mu
+    standard deviation is half the grid spacing, so components start distinguishable.
+    """
+
+    def __init__(self, num_components: int, *, means: Optional[torch.Tensor] = None,
+                 chol: Optional[torch.Tensor] = None, means0: Optional[torch.Tensor] = None,
+                 chol0: Optional[torch.Tensor] = None, rng_id: Optional[int] = None, mu_range: float = 0.2):
+        super().__init__()
+        K = _positive_int(num_components, "num_components")
+        if means is None:
+            if chol is not None:
+                raise ValueError("chol: expected None when means is None (the default init sets both)")
+            means, chol = self._default_init(K, float(mu_range))
+        else:
+            _checks.tensor(means, "means", ndim=2, floating=True, last=2)
+            if means.shape[0] != K:
+                raise ValueError(f"means: expected {K} rows (num_components), got {_checks.describe(means)}")
+            if chol is None:
+                spacing = float(means[:, 0].std()) / max(K, 1) if K > 1 else 0.01
+                chol = torch.stack([softplus_inv(torch.full((K,), max(spacing, 1e-3))), torch.zeros(K),
+                                    softplus_inv(torch.full((K,), 0.1))], -1)
+        means = means.detach().to(torch.float32).clone()
+        chol = chol.detach().to(device=means.device, dtype=torch.float32).clone()
+        _checks.codebook(means, chol)
+        self.num_components = K
+        self.means = nn.Parameter(means)
+        self.chol = nn.Parameter(chol)
+        m0 = means.clone() if means0 is None else means0.detach().to(torch.float32).clone()
+        c0 = chol.clone() if chol0 is None else chol0.detach().to(torch.float32).clone()
+        _checks.codebook(m0, c0)
+        if m0.shape != means.shape:
+            raise ValueError(f"means0: expected shape {tuple(means.shape)}, got {_checks.describe(m0)}")
+        self.register_buffer("means0", m0)
+        self.register_buffer("chol0", c0)
+        self._init_rng_id(rng_id)
+
+    @staticmethod
+    def _default_init(K: int, mu_range: float):
+        mu = torch.linspace(-mu_range, mu_range, K) if K > 1 else torch.zeros(1)
+        golden = (torch.arange(K, dtype=torch.float64) * 0.6180339887498949) % 1.0
+        rho = (-5.0 + 2.0 * golden).to(torch.float32)
+        spacing = 2 * mu_range / max(K - 1, 1)
+        s_mu = max(spacing / 2, 1e-4)
+        chol = torch.stack([softplus_inv(torch.full((K,), s_mu)), torch.zeros(K),
+                            softplus_inv(torch.full((K,), 0.1))], -1)
+        return torch.stack([mu, rho], -1), chol
+
+    def sample(self, *, seed, samples: int = 1) -> torch.Tensor:
+        """z[s, k] = means[k] + L_k xi[s, k] -> [samples, K, 2]."""
+        return SF.sample_components(self.means, self.chol, seed=seed, samples=samples, codebook_owner=self.owner)
+
+    def kl_loss(self) -> torch.Tensor:
+        """sum_k KL(q_k || p_k) (SPEC.md section 6). Also picked up once by bayesian-torch's get_kl_loss."""
+        return SF.kl_components(self.means, self.chol, self.means0, self.chol0)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # K may differ from the constructed one (e.g. a placeholder codebook filled by sws.load): resize.
+        key = prefix + "means"
+        if key in state_dict and state_dict[key].shape != self.means.shape:
+            K = state_dict[key].shape[0]
+            dev = self.means.device
+            with torch.no_grad():
+                self.means = nn.Parameter(torch.empty(K, 2, device=dev))
+                self.chol = nn.Parameter(torch.empty(K, 3, device=dev))
+                self.means0 = torch.empty(K, 2, device=dev)
+                self.chol0 = torch.empty(K, 3, device=dev)
+            self.num_components = K
+        self._load_rng_id(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"num_components={self.num_components}, rng_id={self.owner}"
+
+
+# --------------------------------------------------------------------------------------------------
+# SWS layers
+# --------------------------------------------------------------------------------------------------
+
+class _SWSLayer(_RngIdMixin, nn.Module):
+    """Shared state and logic of SWSLinear / SWSConv1d / SWSConv2d (SPEC.md section 2).
+
+    Buffers: ``labels`` (weight shape, narrowest integer dtype for K), ``ellipse_pos`` (int64 flat
+    indices), ``ellipse_a``/``ellipse_b`` (component indices), ``ellipse_alpha`` (float32),
+    ``outlier_pos`` (int64), ``outlier_mu0``/``outlier_sigma0`` (outlier prior), ``rng_id``.
+    Parameters: ``outlier_mu``, ``outlier_rho``, ``bias`` (deterministic, optional), plus the codebook's.
+    """
+
+    MODES = _checks.MODES
+
+    def _init_sws(self, weight_shape, bias: bool, codebook, mode, labels, ellipse, outliers, rng_id, fan_in):
+        if not isinstance(codebook, Codebook):
+            raise TypeError(f"codebook: expected a sws_kernels.nn.Codebook, got {_checks.describe(codebook)}")
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias: expected a bool, got {_checks.describe(bias)}")
+        self.codebook = codebook
+        self.mode = mode
+        self.weight_shape = tuple(weight_shape)
+        K = codebook.num_components
+        dev = codebook.means.device
+        n = math.prod(self.weight_shape)
+        if labels is None:
+            w = torch.empty(self.weight_shape)
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5))  # nn.Linear / nn.ConvNd's own default init
+            labels = nearest_component(w, codebook.means.detach()[:, 0].cpu())
+        else:
+            _checks.tensor(labels, "labels", integer=True)
+            if tuple(labels.shape) != self.weight_shape:
+                raise ValueError(f"labels: expected the weight shape {self.weight_shape}, got {_checks.describe(labels)}")
+            if labels.numel():
+                mn, mx = int(labels.min()), int(labels.max())
+                if mn < 0 or mx >= K:
+                    raise ValueError(f"labels: expected component indices in [0, {K}) (the codebook has "
+                                     f"num_components={K}), got values in [{mn}, {mx}]")
+        ldt = label_dtype(K)
+        self.register_buffer("labels", labels.detach().to(device=dev, dtype=ldt).clone())
+
+        if ellipse is None:
+            e_pos = torch.zeros(0, dtype=torch.int64)
+            e_a = e_b = torch.zeros(0, dtype=ldt)
+            e_alpha = torch.zeros(0)
+        else:
+            if not isinstance(ellipse, (tuple, list)) or len(ellipse) != 4:
+                raise TypeError(f"ellipse: expected None or (positions, comp_a, comp_b, alpha), got {_checks.describe(ellipse)}")
+            e_pos, e_a, e_b, e_alpha = ellipse
+        self.register_buffer("ellipse_pos", torch.as_tensor(e_pos).detach().to(dev, torch.int64).clone())
+        self.register_buffer("ellipse_a", torch.as_tensor(e_a).detach().to(dev, ldt).clone())
+        self.register_buffer("ellipse_b", torch.as_tensor(e_b).detach().to(dev, ldt).clone())
+        self.register_buffer("ellipse_alpha", torch.as_tensor(e_alpha).detach().to(dev, torch.float32).clone())
+
+        if outliers is None:
+            o_pos = torch.zeros(0, dtype=torch.int64)
+            o_mu = o_rho = torch.zeros(0)
+            o_mu0 = o_sigma0 = None
+        else:
+            if not isinstance(outliers, (tuple, list)) or len(outliers) not in (3, 5):
+                raise TypeError("outliers: expected None, (positions, mu, rho) or (positions, mu, rho, mu0, sigma0), "
+                                f"got {_checks.describe(outliers)}")
+            o_pos, o_mu, o_rho = outliers[:3]
+            o_mu0, o_sigma0 = (outliers[3], outliers[4]) if len(outliers) == 5 else (None, None)
+        o_mu = torch.as_tensor(o_mu).detach().to(dev, torch.float32).clone()
+        o_rho = torch.as_tensor(o_rho).detach().to(dev, torch.float32).clone()
+        self.register_buffer("outlier_pos", torch.as_tensor(o_pos).detach().to(dev, torch.int64).clone())
+        self.outlier_mu = nn.Parameter(o_mu)
+        self.outlier_rho = nn.Parameter(o_rho)
+        # Prior = the initial fit (SPEC.md section 8, step 6) unless given.
+        mu0 = o_mu.clone() if o_mu0 is None else torch.as_tensor(o_mu0).detach().to(dev, torch.float32).clone()
+        s0 = _ref.softplus(o_rho) if o_sigma0 is None else torch.as_tensor(o_sigma0).detach().to(dev, torch.float32).clone()
+        self.register_buffer("outlier_mu0", mu0)
+        self.register_buffer("outlier_sigma0", s0)
+        if bias:
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            self.bias = nn.Parameter(torch.empty(self.weight_shape[0], device=dev).uniform_(-bound, bound))
+        else:
+            self.register_parameter("bias", None)
+        self._init_rng_id(rng_id)
+        self._validate()
+
+    # -- validation -------------------------------------------------------------------------------
+    def _validate(self) -> None:
+        """Checks the whole layer once (the functional API re-checks per call)."""
+        _checks.sws(self.codebook.means.detach(), self.codebook.chol.detach(), self.labels, self._ellipse(),
+                    self._outliers(), 0, 1, self.mode, self.owner, self.codebook.owner)
+        if self.outlier_mu0.shape != self.outlier_mu.shape or self.outlier_sigma0.shape != self.outlier_mu.shape:
+            raise ValueError(f"outlier prior: expected mu0/sigma0 of shape {tuple(self.outlier_mu.shape)}, got "
+                             f"{_checks.describe(self.outlier_mu0)} and {_checks.describe(self.outlier_sigma0)}")
+        if self.outlier_sigma0.numel() and float(self.outlier_sigma0.min()) <= 0:
+            raise ValueError(f"outlier sigma0: expected positive values, got min {float(self.outlier_sigma0.min())}")
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        self._mode = _checks.mode(value)
+
+    def _ellipse(self):
+        return None if self.ellipse_pos.numel() == 0 else (
+            self.ellipse_pos, self.ellipse_a, self.ellipse_b, self.ellipse_alpha)
+
+    def _outliers(self):
+        return None if self.outlier_pos.numel() == 0 else (self.outlier_pos, self.outlier_mu, self.outlier_rho)
+
+    @property
+    def num_weights(self) -> int:
+        return self.labels.numel()
+
+    def sample_weights(self, *, samples: int = 1, seed=None, mode: Optional[str] = None) -> torch.Tensor:
+        """Sampled weights [samples, *weight_shape] (what forward uses with the same seed)."""
+        cb = self.codebook
+        return SF.reconstruct(cb.means, cb.chol, self.labels, self._ellipse(), self._outliers(),
+                              seed=draw_seed() if seed is None else seed, samples=samples,
+                              mode=self.mode if mode is None else mode, owner=self.owner, codebook_owner=cb.owner)
+
+    def mean_weight(self) -> torch.Tensor:
+        """The deterministic ("mean" mode) weight of the layer's shape."""
+        return self.sample_weights(samples=1, seed=0, mode="mean")[0]
+
+    def kl_loss(self) -> torch.Tensor:
+        """Summed KL of this layer's outliers (the codebook's KL is the Codebook's own, counted once)."""
+        if self.outlier_mu.numel() == 0:
+            return self.outlier_mu.sum()
+        return _ref.kl_gaussian(self.outlier_mu, self.outlier_rho, self.outlier_mu0, self.outlier_sigma0)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Ellipse/outlier counts and the label dtype depend on the fit: adopt the saved sizes and dtype.
+        dev = self.labels.device
+        for name in ("labels", "ellipse_pos", "ellipse_a", "ellipse_b", "ellipse_alpha", "outlier_pos",
+                     "outlier_mu0", "outlier_sigma0"):
+            t = state_dict.get(prefix + name)
+            if isinstance(t, torch.Tensor):
+                cur = getattr(self, name)
+                if t.shape != cur.shape or t.dtype != cur.dtype:
+                    setattr(self, name, torch.empty(t.shape, dtype=t.dtype, device=dev))
+        for name in ("outlier_mu", "outlier_rho"):
+            t = state_dict.get(prefix + name)
+            if isinstance(t, torch.Tensor) and t.shape != getattr(self, name).shape:
+                setattr(self, name, nn.Parameter(torch.empty(t.shape, device=dev)))
+        self._load_rng_id(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _sws_extra_repr(self) -> str:
+        return (f"mode={self.mode!r}, K={self.codebook.num_components}, labels={self.labels.dtype}, "
+                f"ellipses={self.ellipse_pos.numel()}, outliers={self.outlier_pos.numel()}, rng_id={self.owner}")
+
+
+def nearest_component(w: torch.Tensor, comp_mu: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
+    """Index of the component whose mean mu is nearest to each weight (int64, the shape of w)."""
+    order = torch.argsort(comp_mu)
+    sorted_mu = comp_mu[order].contiguous()
+    K = sorted_mu.numel()
+    flat = w.reshape(-1)
+    out = torch.empty(flat.numel(), dtype=torch.int64)
+    for i in range(0, flat.numel(), chunk):  # chunks keep memory flat for 10M-weight layers
+        v = flat[i:i + chunk].contiguous()
+        j = torch.searchsorted(sorted_mu, v).clamp(1, max(K - 1, 1)) if K > 1 else torch.zeros_like(v, dtype=torch.int64)
+        if K > 1:
+            left, right = sorted_mu[j - 1], sorted_mu[j]
+            j = torch.where((v - left).abs() <= (right - v).abs(), j - 1, j)
+        out[i:i + chunk] = order[j]
+    return out.view(w.shape)
+
+
+class SWSLinear(_SWSLayer):
+    """Linear layer with stochastic weight sharing: y = x W_s^T + b, W_s reconstructed from the codebook."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, codebook: Codebook,
+                 mode: str = "paper", labels=None, ellipse=None, outliers=None, rng_id: Optional[int] = None):
+        super().__init__()
+        self.in_features = _positive_int(in_features, "in_features")
+        self.out_features = _positive_int(out_features, "out_features")
+        self._init_sws((self.out_features, self.in_features), bias, codebook, mode, labels, ellipse, outliers,
+                       rng_id, self.in_features)
+
+    def forward(self, x: torch.Tensor, samples: Optional[int] = None, seed=None, *, per_sample: bool = False):
+        cb = self.codebook
+
+        def call(xx, S, sd, ps):
+            return SF.sws_linear(xx, cb.means, cb.chol, self.labels, self._ellipse(), self._outliers(), self.bias,
+                                 seed=sd, samples=S, mode=self.mode, owner=self.owner, codebook_owner=cb.owner,
+                                 per_sample=ps)
+        return _run_sampled(x, samples, seed, per_sample, call)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                + self._sws_extra_repr())
+
+
+class _SWSConvNd(_SWSLayer):
+    _spatial = 2
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias: bool = True, *, codebook: Codebook, mode: str = "paper", labels=None, ellipse=None,
+                 outliers=None, rng_id: Optional[int] = None, padding_mode: str = "zeros"):
+        super().__init__()
+        n = self._spatial
+        self.in_channels = _positive_int(in_channels, "in_channels")
+        self.out_channels = _positive_int(out_channels, "out_channels")
+        self.groups = _positive_int(groups, "groups")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups: expected a divisor of in_channels={in_channels} and "
+                             f"out_channels={out_channels}, got {groups}")
+        self.kernel_size = _tuple(kernel_size, n, "kernel_size")
+        self.stride = _tuple(stride, n, "stride")
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"padding: expected an int, a tuple, 'same' or 'valid', got {padding!r}")
+            self.padding = padding
+        else:
+            self.padding = _tuple(padding, n, "padding")
+        self.dilation = _tuple(dilation, n, "dilation")
+        self.padding_mode = _check_padding_mode(padding_mode)
+        shape = (out_channels, in_channels // groups, *self.kernel_size)
+        fan_in = (in_channels // groups) * math.prod(self.kernel_size)
+        self._init_sws(shape, bias, codebook, mode, labels, ellipse, outliers, rng_id, fan_in)
+
+    def forward(self, x: torch.Tensor, samples: Optional[int] = None, seed=None, *, per_sample: bool = False):
+        cb = self.codebook
+        fn = SF.sws_conv2d if self._spatial == 2 else SF.sws_conv1d
+
+        def call(xx, S, sd, ps):
+            pad = self.padding
+            if self.padding_mode != "zeros":
+                xx, pad = _explicit_pad(xx, self.padding_mode, self.padding, self.kernel_size, self.dilation)
+            return fn(xx, cb.means, cb.chol, self.labels, self._ellipse(), self._outliers(), self.bias,
+                      self.stride, pad, self.dilation, self.groups, seed=sd, samples=S, mode=self.mode,
+                      owner=self.owner, codebook_owner=cb.owner, per_sample=ps)
+        return _run_sampled(x, samples, seed, per_sample, call)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+                f"padding_mode={self.padding_mode!r}, bias={self.bias is not None}, " + self._sws_extra_repr())
+
+
+class SWSConv1d(_SWSConvNd):
+    """Conv1d with stochastic weight sharing (F.conv1d semantics per sample)."""
+    _spatial = 1
+
+
+class SWSConv2d(_SWSConvNd):
+    """Conv2d with stochastic weight sharing (F.conv2d semantics per sample)."""
+    _spatial = 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Mean-field layers (bayesian-torch compatible)
+# --------------------------------------------------------------------------------------------------
+
+class _MeanFieldLayer(_RngIdMixin, nn.Module):
+    """Shared logic of the mean-field layers.
+
+    Mirrors bayesian-torch 0.5.0's Reparameterization layers: constructor arguments and their order,
+    parameter names, init (mu ~ N(posterior_mu_init, 0.1), rho ~ N(posterior_rho_init, 0.1)),
+    ``prior_variance`` used as the prior *standard deviation*, non-persistent prior buffers,
+    ``self.bias`` a bool, ``forward(x, return_kl=True) -> (out, kl)`` with ``kl`` averaged per tensor,
+    ``kl_loss()`` in the same convention and ``dnn_to_bnn_flag`` (when set, forward returns only ``out``).
+    Differences: noise comes from the Philox streams (seeded, regenerated in backward), so several sampled
+    forwards before one backward each get their own noise's gradient; ``samples=``/``seed=`` keywords.
+    """
+
+    _w_mu = "mu_weight"
+    _w_rho = "rho_weight"
+
+    def _init_mf(self, weight_shape, out: int, prior_mean, prior_variance, posterior_mu_init, posterior_rho_init,
+                 bias: bool, rng_id):
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias: expected a bool (bayesian-torch's order is ..., posterior_rho_init, bias), "
+                            f"got {_checks.describe(bias)}")
+        for name, v in (("prior_mean", prior_mean), ("prior_variance", prior_variance),
+                        ("posterior_mu_init", posterior_mu_init), ("posterior_rho_init", posterior_rho_init)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise TypeError(f"{name}: expected a finite float, got {_checks.describe(v)}")
+        if prior_variance <= 0:
+            raise ValueError(f"prior_variance: expected > 0 (used as the prior standard deviation), got {prior_variance}")
+        self.prior_mean = float(prior_mean)
+        self.prior_variance = float(prior_variance)
+        self.posterior_mu_init = float(posterior_mu_init)
+        self.posterior_rho_init = float(posterior_rho_init)
+        self.bias = bias  # a bool, as in bayesian-torch
+        self._dnn_to_bnn_flag = False
+        setattr(self, self._w_mu, nn.Parameter(torch.empty(weight_shape).normal_(posterior_mu_init, 0.1)))
+        setattr(self, self._w_rho, nn.Parameter(torch.empty(weight_shape).normal_(posterior_rho_init, 0.1)))
+        # Priors as in bayesian-torch: non-persistent buffers (not in state_dict); 0-d tensors broadcast.
+        self.register_buffer("prior_weight_mu", torch.tensor(self.prior_mean), persistent=False)
+        self.register_buffer("prior_weight_sigma", torch.tensor(self.prior_variance), persistent=False)
+        if bias:
+            self.mu_bias = nn.Parameter(torch.empty(out).normal_(posterior_mu_init, 0.1))
+            self.rho_bias = nn.Parameter(torch.empty(out).normal_(posterior_rho_init, 0.1))
+            self.register_buffer("prior_bias_mu", torch.tensor(self.prior_mean), persistent=False)
+            self.register_buffer("prior_bias_sigma", torch.tensor(self.prior_variance), persistent=False)
+        else:
+            self.register_parameter("mu_bias", None)
+            self.register_parameter("rho_bias", None)
+            self.register_buffer("prior_bias_mu", None, persistent=False)
+            self.register_buffer("prior_bias_sigma", None, persistent=False)
+        self._init_rng_id(rng_id)
+
+    @property
+    def dnn_to_bnn_flag(self) -> bool:
+        return self._dnn_to_bnn_flag
+
+    @dnn_to_bnn_flag.setter
+    def dnn_to_bnn_flag(self, value: bool) -> None:
+        self._dnn_to_bnn_flag = bool(value)
+
+    @property
+    def weight_mu(self) -> torch.Tensor:
+        return getattr(self, self._w_mu)
+
+    @property
+    def weight_rho(self) -> torch.Tensor:
+        return getattr(self, self._w_rho)
+
+    def kl_loss(self) -> torch.Tensor:
+        """bayesian-torch's convention: KL averaged over each tensor's elements, weight + bias."""
+        kl = _ref.kl_gaussian_mean(self.weight_mu, self.weight_rho, self.prior_weight_mu, self.prior_weight_sigma)
+        if self.mu_bias is not None:
+            kl = kl + _ref.kl_gaussian_mean(self.mu_bias, self.rho_bias, self.prior_bias_mu, self.prior_bias_sigma)
+        return kl
+
+    def kl_sum(self) -> torch.Tensor:
+        """SPEC.md section 6: KL summed over every weight and bias element (used by sws_kernels.kl_loss)."""
+        kl = _ref.kl_gaussian(self.weight_mu, self.weight_rho, self.prior_weight_mu, self.prior_weight_sigma)
+        if self.mu_bias is not None:
+            kl = kl + _ref.kl_gaussian(self.mu_bias, self.rho_bias, self.prior_bias_mu, self.prior_bias_sigma)
+        return kl
+
+    def sample_weights(self, *, samples: int = 1, seed=None) -> torch.Tensor:
+        return SF.mean_field_reconstruct(self.weight_mu, self.weight_rho, seed=draw_seed() if seed is None else seed,
+                                         samples=samples, owner=self.owner)
+
+    def _call(self, xx, S, sd, ps):
+        raise NotImplementedError  # defined by each concrete layer
+
+    def forward(self, x: torch.Tensor, return_kl: bool = True, *, samples: Optional[int] = None, seed=None,
+                per_sample: bool = False):
+        out = _run_sampled(x, samples, seed, per_sample, self._call)
+        if return_kl and not self._dnn_to_bnn_flag:
+            return out, self.kl_loss()
+        return out
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._load_rng_id(state_dict, prefix)
+        if prefix + "rng_id" not in state_dict:
+            # A bayesian-torch state_dict has no rng_id: keep ours rather than fail a strict load.
+            state_dict = dict(state_dict)
+            state_dict[prefix + "rng_id"] = self.rng_id
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class MeanFieldLinear(_MeanFieldLayer):
+    """bayesian-torch's LinearReparameterization, on sws_kernels' seeded kernels."""
+
+    def __init__(self, in_features: int, out_features: int, prior_mean: float = 0, prior_variance: float = 1,
+                 posterior_mu_init: float = 0, posterior_rho_init: float = -3.0, bias: bool = True, *,
+                 rng_id: Optional[int] = None):
+        super().__init__()
+        self.in_features = _positive_int(in_features, "in_features")
+        self.out_features = _positive_int(out_features, "out_features")
+        self._init_mf((out_features, in_features), out_features, prior_mean, prior_variance, posterior_mu_init,
+                      posterior_rho_init, bias, rng_id)
+
+    def _call(self, xx, S, sd, ps):
+        return SF.mean_field_linear(xx, self.mu_weight, self.rho_weight, self.mu_bias, self.rho_bias, seed=sd,
+                                    samples=S, owner=self.owner, per_sample=ps)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias}, "
+                f"prior=N({self.prior_mean}, {self.prior_variance}^2), rng_id={self.owner}")
+
+
+class _MeanFieldConvNd(_MeanFieldLayer):
+    _spatial = 2
+    _w_mu = "mu_kernel"
+    _w_rho = "rho_kernel"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, prior_mean: float = 0, prior_variance: float = 1, posterior_mu_init: float = 0,
+                 posterior_rho_init: float = -3.0, bias: bool = True, *, rng_id: Optional[int] = None,
+                 padding_mode: str = "zeros"):
+        super().__init__()
+        n = self._spatial
+        self.in_channels = _positive_int(in_channels, "in_channels")
+        self.out_channels = _positive_int(out_channels, "out_channels")
+        self.groups = _positive_int(groups, "groups")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups: expected a divisor of in_channels={in_channels} and "
+                             f"out_channels={out_channels}, got {groups}")
+        self.kernel_size = _tuple(kernel_size, n, "kernel_size")
+        self.stride = _tuple(stride, n, "stride")
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"padding: expected an int, a tuple, 'same' or 'valid', got {padding!r}")
+            self.padding = padding
+        else:
+            self.padding = _tuple(padding, n, "padding")
+        self.dilation = _tuple(dilation, n, "dilation")
+        self.padding_mode = _check_padding_mode(padding_mode)
+        self._init_mf((out_channels, in_channels // groups, *self.kernel_size), out_channels, prior_mean,
+                      prior_variance, posterior_mu_init, posterior_rho_init, bias, rng_id)
+
+    def _call(self, xx, S, sd, ps):
+        fn = SF.mean_field_conv2d if self._spatial == 2 else SF.mean_field_conv1d
+        pad = self.padding
+        if self.padding_mode != "zeros":
+            xx, pad = _explicit_pad(xx, self.padding_mode, self.padding, self.kernel_size, self.dilation)
+        return fn(xx, self.mu_kernel, self.rho_kernel, self.mu_bias, self.rho_bias, self.stride, pad,
+                  self.dilation, self.groups, seed=sd, samples=S, owner=self.owner, per_sample=ps)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+                f"padding_mode={self.padding_mode!r}, bias={self.bias}, "
+                f"prior=N({self.prior_mean}, {self.prior_variance}^2), rng_id={self.owner}")
+
+
+class MeanFieldConv1d(_MeanFieldConvNd):
+    """bayesian-torch's Conv1dReparameterization, on sws_kernels' seeded kernels."""
+    _spatial = 1
+
+
+class MeanFieldConv2d(_MeanFieldConvNd):
+    """bayesian-torch's Conv2dReparameterization, on sws_kernels' seeded kernels."""
+    _spatial = 2
+
+
+SWS_LAYERS = (SWSLinear, SWSConv1d, SWSConv2d)
+MEAN_FIELD_LAYERS = (MeanFieldLinear, MeanFieldConv1d, MeanFieldConv2d)

@@ -123,3 +123,86 @@ def call_reconstruct(a: _checks.SWSArgs) -> Tensor:
     return torch.ops.sws_kernels.reconstruct(a.means, a.chol, a.labels, a.e_pos, a.e_a, a.e_b, a.e_alpha, a.o_pos,
                                              a.o_mu, a.o_rho, encode_seed(a.seed), a.samples,
                                              _checks.MODE_CODES[a.mode], a.owner, a.codebook_owner)
+
+
+# ------------------------------------------------------------------------------------------------------
+# mean-field reconstruct (SPEC.md section 3, last paragraph): w[s] = mu + softplus(rho) eps[s]
+# ------------------------------------------------------------------------------------------------------
+
+def _mf_reference_backward(grad_w, mu, rho, seed, samples, owner, purpose):
+    eps = reference._dense_noise(seed, samples, mu.numel(), owner=owner, purpose=purpose, dtype=mu.dtype,
+                                 device=mu.device).view(samples, *mu.shape)
+    g = grad_w.to(mu.dtype)
+    return g.sum(0), ((g * eps).sum(0) * reference.softplus_grad(rho))
+
+
+@torch.library.custom_op("sws_kernels::mean_field_reconstruct", mutates_args=())
+def mean_field_reconstruct(mu: Tensor, rho: Tensor, seed: int, samples: int, owner: int, purpose: int) -> Tensor:
+    """[samples, *mu.shape]; ``purpose`` 0 for weights, 2 for a sampled bias."""
+    name, kernel, why = _backend.select("mean_field_reconstruct", mu.device, mu.dtype)
+    log.debug("mean_field_reconstruct: backend %s (%s)", name, why)
+    seed = decode_seed(seed)
+    if kernel is None:
+        return reference.mean_field_reconstruct(mu, rho, seed=seed, samples=samples, owner=owner,
+                                                purpose=purpose).contiguous()
+    return kernel(mu, rho, seed, samples, owner, purpose)
+
+
+@mean_field_reconstruct.register_fake
+def _(mu, rho, seed, samples, owner, purpose):
+    return mu.new_empty((samples, *mu.shape))
+
+
+@torch.library.custom_op("sws_kernels::mean_field_reconstruct_backward", mutates_args=())
+def mean_field_reconstruct_backward(grad_w: Tensor, mu: Tensor, rho: Tensor, seed: int, samples: int, owner: int,
+                                    purpose: int) -> tuple[Tensor, Tensor]:
+    """dW -> (d mu, d rho), the noise regenerated from the seed."""
+    name, kernel, why = _backend.select("mean_field_reconstruct_backward", mu.device, mu.dtype)
+    log.debug("mean_field_reconstruct_backward: backend %s (%s)", name, why)
+    seed = decode_seed(seed)
+    if kernel is None:
+        return tuple(t.contiguous() for t in _mf_reference_backward(grad_w, mu, rho, seed, samples, owner, purpose))
+    return kernel(grad_w, mu, rho, seed, samples, owner, purpose)
+
+
+@mean_field_reconstruct_backward.register_fake
+def _(grad_w, mu, rho, seed, samples, owner, purpose):
+    return mu.new_empty(mu.shape), rho.new_empty(rho.shape)
+
+
+def _mf_setup(ctx, inputs, output):
+    mu, rho, seed, samples, owner, purpose = inputs
+    ctx.save_for_backward(mu, rho)  # the noise is regenerated, never saved
+    ctx.args = (seed, samples, owner, purpose)
+
+
+def _mf_backward(ctx, grad):
+    mu, rho = ctx.saved_tensors
+    g_mu, g_rho = torch.ops.sws_kernels.mean_field_reconstruct_backward(grad.contiguous(), mu, rho, *ctx.args)
+    return g_mu, g_rho, None, None, None, None
+
+
+torch.library.register_autograd("sws_kernels::mean_field_reconstruct", _mf_backward, setup_context=_mf_setup)
+
+
+def call_mean_field_reconstruct(mu, rho, seed: int, samples: int, owner: int, purpose: int = 0) -> Tensor:
+    return torch.ops.sws_kernels.mean_field_reconstruct(mu, rho, encode_seed(seed), samples, owner, purpose)
+
+
+# --- Triton kernel registrations ---
+# Imported lazily inside each wrapper: `import sws_kernels` must work without triton; _backend.select only
+# hands out these kernels when the triton backend is available.
+
+def _triton_kernel(module: str, fn: str):
+    def kernel(*args):
+        import importlib
+
+        return getattr(importlib.import_module(f"sws_kernels.triton.{module}"), fn)(*args)
+
+    kernel.__name__ = f"triton_{fn}"
+    return kernel
+
+
+for _op, _mod in (("reconstruct", "reconstruct"), ("reconstruct_backward", "reconstruct"),
+                  ("mean_field_reconstruct", "mean_field"), ("mean_field_reconstruct_backward", "mean_field")):
+    _backend.register_kernel(_op, "triton")(_triton_kernel(_mod, _op))

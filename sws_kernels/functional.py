@@ -89,7 +89,12 @@ def sws_conv2d(x, means, chol, labels, ellipse=None, outliers=None, bias=None, s
 
 def mean_field_reconstruct(mu, rho, *, seed, samples: int = 1, owner: int = 0):
     """w[s] = mu + softplus(rho) eps[s] -> [samples, *mu.shape]."""
-    return reference.mean_field_reconstruct(mu, rho, seed=seed, samples=samples, owner=owner)
+    seed_, samples_, owner_ = _checks.mean_field(mu, rho, seed, samples, owner)
+    name, _, why = _backend.select("mean_field_reconstruct", mu.device, mu.dtype)
+    log.debug("mean_field_reconstruct: backend %s (%s)", name, why)
+    if name == "reference":
+        return reference.mean_field_reconstruct(mu, rho, seed=seed, samples=samples, owner=owner)
+    return _ops.call_mean_field_reconstruct(mu, rho, seed_, samples_, owner_)
 
 
 def mean_field_linear(x, mu, rho, bias_mu=None, bias_rho=None, *, seed, samples: int = 1, owner: int = 0,

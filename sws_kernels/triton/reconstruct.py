@@ -1,0 +1,382 @@
+"""SWS reconstruct in Triton: forward (all modes, ellipses, outliers, S samples per launch) and a
+deterministic backward.
+
+Forward, three launches, each covering every sample (grids are flattened to one axis, sample-major, so
+neither S nor n hits the 65535 limit of grid axes 1-2):
+  stage 0  ``_sample_kernel``   z[S, K, 2] = means + L xi (the sampled codebook; in ``mean`` mode z = means).
+                                Tile: BLOCK components of one sample.
+  stage 1  ``_dense_kernel``    W[s, i] = z_mu[s, lab_i] (+ softplus(z_rho[s, lab_i]) eps[s, i] hierarchical)
+                                for every position, inliers or not. Tile: BLOCK weights of one sample.
+  stage 2  ``_special_kernel``  overwrites the E ellipse and O outlier positions with their own values
+                                (launched after stage 1 on the same stream, so it wins). With DELTA it
+                                instead returns value - (what stage 1 would have written), the correction
+                                the fused linear applies in its epilogue (see linear.py).
+
+Backward (SPEC.md section 5: bit-identical run to run, so no float atomics anywhere):
+  prep (torch)  a label-sorted list of (position, coefficient) entries: every inlier once with 1, every
+                ellipse weight twice (comp_a with alpha, comp_b with 1 - alpha); each component's segment is
+                cut into pieces of at most CHUNK entries so work is balanced whatever the label histogram.
+  stage 1  ``_piece_kernel``    one program per (sample, piece): sum of coef * dW (and of coef * dW * eps in
+                                hierarchical mode) with tl.sum over one CHUNK tile -> partials[S, P].
+  stage 2  ``_component_kernel`` BLOCK_K components per program; loops samples then that component's pieces
+                                in a fixed order, regenerates xi (and z_rho) from the seed and forms the
+                                mean/Cholesky gradients. Tile: BLOCK_K components.
+  stage 3  ``_outlier_kernel``  per outlier, loops the samples: d mu_o, d rho_o.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import philox as _ref
+from .philox import _counter_words, normal4, stream_normal
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Interpreter cost grows with programs x iterations: small tiles keep tests fast; on a GPU, wide tiles.
+# The interpreter costs ~20 ms per program whatever its tile width (numpy overhead per op), so it gets
+# wide tiles too; tests shrink these module attributes to exercise multi-block and multi-piece paths.
+BLOCK = 256 if INTERPRET else 1024
+CHUNK = 64 if INTERPRET else 256
+BLOCK_K = 1024 if INTERPRET else 128
+
+PAPER, HIER, MEAN = 0, 1, 2
+
+
+@triton.jit
+def _purpose(p: tl.constexpr):
+    """A stream purpose as a uint32 scalar tensor (stream_normal calls ``.to`` on it)."""
+    return tl.full([], p, tl.uint32)
+
+
+@triton.jit
+def component_xi(k, seed_lo, seed_hi, s, cb_owner):
+    """xi[s, k] = elements 2k, 2k+1 of the component stream (purpose 1): both lie in counter k // 2
+    (words 0-1 for even k, 2-3 for odd k), so one Philox call gives the pair."""
+    w0, w1, w2, w3 = _counter_words(2 * k.to(tl.int64), seed_lo, seed_hi, s, cb_owner, _purpose(1))
+    n0, n1, n2, n3 = normal4(w0, w1, w2, w3)
+    odd = (k & 1) == 1
+    return tl.where(odd, n2, n0), tl.where(odd, n3, n1)
+
+
+@triton.jit
+def softplus(x):
+    """PyTorch's softplus in float32: x above 20, else log1p(exp(x)).
+
+    Triton has no log1p; log(1 + u) loses all relative precision for the small u = exp(rho) that typical
+    rho (-3 .. -10) give, so use the classic exact-correction form log(1+u) * u / ((1+u) - 1)."""
+    u = tl.exp(tl.minimum(x, 20.0))
+    v = 1.0 + u
+    lp = tl.where(v == 1.0, u, tl.log(v) * (u / (v - 1.0)))
+    return tl.where(x > 20.0, x, lp)
+
+
+@triton.jit
+def softplus_grad(x):
+    """d softplus / dx as PyTorch: sigmoid(x), exactly 1 above 20."""
+    return tl.where(x > 20.0, 1.0, 1.0 / (1.0 + tl.exp(-x)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------------
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "cb_owner"])
+def _sample_kernel(means_ptr, chol_ptr, z_ptr, K, nblk, seed_lo, seed_hi, cb_owner, MODE: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    # Stage 0: one program = BLOCK components of one sample.
+    pid = tl.program_id(0)
+    s = pid // nblk
+    k = (pid % nblk) * BLOCK + tl.arange(0, BLOCK)
+    m = k < K
+    m_mu = tl.load(means_ptr + 2 * k, mask=m, other=0.0).to(tl.float32)
+    m_rho = tl.load(means_ptr + 2 * k + 1, mask=m, other=0.0).to(tl.float32)
+    if MODE == 2:
+        z_mu = m_mu
+        z_rho = m_rho
+    else:
+        ca = tl.load(chol_ptr + 3 * k, mask=m, other=0.0).to(tl.float32)
+        cb = tl.load(chol_ptr + 3 * k + 1, mask=m, other=0.0).to(tl.float32)
+        cc = tl.load(chol_ptr + 3 * k + 2, mask=m, other=0.0).to(tl.float32)
+        xi0, xi1 = component_xi(k, seed_lo, seed_hi, s, cb_owner)
+        z_mu = m_mu + softplus(ca) * xi0
+        z_rho = m_rho + cb * xi0 + softplus(cc) * xi1
+    base = z_ptr + s.to(tl.int64) * K * 2
+    tl.store(base + 2 * k, z_mu, mask=m)
+    tl.store(base + 2 * k + 1, z_rho, mask=m)
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "owner"])
+def _dense_kernel(labels_ptr, z_ptr, w_ptr, n, K, nblk, seed_lo, seed_hi, owner, HIER: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    # Stage 1: one program = BLOCK consecutive weights of one sample; reads one label per weight.
+    pid = tl.program_id(0)
+    s = pid // nblk
+    offs = (pid % nblk).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    lab = tl.load(labels_ptr + offs, mask=m, other=0).to(tl.int32)
+    zrow = z_ptr + s.to(tl.int64) * K * 2
+    w = tl.load(zrow + 2 * lab, mask=m, other=0.0)
+    if HIER:
+        zr = tl.load(zrow + 2 * lab + 1, mask=m, other=0.0)
+        w = w + softplus(zr) * stream_normal(offs, seed_lo, seed_hi, s, owner, _purpose(0))
+    tl.store(w_ptr + s.to(tl.int64) * n + offs, w.to(w_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "owner"])
+def _special_kernel(z_ptr, labels_ptr, e_pos_ptr, e_a_ptr, e_b_ptr, e_alpha_ptr, o_pos_ptr, o_mu_ptr, o_rho_ptr,
+                    out_ptr, E, O, K, n, nblk, seed_lo, seed_hi, owner, MODE: tl.constexpr, DELTA: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    # Stage 2: one program = BLOCK special weights (ellipses first, then outliers) of one sample.
+    pid = tl.program_id(0)
+    s = pid // nblk
+    j = (pid % nblk) * BLOCK + tl.arange(0, BLOCK)
+    m = j < E + O
+    is_e = j < E
+    me = m & is_e
+    mo = m & (j >= E)
+    jo = tl.where(mo, j - E, 0)
+    pe = tl.load(e_pos_ptr + j, mask=me, other=0)
+    po = tl.load(o_pos_ptr + jo, mask=mo, other=0)
+    pos = tl.where(is_e, pe, po)
+    ca = tl.load(e_a_ptr + j, mask=me, other=0)
+    cb = tl.load(e_b_ptr + j, mask=me, other=0)
+    al = tl.load(e_alpha_ptr + j, mask=me, other=0.0).to(tl.float32)
+    mu = tl.load(o_mu_ptr + jo, mask=mo, other=0.0).to(tl.float32)
+    zrow = z_ptr + s.to(tl.int64) * K * 2
+    za = tl.load(zrow + 2 * ca, mask=me, other=0.0)
+    zb = tl.load(zrow + 2 * cb, mask=me, other=0.0)
+    e_val = al * za + (1.0 - al) * zb
+    if MODE == 2:
+        o_val = mu
+    else:
+        rho = tl.load(o_rho_ptr + jo, mask=mo, other=0.0).to(tl.float32)
+        eps = stream_normal(pos, seed_lo, seed_hi, s, owner, _purpose(0))
+        o_val = mu + softplus(rho) * eps
+        if MODE == 1:
+            zra = tl.load(zrow + 2 * ca + 1, mask=me, other=0.0)
+            zrb = tl.load(zrow + 2 * cb + 1, mask=me, other=0.0)
+            e_val = e_val + (al * softplus(zra) + (1.0 - al) * softplus(zrb)) * eps
+    val = tl.where(is_e, e_val, o_val)
+    if DELTA:
+        # what stage 1 (or the fused GEMM's tile loop) produces at this position from its label
+        lab = tl.load(labels_ptr + pos, mask=m, other=0).to(tl.int32)
+        dense = tl.load(zrow + 2 * lab, mask=m, other=0.0)
+        if MODE == 1:
+            dense = dense + softplus(tl.load(zrow + 2 * lab + 1, mask=m, other=0.0)) * eps
+        tl.store(out_ptr + s.to(tl.int64) * (E + O) + j, val - dense, mask=m)
+    else:
+        tl.store(out_ptr + s.to(tl.int64) * n + pos, val.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def _seed(seed: int):
+    return _ref.split_seed(seed)
+
+
+def sample_codebook(means, chol, seed: int, samples: int, mode: int, codebook_owner: int) -> torch.Tensor:
+    """Stage 0 alone: z [S, K, 2] float32 (in ``mean`` mode every sample is the means)."""
+    K = means.shape[0]
+    z = torch.full((samples, K, 2), float("nan"), dtype=torch.float32, device=means.device)
+    nblk = triton.cdiv(K, BLOCK_K)
+    lo, hi = _seed(seed)
+    _sample_kernel[(samples * nblk,)](means.contiguous(), chol.contiguous(), z, K, nblk, lo, hi, codebook_owner,
+                                      MODE=mode, BLOCK=BLOCK_K)
+    return z
+
+
+def special_values(z, labels_flat, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode, owner,
+                   *, out=None) -> torch.Tensor:
+    """Stage 2. ``out`` = W [S, n] to overwrite special positions in place; None: return the corrections
+    delta [S, E + O] (ellipses then outliers) = true value - label value, float32."""
+    E, O = e_pos.numel(), o_pos.numel()
+    K, n = z.shape[1], labels_flat.numel()
+    delta = out is None
+    if delta:
+        out = torch.full((samples, E + O), float("nan"), dtype=torch.float32, device=z.device)
+    if E + O == 0:
+        return out
+    nblk = triton.cdiv(E + O, BLOCK)
+    lo, hi = _seed(seed)
+    _special_kernel[(samples * nblk,)](z, labels_flat, e_pos.contiguous(), e_a.contiguous(), e_b.contiguous(),
+                                       e_alpha.contiguous(), o_pos.contiguous(), o_mu.contiguous(),
+                                       o_rho.contiguous(), out, E, O, K, n, nblk, lo, hi, owner, MODE=mode,
+                                       DELTA=delta, BLOCK=BLOCK)
+    return out
+
+
+def reconstruct(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed: int, samples: int,
+                mode: int, owner: int, codebook_owner: int) -> torch.Tensor:
+    """The backend kernel of ``sws_kernels::reconstruct``: W [S, *labels.shape] in the dtype of means."""
+    n = labels.numel()
+    lab = labels.reshape(-1).contiguous()
+    z = sample_codebook(means, chol, seed, samples, mode, codebook_owner)
+    w = torch.full((samples, n), float("nan"), dtype=means.dtype, device=means.device)
+    if n:
+        nblk = triton.cdiv(n, BLOCK)
+        lo, hi = _seed(seed)
+        _dense_kernel[(samples * nblk,)](lab, z, w, n, means.shape[0], nblk, lo, hi, owner, HIER=(mode == HIER),
+                                         BLOCK=BLOCK)
+        special_values(z, lab, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode, owner, out=w)
+    return w.view(samples, *labels.shape)
+
+
+# --------------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------------
+
+class Segments:
+    """Label-sorted entries cut into pieces of <= chunk entries (built in torch; depends only on labels,
+    ellipse and outlier positions, so a layer could cache it between steps)."""
+
+    def __init__(self, labels, e_pos, e_a, e_b, e_alpha, o_pos, K: int, chunk: int):
+        dev = labels.device
+        lab = labels.reshape(-1).long()
+        n = lab.numel()
+        inlier = torch.ones(n, dtype=torch.bool, device=dev)
+        inlier[e_pos] = False
+        inlier[o_pos] = False
+        pos_i = torch.nonzero(inlier).squeeze(1)
+        alpha = e_alpha.to(torch.float32)
+        comp = torch.cat([lab[pos_i], e_a.long(), e_b.long()])
+        pos = torch.cat([pos_i, e_pos, e_pos])
+        coef = torch.cat([torch.ones(pos_i.numel(), dtype=torch.float32, device=dev), alpha, 1.0 - alpha])
+        order = torch.sort(comp, stable=True).indices
+        self.pos = pos[order].contiguous()
+        self.coef = coef[order].contiguous()
+        counts = torch.bincount(comp, minlength=K)
+        seg_start = torch.cumsum(counts, 0) - counts
+        npieces = (counts + chunk - 1) // chunk
+        piece_off = torch.cumsum(npieces, 0) - npieces
+        P = int(npieces.sum())
+        piece_comp = torch.repeat_interleave(torch.arange(K, device=dev), npieces)
+        rank = torch.arange(P, device=dev) - piece_off[piece_comp]
+        self.piece_start = (seg_start[piece_comp] + rank * chunk).contiguous()
+        self.piece_len = torch.minimum(counts[piece_comp] - rank * chunk,
+                                       torch.full_like(rank, chunk)).to(torch.int32).contiguous()
+        self.piece_off = piece_off.contiguous()
+        self.npieces = npieces.to(torch.int32).contiguous()
+        # per component block, the most pieces any of its components has: stage 2's loop bound
+        pad = (-K) % BLOCK_K
+        self.block_max = torch.nn.functional.pad(self.npieces, (0, pad)).view(-1, BLOCK_K).amax(1).contiguous()
+        self.P = P
+        self.chunk = chunk
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "owner"])
+def _piece_kernel(g_ptr, pos_ptr, coef_ptr, start_ptr, len_ptr, pmu_ptr, prho_ptr, n, P, seed_lo, seed_hi, owner,
+                  HIER: tl.constexpr, CHUNK: tl.constexpr):
+    # Backward stage 1: one program = one piece (<= CHUNK entries of one component) of one sample.
+    pid = tl.program_id(0)
+    s = pid // P
+    p = pid % P
+    start = tl.load(start_ptr + p)
+    length = tl.load(len_ptr + p)
+    r = tl.arange(0, CHUNK)
+    m = r < length
+    pos = tl.load(pos_ptr + start + r, mask=m, other=0)
+    coef = tl.load(coef_ptr + start + r, mask=m, other=0.0)
+    g = tl.load(g_ptr + s.to(tl.int64) * n + pos, mask=m, other=0.0).to(tl.float32)
+    v = coef * g
+    tl.store(pmu_ptr + pid, tl.sum(v, axis=0))
+    if HIER:
+        eps = stream_normal(pos, seed_lo, seed_hi, s, owner, _purpose(0))
+        tl.store(prho_ptr + pid, tl.sum(tl.where(m, v * eps, 0.0), axis=0))
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "cb_owner"])
+def _component_kernel(pmu_ptr, prho_ptr, off_ptr, np_ptr, bmax_ptr, means_ptr, chol_ptr, gm_ptr, gc_ptr, K, P, S,
+                      seed_lo, seed_hi, cb_owner, MODE: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Backward stage 2: BLOCK_K components; samples, then pieces, summed in a fixed order.
+    pid = tl.program_id(0)
+    k = pid * BLOCK_K + tl.arange(0, BLOCK_K)
+    mk = k < K
+    off = tl.load(off_ptr + k, mask=mk, other=0)
+    npc = tl.load(np_ptr + k, mask=mk, other=0)
+    maxp = tl.load(bmax_ptr + pid)
+    ca = tl.load(chol_ptr + 3 * k, mask=mk, other=0.0).to(tl.float32)
+    cb = tl.load(chol_ptr + 3 * k + 1, mask=mk, other=0.0).to(tl.float32)
+    cc = tl.load(chol_ptr + 3 * k + 2, mask=mk, other=0.0).to(tl.float32)
+    m_rho = tl.load(means_ptr + 2 * k + 1, mask=mk, other=0.0).to(tl.float32)
+    g_m0 = tl.zeros([BLOCK_K], tl.float32)
+    g_m1 = tl.zeros([BLOCK_K], tl.float32)
+    g_a = tl.zeros([BLOCK_K], tl.float32)
+    g_b = tl.zeros([BLOCK_K], tl.float32)
+    g_c = tl.zeros([BLOCK_K], tl.float32)
+    for s_ in range(S):
+        s = tl.zeros([], tl.int64) + s_  # a tensor on both the compiler and the interpreter
+        dzm = tl.zeros([BLOCK_K], tl.float32)
+        dzr = tl.zeros([BLOCK_K], tl.float32)
+        row = s * P + off
+        for j in range(maxp):
+            mj = mk & (j < npc)
+            dzm += tl.load(pmu_ptr + row + j, mask=mj, other=0.0)
+            if MODE == 1:
+                dzr += tl.load(prho_ptr + row + j, mask=mj, other=0.0)
+        g_m0 += dzm
+        if MODE != 2:
+            xi0, xi1 = component_xi(k, seed_lo, seed_hi, s, cb_owner)
+            g_a += dzm * xi0
+            if MODE == 1:
+                z_rho = m_rho + cb * xi0 + softplus(cc) * xi1
+                dzr = softplus_grad(z_rho) * dzr
+                g_m1 += dzr
+                g_b += dzr * xi0
+                g_c += dzr * xi1
+    g_a = g_a * softplus_grad(ca)
+    g_c = g_c * softplus_grad(cc)
+    tl.store(gm_ptr + 2 * k, g_m0.to(gm_ptr.dtype.element_ty), mask=mk)
+    tl.store(gm_ptr + 2 * k + 1, g_m1.to(gm_ptr.dtype.element_ty), mask=mk)
+    tl.store(gc_ptr + 3 * k, g_a.to(gc_ptr.dtype.element_ty), mask=mk)
+    tl.store(gc_ptr + 3 * k + 1, g_b.to(gc_ptr.dtype.element_ty), mask=mk)
+    tl.store(gc_ptr + 3 * k + 2, g_c.to(gc_ptr.dtype.element_ty), mask=mk)
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "owner"])
+def _outlier_kernel(g_ptr, pos_ptr, rho_ptr, gmu_ptr, grho_ptr, O, n, S, seed_lo, seed_hi, owner,
+                    MODE: tl.constexpr, BLOCK: tl.constexpr):
+    # Backward stage 3: BLOCK outliers, samples looped in order.
+    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = j < O
+    pos = tl.load(pos_ptr + j, mask=m, other=0)
+    rho = tl.load(rho_ptr + j, mask=m, other=0.0).to(tl.float32)
+    gmu = tl.zeros([BLOCK], tl.float32)
+    grho = tl.zeros([BLOCK], tl.float32)
+    for s_ in range(S):
+        s = tl.zeros([], tl.int64) + s_
+        g = tl.load(g_ptr + s.to(tl.int64) * n + pos, mask=m, other=0.0).to(tl.float32)
+        gmu += g
+        if MODE != 2:
+            grho += g * stream_normal(pos, seed_lo, seed_hi, s, owner, _purpose(0))
+    grho = grho * softplus_grad(rho)
+    tl.store(gmu_ptr + j, gmu.to(gmu_ptr.dtype.element_ty), mask=m)
+    tl.store(grho_ptr + j, grho.to(grho_ptr.dtype.element_ty), mask=m)
+
+
+def reconstruct_backward(grad_w, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed: int,
+                         samples: int, mode: int, owner: int, codebook_owner: int, *, segments=None):
+    """The backend kernel of ``sws_kernels::reconstruct_backward``: dW [S, *shape] -> (g_means, g_chol,
+    g_mu_o, g_rho_o), bit-identical run to run."""
+    K, n, S, dev = means.shape[0], labels.numel(), samples, means.device
+    g = grad_w.reshape(S, n).contiguous()
+    seg = segments or Segments(labels, e_pos, e_a, e_b, e_alpha, o_pos, K, CHUNK)
+    lo, hi = _seed(seed)
+    nan = float("nan")
+    pmu = torch.full((S * max(seg.P, 1),), nan, dtype=torch.float32, device=dev)
+    prho = torch.full_like(pmu, nan) if mode == HIER else pmu
+    if seg.P:
+        _piece_kernel[(S * seg.P,)](g, seg.pos, seg.coef, seg.piece_start, seg.piece_len, pmu, prho, n, seg.P, lo,
+                                    hi, owner, HIER=(mode == HIER), CHUNK=seg.chunk)
+    g_means = torch.full_like(means, nan)
+    g_chol = torch.full_like(chol, nan)
+    _component_kernel[(triton.cdiv(K, BLOCK_K),)](pmu, prho, seg.piece_off, seg.npieces, seg.block_max,
+                                                  means.contiguous(), chol.contiguous(), g_means, g_chol, K, seg.P,
+                                                  S, lo, hi, codebook_owner, MODE=mode, BLOCK_K=BLOCK_K)
+    O = o_pos.numel()
+    g_mu = torch.full_like(o_mu, nan)
+    g_rho = torch.full_like(o_rho, nan)
+    if O:
+        _outlier_kernel[(triton.cdiv(O, BLOCK),)](g, o_pos.contiguous(), o_rho.contiguous(), g_mu, g_rho, O, n, S,
+                                                  lo, hi, owner, MODE=mode, BLOCK=BLOCK)
+    return g_means, g_chol, g_mu, g_rho

@@ -6,10 +6,10 @@ the pure-PyTorch reference; :func:`backends` says which backend is available and
 from . import philox, reference  # noqa: F401
 from ._backend import backend, backends  # noqa: F401
 from . import functional  # noqa: F401  (imports the op catalogue)
-from . import nn, metrics  # noqa: F401
+from . import nn, metrics, convert  # noqa: F401
 from .bayes import elbo_loss, kl_loss, predict  # noqa: F401
 
 __version__ = "0.1.0"
 
-__all__ = ["philox", "reference", "functional", "backend", "backends", "__version__", "nn", "metrics",
+__all__ = ["philox", "reference", "functional", "backend", "backends", "__version__", "nn", "metrics", "convert",
            "kl_loss", "elbo_loss", "predict"]

@@ -126,12 +126,15 @@ def fit_em(x: torch.Tensor, K: int, *, generator: torch.Generator, max_iter: int
             xc = x[i:i + chunk]
             f = _features(xc)
             lp = f @ coefs
-            lse = torch.logsumexp(lp, 1, keepdim=True)
-            ll += float(lse.sum())
-            r = torch.exp(lp - lse)
-            Nk += r.sum(0)
-            M1 += r.T @ xc
-            M2 += r.T @ f[:, :3]
+            # one exp pass, in float32 (the quadratic forms above needed float64, the softmax does not)
+            mx = lp.max(1, keepdim=True).values
+            e = torch.exp((lp - mx).float())
+            se = e.sum(1, keepdim=True)
+            ll += float((mx + torch.log(se.double())).sum())
+            r = e / se
+            Nk += r.sum(0).double()
+            M1 += (r.T @ xc.float()).double()
+            M2 += (r.T @ f[:, :3].float()).double()
         ll /= n
         alive = Nk > 1e-8
         new_means = means.clone()

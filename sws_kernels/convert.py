@@ -317,6 +317,9 @@ def to_sws(model: nn.Module, num_components: int = 4096, *, tau_w: float = 0.2, 
     c1, c2, gap, maha = _gmm.assign_top2(Z, weights, means, S, progress=progress)
     counts = torch.bincount(c1, minlength=K)
     small = counts <= min_component_size
+    if bool(small.all()):
+        raise ValueError(f"min_component_size: every fitted component has <= {min_component_size} members "
+                         f"(largest: {int(counts.max())}); nothing would remain for the codebook")
     small_member = small[c1]
     # members of tiny components become outliers
     out_small_idx = inl[small_member]

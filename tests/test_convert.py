@@ -1,0 +1,288 @@
+"""sws_kernels.convert: to_mean_field, from_bayesian_torch, to_sws and the GMM machinery behind it."""
+import math
+
+import pytest
+import torch
+
+import sws_kernels as sws
+from sws_kernels import _gmm, convert
+from sws_kernels import nn as snn
+
+
+class _MyLinear(torch.nn.Linear):
+    def forward(self, x):  # a subclass with its own forward that reads .weight
+        return x @ self.weight.t() * 2
+
+
+def _zoo():
+    return torch.nn.ModuleDict({
+        "c2": torch.nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2, bias=False, padding_mode="reflect"),
+        "c1": torch.nn.Conv1d(3, 5, 4, padding="same", padding_mode="circular"),
+        "lin": torch.nn.Linear(7, 2, bias=False),
+        "bn": torch.nn.BatchNorm2d(6),
+        "tconv": torch.nn.ConvTranspose2d(3, 3, 3, output_padding=1, stride=2),
+        "mha": torch.nn.MultiheadAttention(8, 2),
+        "lstm": torch.nn.LSTM(3, 4),
+        "mine": _MyLinear(3, 3),
+        "block": torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU()),
+    })
+
+
+def test_to_mean_field_keeps_hyper_parameters_and_reports_skips():
+    model = _zoo()
+    model, rep = convert.to_mean_field(model, 0.0, 0.5, 0.0, -4.0)
+    assert sorted(rep["converted"]) == ["block.0", "c1", "c2", "lin"]
+    for name in ("bn", "tconv", "mha", "lstm", "mine"):
+        assert name in rep["skipped"] and rep["skipped"][name], name
+    assert "mha.out_proj" not in rep["skipped"] and "mha.out_proj" not in rep["converted"]
+    c2 = model["c2"]
+    assert isinstance(c2, snn.MeanFieldConv2d)
+    assert (c2.stride, c2.padding, c2.dilation, c2.groups, c2.bias, c2.padding_mode) == \
+        ((2, 2), (2, 2), (2, 2), 2, False, "reflect")
+    assert c2.mu_kernel.shape == (6, 2, 3, 3) and c2.prior_variance == 0.5 and c2.dnn_to_bnn_flag
+    c1 = model["c1"]
+    assert isinstance(c1, snn.MeanFieldConv1d) and c1.padding == "same" and c1.padding_mode == "circular"
+    assert isinstance(model["lin"], snn.MeanFieldLinear) and model["lin"].mu_bias is None
+    assert isinstance(model["tconv"], torch.nn.ConvTranspose2d) and isinstance(model["mine"], _MyLinear)
+    assert type(model["mha"].out_proj).__name__ == "NonDynamicallyQuantizableLinear"
+    # output sizes are unchanged
+    assert model["c2"](torch.randn(1, 4, 9, 9)).shape == torch.nn.Conv2d(4, 6, 3, 2, 2, 2, 2)(torch.randn(1, 4, 9, 9)).shape
+    assert model["c1"](torch.randn(2, 3, 10)).shape == (2, 5, 10)
+
+
+def test_to_mean_field_moped_matches_deterministic(rng):
+    det = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3, padding=1, padding_mode="replicate"), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(5 * 6 * 6, 4))
+    x = torch.randn(2, 3, 6, 6, generator=rng)
+    want = det(x)
+    w0 = det[0].weight.detach().clone()
+    bnn, rep = convert.to_mean_field(det, moped=True, moped_delta=1e-6)
+    assert rep["converted"] == ["0", "3"]
+    torch.testing.assert_close(bnn[0].mu_kernel, w0, rtol=0, atol=0)
+    torch.testing.assert_close(bnn[0].rho_kernel, torch.log(torch.expm1(1e-6 * w0.abs()) + 1e-20))
+    torch.testing.assert_close(bnn(x), want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(TypeError, match="model"):
+        convert.to_mean_field(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="moped_delta"):
+        convert.to_mean_field(torch.nn.Sequential(torch.nn.Linear(2, 2)), moped=True, moped_delta=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# bayesian-torch
+# ---------------------------------------------------------------------------------------------------
+
+def _bt_model(rng):
+    bt = pytest.importorskip("bayesian_torch.models.dnn_to_bnn")
+    torch.manual_seed(int(torch.randint(0, 2**31, (), generator=rng)))
+    det = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(4 * 5 * 5, 3), torch.nn.Tanh(), torch.nn.Linear(3, 3, bias=False))
+    bt.dnn_to_bnn(det, {"prior_mu": 0.1, "prior_sigma": 0.5, "posterior_mu_init": 0.0, "posterior_rho_init": -2.0,
+                        "type": "Reparameterization", "moped_enable": False, "moped_delta": 0.5})
+    return det, bt
+
+
+def test_from_bayesian_torch_same_output_distribution(rng):
+    theirs, bt = _bt_model(rng)
+    import copy
+    ours, rep = convert.from_bayesian_torch(copy.deepcopy(theirs))
+    assert rep["converted"] == ["0", "3", "5"]
+    assert isinstance(ours[0], snn.MeanFieldConv2d) and isinstance(ours[5], snn.MeanFieldLinear)
+    assert ours[0].dnn_to_bnn_flag and ours[5].mu_bias is None
+    torch.testing.assert_close(ours[0].mu_kernel, theirs[0].mu_kernel, rtol=0, atol=0)
+    torch.testing.assert_close(ours[3].rho_weight, theirs[3].rho_weight, rtol=0, atol=0)
+    assert ours[3].prior_mean == 0.1 and ours[3].prior_variance == 0.5
+    # bayesian-torch's get_kl_loss gives the same value on both models
+    torch.testing.assert_close(bt.get_kl_loss(ours), bt.get_kl_loss(theirs))
+    # same output distribution: moments over many samples agree within Monte-Carlo error
+    x = torch.randn(2, 2, 5, 5, generator=rng)
+    S = 2000
+    with torch.no_grad():
+        yt = torch.stack([theirs(x) for _ in range(S)])
+    yo = sws.predict(ours, x, samples=S, logits=True)
+    assert yo.shape == yt.shape
+    se = torch.sqrt(yt.var(0) / S + yo.var(0) / S)
+    z = (yt.mean(0) - yo.mean(0)).abs() / se
+    assert float(z.max()) < 5, z
+    ratio = yo.std(0) / yt.std(0)
+    assert float((ratio - 1).abs().max()) < 0.12, ratio  # std's relative MC error at S=2000 is ~1.6%
+
+
+def test_from_bayesian_torch_layers_and_skips(rng):
+    L = pytest.importorskip("bayesian_torch.layers")
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = L.Conv1dReparameterization(3, 4, 3, 1, 1, 1, 1, 0.0, 1.0, 0.0, -3.0, True)
+            self.b = L.LinearFlipout(4 * 6, 2, 0.0, 0.3, 0.0, -3.0, False)
+            self.c = L.Conv3dReparameterization(1, 1, 1, 0.0, 1.0, 0.0, -3.0)
+
+        def forward(self, x):
+            h, kl1 = self.a(x)
+            y, kl2 = self.b(h.flatten(1))
+            return y, kl1 + kl2
+
+    net = Net()
+    with torch.no_grad():
+        net.a.prior_weight_mu.copy_(torch.randn(net.a.prior_weight_mu.shape, generator=rng))  # non-constant prior
+    kl_want = net.a.kl_loss() + net.b.kl_loss()
+    net, rep = convert.from_bayesian_torch(net)
+    assert sorted(rep["converted"]) == ["a", "b"] and "c" in rep["skipped"]
+    assert isinstance(net.a, snn.MeanFieldConv1d) and isinstance(net.b, snn.MeanFieldLinear)
+    assert not net.a.dnn_to_bnn_flag
+    y, kl = net(torch.randn(2, 3, 6, generator=rng))
+    assert y.shape == (2, 2)
+    torch.testing.assert_close(kl, kl_want)
+
+
+# ---------------------------------------------------------------------------------------------------
+# GMM pieces
+# ---------------------------------------------------------------------------------------------------
+
+def test_em_recovers_separated_components(rng):
+    true_m = torch.tensor([[-3.0, 0.0], [0.0, 3.0], [3.0, -1.0]], dtype=torch.float64)
+    true_L = torch.tensor([[[0.5, 0], [0.2, 0.3]], [[0.3, 0], [-0.1, 0.6]], [[0.4, 0], [0.0, 0.4]]],
+                          dtype=torch.float64)
+    n = 3000
+    pts = torch.cat([true_m[k] + torch.randn(n, 2, generator=rng, dtype=torch.float64) @ true_L[k].T for k in range(3)])
+    w, m, S, info = _gmm.fit_em(pts, 3, generator=rng, max_iter=100, tol=1e-8)
+    order = torch.cdist(true_m, m).argmin(1)
+    assert order.unique().numel() == 3
+    torch.testing.assert_close(m[order], true_m, atol=0.06, rtol=0)
+    true_S = true_L @ true_L.transpose(1, 2)
+    got_S = torch.stack([S[order, 0], S[order, 1], S[order, 1], S[order, 2]], -1).view(3, 2, 2)
+    torch.testing.assert_close(got_S, true_S, atol=0.05, rtol=0)
+    torch.testing.assert_close(w[order], torch.full((3,), 1 / 3, dtype=torch.float64), atol=0.02, rtol=0)
+
+
+def _sqrtm(A):
+    e, V = torch.linalg.eigh(A)
+    return V @ torch.diag_embed(e.clamp_min(0).sqrt()) @ V.transpose(-1, -2)
+
+
+def test_w2_closed_form_and_merge_moments(rng):
+    K = 5
+    m = torch.randn(K, 2, generator=rng, dtype=torch.float64)
+    L = torch.randn(K, 2, 2, generator=rng, dtype=torch.float64).tril()
+    full = L @ L.transpose(1, 2) + 0.1 * torch.eye(2, dtype=torch.float64)
+    S = torch.stack([full[:, 0, 0], full[:, 0, 1], full[:, 1, 1]], -1)
+    D = _gmm.w2_squared(m, S)
+    for i in range(K):
+        for j in range(K):
+            r = _sqrtm(full[j])
+            want = ((m[i] - m[j]) ** 2).sum() + torch.trace(full[i] + full[j] - 2 * _sqrtm(r @ full[i] @ r))
+            torch.testing.assert_close(D[i, j], want, atol=1e-9, rtol=1e-9)
+    # merge two close components: mass-weighted moment matching; the far one stays
+    m2 = torch.tensor([[0.0, 0.0], [0.01, 0.0], [5.0, 5.0]], dtype=torch.float64)
+    S2 = torch.tensor([[1.0, 0.1, 0.5], [0.9, 0.0, 0.6], [1.0, 0.0, 1.0]], dtype=torch.float64)
+    mass = torch.tensor([3.0, 1.0, 2.0], dtype=torch.float64)
+    mass_o, m_o, S_o, mapping = _gmm.merge_w2(mass, m2, S2, tau_d=0.05)
+    assert mapping.tolist() == [0, 0, 1] and m_o.shape == (2, 2)
+    mean = 0.75 * m2[0] + 0.25 * m2[1]
+    c = lambda s: torch.tensor([[s[0], s[1]], [s[1], s[2]]], dtype=torch.float64)  # noqa: E731
+    cov = 0.75 * (c(S2[0]) + torch.outer(m2[0], m2[0])) + 0.25 * (c(S2[1]) + torch.outer(m2[1], m2[1])) - torch.outer(mean, mean)
+    torch.testing.assert_close(m_o[0], mean)
+    torch.testing.assert_close(c(S_o[0]), cov)
+    assert float(mass_o[0]) == 4.0
+    # a huge threshold merges everything to a fixed point of one component
+    _, m_all, _, mp = _gmm.merge_w2(mass, m2, S2, tau_d=1e9)
+    assert m_all.shape == (1, 2) and mp.tolist() == [0, 0, 0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# to_sws
+# ---------------------------------------------------------------------------------------------------
+
+def _mf_model(rng):
+    torch.manual_seed(int(torch.randint(0, 2**31, (), generator=rng)))
+    model = torch.nn.Sequential(snn.MeanFieldConv2d(3, 8, 3, padding=1, padding_mode="reflect"), torch.nn.ReLU(),
+                                torch.nn.Flatten(), snn.MeanFieldLinear(8 * 6 * 6, 5), torch.nn.ReLU(),
+                                snn.MeanFieldLinear(5, 3, bias=False))
+    for m in model:
+        if isinstance(m, snn.MEAN_FIELD_LAYERS):
+            m.dnn_to_bnn_flag = True
+            with torch.no_grad():
+                m.weight_mu.copy_(0.08 * torch.randn(m.weight_mu.shape, generator=rng))
+                m.weight_rho.copy_(-4 + 0.5 * torch.randn(m.weight_mu.shape, generator=rng))
+    return model
+
+
+def test_to_sws_pipeline(rng):
+    model = _mf_model(rng)
+    orig = {n: (m.weight_mu.detach().clone(), m.weight_rho.detach().clone(),
+                None if m.mu_bias is None else m.mu_bias.detach().clone())
+            for n, m in model.named_modules() if isinstance(m, snn.MEAN_FIELD_LAYERS)}
+    x = torch.randn(3, 3, 6, 6, generator=rng)
+    model, rep = convert.to_sws(model, 48, tau_w=0.2, progress=False, seed=1)
+    N = sum(v[0].numel() for v in orig.values())
+    assert rep["num_weights"] == N
+    assert rep["inliers"] + rep["ellipses"] + rep["outliers"] == N
+    assert rep["outliers_by_reason"]["magnitude"] == sum(int((v[0].abs() >= 0.2).sum()) for v in orig.values())
+    assert 1 <= rep["gaussians"] <= 48 and rep["params_after"] < rep["params_before"]
+    assert rep["bytes_ratio"] > 1 and rep["label_dtype"] == "uint8"
+    conv, lin, last = model[0], model[3], model[5]
+    assert isinstance(conv, snn.SWSConv2d) and conv.padding_mode == "reflect" and conv.padding == (1, 1)
+    assert isinstance(lin, snn.SWSLinear) and isinstance(last, snn.SWSLinear) and last.bias is None
+    assert conv.codebook is lin.codebook is last.codebook
+    total_e = total_o = 0
+    errs, mus = [], []
+    for name, (mu, rho, b) in orig.items():
+        layer = dict(model.named_modules())[name]
+        o = layer.outlier_pos
+        total_e += layer.ellipse_pos.numel()
+        total_o += o.numel()
+        # every |mu| >= tau_w weight is an outlier keeping its own (mu, rho)
+        assert set((mu.reshape(-1).abs() >= 0.2).nonzero().squeeze(1).tolist()) <= set(o.tolist())
+        torch.testing.assert_close(layer.outlier_mu, mu.reshape(-1)[o], rtol=0, atol=0)
+        torch.testing.assert_close(layer.outlier_rho, rho.reshape(-1)[o], rtol=0, atol=0)
+        if b is not None:
+            torch.testing.assert_close(layer.bias.detach(), b, rtol=0, atol=0)
+        a = layer.ellipse_alpha
+        assert bool(((a >= 0.5) & (a <= 1)).all())  # alpha = r1 / (r1 + r2), r1 the larger
+        errs.append((layer.mean_weight().detach() - mu).reshape(-1))
+        mus.append(mu.reshape(-1))
+    assert total_e == rep["ellipses"] and total_o == rep["outliers"]
+    # the deterministic reconstruction is close to the original means (one Gaussian would give ~0.8 std)
+    err, allmu = torch.cat(errs).abs().mean(), torch.cat(mus)
+    assert float(err) < 0.25 * float(allmu.std()), (float(err), float(allmu.std()))
+    assert float(sws.kl_loss(model).abs()) < 1e-2  # posterior = prior = the fit
+    # it trains end to end and predicts
+    y = model(x)
+    y.sum().backward()
+    assert conv.codebook.means.grad is not None and bool(conv.codebook.means.grad.abs().sum() > 0)
+    assert sws.predict(model, x, samples=4).shape == (4, 3, 3)
+
+
+def test_to_sws_gradient_and_small_component_outliers(rng):
+    model = _mf_model(rng)
+    g = {"3": torch.zeros(5, 288)}
+    g["3"][2, 7] = 100.0
+    g["3"][4, 100] = -50.0  # magnitude counts, not the sign
+    with torch.no_grad():  # small mu there, so only the gradient rule can make them outliers
+        model[3].mu_weight[2, 7] = 0.01
+        model[3].mu_weight[4, 100] = -0.01
+    model, rep = convert.to_sws(model, 16, gradients=g, grad_fraction=0.001, progress=False)
+    assert {2 * 288 + 7, 4 * 288 + 100} <= set(model[3].outlier_pos.tolist())
+    assert rep["outliers_by_reason"]["gradient"] == 2  # ceil(0.001 * 1671) = 2 top-gradient weights
+    # components with <= min_component_size members are emptied into outliers
+    model2, rep2 = convert.to_sws(_mf_model(rng), 64, progress=False)  # ~26 weights per component
+    small = rep2["outliers_by_reason"]["small_component"]
+    assert small > 0 and rep2["gaussians"] < 64
+    with pytest.raises(ValueError, match="min_component_size"):
+        convert.to_sws(_mf_model(rng), 16, min_component_size=10**9, progress=False)
+    # merging everything leaves one Gaussian
+    model3, rep3 = convert.to_sws(_mf_model(rng), 16, tau_d=1e9, progress=False)
+    assert rep3["gaussians"] == 1 and model3[0].codebook.num_components == 1
+
+
+def test_to_sws_bad_inputs(rng):
+    with pytest.raises(TypeError, match="mean-field"):
+        convert.to_sws(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match="num_components"):
+        convert.to_sws(_mf_model(rng), 0)
+    with pytest.raises(ValueError, match="gradients"):
+        convert.to_sws(_mf_model(rng), 8, gradients={"nope": torch.zeros(1)}, progress=False)
+    with pytest.raises(ValueError, match=r"gradients\['3'\]"):
+        convert.to_sws(_mf_model(rng), 8, gradients={"3": torch.zeros(3, 3)}, progress=False)
+    with pytest.raises(ValueError, match="mode"):
+        convert.to_sws(_mf_model(rng), 8, mode="x")

@@ -12,6 +12,7 @@ Schemas carry the seed as a signed int64 holding the uint64 seed's bits (a schem
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -189,6 +190,178 @@ def call_mean_field_reconstruct(mu, rho, seed: int, samples: int, owner: int, pu
     return torch.ops.sws_kernels.mean_field_reconstruct(mu, rho, encode_seed(seed), samples, owner, purpose)
 
 
+# ------------------------------------------------------------------------------------------------------
+# fused linear layers: y[s] = x[s or shared] W[s]^T + bias, W generated inside the GEMM by the kernel.
+# Backward: dx by the *_dx op (the weight regenerated tile by tile); dW = dy^T x (one batched GEMM) then the
+# reconstruct backward ops reduce it into the parameters' gradients (deterministically).
+# ------------------------------------------------------------------------------------------------------
+
+def _x3(x, samples, per_sample, in_f):
+    return x.reshape(samples if per_sample else 1, -1, in_f)
+
+
+def _grad_w(gy, x, samples, per_sample, out_f, in_f, dtype):
+    """dW[s] = dy[s]^T x[s or shared]: [S, out, in] in the parameters' dtype (fp32 products)."""
+    g3 = gy.reshape(samples, -1, out_f).to(torch.float32)
+    x3 = _x3(x, samples, per_sample, in_f).to(torch.float32)
+    return torch.matmul(g3.transpose(1, 2), x3).to(dtype)
+
+
+def _grad_bias(gy, bias, samples, out_f):
+    if bias is None:
+        return None
+    g3 = gy.reshape(samples, -1, out_f).to(torch.float32)
+    return (g3.sum(1) if bias.dim() == 2 else g3.sum((0, 1))).to(bias.dtype)
+
+
+def _dx_reference(gy, w, samples, per_sample, in_f):
+    g3 = gy.reshape(samples, -1, w.shape[1])
+    dx = torch.matmul(g3, w.to(gy.dtype))
+    dx = dx if per_sample else dx.sum(0)
+    return dx.reshape(*((samples,) if per_sample else ()), *gy.shape[1:-1], in_f).contiguous()
+
+
+@torch.library.custom_op("sws_kernels::sws_linear", mutates_args=())
+def sws_linear(x: Tensor, means: Tensor, chol: Tensor, labels: Tensor, e_pos: Tensor, e_a: Tensor, e_b: Tensor,
+               e_alpha: Tensor, o_pos: Tensor, o_mu: Tensor, o_rho: Tensor, bias: Optional[Tensor], seed: int,
+               samples: int, mode: int, owner: int, codebook_owner: int, per_sample: bool) -> Tensor:
+    """SWS linear: x [..., in] (or [S, ..., in] per_sample) -> [S, ..., out] in x's dtype."""
+    name, kernel, why = _backend.select("sws_linear", means.device, means.dtype)
+    log.debug("sws_linear: backend %s (%s)", name, why)
+    seed = decode_seed(seed)
+    if kernel is None:
+        w = reference.reconstruct(means, chol, labels, _ellipse(e_pos, e_a, e_b, e_alpha), _outliers(o_pos, o_mu, o_rho),
+                                  seed=seed, samples=samples, mode=_MODES[mode], owner=owner,
+                                  codebook_owner=codebook_owner)
+        return reference._linear(x, w, bias, per_sample).contiguous()
+    return kernel(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed, samples, mode,
+                  owner, codebook_owner, per_sample)
+
+
+@sws_linear.register_fake
+def _(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed, samples, mode, owner,
+      codebook_owner, per_sample):
+    lead = x.shape[1:-1] if per_sample else x.shape[:-1]
+    return x.new_empty((samples, *lead, labels.shape[0]))
+
+
+@torch.library.custom_op("sws_kernels::sws_linear_dx", mutates_args=())
+def sws_linear_dx(grad_y: Tensor, means: Tensor, chol: Tensor, labels: Tensor, e_pos: Tensor, e_a: Tensor,
+                  e_b: Tensor, e_alpha: Tensor, o_pos: Tensor, o_mu: Tensor, o_rho: Tensor, seed: int, samples: int,
+                  mode: int, owner: int, codebook_owner: int, per_sample: bool) -> Tensor:
+    """grad_y [S, ..., out] -> dx (x's shape: summed over samples when x is shared)."""
+    name, kernel, why = _backend.select("sws_linear_dx", means.device, means.dtype)
+    log.debug("sws_linear_dx: backend %s (%s)", name, why)
+    seed = decode_seed(seed)
+    if kernel is None:
+        w = reference.reconstruct(means, chol, labels, _ellipse(e_pos, e_a, e_b, e_alpha), _outliers(o_pos, o_mu, o_rho),
+                                  seed=seed, samples=samples, mode=_MODES[mode], owner=owner,
+                                  codebook_owner=codebook_owner)
+        return _dx_reference(grad_y, w, samples, per_sample, labels.shape[1])
+    return kernel(grad_y, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode,
+                  owner, codebook_owner, per_sample)
+
+
+@sws_linear_dx.register_fake
+def _(grad_y, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode, owner,
+      codebook_owner, per_sample):
+    return grad_y.new_empty((*((samples,) if per_sample else ()), *grad_y.shape[1:-1], labels.shape[1]))
+
+
+def _sws_linear_setup(ctx, inputs, output):
+    (x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed, samples, mode, owner,
+     codebook_owner, per_sample) = inputs
+    ctx.save_for_backward(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias)
+    ctx.args = (seed, samples, mode, owner, codebook_owner, per_sample)
+
+
+def _sws_linear_backward(ctx, gy):
+    x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias = ctx.saved_tensors
+    seed, samples, mode, owner, codebook_owner, per_sample = ctx.args
+    gy = gy.contiguous()
+    params = (means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho)
+    gx = None
+    if ctx.needs_input_grad[0]:
+        gx = torch.ops.sws_kernels.sws_linear_dx(gy, *params, seed, samples, mode, owner, codebook_owner, per_sample)
+    out_f, in_f = labels.shape
+    gw = _grad_w(gy, x, samples, per_sample, out_f, in_f, means.dtype).view(samples, out_f, in_f)
+    g_means, g_chol, g_mu, g_rho = torch.ops.sws_kernels.reconstruct_backward(gw, *params, seed, samples, mode, owner,
+                                                                              codebook_owner)
+    return (gx, g_means, g_chol, None, None, None, None, None, None, g_mu, g_rho,
+            _grad_bias(gy, bias, samples, out_f), None, None, None, None, None, None)
+
+
+torch.library.register_autograd("sws_kernels::sws_linear", _sws_linear_backward, setup_context=_sws_linear_setup)
+
+
+def call_sws_linear(x, a: _checks.SWSArgs, bias, per_sample: bool) -> Tensor:
+    return torch.ops.sws_kernels.sws_linear(x, a.means, a.chol, a.labels, a.e_pos, a.e_a, a.e_b, a.e_alpha, a.o_pos,
+                                            a.o_mu, a.o_rho, bias, encode_seed(a.seed), a.samples,
+                                            _checks.MODE_CODES[a.mode], a.owner, a.codebook_owner, per_sample)
+
+
+@torch.library.custom_op("sws_kernels::mean_field_linear", mutates_args=())
+def mean_field_linear(x: Tensor, mu: Tensor, rho: Tensor, bias: Optional[Tensor], seed: int, samples: int,
+                      owner: int, per_sample: bool) -> Tensor:
+    """Mean-field linear with in-kernel noise; ``bias`` None, [out] or a sampled [S, out]."""
+    name, kernel, why = _backend.select("mean_field_linear", mu.device, mu.dtype)
+    log.debug("mean_field_linear: backend %s (%s)", name, why)
+    seed = decode_seed(seed)
+    if kernel is None:
+        w = reference.mean_field_reconstruct(mu, rho, seed=seed, samples=samples, owner=owner)
+        return reference._linear(x, w, bias, per_sample).contiguous()
+    return kernel(x, mu, rho, bias, seed, samples, owner, per_sample)
+
+
+@mean_field_linear.register_fake
+def _(x, mu, rho, bias, seed, samples, owner, per_sample):
+    lead = x.shape[1:-1] if per_sample else x.shape[:-1]
+    return x.new_empty((samples, *lead, mu.shape[0]))
+
+
+@torch.library.custom_op("sws_kernels::mean_field_linear_dx", mutates_args=())
+def mean_field_linear_dx(grad_y: Tensor, mu: Tensor, rho: Tensor, seed: int, samples: int, owner: int,
+                         per_sample: bool) -> Tensor:
+    name, kernel, why = _backend.select("mean_field_linear_dx", mu.device, mu.dtype)
+    log.debug("mean_field_linear_dx: backend %s (%s)", name, why)
+    seed = decode_seed(seed)
+    if kernel is None:
+        w = reference.mean_field_reconstruct(mu, rho, seed=seed, samples=samples, owner=owner)
+        return _dx_reference(grad_y, w, samples, per_sample, mu.shape[1])
+    return kernel(grad_y, mu, rho, seed, samples, owner, per_sample)
+
+
+@mean_field_linear_dx.register_fake
+def _(grad_y, mu, rho, seed, samples, owner, per_sample):
+    return grad_y.new_empty((*((samples,) if per_sample else ()), *grad_y.shape[1:-1], mu.shape[1]))
+
+
+def _mf_linear_setup(ctx, inputs, output):
+    x, mu, rho, bias, seed, samples, owner, per_sample = inputs
+    ctx.save_for_backward(x, mu, rho, bias)
+    ctx.args = (seed, samples, owner, per_sample)
+
+
+def _mf_linear_backward(ctx, gy):
+    x, mu, rho, bias = ctx.saved_tensors
+    seed, samples, owner, per_sample = ctx.args
+    gy = gy.contiguous()
+    gx = None
+    if ctx.needs_input_grad[0]:
+        gx = torch.ops.sws_kernels.mean_field_linear_dx(gy, mu, rho, seed, samples, owner, per_sample)
+    out_f, in_f = mu.shape
+    gw = _grad_w(gy, x, samples, per_sample, out_f, in_f, mu.dtype)
+    g_mu, g_rho = torch.ops.sws_kernels.mean_field_reconstruct_backward(gw, mu, rho, seed, samples, owner, 0)
+    return gx, g_mu, g_rho, _grad_bias(gy, bias, samples, out_f), None, None, None, None
+
+
+torch.library.register_autograd("sws_kernels::mean_field_linear", _mf_linear_backward, setup_context=_mf_linear_setup)
+
+
+def call_mean_field_linear(x, mu, rho, bias, seed: int, samples: int, owner: int, per_sample: bool) -> Tensor:
+    return torch.ops.sws_kernels.mean_field_linear(x, mu, rho, bias, encode_seed(seed), samples, owner, per_sample)
+
+
 # --- Triton kernel registrations ---
 # Imported lazily inside each wrapper: `import sws_kernels` must work without triton; _backend.select only
 # hands out these kernels when the triton backend is available.
@@ -204,5 +377,7 @@ def _triton_kernel(module: str, fn: str):
 
 
 for _op, _mod in (("reconstruct", "reconstruct"), ("reconstruct_backward", "reconstruct"),
-                  ("mean_field_reconstruct", "mean_field"), ("mean_field_reconstruct_backward", "mean_field")):
+                  ("mean_field_reconstruct", "mean_field"), ("mean_field_reconstruct_backward", "mean_field"),
+                  ("sws_linear", "linear"), ("sws_linear_dx", "linear"), ("mean_field_linear", "linear"),
+                  ("mean_field_linear_dx", "linear")):
     _backend.register_kernel(_op, "triton")(_triton_kernel(_mod, _op))

@@ -57,8 +57,24 @@ def sws_linear(x, means, chol, labels, ellipse=None, outliers=None, bias=None, *
     """x [..., in] (or [samples, ..., in] with per_sample=True) -> [samples, ..., out]."""
     _checks.tensor(labels, "labels", ndim=2, integer=True)
     reference._check_bias(bias, labels.shape[0], means.device)
-    w = _sws_weights(means, chol, labels, ellipse, outliers, seed, samples, mode, owner, codebook_owner)
-    return reference._linear(x, w, bias, per_sample)
+    name, _, why = _backend.select("sws_linear", means.device, means.dtype)
+    log.debug("sws_linear: backend %s (%s)", name, why)
+    if name == "reference":
+        w = _sws_weights(means, chol, labels, ellipse, outliers, seed, samples, mode, owner, codebook_owner)
+        return reference._linear(x, w, bias, per_sample)
+    a = _checks.sws(means, chol, labels, ellipse, outliers, seed, samples, mode, owner, codebook_owner)
+    _check_linear_input(x, a.samples, labels.shape[1], per_sample, means.device)
+    return _ops.call_sws_linear(x, a, bias, per_sample)
+
+
+def _check_linear_input(x, samples, in_f, per_sample, device):
+    """The checks of reference._linear, for the fused ops (which never see an invalid x)."""
+    _checks.activations(x, "x", device)
+    if per_sample and (x.dim() < 2 or x.shape[0] != samples):
+        raise ValueError(f"x: expected a leading sample dimension of size {samples} with per_sample=True, "
+                         f"got {_checks.describe(x)}")
+    if x.shape[-1] != in_f:
+        raise ValueError(f"x: expected a last dimension of size {in_f} (in_features), got {_checks.describe(x)}")
 
 
 def _sws_conv(conv, spatial, x, means, chol, labels, ellipse, outliers, bias, stride, padding, dilation, groups,
@@ -99,8 +115,23 @@ def mean_field_reconstruct(mu, rho, *, seed, samples: int = 1, owner: int = 0):
 
 def mean_field_linear(x, mu, rho, bias_mu=None, bias_rho=None, *, seed, samples: int = 1, owner: int = 0,
                       per_sample: bool = False):
-    return reference.mean_field_linear(x, mu, rho, bias_mu, bias_rho, seed=seed, samples=samples, owner=owner,
-                                       per_sample=per_sample)
+    name, _, why = _backend.select("mean_field_linear", mu.device, mu.dtype)
+    log.debug("mean_field_linear: backend %s (%s)", name, why)
+    if name == "reference":
+        return reference.mean_field_linear(x, mu, rho, bias_mu, bias_rho, seed=seed, samples=samples, owner=owner,
+                                           per_sample=per_sample)
+    _checks.tensor(mu, "mu", ndim=2, floating=True)
+    seed_, samples_, owner_ = _checks.mean_field(mu, rho, seed, samples, owner)
+    reference._check_bias(bias_mu, mu.shape[0], mu.device)
+    _check_linear_input(x, samples_, mu.shape[1], per_sample, mu.device)
+    if bias_rho is not None:
+        if bias_mu is None:
+            raise ValueError("bias_rho: expected None when bias_mu is None, got a tensor")
+        _checks.mean_field(bias_mu, bias_rho, seed, samples, owner, "bias_mu", "bias_rho")
+        bias = _ops.call_mean_field_reconstruct(bias_mu, bias_rho, seed_, samples_, owner_, purpose=2)
+    else:
+        bias = bias_mu
+    return _ops.call_mean_field_linear(x, mu, rho, bias, seed_, samples_, owner_, per_sample)
 
 
 def mean_field_conv1d(x, mu, rho, bias_mu=None, bias_rho=None, stride=1, padding=0, dilation=1, groups=1, *,

@@ -1,0 +1,307 @@
+"""Fused SWS and mean-field linear in Triton: the weight is generated tile by tile inside the GEMM.
+
+One kernel, ``_lookup_gemm_kernel``, computes for every sample s
+
+    out[s, m, n] = sum_t sum_r A[s_t, m, r] * W_s(n, r)  (+ bias[s, n])
+
+where W_s(n, r) is the weight at flat index n * lab_sr + r * lab_sc, generated on the fly:
+  SWS         z_mu[s, label] (+ softplus(z_rho[s, label]) eps[s, idx] in hierarchical mode): the hot path reads
+              one label per weight (uint8/int16/int32) and a per-sample codebook z[S, K, 2] that a tiny
+              prologue samples (reconstruct.sample_codebook; 32 KiB per sample at K = 4096, L2-resident);
+  mean field  mu[idx] + softplus(rho[idx]) eps[s, idx].
+The same kernel gives
+  forward  y = x W^T:  A = x [S or shared, M, in], n = output feature, r = input feature (lab_sr = in, lab_sc = 1);
+  dx       dx = dy W:  A = dy [S, M, out],          n = input feature,  r = output feature (lab_sr = 1,
+           lab_sc = in); for x shared by all samples the program loops the S samples (T = S) and sums them in
+           a fixed order, so dx is deterministic without atomics.
+
+Ellipse and outlier weights (SWS only): the tile loop uses their label like any inlier; an epilogue adds
+the correction x[m, r] * delta[s, j] for the E + O special weights of the program's n range, with delta =
+true value - label value computed by a sparse prologue (reconstruct.special_values). The specials are sorted
+by n (a CSR built in torch), so each program walks one contiguous range of them, BE at a time, as a
+[BM, BE] x [BE, BN] one-hot matmul: in the same launch, fixed order, no atomics; it costs about
+(E + O) / (out * in) of the main loop (about 1% at the issue's 1% outliers + 0.1% ellipses).
+
+Stages of the kernel (tile shapes: A [BM, BR], W [BN, BR], accumulator [BM, BN] float32):
+  1. for each sample t of the program: for each r tile: load A, load labels (or mu/rho), build W, acc += A W^T;
+  2. specials epilogue for that sample (SWS with E + O > 0);
+  3. bias, cast, store.
+
+Weights are cast to the activations' dtype before the dot (as PyTorch does with w.to(x.dtype)); fp32 dots
+use IEEE precision (PyTorch's default has TF32 off). Under the interpreter tl.dot on bf16 is wrong, so tiles
+are upcast to fp32 there (DOT_F32).
+
+Dispatch (``linear``): the fused kernel where the layer is memory-bound (few rows per sample), else
+"reconstruct once, then the vendor GEMM" (torch.matmul). The switch point FUSED_MAX_M is a default to be
+calibrated by benchmarks/gpu_bench.py on the target card (env SWS_FUSED_MAX_M overrides); every choice is
+logged at DEBUG level on the "sws_kernels" logger with its reason.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import philox as _ref
+from . import mean_field as _mf
+from . import reconstruct as _rc
+from .philox import stream_normal
+from .reconstruct import _purpose, softplus
+
+log = logging.getLogger("sws_kernels")
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+FUSED_MAX_M = int(os.environ.get("SWS_FUSED_MAX_M", "64"))
+BE = 16  # specials per epilogue step (the smallest tl.dot inner size)
+
+
+def _tiles(M: int):
+    """(BM, BN, BR): narrow N tiles at small M so a 4096-wide layer still fills ~130 SMs with S = 1."""
+    if INTERPRET:
+        return 16 if M <= 16 else 32, 32, 32
+    if M <= 16:
+        return 16, 32, 128
+    if M <= 64:
+        return 64, 64, 64
+    return 128, 128, 32
+
+
+@triton.jit
+def _rne_bf16(x):
+    """Round float32 to the nearest bfloat16 (ties to even), kept in float32. Only used under the interpreter,
+    whose float32 -> bfloat16 conversion truncates; after this the truncation is exact."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "owner"])
+def _lookup_gemm_kernel(a_ptr, lab_ptr, z_ptr, mu_ptr, rho_ptr, delta_ptr, sp_ptr_ptr, sp_r_ptr, sp_j_ptr, bias_ptr,
+                        out_ptr, M, N, R, K, J, T, n_m, n_n, stride_as, stride_am, stride_ar, lab_sr, lab_sc,
+                        stride_bs, stride_os, stride_om, stride_on, seed_lo, seed_hi, owner,
+                        MF: tl.constexpr, HIER: tl.constexpr, SPECIALS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        DOT_F32: tl.constexpr, RNE_BF16: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                        BR: tl.constexpr, BE: tl.constexpr):
+    # program -> (output sample so, m tile, n tile); samples innermost so programs that share a label tile run
+    # back to back (L2 reuse of the labels across samples).
+    pid = tl.program_id(0)
+    so = pid % (tl.num_programs(0) // (n_m * n_n))
+    rest = pid // (tl.num_programs(0) // (n_m * n_n))
+    pid_m = rest % n_m
+    pid_n = rest // n_m
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mm = offs_m < M
+    mn = offs_n < N
+    acc = tl.zeros([BM, BN], tl.float32)
+    for t_ in range(T):
+        # T = 1: this program's sample is so; T = S (dx of a shared x): every sample in order.
+        s = tl.zeros([], tl.int64) + so + t_
+        a_base = a_ptr + s * stride_as
+        zrow = z_ptr + s * K * 2
+        # Stage 1: the tile loop over the reduction dimension.
+        for r0 in range(0, R, BR):
+            offs_r = r0 + tl.arange(0, BR)
+            mr = offs_r < R
+            a = tl.load(a_base + offs_m[:, None] * stride_am + offs_r[None, :] * stride_ar,
+                        mask=mm[:, None] & mr[None, :], other=0.0)
+            idx = offs_n[:, None].to(tl.int64) * lab_sr + offs_r[None, :].to(tl.int64) * lab_sc  # [BN, BR]
+            mw = mn[:, None] & mr[None, :]
+            if MF:
+                w = tl.load(mu_ptr + idx, mask=mw, other=0.0).to(tl.float32)
+                rho = tl.load(rho_ptr + idx, mask=mw, other=0.0).to(tl.float32)
+                w = w + softplus(rho) * stream_normal(idx, seed_lo, seed_hi, s, owner, _purpose(0))
+            else:
+                lab = tl.load(lab_ptr + idx, mask=mw, other=0).to(tl.int32)
+                w = tl.load(zrow + 2 * lab, mask=mw, other=0.0)
+                if HIER:
+                    zr = tl.load(zrow + 2 * lab + 1, mask=mw, other=0.0)
+                    w = w + softplus(zr) * stream_normal(idx, seed_lo, seed_hi, s, owner, _purpose(0))
+            w = tl.where(mw, w, 0.0)
+            if RNE_BF16:
+                w = _rne_bf16(w)
+            w = w.to(a_ptr.dtype.element_ty)
+            if DOT_F32:
+                acc += tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+            else:
+                acc += tl.dot(a, tl.trans(w), input_precision="ieee")
+        # Stage 2: corrections of the ellipse/outlier weights whose n lies in this tile (CSR by n).
+        if SPECIALS:
+            e0 = tl.load(sp_ptr_ptr + pid_n * BN)
+            e1 = tl.load(sp_ptr_ptr + tl.minimum(pid_n * BN + BN, N))
+            for e in range(e0, e1, BE):
+                ee = e + tl.arange(0, BE)
+                me = ee < e1
+                jj = tl.load(sp_j_ptr + ee, mask=me, other=0)
+                rr = tl.load(sp_r_ptr + ee, mask=me, other=0)
+                nn = (jj >> 32) - pid_n * BN  # sp_j packs (n << 32) | j
+                jj = jj & 0xFFFFFFFF
+                d = tl.load(delta_ptr + s * J + jj, mask=me, other=0.0)
+                onehot = tl.where((nn[:, None] == tl.arange(0, BN)[None, :]) & me[:, None], d[:, None], 0.0)
+                ag = tl.load(a_base + offs_m[:, None] * stride_am + rr[None, :] * stride_ar,
+                             mask=mm[:, None] & me[None, :], other=0.0).to(tl.float32)
+                acc += tl.dot(ag, onehot, input_precision="ieee")
+    # Stage 3: epilogue.
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + so * stride_bs + offs_n, mask=mn, other=0.0).to(tl.float32)
+        acc += b[None, :]
+    if RNE_BF16:
+        acc = _rne_bf16(acc)
+    tl.store(out_ptr + so * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
+
+
+class _Specials:
+    """Ellipse then outlier positions as a CSR by the program's n index (forward: output row; dx: input
+    column). sp_j packs (n << 32) | j, j indexing delta's second axis."""
+
+    def __init__(self, e_pos, o_pos, in_f: int, N: int, by_row: bool):
+        pos = torch.cat([e_pos, o_pos])
+        self.J = pos.numel()
+        n = pos // in_f if by_row else pos % in_f
+        r = pos % in_f if by_row else pos // in_f
+        order = torch.sort(n, stable=True).indices
+        j = torch.arange(self.J, dtype=torch.int64, device=pos.device)
+        self.j = ((n[order] << 32) | j[order]).contiguous()
+        self.r = r[order].contiguous()
+        counts = torch.bincount(n, minlength=N)
+        self.ptr = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]).contiguous()
+
+
+def _launch(a3, stride_as, T, S_out, M, N, R, lab_sr, lab_sc, out, *, labels=None, z=None, mu=None, rho=None,
+            delta=None, specials=None, bias=None, stride_bs=0, seed=0, owner=0, hier=False):
+    BM, BN, BR = _tiles(M)
+    n_m, n_n = triton.cdiv(M, BM), triton.cdiv(N, BN)
+    lo, hi = _ref.split_seed(seed)
+    mf = mu is not None
+    dummy = out
+    sp = specials is not None and specials.J > 0
+    _lookup_gemm_kernel[(S_out * n_m * n_n,)](
+        a3, labels if labels is not None else dummy, z if z is not None else dummy, mu if mf else dummy,
+        rho if mf else dummy, delta if sp else dummy, specials.ptr if sp else dummy, specials.r if sp else dummy,
+        specials.j if sp else dummy, bias if bias is not None else dummy, out,
+        M, N, R, 1 if z is None else z.shape[1], specials.J if sp else 0, T, n_m, n_n,
+        stride_as, a3.stride(1), a3.stride(2), lab_sr, lab_sc, stride_bs, out.stride(0), out.stride(1),
+        out.stride(2), lo, hi, owner,
+        MF=mf, HIER=hier, SPECIALS=sp, HAS_BIAS=bias is not None, DOT_F32=INTERPRET or a3.dtype == torch.float32,
+        RNE_BF16=INTERPRET and a3.dtype == torch.bfloat16,
+        BM=BM, BN=BN, BR=BR, BE=BE)
+    return out
+
+
+def _as3(x, S: int, per_sample: bool, in_f: int):
+    """x -> ([S or 1, M, in] view, sample stride, M)."""
+    x3 = x.reshape(S if per_sample else 1, -1, in_f)
+    return x3, (x3.stride(0) if per_sample else 0), x3.shape[1]
+
+
+# --------------------------------------------------------------------------------------------------
+# SWS linear
+# --------------------------------------------------------------------------------------------------
+
+def _path(op: str, M: int, S: int) -> bool:
+    fused = M <= FUSED_MAX_M
+    log.debug("%s: %s path (M = %d rows per sample, S = %d; fused when M <= FUSED_MAX_M = %d: below it the layer "
+              "is memory-bound and the fused kernel reads 1-2 bytes per weight; above it the GEMM is "
+              "compute-bound and one reconstruction + the vendor GEMM wins)", op,
+              "fused" if fused else "reconstruct+matmul", M, S, FUSED_MAX_M)
+    return fused
+
+
+def sws_linear(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed: int,
+               samples: int, mode: int, owner: int, codebook_owner: int, per_sample: bool,
+               force_fused: bool | None = None):
+    """Backend kernel of ``sws_kernels::sws_linear``: y [S, ..., out] in x's dtype."""
+    S, (out_f, in_f) = samples, labels.shape
+    lead = x.shape[1:-1] if per_sample else x.shape[:-1]
+    x3, sas, M = _as3(x, S, per_sample, in_f)
+    fused = _path("sws_linear", M, S) if force_fused is None else force_fused
+    if not fused:
+        w = _rc.reconstruct(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, S, mode, owner,
+                            codebook_owner).to(x.dtype)
+        y = torch.matmul(x3, w.transpose(1, 2))
+        if bias is not None:
+            y = y + bias.to(x.dtype)
+        return y.reshape(S, *lead, out_f)
+    lab = labels.reshape(-1).contiguous()
+    z = _rc.sample_codebook(means, chol, seed, S, mode, codebook_owner)
+    delta = _rc.special_values(z, lab, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, S, mode, owner)
+    specials = _Specials(e_pos, o_pos, in_f, out_f, by_row=True)
+    y = torch.full((S, M, out_f), float("nan"), dtype=x.dtype, device=x.device)
+    _launch(x3, sas, 1, S, M, out_f, in_f, in_f, 1, y, labels=lab, z=z, delta=delta, specials=specials,
+            bias=bias, seed=seed, owner=owner, hier=(mode == _rc.HIER))
+    return y.reshape(S, *lead, out_f)
+
+
+def sws_linear_dx(grad_y, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed: int,
+                  samples: int, mode: int, owner: int, codebook_owner: int, per_sample: bool,
+                  force_fused: bool | None = None):
+    """Backend kernel of ``sws_kernels::sws_linear_dx``: grad_y [S, ..., out] -> dx in the shape of x
+    ([S, ..., in] with per_sample, else [..., in] summed over samples in a fixed order)."""
+    S, (out_f, in_f) = samples, labels.shape
+    lead = grad_y.shape[1:-1]
+    g3 = grad_y.reshape(S, -1, out_f)
+    M = g3.shape[1]
+    fused = _path("sws_linear_dx", M, S) if force_fused is None else force_fused
+    if not fused:
+        w = _rc.reconstruct(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, S, mode, owner,
+                            codebook_owner).to(grad_y.dtype)
+        dx = torch.matmul(g3, w)
+        dx = dx if per_sample else dx.sum(0)  # torch's sum over a dim is deterministic
+        return dx.reshape(*((S,) if per_sample else ()), *lead, in_f)
+    lab = labels.reshape(-1).contiguous()
+    z = _rc.sample_codebook(means, chol, seed, S, mode, codebook_owner)
+    delta = _rc.special_values(z, lab, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, S, mode, owner)
+    specials = _Specials(e_pos, o_pos, in_f, in_f, by_row=False)
+    S_out = S if per_sample else 1
+    dx = torch.full((S_out, M, in_f), float("nan"), dtype=grad_y.dtype, device=grad_y.device)
+    _launch(g3, g3.stride(0), 1 if per_sample else S, S_out, M, in_f, out_f, 1, in_f, dx, labels=lab, z=z,
+            delta=delta, specials=specials, seed=seed, owner=owner, hier=(mode == _rc.HIER))
+    return dx.reshape(*((S,) if per_sample else ()), *lead, in_f)
+
+
+# --------------------------------------------------------------------------------------------------
+# Mean-field linear
+# --------------------------------------------------------------------------------------------------
+
+def mean_field_linear(x, mu, rho, bias, seed: int, samples: int, owner: int, per_sample: bool,
+                      force_fused: bool | None = None):
+    """Backend kernel of ``sws_kernels::mean_field_linear``; ``bias`` None, [out] or per-sample [S, out]."""
+    S, (out_f, in_f) = samples, mu.shape
+    lead = x.shape[1:-1] if per_sample else x.shape[:-1]
+    x3, sas, M = _as3(x, S, per_sample, in_f)
+    fused = _path("mean_field_linear", M, S) if force_fused is None else force_fused
+    if not fused:
+        w = _mf.mean_field_reconstruct(mu, rho, seed, S, owner, 0).to(x.dtype)
+        y = torch.matmul(x3, w.transpose(1, 2))
+        if bias is not None:
+            b = bias.to(x.dtype)
+            y = y + (b[:, None, :] if b.dim() == 2 else b)
+        return y.reshape(S, *lead, out_f)
+    y = torch.full((S, M, out_f), float("nan"), dtype=x.dtype, device=x.device)
+    b = None if bias is None else bias.contiguous()
+    _launch(x3, sas, 1, S, M, out_f, in_f, in_f, 1, y, mu=mu.contiguous(), rho=rho.contiguous(), bias=b,
+            stride_bs=(out_f if b is not None and b.dim() == 2 else 0), seed=seed, owner=owner)
+    return y.reshape(S, *lead, out_f)
+
+
+def mean_field_linear_dx(grad_y, mu, rho, seed: int, samples: int, owner: int, per_sample: bool,
+                         force_fused: bool | None = None):
+    S, (out_f, in_f) = samples, mu.shape
+    lead = grad_y.shape[1:-1]
+    g3 = grad_y.reshape(S, -1, out_f)
+    M = g3.shape[1]
+    fused = _path("mean_field_linear_dx", M, S) if force_fused is None else force_fused
+    if not fused:
+        w = _mf.mean_field_reconstruct(mu, rho, seed, S, owner, 0).to(grad_y.dtype)
+        dx = torch.matmul(g3, w)
+        dx = dx if per_sample else dx.sum(0)
+        return dx.reshape(*((S,) if per_sample else ()), *lead, in_f)
+    S_out = S if per_sample else 1
+    dx = torch.full((S_out, M, in_f), float("nan"), dtype=grad_y.dtype, device=grad_y.device)
+    _launch(g3, g3.stride(0), 1 if per_sample else S, S_out, M, in_f, out_f, 1, in_f, dx, mu=mu.contiguous(),
+            rho=rho.contiguous(), seed=seed, owner=owner)
+    return dx.reshape(*((S,) if per_sample else ()), *lead, in_f)

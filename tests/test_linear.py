@@ -1,0 +1,199 @@
+"""Fused SWS and mean-field linear (Triton, interpreter on CPU) against the float64 reference: forward, every
+gradient, both dispatcher paths, bf16/fp16 activations (error at most 2x PyTorch's in the same precision),
+determinism and opcheck."""
+import logging
+import math
+
+import pytest
+import torch
+
+import sws_kernels
+from sws_kernels import _ops
+from sws_kernels import functional as F
+from sws_kernels import reference as R
+
+pytest.importorskip("triton")
+from sws_kernels.triton import linear as L  # noqa: E402
+
+from test_triton_reconstruct import make_layer, to64  # noqa: E402
+
+D = torch.float64
+
+CASES = [  # mode, label dtype, K, (out, in), lead, S, E, O, per_sample, fused
+    ("paper", torch.uint8, 1, (37, 45), (1,), 1, 2, 3, False, True),
+    ("hierarchical", torch.int16, 255, (33, 40), (2,), 3, 4, 5, True, True),
+    ("mean", torch.int16, 256, (17, 40), (3,), 3, 0, 4, False, True),
+    ("paper", torch.int32, 4096, (20, 33), (17,), 3, 5, 0, False, True),
+    ("paper", torch.int16, 9, (36, 20), (129,), 1, 3, 3, True, True),
+    ("hierarchical", torch.uint8, 5, (20, 17), (2, 3), 3, 2, 2, False, False),
+    ("paper", torch.int64, 255, (21, 50), (3,), 8, 1, 6, True, False),
+    ("mean", torch.uint8, 3, (16, 16), (1,), 1, 0, 0, True, False),
+]
+
+
+def _run_sws(x, params, bias, *, seed, S, mode, per_sample):
+    means, chol, labels, ell, outl = params
+    return F.sws_linear(x, means, chol, labels, ell, outl, bias, seed=seed, samples=S, mode=mode, per_sample=per_sample)
+
+
+@pytest.mark.parametrize("mode,label_dtype,K,shape,lead,S,E,O,per_sample,fused", CASES)
+def test_sws_linear_forward_and_grads(rng, monkeypatch, mode, label_dtype, K, shape, lead, S, E, O, per_sample,
+                                      fused):
+    monkeypatch.setattr(L, "FUSED_MAX_M", 10**9 if fused else 0)
+    out_f, in_f = shape
+    means, chol, labels, ell, outl = make_layer(rng, shape, K, E, O, label_dtype)
+    xs = (S, *lead, in_f) if per_sample else (*lead, in_f)
+    x = torch.randn(*xs, generator=rng)
+    bias = torch.randn(out_f, generator=rng)
+    leaves = [x, means, chol, bias] + ([outl[1], outl[2]] if O else [])
+    leaves = [t.clone().requires_grad_() for t in leaves]
+    lx, lm, lc, lb = leaves[:4]
+    lo = (outl[0], leaves[4], leaves[5]) if O else None
+    seed = int(torch.randint(0, 2**62, (1,), generator=rng)) * 3  # spans past 2**63
+    with sws_kernels.backend("triton"):
+        y = _run_sws(lx, (lm, lc, labels, ell, lo), lb, seed=seed, S=S, mode=mode, per_sample=per_sample)
+        y2 = _run_sws(lx, (lm, lc, labels, ell, lo), lb, seed=seed, S=S, mode=mode, per_sample=per_sample)
+        g = torch.randn(y.shape, generator=rng)
+        # the backward ops select their backend when they run: keep them inside the context
+        got = torch.autograd.grad(y, leaves, g, allow_unused=True)
+    assert torch.equal(y, y2)
+    r_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    rx, rm, rc, rb = r_leaves[:4]
+    ro = (outl[0], r_leaves[4], r_leaves[5]) if O else None
+    yr = R.sws_linear(rx, rm, rc, labels, to64(ell), ro, rb, seed=seed, samples=S, mode=mode, per_sample=per_sample)
+    assert y.shape == yr.shape
+    torch.testing.assert_close(y.double(), yr, rtol=1e-5, atol=2e-5 * math.sqrt(in_f))
+    want = torch.autograd.grad(yr, r_leaves, g.double(), allow_unused=True)
+    rows = math.prod(lead) * S
+    for i, (a, b) in enumerate(zip(got, want)):
+        b = torch.zeros_like(a, dtype=D) if b is None else b
+        assert a is not None and not torch.isnan(a).any(), i
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=2e-5 * math.sqrt(rows * in_f * out_f / K + rows),
+                                   msg=f"grad {i}")
+    with sws_kernels.backend("triton"):
+        y3 = _run_sws(lx, (lm, lc, labels, ell, lo), lb, seed=seed, S=S, mode=mode, per_sample=per_sample)
+        got3 = torch.autograd.grad(y3, leaves, g, allow_unused=True)
+    for a, b in zip(got, got3):
+        assert torch.equal(a, b)  # deterministic backward
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fused", [True, False])
+def test_sws_linear_low_precision(rng, monkeypatch, dtype, fused):
+    monkeypatch.setattr(L, "FUSED_MAX_M", 10**9 if fused else 0)
+    means, chol, labels, ell, outl = make_layer(rng, (40, 64), 31, 3, 4, torch.uint8)
+    x = torch.randn(17, 64, generator=rng)
+    bias = torch.randn(40, generator=rng)
+    exact = R.sws_linear(x.double(), means.double(), chol.double(), labels, to64(ell), to64(outl), bias.double(),
+                         seed=3, samples=3, mode="hierarchical")
+    torch_lp = R.sws_linear(x.to(dtype), means, chol, labels, ell, outl, bias, seed=3, samples=3, mode="hierarchical")
+    with sws_kernels.backend("triton"):
+        y = F.sws_linear(x.to(dtype), means, chol, labels, ell, outl, bias, seed=3, samples=3, mode="hierarchical")
+    assert y.dtype == dtype
+    err = (y.double() - exact).abs().max().item()
+    err_torch = (torch_lp.double() - exact).abs().max().item()
+    assert err <= 2 * err_torch, (err, err_torch)
+
+
+def test_noncontiguous_x_and_labels(rng):
+    means, chol, labels, ell, outl = make_layer(rng, (19, 23), 6, 2, 2, torch.int16)
+    x = torch.randn(23, 5, generator=rng).t()  # [5, 23], transposed strides
+    labels_nc = labels.t().contiguous().t()
+    with sws_kernels.backend("triton"):
+        y = F.sws_linear(x, means, chol, labels_nc, ell, outl, seed=1, samples=2, mode="paper")
+    yr = R.sws_linear(x.double(), means.double(), chol.double(), labels, to64(ell), to64(outl), seed=1, samples=2)
+    torch.testing.assert_close(y.double(), yr, rtol=1e-5, atol=1e-4)
+
+
+def test_dispatcher_logs_its_choice(rng, caplog, monkeypatch):
+    monkeypatch.setattr(L, "FUSED_MAX_M", 4)
+    means, chol, labels, _, _ = make_layer(rng, (16, 16), 4)
+    with caplog.at_level(logging.DEBUG, logger="sws_kernels"), sws_kernels.backend("triton"):
+        F.sws_linear(torch.randn(3, 16, generator=rng), means, chol, labels, seed=1)
+        F.sws_linear(torch.randn(5, 16, generator=rng), means, chol, labels, seed=1)
+    text = caplog.text
+    assert "sws_linear: fused path (M = 3" in text
+    assert "sws_linear: reconstruct+matmul path (M = 5" in text
+
+
+def test_sws_linear_errors(rng):
+    means, chol, labels, _, _ = make_layer(rng, (8, 6), 4)
+    with sws_kernels.backend("triton"):
+        with pytest.raises(ValueError, match="last dimension of size 6"):
+            F.sws_linear(torch.randn(2, 7), means, chol, labels, seed=1)
+        with pytest.raises(ValueError, match="leading sample dimension"):
+            F.sws_linear(torch.randn(2, 3, 6), means, chol, labels, seed=1, samples=3, per_sample=True)
+
+
+def test_opcheck_linear_ops(rng):
+    means, chol, labels, ell, outl = make_layer(rng, (18, 20), 5, 2, 2, torch.int16)
+    a = sws_kernels._checks.sws(means, chol, labels, ell, outl, 7, 2, "hierarchical", 1, 2)
+    x = torch.randn(3, 20, generator=rng, requires_grad=True)
+    bias = torch.randn(18, generator=rng, requires_grad=True)
+    m, c = means.clone().requires_grad_(), chol.clone().requires_grad_()
+    rest = (a.labels, a.e_pos, a.e_a, a.e_b, a.e_alpha, a.o_pos, a.o_mu, a.o_rho)
+    with sws_kernels.backend("triton"):
+        torch.library.opcheck(torch.ops.sws_kernels.sws_linear.default,
+                              (x, m, c, *rest, bias, _ops.encode_seed(7), 2, 1, 1, 2, False))
+        gy = torch.randn(2, 3, 18, generator=rng)
+        torch.library.opcheck(torch.ops.sws_kernels.sws_linear_dx.default,
+                              (gy, means, chol, *rest, 7, 2, 1, 1, 2, False))
+        mu = (torch.randn(18, 20, generator=rng) * 0.1).requires_grad_()
+        rho = (torch.randn(18, 20, generator=rng) - 3).requires_grad_()
+        torch.library.opcheck(torch.ops.sws_kernels.mean_field_linear.default, (x, mu, rho, bias, 7, 2, 1, False))
+        torch.library.opcheck(torch.ops.sws_kernels.mean_field_linear_dx.default,
+                              (gy, mu.detach(), rho.detach(), 7, 2, 1, False))
+
+
+# ------------------------------------------------------------------------------------------------------
+# mean field
+# ------------------------------------------------------------------------------------------------------
+
+MF_CASES = [  # (out, in), lead, S, per_sample, bias kind, fused
+    ((37, 45), (1,), 1, False, "sampled", True),
+    ((33, 70), (2,), 3, True, "fixed", True),
+    ((17, 40), (17,), 8, False, None, True),
+    ((20, 33), (129,), 1, True, "sampled", True),
+    ((21, 19), (3, 2), 3, False, "sampled", False),
+]
+
+
+@pytest.mark.parametrize("shape,lead,S,per_sample,bias_kind,fused", MF_CASES)
+def test_mean_field_linear(rng, monkeypatch, shape, lead, S, per_sample, bias_kind, fused):
+    monkeypatch.setattr(L, "FUSED_MAX_M", 10**9 if fused else 0)
+    out_f, in_f = shape
+    xs = (S, *lead, in_f) if per_sample else (*lead, in_f)
+    leaves = [torch.randn(*xs, generator=rng), torch.randn(*shape, generator=rng) * 0.1,
+              torch.randn(*shape, generator=rng) - 3]
+    if bias_kind:
+        leaves.append(torch.randn(out_f, generator=rng))
+    if bias_kind == "sampled":
+        leaves.append(torch.randn(out_f, generator=rng) - 2)
+    leaves = [t.requires_grad_() for t in leaves]
+    extra = leaves[3:] + [None] * (5 - len(leaves))
+    with sws_kernels.backend("triton"):
+        y = F.mean_field_linear(leaves[0], leaves[1], leaves[2], *extra, seed=77, samples=S, owner=4,
+                                per_sample=per_sample)
+        g = torch.randn(y.shape, generator=rng)
+        got = torch.autograd.grad(y, leaves, g)
+    r_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    r_extra = r_leaves[3:] + [None] * (5 - len(r_leaves))
+    yr = R.mean_field_linear(r_leaves[0], r_leaves[1], r_leaves[2], *r_extra, seed=77, samples=S, owner=4,
+                             per_sample=per_sample)
+    torch.testing.assert_close(y.double(), yr, rtol=1e-5, atol=2e-5 * math.sqrt(in_f))
+    want = torch.autograd.grad(yr, r_leaves, g.double())
+    rows = math.prod(lead) * S
+    for i, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=2e-5 * math.sqrt(rows + in_f), msg=f"grad {i}")
+
+
+def test_mean_field_linear_low_precision(rng):
+    mu = torch.randn(40, 64, generator=rng) * 0.1
+    rho = torch.randn(40, 64, generator=rng) - 3
+    x = torch.randn(17, 64, generator=rng)
+    exact = R.mean_field_linear(x.double(), mu.double(), rho.double(), seed=3, samples=2)
+    torch_lp = R.mean_field_linear(x.bfloat16(), mu, rho, seed=3, samples=2)
+    with sws_kernels.backend("triton"):
+        y = F.mean_field_linear(x.bfloat16(), mu, rho, seed=3, samples=2)
+    err = (y.double() - exact).abs().max().item()
+    assert err <= 2 * (torch_lp.double() - exact).abs().max().item()

@@ -8,8 +8,9 @@ from ._backend import backend, backends  # noqa: F401
 from . import functional  # noqa: F401  (imports the op catalogue)
 from . import nn, metrics, convert  # noqa: F401
 from .bayes import elbo_loss, kl_loss, predict  # noqa: F401
+from .io import load, save  # noqa: F401
 
 __version__ = "0.1.0"
 
 __all__ = ["philox", "reference", "functional", "backend", "backends", "__version__", "nn", "metrics", "convert",
-           "kl_loss", "elbo_loss", "predict"]
+           "kl_loss", "elbo_loss", "predict", "save", "load"]

@@ -4,8 +4,10 @@ Mahalanobis test, Wasserstein-2 merging. Plain torch, CPU or GPU.
 Speed: every (point, component) log-density is one small GEMM. For x = (u, v) and a component with mean m
 and precision P, -2 log N = [u^2, 2uv, v^2, u, v, 1] . c_k with c_k = (P11, P12, P22, -2(Pm)_1, -2(Pm)_2,
 m^T P m + log det Sigma + 2 log 2pi), so [n, 6] @ [6, K] gives all n*K quadratic forms at memory speed.
-The expansion cancels when points sit far from a tight component, so it runs in float64 (in the
-standardised space values are O(1)); points are processed in chunks so memory stays at chunk*K.
+The expansion cancels when points sit far from a tight component; in the standardised space (values O(1))
+with covariance jitter ``reg`` the float32 GEMM's error stays ~1e-3 in log-density, harmless for EM and for
+picking the top two components, whose exact log-densities are then recomputed in float64 per point.
+Points are processed in chunks so memory stays at chunk*K. The M-step is one GEMM too: features^T @ r.
 """
 from __future__ import annotations
 
@@ -71,18 +73,20 @@ def kmeans_pp(x: torch.Tensor, K: int, generator: torch.Generator, chunk: int = 
     idx[0] = first
     d2 = ((x - x[first]) ** 2).sum(-1)
     for k in range(1, K):
-        total = float(d2.sum())
+        cdf = torch.cumsum(d2, 0)
+        total = float(cdf[-1])
         if total <= 0:  # fewer distinct points than K: repeat points (EM then splits or keeps them)
             j = int(torch.randint(0, n, (1,), generator=generator))
-        else:
-            j = int(torch.multinomial((d2 / total).cpu().float(), 1, generator=generator))
+        else:  # inverse-CDF draw: O(n) per centre (torch.multinomial re-normalises and was 30x slower)
+            u = float(torch.rand((), generator=generator, dtype=torch.float64)) * total
+            j = min(int(torch.searchsorted(cdf, torch.tensor([u], dtype=cdf.dtype, device=cdf.device))), n - 1)
         idx[k] = j
         d2 = torch.minimum(d2, ((x - x[j]) ** 2).sum(-1))
     return x[idx.to(x.device)].clone()
 
 
 def fit_em(x: torch.Tensor, K: int, *, generator: torch.Generator, max_iter: int = 30, tol: float = 1e-4,
-           reg: float = 1e-6, chunk: int = 8192, progress: bool = False,
+           reg: float = 1e-5, chunk: int = 8192, progress: bool = False,
            log: Optional[Callable[[str], None]] = None):
     """Full-covariance GMM on x [n, 2] (float64 recommended). Returns (weights [K], means [K, 2], cov [K, 3],
     info dict). Components that lose all mass keep their previous parameters (and get weight ~0)."""
@@ -117,24 +121,17 @@ def fit_em(x: torch.Tensor, K: int, *, generator: torch.Generator, max_iter: int
     it = 0
     converged = False
     for it in _progress(range(1, max_iter + 1), max_iter, "SWS EM", progress):
-        coefs = _coefs(means, S, torch.log(weights))
-        Nk = torch.zeros(K, dtype=x.dtype, device=x.device)
-        M1 = torch.zeros(K, 2, dtype=x.dtype, device=x.device)
-        M2 = torch.zeros(K, 3, dtype=x.dtype, device=x.device)
+        coefs = _coefs(means, S, torch.log(weights)).float()
+        stats = torch.zeros(6, K, dtype=torch.float64, device=x.device)
         ll = 0.0
         for i in range(0, n, chunk):
-            xc = x[i:i + chunk]
-            f = _features(xc)
+            f = _features(x[i:i + chunk]).float()
             lp = f @ coefs
-            # one exp pass, in float32 (the quadratic forms above needed float64, the softmax does not)
-            mx = lp.max(1, keepdim=True).values
-            e = torch.exp((lp - mx).float())
-            se = e.sum(1, keepdim=True)
-            ll += float((mx + torch.log(se.double())).sum())
-            r = e / se
-            Nk += r.sum(0).double()
-            M1 += (r.T @ xc.float()).double()
-            M2 += (r.T @ f[:, :3].float()).double()
+            r = torch.softmax(lp, 1)
+            # log-likelihood without a second exp pass: log p(x) = lp_j - log r_j at j = argmax
+            ll += float((lp.amax(1) - torch.log(r.amax(1))).double().sum())
+            stats += (f.T @ r).double()  # rows: sum r u^2, r uv, r v^2, r u, r v, r
+        Nk, M1, M2 = stats[5], stats[3:5].T.contiguous(), stats[0:3].T.contiguous()
         ll /= n
         alive = Nk > 1e-8
         new_means = means.clone()
@@ -152,7 +149,7 @@ def fit_em(x: torch.Tensor, K: int, *, generator: torch.Generator, max_iter: int
     return weights, means, S, {"iterations": it, "log_likelihood": ll, "converged": converged}
 
 
-def assign_top2(x: torch.Tensor, weights, means, S, *, chunk: int = 16384, progress: bool = False):
+def assign_top2(x: torch.Tensor, weights, means, S, *, chunk: int = 8192, progress: bool = False):
     """For every point: most and second-most responsible components, their log-responsibility gap
     (l1 - l2 >= 0) and the squared Mahalanobis distance to the first. Returns (c1, c2, gap, maha)."""
     n, K = x.shape[0], means.shape[0]
@@ -163,21 +160,29 @@ def assign_top2(x: torch.Tensor, weights, means, S, *, chunk: int = 16384, progr
     gap = torch.empty(n, dtype=x.dtype, device=x.device)
     maha = torch.empty(n, dtype=x.dtype, device=x.device)
     steps = range(0, n, chunk)
+    coefs32 = coefs.float()
+    logw = torch.log(weights)
+    _, logdet = precision(S)
     for i in _progress(steps, len(steps), "SWS assign", progress):
         xc = x[i:i + chunk]
-        lp = _features(xc) @ coefs
         if K > 1:
-            top, arg = lp.topk(2, dim=1)
-            c1[i:i + chunk], c2[i:i + chunk] = arg[:, 0], arg[:, 1]
-            gap[i:i + chunk] = top[:, 0] - top[:, 1]
+            arg = (_features(xc).float() @ coefs32).topk(2, dim=1).indices
+            a1, a2 = arg[:, 0], arg[:, 1]
         else:
-            c1[i:i + chunk] = 0
-            c2[i:i + chunk] = 0
-            gap[i:i + chunk] = math.inf
-        k = c1[i:i + chunk]
-        d = xc - means[k]
-        Pk = P[k]
-        maha[i:i + chunk] = Pk[:, 0] * d[:, 0] ** 2 + 2 * Pk[:, 1] * d[:, 0] * d[:, 1] + Pk[:, 2] * d[:, 1] ** 2
+            a1 = a2 = torch.zeros(xc.shape[0], dtype=torch.int64, device=x.device)
+
+        def exact(k):  # float64 log w_k + log N(x | k) and the squared Mahalanobis distance
+            d = xc - means[k]
+            Pk = P[k]
+            q = Pk[:, 0] * d[:, 0] ** 2 + 2 * Pk[:, 1] * d[:, 0] * d[:, 1] + Pk[:, 2] * d[:, 1] ** 2
+            return logw[k] - 0.5 * (q + logdet[k]) - LOG_2PI, q
+        l1, q1 = exact(a1)
+        l2, q2 = exact(a2)
+        swap = l2 > l1  # float32 near-ties: order the two by their exact values
+        c1[i:i + chunk] = torch.where(swap, a2, a1)
+        c2[i:i + chunk] = torch.where(swap, a1, a2)
+        gap[i:i + chunk] = (l1 - l2).abs() if K > 1 else torch.full_like(l1, math.inf)
+        maha[i:i + chunk] = torch.where(swap, q2, q1)
     return c1, c2, gap, maha
 
 

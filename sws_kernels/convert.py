@@ -216,7 +216,7 @@ def _param_bytes(tensors) -> int:
 def to_sws(model: nn.Module, num_components: int = 4096, *, tau_w: float = 0.2, tau_d: float = 1e-4,
            gradients: Optional[Dict[str, torch.Tensor]] = None, grad_fraction: float = 0.01,
            min_component_size: int = 20, mahalanobis: float = 5.991, fit_samples: int = 65536,
-           max_iter: int = 30, tol: float = 1e-5, reg: float = 1e-6, mode: str = "paper", seed: int = 0,
+           max_iter: int = 30, tol: float = 1e-5, reg: float = 1e-5, mode: str = "paper", seed: int = 0,
            device=None, progress: bool = True):
     """Compress a mean-field BNN into an SWS BNN with one shared codebook (SPEC.md section 8), in place.
 

@@ -101,6 +101,44 @@ def cmd_quick(args) -> int:
     return 0
 
 
+def _add_demo(sub) -> None:
+    d = sub.add_parser(
+        "demo", help="digits: deterministic vs mean-field vs SWS BNN, one table and pictures",
+        description="Train a small CNN on scikit-learn's digits as a deterministic net and as a mean-field BNN, "
+                    "compress the BNN with to_sws, fine-tune the SWS BNN end to end, print accuracy / NLL / ECE / "
+                    "Brier / predictive entropy (test vs noise) / parameters / bytes / times, save pictures.")
+    d.add_argument("--fast", action="store_true", help="a seconds-long configuration (CI): fewer epochs and samples")
+    d.add_argument("--epochs", type=int, help="deterministic and mean-field epochs (default 30; --fast 8)")
+    d.add_argument("--sws-epochs", type=int, help="SWS fine-tuning epochs (default epochs // 3; --fast 3)")
+    d.add_argument("--samples", type=int, help="Monte Carlo samples at evaluation (default 16; --fast 4)")
+    d.add_argument("--train-samples", type=int, help="Monte Carlo samples per training step (default 1)")
+    d.add_argument("--components", type=int, help="codebook size K requested from to_sws (default 128; --fast 32)")
+    d.add_argument("--batch-size", type=int, help="training batch size (default 64)")
+    d.add_argument("--lr", type=float, help="learning rate of the deterministic and mean-field training")
+    d.add_argument("--sws-lr", type=float, help="learning rate of the SWS fine-tuning")
+    d.add_argument("--kl-weight", type=float, help="beta of the ELBO (default 1: the exact ELBO)")
+    d.add_argument("--prior-sigma", type=float, help="prior std of the mean-field weights (default 1, as bayesian-torch)")
+    d.add_argument("--width", type=int, help="channels of the built-in CNN's first conv (default 16; --fast 8)")
+    d.add_argument("--seed", type=int, help="seed of the split, inits and noise (default 0)")
+    d.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    d.add_argument("--threads", type=int, help="CPU threads during the demo (default 1: the model is tiny)")
+    d.add_argument("--out", help="directory for pictures, results and models (default ./sws_demo)")
+    d.add_argument("--no-out", action="store_true", help="save nothing")
+    d.add_argument("--data", metavar="PKG.MOD:FN",
+                   help="your data: FN(batch_size=, seed=) -> (train_loader, test_loader) of (x, y) batches")
+    d.add_argument("--model", metavar="PKG.MOD:FN",
+                   help="your deterministic model: FN(input_shape=, num_classes=) -> nn.Module "
+                        "(its Linear/Conv layers become Bayesian)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    d.set_defaults(fn=cmd_demo)
+
+
+def cmd_demo(args) -> int:
+    from . import demo
+
+    return demo.main(args)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="sws-kernels", description="Fused kernels for stochastic weight sharing BNNs.")
     sub = p.add_subparsers(dest="cmd")
@@ -112,6 +150,7 @@ def main(argv=None) -> int:
     q.add_argument("--mode", choices=("paper", "hierarchical", "mean"), default="paper")
     q.add_argument("--repeat", type=int, default=3, help="timed repetitions (best is reported)")
     q.set_defaults(fn=cmd_quick)
+    _add_demo(sub)
     args = p.parse_args(argv)
     if args.cmd is None:
         args = p.parse_args(["quick", *(argv or [])])

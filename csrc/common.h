@@ -93,6 +93,12 @@ void reconstruct_backward_cpu(const ReconstructArgs& a, const float* grad_out, f
                               float* grad_mu_o, float* grad_rho_o);
 int omp_max_threads();
 void omp_set_threads(int n);
+// Mean-field (csrc/cpu/mean_field.cpp): out[S, n] = mu + softplus(rho) eps[s]; eps of stream (seed, s, owner,
+// purpose). Backward overwrites grad_mu[n], grad_rho[n] from grad_w[S, n]. Deterministic.
+void mean_field_reconstruct_cpu(const float* mu, const float* rho, int64_t n, uint64_t seed, int64_t S, int64_t owner,
+                                int64_t purpose, float* out);
+void mean_field_reconstruct_backward_cpu(const float* grad_w, const float* rho, int64_t n, uint64_t seed, int64_t S,
+                                         int64_t owner, int64_t purpose, float* grad_mu, float* grad_rho);
 
 // ---- entry points (csrc/cuda/reconstruct.cu; only when built with SWS_WITH_CUDA) ----
 #if defined(SWS_WITH_CUDA)

@@ -10,6 +10,7 @@
 #include <tuple>
 
 #include "common.h"
+#include "cpu/vecmath.h"
 
 namespace py = pybind11;
 using sws::ReconstructArgs;
@@ -128,6 +129,42 @@ PYBIND11_MODULE(_C, m) {
       py::arg("grad_out_ptr"), SWS_RECON_ARGS, py::arg("grad_means_ptr"), py::arg("grad_chol_ptr"),
       py::arg("grad_mu_o_ptr"), py::arg("grad_rho_o_ptr"), py::call_guard<py::gil_scoped_release>(),
       "Gradients (overwritten) of means[K,2], chol[K,3], o_mu[O], o_rho[O] from grad_out[S, n]; deterministic.");
+
+  m.def(
+      "mean_field_reconstruct_cpu",
+      [](uintptr_t out, uintptr_t mu, uintptr_t rho, int64_t n, uint64_t seed, int64_t S, int64_t owner,
+         int64_t purpose) {
+        const char* fn = "mean_field_reconstruct_cpu";
+        check_ptr(fn, "out_ptr", out, n);
+        check_ptr(fn, "mu_ptr", mu, n);
+        check_ptr(fn, "rho_ptr", rho, n);
+        sws::mean_field_reconstruct_cpu(ptr<const float>(mu), ptr<const float>(rho), n, seed, S, owner, purpose,
+                                        ptr<float>(out));
+      },
+      py::arg("out_ptr"), py::arg("mu_ptr"), py::arg("rho_ptr"), py::arg("n"), py::arg("seed"), py::arg("S"),
+      py::arg("owner"), py::arg("purpose"), py::call_guard<py::gil_scoped_release>(),
+      "float32 out[S, n] = mu + softplus(rho) * eps[s], eps = normals of stream (seed, s, owner, purpose).");
+
+  m.def(
+      "mean_field_reconstruct_backward_cpu",
+      [](uintptr_t grad_w, uintptr_t rho, int64_t n, uint64_t seed, int64_t S, int64_t owner, int64_t purpose,
+         uintptr_t grad_mu, uintptr_t grad_rho) {
+        const char* fn = "mean_field_reconstruct_backward_cpu";
+        check_ptr(fn, "grad_w_ptr", grad_w, n);
+        check_ptr(fn, "rho_ptr", rho, n);
+        check_ptr(fn, "grad_mu_ptr", grad_mu, n);
+        check_ptr(fn, "grad_rho_ptr", grad_rho, n);
+        sws::mean_field_reconstruct_backward_cpu(ptr<const float>(grad_w), ptr<const float>(rho), n, seed, S, owner,
+                                                 purpose, ptr<float>(grad_mu), ptr<float>(grad_rho));
+      },
+      py::arg("grad_w_ptr"), py::arg("rho_ptr"), py::arg("n"), py::arg("seed"), py::arg("S"), py::arg("owner"),
+      py::arg("purpose"), py::arg("grad_mu_ptr"), py::arg("grad_rho_ptr"), py::call_guard<py::gil_scoped_release>(),
+      "Overwrites grad_mu[n] = sum_s grad_w[s], grad_rho[n] = sum_s grad_w[s] eps[s] * softplus'(rho); deterministic.");
+
+  m.def("simd_level", []() { return std::string(sws::simd_level()); },
+        "The vector version the CPU normal/softplus code uses now: 'avx2' or 'scalar'.");
+  m.def("set_simd", &sws::set_simd, py::arg("enabled"),
+        "Enable (default) or disable the AVX2 normal/softplus code (process-wide; for tests and benchmarks).");
 
 #if defined(SWS_WITH_CUDA)
   m.def(

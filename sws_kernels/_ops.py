@@ -117,6 +117,42 @@ torch.library.register_autograd("sws_kernels::reconstruct", _reconstruct_backwar
 for _name in ("native_cpu", "native_cuda"):
     _backend.register_kernel("reconstruct", _name)(native.reconstruct)
     _backend.register_kernel("reconstruct_backward", _name)(native.reconstruct_backward)
+# mean-field: csrc/cpu/mean_field.cpp (OpenMP + AVX2 normals).
+_backend.register_kernel("mean_field_reconstruct", "native_cpu")(native.mean_field_reconstruct)
+_backend.register_kernel("mean_field_reconstruct_backward", "native_cpu")(native.mean_field_reconstruct_backward)
+
+
+# Linear layers on the CPU: reconstruct in C++, then PyTorch's GEMM (a CPU has no memory-bound small-M
+# regime worth a fused kernel: the GEMM is already cheap next to producing the weights). The op's autograd
+# then runs the native reconstruct backward on dW. (_linear/_dx_reference are looked up at call time.)
+def _native_cpu_sws_linear(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed,
+                           samples, mode, owner, codebook_owner, per_sample):
+    w = native.reconstruct(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode,
+                           owner, codebook_owner)
+    return reference._linear(x, w, bias, per_sample).contiguous()
+
+
+def _native_cpu_sws_linear_dx(grad_y, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed,
+                              samples, mode, owner, codebook_owner, per_sample):
+    w = native.reconstruct(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode,
+                           owner, codebook_owner)
+    return _dx_reference(grad_y, w, samples, per_sample, labels.shape[1])
+
+
+def _native_cpu_mean_field_linear(x, mu, rho, bias, seed, samples, owner, per_sample):
+    w = native.mean_field_reconstruct(mu, rho, seed, samples, owner, 0)
+    return reference._linear(x, w, bias, per_sample).contiguous()
+
+
+def _native_cpu_mean_field_linear_dx(grad_y, mu, rho, seed, samples, owner, per_sample):
+    w = native.mean_field_reconstruct(mu, rho, seed, samples, owner, 0)
+    return _dx_reference(grad_y, w, samples, per_sample, mu.shape[1])
+
+
+_backend.register_kernel("sws_linear", "native_cpu")(_native_cpu_sws_linear)
+_backend.register_kernel("sws_linear_dx", "native_cpu")(_native_cpu_sws_linear_dx)
+_backend.register_kernel("mean_field_linear", "native_cpu")(_native_cpu_mean_field_linear)
+_backend.register_kernel("mean_field_linear_dx", "native_cpu")(_native_cpu_mean_field_linear_dx)
 
 
 def call_reconstruct(a: _checks.SWSArgs) -> Tensor:

@@ -229,3 +229,52 @@ def reconstruct_backward(grad_w, means, chol, labels, e_pos, e_a, e_b, e_alpha, 
                                      coef.data_ptr(), pos.numel(), dzbuf.data_ptr(),
                                      torch.cuda.current_stream(dev).cuda_stream)
     return g_means, g_chol, g_mu, g_rho
+
+
+# ------------------------------------------------------------------------------------------------------
+# mean-field reconstruct: w[s] = mu + softplus(rho) eps[s] (CPU: csrc/cpu/mean_field.cpp)
+# ------------------------------------------------------------------------------------------------------
+
+def _mf_prep(mu, rho):
+    dev = mu.device
+    _need(dev)
+    if dev.type != "cpu":
+        raise NotImplementedError(f"mean_field_reconstruct: the native kernel for {dev.type} is not built in")
+    mu = _check(mu, "mu", torch.float32, dev)
+    rho = _check(rho, "rho", torch.float32, dev, tuple(mu.shape))
+    return dev, mu, rho
+
+
+def mean_field_reconstruct(mu, rho, seed, samples, owner, purpose) -> torch.Tensor:
+    """float32 [samples, *mu.shape] = mu + softplus(rho) * eps[s], eps of stream (seed, s, owner, purpose)."""
+    dev, mu, rho = _mf_prep(mu, rho)
+    S = int(samples)
+    out = torch.empty((S, *mu.shape), dtype=torch.float32, device=dev)
+    _C.mean_field_reconstruct_cpu(out.data_ptr(), mu.data_ptr(), rho.data_ptr(), mu.numel(), _seed(seed), S,
+                                  int(owner), int(purpose))
+    return out
+
+
+def mean_field_reconstruct_backward(grad_w, mu, rho, seed, samples, owner,
+                                    purpose) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(d mu, d rho) from grad_w [samples, *mu.shape]; the noise regenerated from the seed. Deterministic."""
+    dev, mu, rho = _mf_prep(mu, rho)
+    S = int(samples)
+    grad_w = _check(grad_w, "grad_w", torch.float32, dev, (S, *mu.shape))
+    g_mu = torch.empty_like(mu)
+    g_rho = torch.empty_like(rho)
+    _C.mean_field_reconstruct_backward_cpu(grad_w.data_ptr(), rho.data_ptr(), mu.numel(), _seed(seed), S,
+                                           int(owner), int(purpose), g_mu.data_ptr(), g_rho.data_ptr())
+    return g_mu, g_rho
+
+
+def simd_level() -> str:
+    """'avx2' or 'scalar': the vector code the CPU normals/softplus use now (see csrc/cpu/vecmath.h)."""
+    _need(torch.device("cpu"))
+    return str(_C.simd_level())
+
+
+def set_simd(enabled: bool) -> None:
+    """Enable (default) or disable the AVX2 normals/softplus, process-wide (tests and benchmarks)."""
+    _need(torch.device("cpu"))
+    _C.set_simd(bool(enabled))

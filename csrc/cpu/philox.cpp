@@ -5,6 +5,7 @@
 #include <string>
 
 #include "../common.h"
+#include "vecmath.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -61,6 +62,23 @@ void stream_cpu(const char* fn, float* out, int64_t n, uint64_t offset, uint64_t
   const uint64_t end = offset + static_cast<uint64_t>(n);
   const uint64_t j0 = offset >> 2, j1 = (end + 3) >> 2;
   const int64_t nj = static_cast<int64_t>(j1 - j0);
+  if (kNormal) {
+    // Bulk normals (AVX2 when available, vecmath.cpp) in blocks of kJ counters staged on the stack, then
+    // the window [offset, end) copied out: same values as the fused kernels draw for these elements.
+    constexpr int64_t kJ = 512;
+    const int64_t nblk = (nj + kJ - 1) / kJ;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < nblk; ++b) {
+      alignas(64) float v[4 * kJ];
+      const uint64_t jb = j0 + static_cast<uint64_t>(b * kJ);
+      const int64_t cnt = std::min<int64_t>(kJ, nj - b * kJ);
+      normals_fill(key, jb, cnt, static_cast<uint32_t>(sample), static_cast<uint32_t>(owner),
+                   static_cast<uint32_t>(purpose), v);
+      const uint64_t lo = std::max<uint64_t>(4 * jb, offset), hi = std::min<uint64_t>(4 * (jb + cnt), end);
+      for (uint64_t i = lo; i < hi; ++i) out[i - offset] = v[i - 4 * jb];
+    }
+    return;
+  }
 #pragma omp parallel for schedule(static)
   for (int64_t jj = 0; jj < nj; ++jj) {
     const uint64_t j = j0 + static_cast<uint64_t>(jj);

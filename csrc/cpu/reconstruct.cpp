@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "vecmath.h"
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -261,17 +262,15 @@ void reconstruct_cpu(const ReconstructArgs& a, float* out) {
           bad = 1;
           continue;
         }
+        alignas(64) float eps[kFwdBlock];  // the block's normals (bulk, AVX2 when available: vecmath.cpp)
         for (int64_t s = 0; s < S; ++s) {
           const float* zs = z + 2 * s * K;
           float* o = out + s * n;
-          for (int64_t i = i0; i < i1; i += 4) {
-            float eps[4];
-            words_to_normal4(stream_words(key, static_cast<uint32_t>(i >> 2), static_cast<uint32_t>(s), owner, kPurposeWeight), eps);
-            const int m = static_cast<int>(std::min<int64_t>(4, i1 - i));
-            for (int t = 0; t < m; ++t) {
-              const int64_t c = static_cast<int64_t>(lab[i + t]);
-              o[i + t] = zs[2 * c] + zs[2 * c + 1] * eps[t];
-            }
+          normals_fill(key, static_cast<uint64_t>(i0 >> 2), (i1 - i0 + 3) >> 2, static_cast<uint32_t>(s), owner,
+                       kPurposeWeight, eps);
+          for (int64_t i = i0; i < i1; ++i) {
+            const int64_t c = static_cast<int64_t>(lab[i]);
+            o[i] = zs[2 * c] + zs[2 * c + 1] * eps[i - i0];
           }
         }
       }
@@ -355,16 +354,17 @@ void reconstruct_backward_cpu(const ReconstructArgs& a, const float* grad_out, f
             as[static_cast<int64_t>(lab[i])] += static_cast<double>(g[i]);
           }
         } else {
-          for (int64_t i = i0; i < i1; i += 4) {
-            float eps[4];
-            words_to_normal4(stream_words(key, static_cast<uint32_t>(i >> 2), static_cast<uint32_t>(s), owner, kPurposeWeight), eps);
-            const int m = static_cast<int>(std::min<int64_t>(4, i1 - i));
-            for (int t = 0; t < m; ++t) {
-              if (mask && masked(mask, i + t)) continue;
-              const int64_t c = static_cast<int64_t>(lab[i + t]);
-              const double gv = static_cast<double>(g[i + t]);
+          for (int64_t ib = i0; ib < i1; ib += kFwdBlock) {  // chunks start on counter boundaries
+            alignas(64) float eps[kFwdBlock];
+            const int64_t ie = std::min(i1, ib + kFwdBlock);
+            normals_fill(key, static_cast<uint64_t>(ib >> 2), (ie - ib + 3) >> 2, static_cast<uint32_t>(s), owner,
+                         kPurposeWeight, eps);
+            for (int64_t i = ib; i < ie; ++i) {
+              if (mask && masked(mask, i)) continue;
+              const int64_t c = static_cast<int64_t>(lab[i]);
+              const double gv = static_cast<double>(g[i]);
               as[2 * c] += gv;
-              as[2 * c + 1] += gv * static_cast<double>(eps[t]);
+              as[2 * c + 1] += gv * static_cast<double>(eps[i - ib]);
             }
           }
         }

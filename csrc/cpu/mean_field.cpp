@@ -1,0 +1,99 @@
+// Mean-field reconstruct and its backward on the CPU (OpenMP). SPEC.md section 3, last paragraph:
+//   w[s, i] = mu_i + softplus(rho_i) eps[s, i],  eps[s, i] = normal element i of stream (seed, s, owner, purpose)
+//   d mu_i = sum_s dW[s, i],  d rho_i = (sum_s dW[s, i] eps[s, i]) softplus'(rho_i)
+//
+// Both are bound by the normals (one per weight per sample), not by memory: n = 4M, S = 4 needs 16.8M
+// normals. So the work is cut into blocks of kBlock weights (a multiple of 4: blocks start on Philox counter
+// boundaries), softplus/softplus' are evaluated once per block (not once per sample), and the normals of a
+// block come from normals_fill (AVX2 when the CPU has it, see vecmath.cpp) into an L1-resident buffer.
+//
+// Determinism: every output element depends only on its own inputs and the S samples summed in order
+// s = 0, 1, ... (double accumulators), so results are bit-identical run to run and for any thread count.
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "../common.h"
+#include "vecmath.h"
+
+namespace sws {
+namespace {
+
+constexpr int64_t kBlock = 2048;  // weights per work item: 8 KB of normals + 8 KB of softplus stay in L1
+
+void check_mean_field(const char* fn, int64_t n, int64_t S, int64_t owner, int64_t purpose) {
+  auto fail = [&](const std::string& what) { throw std::invalid_argument(std::string(fn) + ": " + what); };
+  if (n < 0) fail("n must be >= 0, got " + std::to_string(n));
+  if (static_cast<uint64_t>(n) > kMaxElement)
+    fail("n = " + std::to_string(n) + " exceeds the per-stream limit of 2^34 elements");
+  if (S < 1 || S > 0xffffffffll) fail("S (samples) must be in [1, 2^32), got " + std::to_string(S));
+  if (owner < 0 || owner > 0xffffffffll) fail("owner must be in [0, 2^32), got " + std::to_string(owner));
+  if (purpose < 0 || purpose > 0xffffffffll) fail("purpose must be in [0, 2^32), got " + std::to_string(purpose));
+}
+
+}  // namespace
+
+void mean_field_reconstruct_cpu(const float* mu, const float* rho, int64_t n, uint64_t seed, int64_t S, int64_t owner,
+                                int64_t purpose, float* out) {
+  const char* fn = "mean_field_reconstruct_cpu";
+  check_mean_field(fn, n, S, owner, purpose);
+  if (n == 0) return;
+  if (mu == nullptr || rho == nullptr || out == nullptr) throw std::invalid_argument(std::string(fn) + ": null pointer");
+  const Key key = seed_key(seed);
+  const uint32_t own = static_cast<uint32_t>(owner), pur = static_cast<uint32_t>(purpose);
+  const int64_t nb = (n + kBlock - 1) / kBlock;
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < nb; ++b) {
+    alignas(64) float sp[kBlock];
+    alignas(64) float eps[kBlock];
+    const int64_t i0 = b * kBlock, len = std::min(kBlock, n - i0);
+    softplus_fill(rho + i0, sp, len);
+    const float* m = mu + i0;
+    for (int64_t s = 0; s < S; ++s) {
+      normals_fill(key, static_cast<uint64_t>(i0 >> 2), (len + 3) >> 2, static_cast<uint32_t>(s), own, pur, eps);
+      float* o = out + s * n + i0;
+      // mu + sp * eps, two roundings like the reference (mul, then add): no FMA contraction in this file's
+      // baseline-ISA build, and the vectoriser keeps the order.
+      for (int64_t t = 0; t < len; ++t) o[t] = m[t] + sp[t] * eps[t];
+    }
+  }
+}
+
+void mean_field_reconstruct_backward_cpu(const float* grad_w, const float* rho, int64_t n, uint64_t seed, int64_t S,
+                                         int64_t owner, int64_t purpose, float* grad_mu, float* grad_rho) {
+  const char* fn = "mean_field_reconstruct_backward_cpu";
+  check_mean_field(fn, n, S, owner, purpose);
+  if (n == 0) return;
+  if (grad_w == nullptr || rho == nullptr || grad_mu == nullptr || grad_rho == nullptr)
+    throw std::invalid_argument(std::string(fn) + ": null pointer");
+  const Key key = seed_key(seed);
+  const uint32_t own = static_cast<uint32_t>(owner), pur = static_cast<uint32_t>(purpose);
+  const int64_t nb = (n + kBlock - 1) / kBlock;
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < nb; ++b) {
+    alignas(64) float eps[kBlock];
+    alignas(64) double acc_mu[kBlock];
+    alignas(64) double acc_rho[kBlock];
+    const int64_t i0 = b * kBlock, len = std::min(kBlock, n - i0);
+    std::fill(acc_mu, acc_mu + len, 0.0);
+    std::fill(acc_rho, acc_rho + len, 0.0);
+    for (int64_t s = 0; s < S; ++s) {  // samples in order: the sums are the same whatever the threads
+      normals_fill(key, static_cast<uint64_t>(i0 >> 2), (len + 3) >> 2, static_cast<uint32_t>(s), own, pur, eps);
+      const float* g = grad_w + s * n + i0;
+      for (int64_t t = 0; t < len; ++t) {
+        const double gv = static_cast<double>(g[t]);
+        acc_mu[t] += gv;
+        acc_rho[t] += gv * static_cast<double>(eps[t]);
+      }
+    }
+    // eps is free now: reuse it for softplus'(rho)
+    softplus_grad_fill(rho + i0, eps, len);
+    for (int64_t t = 0; t < len; ++t) {
+      grad_mu[i0 + t] = static_cast<float>(acc_mu[t]);
+      grad_rho[i0 + t] = static_cast<float>(acc_rho[t] * static_cast<double>(eps[t]));
+    }
+  }
+}
+
+}  // namespace sws

@@ -1,0 +1,32 @@
+// Bulk Philox -> Box-Muller normals and the per-element softplus / softplus' of the CPU kernels, with a
+// runtime-dispatched AVX2 version (x86-64 with AVX2+FMA) and a portable scalar one (philox.h + libm).
+//
+// Contract (SPEC.md section 4): the Philox words, and so the uniforms, are bit-exact in both versions;
+// the AVX2 normals use polynomial log/sin/cos (Cephes-style, float32) that stay within a few 1e-7 of the
+// libm ones, far inside the 1e-5 absolute the contract allows. Which version ran is a property of the
+// machine (and of set_simd), never of the thread count or of an element's position inside a call:
+// the AVX2 path evaluates every counter as a full 8-lane group, tails included, so element i of a stream
+// gets the same float whichever call or block produced it.
+#pragma once
+
+#include <cstdint>
+
+#include "../philox.h"
+
+namespace sws {
+
+// out[0 .. 4*nj): the normals of counters j0 .. j0+nj-1 of stream (key, sample, owner, purpose), i.e.
+// elements 4*j0 .. 4*(j0+nj)-1. Requires j0 + nj <= 2^32 (callers check the 2^34 element limit).
+void normals_fill(Key key, uint64_t j0, int64_t nj, uint32_t sample, uint32_t owner, uint32_t purpose, float* out);
+
+// out[i] = softplus(x[i]) (torch's: x above 20, else log1p(exp(x))); in-place allowed.
+void softplus_fill(const float* x, float* out, int64_t n);
+// out[i] = softplus'(x[i]) = sigmoid(x[i]), exactly 1 above 20 (reference.softplus_grad); in-place allowed.
+void softplus_grad_fill(const float* x, float* out, int64_t n);
+
+// "avx2" or "scalar": the version the calls above use now.
+const char* simd_level();
+// Enable (default) or disable the vector version (tests compare both; benchmarks measure both).
+void set_simd(bool enabled);
+
+}  // namespace sws

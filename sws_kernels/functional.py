@@ -82,7 +82,48 @@ def _sws_conv(conv, spatial, x, means, chol, labels, ellipse, outliers, bias, st
     _checks.tensor(labels, "labels", ndim=spatial + 2, integer=True)
     reference._check_bias(bias, labels.shape[0], means.device)
     w = _sws_weights(means, chol, labels, ellipse, outliers, seed, samples, mode, owner, codebook_owner)
-    return reference._conv(conv, x, w, bias, stride, padding, dilation, groups, per_sample, spatial)
+    if _backend.select("reconstruct", means.device, means.dtype)[0] == "reference":
+        return reference._conv(conv, x, w, bias, stride, padding, dilation, groups, per_sample, spatial)
+    return _conv_all_samples(conv, x, w, bias, stride, padding, dilation, groups, per_sample, spatial)
+
+
+def _conv_all_samples(conv, x, w, bias, stride, padding, dilation, groups, per_sample: bool, spatial: int):
+    """All S samples in ONE vendor conv call (reference._conv loops over samples).
+
+    x shared: the S sampled kernels are stacked along output channels, interleaved per group ([g, S, out/g])
+    so each group still sees its own input channels; per-sample x [S, N, C, ...]: the samples go to the
+    channel axis and a grouped conv with S * groups groups pairs each input slice with its own kernels.
+    """
+    S, out_f = w.shape[0], w.shape[1]
+    # the checks of reference._conv (same messages)
+    _checks.activations(x, "x", w.device)
+    want = spatial + 2 + (1 if per_sample else 0)
+    if x.dim() != want:
+        what = "[samples, N, C, *spatial]" if per_sample else "[N, C, *spatial]"
+        raise ValueError(f"x: expected {want} dimensions {what}, got {_checks.describe(x)}")
+    if per_sample and x.shape[0] != S:
+        raise ValueError(f"x: expected a leading sample dimension of size {S} with per_sample=True, "
+                         f"got {_checks.describe(x)}")
+    if not isinstance(groups, int) or groups < 1 or out_f % groups:
+        raise ValueError(f"groups: expected a positive int dividing out_channels = {out_f}, got {groups!r}")
+    w = w.to(x.dtype)
+    kshape = w.shape[2:]
+    if bias is not None:
+        bias = bias.to(x.dtype)
+        bias = bias if bias.dim() == 2 else bias.expand(S, -1)
+    if per_sample:
+        N = x.shape[1]
+        xs = x.transpose(0, 1).reshape(N, S * x.shape[2], *x.shape[3:])
+        y = conv(xs, w.reshape(S * out_f, *kshape), None if bias is None else bias.reshape(-1), stride, padding,
+                 dilation, S * groups)
+        return y.view(N, S, out_f, *y.shape[2:]).transpose(0, 1)
+    g = groups
+    wg = w.reshape(S, g, out_f // g, *kshape).transpose(0, 1).reshape(S * out_f, *kshape)
+    bg = None if bias is None else bias.reshape(S, g, out_f // g).transpose(0, 1).reshape(-1)
+    y = conv(x, wg, bg, stride, padding, dilation, g)
+    N = x.shape[0]
+    return y.view(N, g, S, out_f // g, *y.shape[2:]).permute(2, 0, 1, 3, *range(4, 4 + spatial)).reshape(
+        S, N, out_f, *y.shape[2:])
 
 
 def sws_conv1d(x, means, chol, labels, ellipse=None, outliers=None, bias=None, stride=1, padding=0, dilation=1,
@@ -134,13 +175,42 @@ def mean_field_linear(x, mu, rho, bias_mu=None, bias_rho=None, *, seed, samples:
     return _ops.call_mean_field_linear(x, mu, rho, bias, seed_, samples_, owner_, per_sample)
 
 
+def _mf_conv(conv, spatial, x, mu, rho, bias_mu, bias_rho, stride, padding, dilation, groups, seed, samples, owner,
+             per_sample):
+    """Mean-field conv with the selected backend's reconstruction and all samples in one vendor conv call."""
+    _checks.tensor(mu, "mu", ndim=spatial + 2, floating=True)
+    seed_, samples_, owner_ = _checks.mean_field(mu, rho, seed, samples, owner)
+    reference._check_bias(bias_mu, mu.shape[0], mu.device)
+    w = _ops.call_mean_field_reconstruct(mu, rho, seed_, samples_, owner_)
+    if bias_rho is not None:
+        if bias_mu is None:
+            raise ValueError("bias_rho: expected None when bias_mu is None, got a tensor")
+        _checks.mean_field(bias_mu, bias_rho, seed, samples, owner, "bias_mu", "bias_rho")
+        bias = _ops.call_mean_field_reconstruct(bias_mu, bias_rho, seed_, samples_, owner_, purpose=2)
+    else:
+        bias = bias_mu
+    return _conv_all_samples(conv, x, w, bias, stride, padding, dilation, groups, per_sample, spatial)
+
+
+def _mf_reference_selected(mu) -> bool:
+    if not hasattr(mu, "device"):
+        return True  # not a tensor: the reference path raises the TypeError
+    return _backend.select("mean_field_reconstruct", mu.device, mu.dtype)[0] == "reference"
+
+
 def mean_field_conv1d(x, mu, rho, bias_mu=None, bias_rho=None, stride=1, padding=0, dilation=1, groups=1, *,
                       seed, samples: int = 1, owner: int = 0, per_sample: bool = False):
+    if not _mf_reference_selected(mu):
+        return _mf_conv(_F.conv1d, 1, x, mu, rho, bias_mu, bias_rho, stride, padding, dilation, groups, seed,
+                        samples, owner, per_sample)
     return reference.mean_field_conv1d(x, mu, rho, bias_mu, bias_rho, stride, padding, dilation, groups, seed=seed,
                                        samples=samples, owner=owner, per_sample=per_sample)
 
 
 def mean_field_conv2d(x, mu, rho, bias_mu=None, bias_rho=None, stride=1, padding=0, dilation=1, groups=1, *,
                       seed, samples: int = 1, owner: int = 0, per_sample: bool = False):
+    if not _mf_reference_selected(mu):
+        return _mf_conv(_F.conv2d, 2, x, mu, rho, bias_mu, bias_rho, stride, padding, dilation, groups, seed,
+                        samples, owner, per_sample)
     return reference.mean_field_conv2d(x, mu, rho, bias_mu, bias_rho, stride, padding, dilation, groups, seed=seed,
                                        samples=samples, owner=owner, per_sample=per_sample)

@@ -457,7 +457,7 @@ def _device_name(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     import platform
 
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})"
 
 
 def _jsonable(obj):
@@ -473,7 +473,7 @@ def _jsonable(obj):
 
 
 def _save(cfg, result, mf, sws_model, models, log) -> List[str]:
-    """Pictures, the table and numbers (results.json), and the two Bayesian models (torch.save of the module)."""
+    """Pictures, the table and numbers (results.md/.json), and the two Bayesian models (sws_kernels.save)."""
     from . import plots
 
     out = Path(cfg.out)
@@ -492,9 +492,13 @@ def _save(cfg, result, mf, sws_model, models, log) -> List[str]:
     js = {k: v for k, v in result.items() if k not in ("models", "files")}
     (out / "results.json").write_text(json.dumps(_jsonable(js), indent=1))
     files.append(str(out / "results.json"))
-    # Whole-module pickles (standard torch.save), so `sws-kernels plot --model` can redraw the pictures.
-    for name, m in (("mean_field.pt", mf), ("sws_model.pt", sws_model)):
-        torch.save(copy.deepcopy(m).cpu(), out / name)
+    # Compact, pickle-free model files (sws_kernels.save): `sws-kernels plot --model` redraws the pictures from
+    # them, `sws-kernels convert` turns the mean-field one into an SWS file, sws.load(path, digits_cnn(...))
+    # restores either into the architecture.
+    from .io import save
+
+    for name, m in (("mean_field.sws", mf), ("sws_model.sws", sws_model)):
+        save(m, out / name)
         files.append(str(out / name))
     log("saved: " + ", ".join(files))
     return files

@@ -462,10 +462,10 @@ def cmd_plot(args) -> int:
 
     from . import plots
 
-    if not args.model and not args.bench:
-        raise CLIError("nothing to plot: pass --model FILE and/or --bench CSV")
     if args.mean_field and not args.model:
         raise CLIError("--mean-field: needs --model (the SWS model converted from it)")
+    if not args.model and not args.bench:
+        raise CLIError("nothing to plot: pass --model FILE and/or --bench CSV")
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:

@@ -385,6 +385,11 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> Dict:
 def _run(cfg: DemoConfig, device: torch.device, log) -> Dict:
     from .convert import to_mean_field, to_sws
 
+    if cfg.out:  # fail before minutes of training, not after
+        try:
+            Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DemoError(f"--out: cannot create directory {cfg.out!r} ({e.strerror})") from e
     torch.manual_seed(cfg.seed)
     train, test, factory, data_desc, input_shape, num_classes = _build(cfg, device)
     num_data = sum(x.shape[0] for x, _ in train)

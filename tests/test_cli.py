@@ -171,3 +171,36 @@ def test_every_command_has_help():
     for cmd in ("info", "quick", "demo", "bench", "convert", "plot"):
         r = subprocess.run([sys.executable, "-m", "sws_kernels", cmd, "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "usage: sws-kernels " + cmd in r.stdout, cmd
+
+
+BT_ARCH = '''
+from torch import nn
+from bayesian_torch.models.dnn_to_bnn import dnn_to_bnn
+
+def bt_model():
+    m = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
+    dnn_to_bnn(m, {"prior_mu": 0.0, "prior_sigma": 1.0, "posterior_mu_init": 0.0, "posterior_rho_init": -3.0,
+                   "type": "Reparameterization", "moped_enable": False, "moped_delta": 0.5})
+    return m
+'''
+
+
+def test_convert_bayesian_torch_checkpoint(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("bayesian_torch")
+    import torch
+    import sws_kernels as sws
+    from sws_kernels.nn import SWSConv2d, SWSLinear
+
+    (tmp_path / "bt_arch.py").write_text(BT_ARCH)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import bt_arch
+
+    torch.manual_seed(0)
+    torch.save({"epoch": 1, "state_dict": bt_arch.bt_model().state_dict()}, tmp_path / "bt.pth")
+    out = tmp_path / "bt.sws"
+    assert cli.main(["convert", str(tmp_path / "bt.pth"), str(out), "--arch", "bt_arch:bt_model",
+                     "--components", "8"]) == 0
+    assert "bayesian-torch layers converted: 0, 3" in capsys.readouterr().out
+    model = sws.load(out, bt_arch.bt_model())  # the user's bayesian-torch architecture: layers swapped in
+    assert isinstance(model[0], SWSConv2d) and isinstance(model[3], SWSLinear)
+    assert sws.predict(model, torch.randn(3, 1, 6, 6), 2).shape == (2, 3, 5)

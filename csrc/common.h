@@ -60,9 +60,22 @@ inline void validate_sizes(const ReconstructArgs& a, const char* fn) {
   if (a.means == nullptr || a.chol == nullptr) fail("means/chol pointer is null");
 }
 
+// Checks of the mean-field entry points (CPU and CUDA); throws std::invalid_argument naming `fn`.
+inline void validate_mean_field(const char* fn, int64_t n, int64_t S, int64_t owner, int64_t purpose) {
+  auto fail = [&](const std::string& what) { throw std::invalid_argument(std::string(fn) + ": " + what); };
+  if (n < 0) fail("n must be >= 0, got " + std::to_string(n));
+  if (static_cast<uint64_t>(n) > kMaxElement)
+    fail("n = " + std::to_string(n) + " exceeds the per-stream limit of 2^34 elements");
+  if (S < 1 || S > 0xffffffffll) fail("S (samples) must be in [1, 2^32), got " + std::to_string(S));
+  if (owner < 0 || owner > 0xffffffffll) fail("owner must be in [0, 2^32), got " + std::to_string(owner));
+  if (purpose < 0 || purpose > 0xffffffffll) fail("purpose must be in [0, 2^32), got " + std::to_string(purpose));
+}
+
 // softplus exactly as torch.nn.functional.softplus (beta 1, threshold 20): x if x > 20 else log1p(exp(x)).
 SWS_HD float softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
 SWS_HD float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+// softplus' as PyTorch computes it (reference.softplus_grad): sigmoid, exactly 1 above the threshold 20.
+SWS_HD float softplus_grad(float x) { return x > 20.0f ? 1.0f : sigmoid(x); }
 
 // Component noise xi[s, k] = elements 2k, 2k+1 of stream (seed, s, codebook_owner, purpose 1): both come
 // from counter j = k / 2, words (0, 1) for even k and (2, 3) for odd k.
@@ -111,6 +124,35 @@ void reconstruct_backward_cuda(const ReconstructArgs& a, const float* grad_out, 
                                uintptr_t stream);
 // usable = a device is present and the runtime works; reason says why not.
 void cuda_status(bool& usable, std::string& reason);
+// zbuf[S, K, 2] = (z_mu, softplus(z_rho)) (mean mode: (m_mu, 0)): the table the fused kernels read.
+void sample_components_cuda(const ReconstructArgs& a, float* zbuf, uintptr_t stream);
+// csrc/cuda/mean_field.cu: same contract as the CPU versions, device pointers, asynchronous on `stream`.
+void mean_field_reconstruct_cuda(const float* mu, const float* rho, int64_t n, uint64_t seed, int64_t S, int64_t owner,
+                                 int64_t purpose, float* out, uintptr_t stream);
+void mean_field_reconstruct_backward_cuda(const float* grad_w, const float* rho, int64_t n, uint64_t seed, int64_t S,
+                                          int64_t owner, int64_t purpose, float* grad_mu, float* grad_rho,
+                                          uintptr_t stream);
+// csrc/cuda/linear.cu: fused small-M SWS linear forward, y[s] = x[s or shared] W[s]^T (+ bias), W generated
+// from labels and the sampled codebook (zbuf, filled here) inside the kernel. x/y dtype: kF32 / kF16 / kBF16.
+enum ActDtype : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+constexpr int64_t kLinearMaxM = 16;
+struct LinearArgs {
+  int64_t out_f = 0, in_f = 0;  // labels is [out_f, in_f] (n = out_f * in_f)
+  const void* x = nullptr;      // [M, in_f] shared, or [S, M, in_f] per sample; contiguous
+  int x_dtype = kF32;
+  int64_t M = 0;                // rows per sample, 1 <= M <= kLinearMaxM
+  bool per_sample = false;
+  const float* bias = nullptr;  // float32 [out_f] or [S, out_f] or null
+  bool bias_per_sample = false;
+  void* y = nullptr;            // [S, M, out_f], x's dtype
+  // ellipse/outlier positions: a bitmask over the n weights (bit p set: not an inlier) and a row-sorted
+  // list (positions ascending; ov_idx < E: ellipse entry, else outlier entry ov_idx - E) with row offsets.
+  const uint32_t* ov_mask = nullptr;  // [(n + 31) / 32] or null when E + O == 0
+  const int64_t* ov_rows = nullptr;   // [out_f + 1]
+  const int64_t* ov_pos = nullptr;    // [E + O]
+  const int64_t* ov_idx = nullptr;    // [E + O]
+};
+void sws_linear_cuda(const ReconstructArgs& a, const LinearArgs& l, float* zbuf, uintptr_t stream);
 #endif
 
 }  // namespace sws

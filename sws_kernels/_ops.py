@@ -117,42 +117,53 @@ torch.library.register_autograd("sws_kernels::reconstruct", _reconstruct_backwar
 for _name in ("native_cpu", "native_cuda"):
     _backend.register_kernel("reconstruct", _name)(native.reconstruct)
     _backend.register_kernel("reconstruct_backward", _name)(native.reconstruct_backward)
-# mean-field: csrc/cpu/mean_field.cpp (OpenMP + AVX2 normals).
-_backend.register_kernel("mean_field_reconstruct", "native_cpu")(native.mean_field_reconstruct)
-_backend.register_kernel("mean_field_reconstruct_backward", "native_cpu")(native.mean_field_reconstruct_backward)
+# mean-field: csrc/cpu/mean_field.cpp (OpenMP + AVX2 normals), csrc/cuda/mean_field.cu.
+for _name in ("native_cpu", "native_cuda"):
+    _backend.register_kernel("mean_field_reconstruct", _name)(native.mean_field_reconstruct)
+    _backend.register_kernel("mean_field_reconstruct_backward", _name)(native.mean_field_reconstruct_backward)
 
 
-# Linear layers on the CPU: reconstruct in C++, then PyTorch's GEMM (a CPU has no memory-bound small-M
-# regime worth a fused kernel: the GEMM is already cheap next to producing the weights). The op's autograd
-# then runs the native reconstruct backward on dW. (_linear/_dx_reference are looked up at call time.)
-def _native_cpu_sws_linear(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed,
-                           samples, mode, owner, codebook_owner, per_sample):
+# Linear layers, native: on the CPU reconstruct in C++ then PyTorch's GEMM (the GEMM is cheap next to producing
+# the weights: no memory-bound small-M regime worth a fused kernel). On CUDA, M <= 16 rows per sample runs the
+# fused lookup-in-GEMM kernel (csrc/cuda/linear.cu); larger M is compute bound: reconstruct -> cuBLAS. The op's
+# autograd then runs the native reconstruct backward on dW. (_linear/_dx_reference are looked up at call time.)
+def _native_sws_linear(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed, samples,
+                       mode, owner, codebook_owner, per_sample):
+    lead = x.shape[1:-1] if per_sample else x.shape[:-1]
+    rows = 1
+    for d in lead:
+        rows *= d
+    if x.is_cuda and 1 <= rows <= native.LINEAR_MAX_M and x.dtype in native._ACT_CODES:
+        y = native.sws_linear_cuda(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed,
+                                   samples, mode, owner, codebook_owner, per_sample)
+        return y.reshape(samples, *lead, labels.shape[0])
     w = native.reconstruct(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode,
                            owner, codebook_owner)
     return reference._linear(x, w, bias, per_sample).contiguous()
 
 
-def _native_cpu_sws_linear_dx(grad_y, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed,
-                              samples, mode, owner, codebook_owner, per_sample):
+def _native_sws_linear_dx(grad_y, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples,
+                          mode, owner, codebook_owner, per_sample):
     w = native.reconstruct(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode,
                            owner, codebook_owner)
     return _dx_reference(grad_y, w, samples, per_sample, labels.shape[1])
 
 
-def _native_cpu_mean_field_linear(x, mu, rho, bias, seed, samples, owner, per_sample):
+def _native_mean_field_linear(x, mu, rho, bias, seed, samples, owner, per_sample):
     w = native.mean_field_reconstruct(mu, rho, seed, samples, owner, 0)
     return reference._linear(x, w, bias, per_sample).contiguous()
 
 
-def _native_cpu_mean_field_linear_dx(grad_y, mu, rho, seed, samples, owner, per_sample):
+def _native_mean_field_linear_dx(grad_y, mu, rho, seed, samples, owner, per_sample):
     w = native.mean_field_reconstruct(mu, rho, seed, samples, owner, 0)
     return _dx_reference(grad_y, w, samples, per_sample, mu.shape[1])
 
 
-_backend.register_kernel("sws_linear", "native_cpu")(_native_cpu_sws_linear)
-_backend.register_kernel("sws_linear_dx", "native_cpu")(_native_cpu_sws_linear_dx)
-_backend.register_kernel("mean_field_linear", "native_cpu")(_native_cpu_mean_field_linear)
-_backend.register_kernel("mean_field_linear_dx", "native_cpu")(_native_cpu_mean_field_linear_dx)
+for _name in ("native_cpu", "native_cuda"):
+    _backend.register_kernel("sws_linear", _name)(_native_sws_linear)
+    _backend.register_kernel("sws_linear_dx", _name)(_native_sws_linear_dx)
+    _backend.register_kernel("mean_field_linear", _name)(_native_mean_field_linear)
+    _backend.register_kernel("mean_field_linear_dx", _name)(_native_mean_field_linear_dx)
 
 
 def call_reconstruct(a: _checks.SWSArgs) -> Tensor:

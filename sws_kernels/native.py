@@ -238,8 +238,6 @@ def reconstruct_backward(grad_w, means, chol, labels, e_pos, e_a, e_b, e_alpha, 
 def _mf_prep(mu, rho):
     dev = mu.device
     _need(dev)
-    if dev.type != "cpu":
-        raise NotImplementedError(f"mean_field_reconstruct: the native kernel for {dev.type} is not built in")
     mu = _check(mu, "mu", torch.float32, dev)
     rho = _check(rho, "rho", torch.float32, dev, tuple(mu.shape))
     return dev, mu, rho
@@ -250,8 +248,12 @@ def mean_field_reconstruct(mu, rho, seed, samples, owner, purpose) -> torch.Tens
     dev, mu, rho = _mf_prep(mu, rho)
     S = int(samples)
     out = torch.empty((S, *mu.shape), dtype=torch.float32, device=dev)
-    _C.mean_field_reconstruct_cpu(out.data_ptr(), mu.data_ptr(), rho.data_ptr(), mu.numel(), _seed(seed), S,
-                                  int(owner), int(purpose))
+    args = (out.data_ptr(), mu.data_ptr(), rho.data_ptr(), mu.numel(), _seed(seed), S, int(owner), int(purpose))
+    if dev.type == "cpu":
+        _C.mean_field_reconstruct_cpu(*args)
+        return out
+    with torch.cuda.device(dev):
+        _C.mean_field_reconstruct_cuda(*args, torch.cuda.current_stream(dev).cuda_stream)
     return out
 
 
@@ -263,8 +265,13 @@ def mean_field_reconstruct_backward(grad_w, mu, rho, seed, samples, owner,
     grad_w = _check(grad_w, "grad_w", torch.float32, dev, (S, *mu.shape))
     g_mu = torch.empty_like(mu)
     g_rho = torch.empty_like(rho)
-    _C.mean_field_reconstruct_backward_cpu(grad_w.data_ptr(), rho.data_ptr(), mu.numel(), _seed(seed), S,
-                                           int(owner), int(purpose), g_mu.data_ptr(), g_rho.data_ptr())
+    args = (grad_w.data_ptr(), rho.data_ptr(), mu.numel(), _seed(seed), S, int(owner), int(purpose),
+            g_mu.data_ptr(), g_rho.data_ptr())
+    if dev.type == "cpu":
+        _C.mean_field_reconstruct_backward_cpu(*args)
+        return g_mu, g_rho
+    with torch.cuda.device(dev):
+        _C.mean_field_reconstruct_backward_cuda(*args, torch.cuda.current_stream(dev).cuda_stream)
     return g_mu, g_rho
 
 
@@ -278,3 +285,69 @@ def set_simd(enabled: bool) -> None:
     """Enable (default) or disable the AVX2 normals/softplus, process-wide (tests and benchmarks)."""
     _need(torch.device("cpu"))
     _C.set_simd(bool(enabled))
+
+
+# ------------------------------------------------------------------------------------------------------
+# fused small-M SWS linear forward (CUDA: csrc/cuda/linear.cu)
+# ------------------------------------------------------------------------------------------------------
+
+_ACT_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+LINEAR_MAX_M = 16  # csrc/common.h kLinearMaxM: rows per sample the fused kernel accumulates
+
+
+def _overrides(n, in_f, out_f, e_pos, o_pos):
+    """(bitmask int32 [(n+31)//32], row offsets int64 [out+1], positions int64 [E+O] ascending, entry ids).
+
+    Entry id < E is ellipse entry id, else outlier entry id - E. Integer torch work on the device: stable sort,
+    bincount, cumsum (deterministic).
+    """
+    dev = e_pos.device
+    pos = torch.cat([e_pos, o_pos])
+    idx = torch.arange(pos.numel(), dtype=torch.int64, device=dev)
+    order = torch.sort(pos, stable=True).indices
+    pos, idx = pos[order].contiguous(), idx[order].contiguous()
+    rows = torch.zeros(out_f + 1, dtype=torch.int64, device=dev)
+    rows[1:] = torch.cumsum(torch.bincount(pos // in_f, minlength=out_f), 0)
+    words = torch.zeros((n + 31) // 32, dtype=torch.int64, device=dev)
+    # one bit per position; positions are unique, so a scatter-add of distinct powers of two is an OR
+    words.index_add_(0, pos >> 5, torch.ones_like(pos) << (pos & 31))
+    mask = torch.where(words >= (1 << 31), words - (1 << 32), words).to(torch.int32).contiguous()
+    return mask, rows, pos, idx
+
+
+def sws_linear_cuda(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed, samples, mode,
+                    owner, codebook_owner, per_sample) -> torch.Tensor:
+    """Fused forward for M <= 16 rows per sample: y [S, M, out] in x's dtype (x [M, in] or [S, M, in])."""
+    dev, K, means, chol, labels, e_pos, e_a, e_b, e_alpha, E, o_pos, o_mu, o_rho, O = _prep(
+        means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho)
+    if dev.type != "cuda":
+        raise ValueError(f"sws_linear_cuda: expected CUDA tensors, got {dev}")
+    if x.dtype not in _ACT_CODES:
+        raise TypeError(f"x: expected one of {list(_ACT_CODES)}, got {x.dtype}")
+    out_f, in_f = labels.shape
+    S = int(samples)
+    x = _check(x, "x", x.dtype, dev)
+    per = in_f * (S if per_sample else 1)
+    M = x.numel() // per if x.dim() >= 1 and x.shape[-1] == in_f else 0
+    if M == 0 or x.numel() != M * per or (per_sample and x.shape[0] != S):
+        what = f"[{S}, ..., {in_f}]" if per_sample else f"[..., {in_f}]"
+        raise ValueError(f"x: expected {what}, got {tuple(x.shape)}")
+    b = None
+    if bias is not None:
+        b = _check(bias.to(torch.float32), "bias", torch.float32, dev)
+        if tuple(b.shape) not in ((out_f,), (S, out_f)):
+            raise ValueError(f"bias: expected [{out_f}] or [{S}, {out_f}], got {tuple(b.shape)}")
+    y = torch.empty((S, M, out_f), dtype=x.dtype, device=dev)
+    args = _common_args(K, means, chol, labels, e_pos, e_a, e_b, e_alpha, E, o_pos, o_mu, o_rho, O, seed, S, mode,
+                        owner, codebook_owner)
+    with torch.cuda.device(dev):
+        if E + O:
+            mask, rows, pos, idx = _overrides(labels.numel(), in_f, out_f, e_pos, o_pos)
+            ov = (mask.data_ptr(), rows.data_ptr(), pos.data_ptr(), idx.data_ptr())
+        else:
+            ov = (0, 0, 0, 0)
+        zbuf = torch.empty(max(1, S * K * 2), dtype=torch.float32, device=dev)
+        _C.sws_linear_cuda(*args, out_f, in_f, x.data_ptr(), _ACT_CODES[x.dtype], M, bool(per_sample),
+                           0 if b is None else b.data_ptr(), b is not None and b.dim() == 2, y.data_ptr(), *ov,
+                           zbuf.data_ptr(), torch.cuda.current_stream(dev).cuda_stream)
+    return y

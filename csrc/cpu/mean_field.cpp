@@ -22,22 +22,12 @@ namespace {
 
 constexpr int64_t kBlock = 2048;  // weights per work item: 8 KB of normals + 8 KB of softplus stay in L1
 
-void check_mean_field(const char* fn, int64_t n, int64_t S, int64_t owner, int64_t purpose) {
-  auto fail = [&](const std::string& what) { throw std::invalid_argument(std::string(fn) + ": " + what); };
-  if (n < 0) fail("n must be >= 0, got " + std::to_string(n));
-  if (static_cast<uint64_t>(n) > kMaxElement)
-    fail("n = " + std::to_string(n) + " exceeds the per-stream limit of 2^34 elements");
-  if (S < 1 || S > 0xffffffffll) fail("S (samples) must be in [1, 2^32), got " + std::to_string(S));
-  if (owner < 0 || owner > 0xffffffffll) fail("owner must be in [0, 2^32), got " + std::to_string(owner));
-  if (purpose < 0 || purpose > 0xffffffffll) fail("purpose must be in [0, 2^32), got " + std::to_string(purpose));
-}
-
 }  // namespace
 
 void mean_field_reconstruct_cpu(const float* mu, const float* rho, int64_t n, uint64_t seed, int64_t S, int64_t owner,
                                 int64_t purpose, float* out) {
   const char* fn = "mean_field_reconstruct_cpu";
-  check_mean_field(fn, n, S, owner, purpose);
+  validate_mean_field(fn, n, S, owner, purpose);
   if (n == 0) return;
   if (mu == nullptr || rho == nullptr || out == nullptr) throw std::invalid_argument(std::string(fn) + ": null pointer");
   const Key key = seed_key(seed);
@@ -63,7 +53,7 @@ void mean_field_reconstruct_cpu(const float* mu, const float* rho, int64_t n, ui
 void mean_field_reconstruct_backward_cpu(const float* grad_w, const float* rho, int64_t n, uint64_t seed, int64_t S,
                                          int64_t owner, int64_t purpose, float* grad_mu, float* grad_rho) {
   const char* fn = "mean_field_reconstruct_backward_cpu";
-  check_mean_field(fn, n, S, owner, purpose);
+  validate_mean_field(fn, n, S, owner, purpose);
   if (n == 0) return;
   if (grad_w == nullptr || rho == nullptr || grad_mu == nullptr || grad_rho == nullptr)
     throw std::invalid_argument(std::string(fn) + ": null pointer");

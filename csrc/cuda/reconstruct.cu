@@ -365,6 +365,17 @@ void reconstruct_backward_cuda(const ReconstructArgs& a, const float* grad_out, 
   }
 }
 
+void sample_components_cuda(const ReconstructArgs& a, float* zbuf, uintptr_t stream_ptr) {
+  const char* fn = "sample_components_cuda";
+  validate_sizes(a, fn);
+  cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_ptr);
+  const int64_t grid_cap = static_cast<int64_t>(sm_count(fn)) * 32;
+  k_sample<<<grid_for(a.S * a.K, grid_cap), kThreads, 0, stream>>>(a.means, a.chol, a.K, a.S, a.mode,
+                                                                   seed_key(a.seed),
+                                                                   static_cast<uint32_t>(a.codebook_owner), zbuf);
+  SWS_CUDA_CHECK(fn, cudaGetLastError());
+}
+
 void cuda_status(bool& usable, std::string& reason) {
   usable = false;
   int count = 0;

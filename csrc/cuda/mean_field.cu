@@ -1,0 +1,138 @@
+// Mean-field reconstruct and its backward on CUDA. SPEC.md section 3, last paragraph:
+//   w[s, i] = mu_i + softplus(rho_i) eps[s, i];  d mu_i = sum_s dW[s, i];  d rho_i = (sum_s dW eps) softplus'(rho_i)
+//
+// One thread per Philox counter (4 consecutive weights: one Philox call yields their 4 normals), a capped
+// grid-stride loop over counters. Forward: gridDim.y walks the samples (mu/rho are re-read per sample from
+// L2; the output dominates the bytes). Backward: each thread sums its 4 weights over s = 0, 1, ... in order
+// with double accumulators, so the result is bit-identical run to run without atomics or reductions.
+// No fast-math: the device Box-Muller must stay within ulps of the host's (philox.h).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+#include "../common.h"
+
+namespace sws {
+namespace {
+
+#define SWS_CUDA_CHECK(fn, call)                                                                               \
+  do {                                                                                                         \
+    const cudaError_t err_ = (call);                                                                           \
+    if (err_ != cudaSuccess)                                                                                   \
+      throw std::runtime_error(std::string(fn) + ": " #call " failed: " + cudaGetErrorString(err_) + " (" + \
+                               std::to_string(static_cast<int>(err_)) + ")");                                  \
+  } while (0)
+
+constexpr int kThreads = 256;
+
+__global__ void k_mf_forward(const float* __restrict__ mu, const float* __restrict__ rho, int64_t n, int64_t S,
+                             Key key, uint32_t owner, uint32_t purpose, float* __restrict__ out) {
+  const int64_t groups = (n + 3) / 4;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  // float4 loads/stores when every row of out (and mu, rho) starts 16-byte aligned.
+  const bool vec = (n % 4 == 0) && (((reinterpret_cast<uintptr_t>(out) | reinterpret_cast<uintptr_t>(mu) |
+                                      reinterpret_cast<uintptr_t>(rho)) & 15) == 0);
+  for (int64_t s = blockIdx.y; s < S; s += gridDim.y) {
+    float* o = out + s * n;
+    for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups; g += stride) {
+      float eps[4], m[4], r[4], v[4];
+      words_to_normal4(stream_words(key, static_cast<uint32_t>(g), static_cast<uint32_t>(s), owner, purpose), eps);
+      const int64_t i = 4 * g;
+      const int cnt = static_cast<int>(min(static_cast<int64_t>(4), n - i));
+      if (vec) {
+        const float4 m4 = *reinterpret_cast<const float4*>(mu + i);
+        const float4 r4 = *reinterpret_cast<const float4*>(rho + i);
+        m[0] = m4.x; m[1] = m4.y; m[2] = m4.z; m[3] = m4.w;
+        r[0] = r4.x; r[1] = r4.y; r[2] = r4.z; r[3] = r4.w;
+      } else {
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+          m[t] = t < cnt ? mu[i + t] : 0.0f;
+          r[t] = t < cnt ? rho[i + t] : 0.0f;
+        }
+      }
+#pragma unroll
+      for (int t = 0; t < 4; ++t) v[t] = __fadd_rn(m[t], __fmul_rn(softplus(r[t]), eps[t]));  // mul, add: as the reference
+      if (vec) {
+        *reinterpret_cast<float4*>(o + i) = make_float4(v[0], v[1], v[2], v[3]);
+      } else {
+        for (int t = 0; t < cnt; ++t) o[i + t] = v[t];
+      }
+    }
+  }
+}
+
+__global__ void k_mf_backward(const float* __restrict__ grad, const float* __restrict__ rho, int64_t n, int64_t S,
+                              Key key, uint32_t owner, uint32_t purpose, float* __restrict__ grad_mu,
+                              float* __restrict__ grad_rho) {
+  const int64_t groups = (n + 3) / 4;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups; g += stride) {
+    const int64_t i = 4 * g;
+    const int cnt = static_cast<int>(min(static_cast<int64_t>(4), n - i));
+    double am[4] = {0, 0, 0, 0}, ar[4] = {0, 0, 0, 0};
+    for (int64_t s = 0; s < S; ++s) {  // in order: deterministic
+      float eps[4];
+      words_to_normal4(stream_words(key, static_cast<uint32_t>(g), static_cast<uint32_t>(s), owner, purpose), eps);
+      const float* gs = grad + s * n + i;
+#pragma unroll
+      for (int t = 0; t < 4; ++t) {
+        if (t < cnt) {
+          const double gv = static_cast<double>(gs[t]);
+          am[t] += gv;
+          ar[t] += gv * static_cast<double>(eps[t]);
+        }
+      }
+    }
+    for (int t = 0; t < cnt; ++t) {
+      grad_mu[i + t] = static_cast<float>(am[t]);
+      grad_rho[i + t] = static_cast<float>(ar[t] * static_cast<double>(softplus_grad(rho[i + t])));
+    }
+  }
+}
+
+int sm_count(const char* fn) {
+  int dev = 0, sms = 0;
+  SWS_CUDA_CHECK(fn, cudaGetDevice(&dev));
+  SWS_CUDA_CHECK(fn, cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  return std::max(1, sms);
+}
+
+unsigned grid_for(int64_t work, int64_t cap) {
+  const int64_t b = (work + kThreads - 1) / kThreads;
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min(b, cap)));
+}
+
+}  // namespace
+
+void mean_field_reconstruct_cuda(const float* mu, const float* rho, int64_t n, uint64_t seed, int64_t S, int64_t owner,
+                                 int64_t purpose, float* out, uintptr_t stream_ptr) {
+  const char* fn = "mean_field_reconstruct_cuda";
+  validate_mean_field(fn, n, S, owner, purpose);
+  if (n == 0) return;
+  cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_ptr);
+  const unsigned gy = static_cast<unsigned>(std::min<int64_t>(S, 65535));
+  const int64_t cap = std::max<int64_t>(1, (static_cast<int64_t>(sm_count(fn)) * 16 + gy - 1) / gy);
+  const dim3 grid(grid_for((n + 3) / 4, cap), gy);
+  k_mf_forward<<<grid, kThreads, 0, stream>>>(mu, rho, n, S, seed_key(seed), static_cast<uint32_t>(owner),
+                                              static_cast<uint32_t>(purpose), out);
+  SWS_CUDA_CHECK(fn, cudaGetLastError());
+}
+
+void mean_field_reconstruct_backward_cuda(const float* grad_w, const float* rho, int64_t n, uint64_t seed, int64_t S,
+                                          int64_t owner, int64_t purpose, float* grad_mu, float* grad_rho,
+                                          uintptr_t stream_ptr) {
+  const char* fn = "mean_field_reconstruct_backward_cuda";
+  validate_mean_field(fn, n, S, owner, purpose);
+  if (n == 0) return;
+  cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_ptr);
+  const int64_t cap = static_cast<int64_t>(sm_count(fn)) * 16;
+  k_mf_backward<<<grid_for((n + 3) / 4, cap), kThreads, 0, stream>>>(grad_w, rho, n, S, seed_key(seed),
+                                                                     static_cast<uint32_t>(owner),
+                                                                     static_cast<uint32_t>(purpose), grad_mu, grad_rho);
+  SWS_CUDA_CHECK(fn, cudaGetLastError());
+}
+
+}  // namespace sws

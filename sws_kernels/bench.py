@@ -38,7 +38,8 @@ FIELDS = ["device", "op", "in_features", "out_features", "M", "S", "pass", "meth
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {platform.machine()} ({torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"CPU {platform.machine()} ({n} thread{'s' if n > 1 else ''})"
 
 
 def _layer(in_f: int, out_f: int, K: int, device, seed: int = 0) -> Dict[str, torch.Tensor]:

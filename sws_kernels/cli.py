@@ -197,7 +197,7 @@ def _add_bench(sub) -> None:
     b.add_argument("--passes", type=lambda t: t.split(","), default=list(PASSES),
                    help=f"comma-separated subset of {','.join(PASSES)}")
     b.add_argument("--min-time", type=_positive("--min-time", float), help="CPU: seconds of timed rounds per "
-                   "measurement (default 0.2; --quick 0.01)")
+                   "measurement (default 0.1; --quick 0.01)")
     b.add_argument("--threads", type=_positive("--threads"), help="CPU threads (default: torch's default)")
     b.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     b.add_argument("--csv", metavar="PATH", help="also write the rows to this CSV (input of `sws-kernels plot --bench`)")
@@ -222,7 +222,7 @@ def cmd_bench(args) -> int:
     if args.quick:
         d = dict(f=128, Ms=[8], Ss=[1, 4], K=64, t=0.01)
     else:
-        d = dict(f=4096 if gpu else 512, Ms=[32, 512] if gpu else [16, 128], Ss=[1, 4, 16], K=4096 if gpu else 256, t=0.2)
+        d = dict(f=4096 if gpu else 512, Ms=[32, 512] if gpu else [16, 128], Ss=[1, 4, 16], K=4096 if gpu else 256, t=0.1)
     if args.threads:
         torch.set_num_threads(args.threads)
     kw = dict(in_features=args.in_features or d["f"], out_features=args.out_features or d["f"],

@@ -250,6 +250,8 @@ def plot_bench(csv_path, path, *, method: str = "sws", baselines: Sequence[str] 
     """Speed-up of ``method`` against each baseline (median time ratio), by M (one line each) and S (x axis);
     one row of panels per pass (forward, forward+backward). > 1 means the fused SWS layer is faster."""
     plt = _plt()
+    from matplotlib.ticker import FuncFormatter
+
     rows = read_bench_csv(csv_path)
     passes = sorted({r["pass"] for r in rows}, key=lambda p: (p != "forward", p))
     present = {r["method"] for r in rows}
@@ -258,7 +260,7 @@ def plot_bench(csv_path, path, *, method: str = "sws", baselines: Sequence[str] 
     bases = [b for b in baselines if b in present]
     if not bases:
         raise ValueError(f"csv: none of the baselines {list(baselines)} present (found {sorted(present)})")
-    labels = {"dense": "dense F.linear (materialised W)", "bt_mean_field": "mean-field (bayesian-torch style)",
+    labels = {"dense": "dense (materialised W)", "bt_mean_field": "mean-field (bayesian-torch)",
               "mean_field": "mean-field (sws_kernels)", "reference": "SWS reference (PyTorch)"}
     fig, axes = plt.subplots(len(passes), len(bases), figsize=(4.2 * len(bases), 3.3 * len(passes)), dpi=110,
                              squeeze=False)
@@ -280,6 +282,10 @@ def plot_bench(csv_path, path, *, method: str = "sws", baselines: Sequence[str] 
             s_vals = sorted({k[4] for (k, m) in t if m == method and k[5] == ps})
             ax.set_xticks(s_vals, [str(v) for v in s_vals])
             ax.set_yscale("log")
+            fmt = FuncFormatter(lambda v, _: f"{v:g}x")  # "0.5x", "2x": not 5 x 10^-1
+            ax.yaxis.set_major_formatter(fmt)
+            ax.yaxis.set_minor_formatter(fmt)
+            ax.tick_params(axis="y", which="minor", labelsize=7)
             ax.set_xlabel("S (Monte Carlo samples per call)")
             ax.set_ylabel(f"speed-up of {method}")
             ax.set_title(f"{ps}: vs {labels.get(b, b)}", fontsize=9)

@@ -337,8 +337,10 @@ class _SWSLayer(_RngIdMixin, nn.Module):
         o_mu = torch.as_tensor(o_mu).detach().to(dev, torch.float32).clone()
         o_rho = torch.as_tensor(o_rho).detach().to(dev, torch.float32).clone()
         self.register_buffer("outlier_pos", torch.as_tensor(o_pos).detach().to(dev, torch.int64).clone())
-        self.outlier_mu = nn.Parameter(o_mu)
-        self.outlier_rho = nn.Parameter(o_rho)
+        # An empty outlier set gets frozen (requires_grad=False) empty parameters: they keep state_dict keys
+        # stable, and DDP / optimisers ignore them instead of waiting for a gradient that never comes.
+        self.outlier_mu = nn.Parameter(o_mu, requires_grad=o_mu.numel() > 0)
+        self.outlier_rho = nn.Parameter(o_rho, requires_grad=o_rho.numel() > 0)
         # Prior = the initial fit (SPEC.md section 8, step 6) unless given.
         mu0 = o_mu.clone() if o_mu0 is None else torch.as_tensor(o_mu0).detach().to(dev, torch.float32).clone()
         s0 = _ref.softplus(o_rho) if o_sigma0 is None else torch.as_tensor(o_sigma0).detach().to(dev, torch.float32).clone()
@@ -412,7 +414,7 @@ class _SWSLayer(_RngIdMixin, nn.Module):
         for name in ("outlier_mu", "outlier_rho"):
             t = state_dict.get(prefix + name)
             if isinstance(t, torch.Tensor) and t.shape != getattr(self, name).shape:
-                setattr(self, name, nn.Parameter(torch.empty(t.shape, device=dev)))
+                setattr(self, name, nn.Parameter(torch.empty(t.shape, device=dev), requires_grad=t.numel() > 0))
         self._load_rng_id(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

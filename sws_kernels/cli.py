@@ -42,6 +42,17 @@ def cmd_info(args) -> int:
     print(f"CPU threads: {torch.get_num_threads()}  CUDA: "
           f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
     print(_backends_table())
+    # optional packages: what `demo` / `plot` need (the [demo] extra) and what `convert` can read
+    import importlib.metadata as md
+
+    opt = []
+    for dist, used_by in (("scikit-learn", "demo"), ("matplotlib", "demo, plot"), ("tqdm", "demo"),
+                          ("bayesian-torch", "convert of bayesian-torch models")):
+        try:
+            opt.append(f"{dist} {md.version(dist)}")
+        except md.PackageNotFoundError:
+            opt.append(f"{dist} missing (needed by {used_by})")
+    print("optional: " + "; ".join(opt))
     return 0
 
 

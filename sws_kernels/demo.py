@@ -78,6 +78,9 @@ class DemoConfig:
                 raise DemoError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {v!r}")
         if self.sws_epochs is not None and (not isinstance(self.sws_epochs, int) or self.sws_epochs < 1):
             raise DemoError(f"--sws-epochs: expected an integer >= 1, got {self.sws_epochs!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 32:
+            # scikit-learn's split takes seeds in [0, 2^32)
+            raise DemoError(f"--seed: expected an integer in [0, 2**32), got {self.seed!r}")
         for name in ("lr", "sws_lr", "prior_sigma"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):

@@ -141,3 +141,8 @@ def test_demo_out_not_creatable(tmp_path, capsys):
     cfg = demo.DemoConfig.fast_config(out=str(blocker / "sub"), progress=False, epochs=1, sws_epochs=1, samples=1)
     with pytest.raises(demo.DemoError, match="--out"):
         demo.run_demo(cfg, log=lambda s: None)
+
+
+def test_demo_negative_seed(capsys):
+    assert cli.main(["demo", "--fast", "--no-out", "--seed", "-1"]) == 2
+    assert "--seed" in capsys.readouterr().err

@@ -33,7 +33,37 @@ def sample_components(means, chol, *, seed, samples: int = 1, codebook_owner: in
     return reference.sample_components(means, chol, seed=seed, samples=samples, codebook_owner=codebook_owner)
 
 
+def _compiling() -> bool:
+    """True while torch.compile traces: the data-dependent checks (min/max of labels, finiteness, unique
+    positions) and the backend choice (a ContextVar) cannot be traced, so the traced path builds the op
+    arguments without them and calls the opaque ops, which pick their backend when they run."""
+    return torch.compiler.is_compiling()
+
+
+def _traced_args(means, chol, labels, ellipse, outliers, seed, samples, mode, owner, codebook_owner):
+    """_checks.SWSArgs without the data-dependent checks (see _compiling); run the same call eagerly to validate."""
+    dev, dt = means.device, means.dtype
+    i64 = dict(dtype=torch.int64, device=dev)
+    if ellipse is None:
+        e_pos = e_a = e_b = torch.zeros(0, **i64)
+        e_alpha = torch.zeros(0, dtype=dt, device=dev)
+    else:
+        e_pos, e_a, e_b, e_alpha = ellipse
+        e_pos, e_a, e_b, e_alpha = e_pos.long(), e_a.long(), e_b.long(), e_alpha.to(dt)
+    if outliers is None:
+        o_pos = torch.zeros(0, **i64)
+        o_mu = o_rho = torch.zeros(0, dtype=dt, device=dev)
+    else:
+        o_pos, o_mu, o_rho = outliers
+        o_pos = o_pos.long()
+    return _checks.SWSArgs(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples,
+                           _checks.mode(mode), owner, codebook_owner)
+
+
 def _sws_weights(means, chol, labels, ellipse, outliers, seed, samples, mode, owner, codebook_owner):
+    if _compiling():
+        return _ops.call_reconstruct(_traced_args(means, chol, labels, ellipse, outliers, seed, samples, mode, owner,
+                                                  codebook_owner))
     a = _checks.sws(means, chol, labels, ellipse, outliers, seed, samples, mode, owner, codebook_owner)
     if torch.compiler.is_compiling():
         # Under torch.compile the opaque op is the graph node; it selects its kernel when it runs.
@@ -55,6 +85,9 @@ def reconstruct(means, chol, labels, ellipse=None, outliers=None, *, seed, sampl
 def sws_linear(x, means, chol, labels, ellipse=None, outliers=None, bias=None, *, seed, samples: int = 1,
                mode: str = "paper", owner: int = 0, codebook_owner: int = 0, per_sample: bool = False):
     """x [..., in] (or [samples, ..., in] with per_sample=True) -> [samples, ..., out]."""
+    if _compiling():
+        a = _traced_args(means, chol, labels, ellipse, outliers, seed, samples, mode, owner, codebook_owner)
+        return _ops.call_sws_linear(x, a, bias, per_sample)
     _checks.tensor(labels, "labels", ndim=2, integer=True)
     reference._check_bias(bias, labels.shape[0], means.device)
     name, _, why = _backend.select("sws_linear", means.device, means.dtype)
@@ -82,7 +115,7 @@ def _sws_conv(conv, spatial, x, means, chol, labels, ellipse, outliers, bias, st
     _checks.tensor(labels, "labels", ndim=spatial + 2, integer=True)
     reference._check_bias(bias, labels.shape[0], means.device)
     w = _sws_weights(means, chol, labels, ellipse, outliers, seed, samples, mode, owner, codebook_owner)
-    if _backend.select("reconstruct", means.device, means.dtype)[0] == "reference":
+    if not _compiling() and _backend.select("reconstruct", means.device, means.dtype)[0] == "reference":
         return reference._conv(conv, x, w, bias, stride, padding, dilation, groups, per_sample, spatial)
     return _conv_all_samples(conv, x, w, bias, stride, padding, dilation, groups, per_sample, spatial)
 
@@ -146,6 +179,8 @@ def sws_conv2d(x, means, chol, labels, ellipse=None, outliers=None, bias=None, s
 
 def mean_field_reconstruct(mu, rho, *, seed, samples: int = 1, owner: int = 0):
     """w[s] = mu + softplus(rho) eps[s] -> [samples, *mu.shape]."""
+    if _compiling():
+        return _ops.call_mean_field_reconstruct(mu, rho, seed, samples, owner)
     seed_, samples_, owner_ = _checks.mean_field(mu, rho, seed, samples, owner)
     name, _, why = _backend.select("mean_field_reconstruct", mu.device, mu.dtype)
     log.debug("mean_field_reconstruct: backend %s (%s)", name, why)
@@ -156,6 +191,11 @@ def mean_field_reconstruct(mu, rho, *, seed, samples: int = 1, owner: int = 0):
 
 def mean_field_linear(x, mu, rho, bias_mu=None, bias_rho=None, *, seed, samples: int = 1, owner: int = 0,
                       per_sample: bool = False):
+    if _compiling():
+        bias = bias_mu
+        if bias_rho is not None:
+            bias = _ops.call_mean_field_reconstruct(bias_mu, bias_rho, seed, samples, owner, purpose=2)
+        return _ops.call_mean_field_linear(x, mu, rho, bias, seed, samples, owner, per_sample)
     name, _, why = _backend.select("mean_field_linear", mu.device, mu.dtype)
     log.debug("mean_field_linear: backend %s (%s)", name, why)
     if name == "reference":
@@ -179,13 +219,17 @@ def _mf_conv(conv, spatial, x, mu, rho, bias_mu, bias_rho, stride, padding, dila
              per_sample):
     """Mean-field conv with the selected backend's reconstruction and all samples in one vendor conv call."""
     _checks.tensor(mu, "mu", ndim=spatial + 2, floating=True)
-    seed_, samples_, owner_ = _checks.mean_field(mu, rho, seed, samples, owner)
+    if _compiling():  # see _compiling: the data-dependent checks run eagerly only
+        seed_, samples_, owner_ = seed, samples, owner
+    else:
+        seed_, samples_, owner_ = _checks.mean_field(mu, rho, seed, samples, owner)
     reference._check_bias(bias_mu, mu.shape[0], mu.device)
     w = _ops.call_mean_field_reconstruct(mu, rho, seed_, samples_, owner_)
     if bias_rho is not None:
         if bias_mu is None:
             raise ValueError("bias_rho: expected None when bias_mu is None, got a tensor")
-        _checks.mean_field(bias_mu, bias_rho, seed, samples, owner, "bias_mu", "bias_rho")
+        if not _compiling():
+            _checks.mean_field(bias_mu, bias_rho, seed, samples, owner, "bias_mu", "bias_rho")
         bias = _ops.call_mean_field_reconstruct(bias_mu, bias_rho, seed_, samples_, owner_, purpose=2)
     else:
         bias = bias_mu
@@ -195,6 +239,8 @@ def _mf_conv(conv, spatial, x, mu, rho, bias_mu, bias_rho, stride, padding, dila
 def _mf_reference_selected(mu) -> bool:
     if not hasattr(mu, "device"):
         return True  # not a tensor: the reference path raises the TypeError
+    if _compiling():
+        return False  # the ops choose their backend when they run
     return _backend.select("mean_field_reconstruct", mu.device, mu.dtype)[0] == "reference"
 
 

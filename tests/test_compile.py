@@ -7,7 +7,7 @@ import sws_kernels
 from sws_kernels import functional as F
 
 pytest.importorskip("triton")
-from test_triton_reconstruct import make_layer  # noqa: E402
+from test_triton_reconstruct import DEV, make_layer  # noqa: E402
 
 
 class SWSNet(torch.nn.Module):
@@ -23,13 +23,13 @@ class SWSNet(torch.nn.Module):
         self.register_buffer("labels", labels)
         self.register_buffer("o_pos", outl[0])
         self.ell = ell
-        self.bias = torch.nn.Parameter(torch.randn(12, generator=rng))
+        self.bias = torch.nn.Parameter(torch.randn(12, generator=rng).to(DEV))
         _, _, conv_labels, _, _ = make_layer(rng, (4, 3, 3), 7)
         self.register_buffer("conv_labels", conv_labels)
-        self.mf_mu = torch.nn.Parameter(torch.randn(5, 16, generator=rng) * 0.1)
-        self.mf_rho = torch.nn.Parameter(torch.randn(5, 16, generator=rng) - 3)
-        self.mf_bias_mu = torch.nn.Parameter(torch.randn(5, generator=rng))
-        self.mf_bias_rho = torch.nn.Parameter(torch.randn(5, generator=rng) - 2)
+        self.mf_mu = torch.nn.Parameter(torch.randn(5, 16, generator=rng).to(DEV) * 0.1)
+        self.mf_rho = torch.nn.Parameter(torch.randn(5, 16, generator=rng).to(DEV) - 3)
+        self.mf_bias_mu = torch.nn.Parameter(torch.randn(5, generator=rng).to(DEV))
+        self.mf_bias_rho = torch.nn.Parameter(torch.randn(5, generator=rng).to(DEV) - 2)
 
     def forward(self, x, seed: int):
         S = 2
@@ -45,7 +45,7 @@ class SWSNet(torch.nn.Module):
 def test_fullgraph_compile_matches_eager_and_trains(rng):
     torch._dynamo.reset()
     net = SWSNet(rng)
-    x = torch.randn(3, 10, generator=rng)
+    x = torch.randn(3, 10, generator=rng).to(DEV)
     with sws_kernels.backend("triton"):
         eager = net(x, 123)
         eager_grads = torch.autograd.grad(eager.square().sum(), list(net.parameters()))

@@ -15,7 +15,7 @@ from sws_kernels import reference as R
 pytest.importorskip("triton")
 from sws_kernels.triton import linear as L  # noqa: E402
 
-from test_triton_reconstruct import make_layer, to64  # noqa: E402
+from test_triton_reconstruct import DEV, make_layer, to64  # noqa: E402
 
 D = torch.float64
 
@@ -43,17 +43,17 @@ def test_sws_linear_forward_and_grads(rng, monkeypatch, mode, label_dtype, K, sh
     out_f, in_f = shape
     means, chol, labels, ell, outl = make_layer(rng, shape, K, E, O, label_dtype)
     xs = (S, *lead, in_f) if per_sample else (*lead, in_f)
-    x = torch.randn(*xs, generator=rng)
-    bias = torch.randn(out_f, generator=rng)
+    x = torch.randn(*xs, generator=rng).to(DEV)
+    bias = torch.randn(out_f, generator=rng).to(DEV)
     leaves = [x, means, chol, bias] + ([outl[1], outl[2]] if O else [])
     leaves = [t.clone().requires_grad_() for t in leaves]
     lx, lm, lc, lb = leaves[:4]
     lo = (outl[0], leaves[4], leaves[5]) if O else None
-    seed = int(torch.randint(0, 2**62, (1,), generator=rng)) * 3  # spans past 2**63
+    seed = int(torch.randint(0, 2**62, (1,), generator=rng).to(DEV)) * 3  # spans past 2**63
     with sws_kernels.backend("triton"):
         y = _run_sws(lx, (lm, lc, labels, ell, lo), lb, seed=seed, S=S, mode=mode, per_sample=per_sample)
         y2 = _run_sws(lx, (lm, lc, labels, ell, lo), lb, seed=seed, S=S, mode=mode, per_sample=per_sample)
-        g = torch.randn(y.shape, generator=rng)
+        g = torch.randn(y.shape, generator=rng).to(DEV)
         # the backward ops select their backend when they run: keep them inside the context
         got = torch.autograd.grad(y, leaves, g, allow_unused=True)
     assert torch.equal(y, y2)
@@ -82,8 +82,8 @@ def test_sws_linear_forward_and_grads(rng, monkeypatch, mode, label_dtype, K, sh
 def test_sws_linear_low_precision(rng, monkeypatch, dtype, fused):
     monkeypatch.setattr(L, "FUSED_MAX_M", 10**9 if fused else 0)
     means, chol, labels, ell, outl = make_layer(rng, (40, 64), 31, 3, 4, torch.uint8)
-    x = torch.randn(17, 64, generator=rng)
-    bias = torch.randn(40, generator=rng)
+    x = torch.randn(17, 64, generator=rng).to(DEV)
+    bias = torch.randn(40, generator=rng).to(DEV)
     exact = R.sws_linear(x.double(), means.double(), chol.double(), labels, to64(ell), to64(outl), bias.double(),
                          seed=3, samples=3, mode="hierarchical")
     torch_lp = R.sws_linear(x.to(dtype), means, chol, labels, ell, outl, bias, seed=3, samples=3, mode="hierarchical")
@@ -97,7 +97,7 @@ def test_sws_linear_low_precision(rng, monkeypatch, dtype, fused):
 
 def test_noncontiguous_x_and_labels(rng):
     means, chol, labels, ell, outl = make_layer(rng, (19, 23), 6, 2, 2, torch.int16)
-    x = torch.randn(23, 5, generator=rng).t()  # [5, 23], transposed strides
+    x = torch.randn(23, 5, generator=rng).to(DEV).t()  # [5, 23], transposed strides
     labels_nc = labels.t().contiguous().t()
     with sws_kernels.backend("triton"):
         y = F.sws_linear(x, means, chol, labels_nc, ell, outl, seed=1, samples=2, mode="paper")
@@ -109,8 +109,8 @@ def test_dispatcher_logs_its_choice(rng, caplog, monkeypatch):
     monkeypatch.setattr(L, "FUSED_MAX_M", 4)
     means, chol, labels, _, _ = make_layer(rng, (16, 16), 4)
     with caplog.at_level(logging.DEBUG, logger="sws_kernels"), sws_kernels.backend("triton"):
-        F.sws_linear(torch.randn(3, 16, generator=rng), means, chol, labels, seed=1)
-        F.sws_linear(torch.randn(5, 16, generator=rng), means, chol, labels, seed=1)
+        F.sws_linear(torch.randn(3, 16, generator=rng).to(DEV), means, chol, labels, seed=1)
+        F.sws_linear(torch.randn(5, 16, generator=rng).to(DEV), means, chol, labels, seed=1)
     text = caplog.text
     assert "sws_linear: fused path (M = 3" in text
     assert "sws_linear: reconstruct+matmul path (M = 5" in text
@@ -120,26 +120,26 @@ def test_sws_linear_errors(rng):
     means, chol, labels, _, _ = make_layer(rng, (8, 6), 4)
     with sws_kernels.backend("triton"):
         with pytest.raises(ValueError, match="last dimension of size 6"):
-            F.sws_linear(torch.randn(2, 7), means, chol, labels, seed=1)
+            F.sws_linear(torch.randn(2, 7, device=DEV), means, chol, labels, seed=1)
         with pytest.raises(ValueError, match="leading sample dimension"):
-            F.sws_linear(torch.randn(2, 3, 6), means, chol, labels, seed=1, samples=3, per_sample=True)
+            F.sws_linear(torch.randn(2, 3, 6, device=DEV), means, chol, labels, seed=1, samples=3, per_sample=True)
 
 
 def test_opcheck_linear_ops(rng):
     means, chol, labels, ell, outl = make_layer(rng, (18, 20), 5, 2, 2, torch.int16)
     a = sws_kernels._checks.sws(means, chol, labels, ell, outl, 7, 2, "hierarchical", 1, 2)
-    x = torch.randn(3, 20, generator=rng, requires_grad=True)
-    bias = torch.randn(18, generator=rng, requires_grad=True)
+    x = torch.randn(3, 20, generator=rng).to(DEV).requires_grad_()
+    bias = torch.randn(18, generator=rng).to(DEV).requires_grad_()
     m, c = means.clone().requires_grad_(), chol.clone().requires_grad_()
     rest = (a.labels, a.e_pos, a.e_a, a.e_b, a.e_alpha, a.o_pos, a.o_mu, a.o_rho)
     with sws_kernels.backend("triton"):
         torch.library.opcheck(torch.ops.sws_kernels.sws_linear.default,
                               (x, m, c, *rest, bias, _ops.encode_seed(7), 2, 1, 1, 2, False))
-        gy = torch.randn(2, 3, 18, generator=rng)
+        gy = torch.randn(2, 3, 18, generator=rng).to(DEV)
         torch.library.opcheck(torch.ops.sws_kernels.sws_linear_dx.default,
                               (gy, means, chol, *rest, 7, 2, 1, 1, 2, False))
-        mu = (torch.randn(18, 20, generator=rng) * 0.1).requires_grad_()
-        rho = (torch.randn(18, 20, generator=rng) - 3).requires_grad_()
+        mu = (torch.randn(18, 20, generator=rng).to(DEV) * 0.1).requires_grad_()
+        rho = (torch.randn(18, 20, generator=rng).to(DEV) - 3).requires_grad_()
         torch.library.opcheck(torch.ops.sws_kernels.mean_field_linear.default, (x, mu, rho, bias, 7, 2, 1, False))
         torch.library.opcheck(torch.ops.sws_kernels.mean_field_linear_dx.default,
                               (gy, mu.detach(), rho.detach(), 7, 2, 1, False))
@@ -163,18 +163,18 @@ def test_mean_field_linear(rng, monkeypatch, shape, lead, S, per_sample, bias_ki
     monkeypatch.setattr(L, "FUSED_MAX_M", 10**9 if fused else 0)
     out_f, in_f = shape
     xs = (S, *lead, in_f) if per_sample else (*lead, in_f)
-    leaves = [torch.randn(*xs, generator=rng), torch.randn(*shape, generator=rng) * 0.1,
-              torch.randn(*shape, generator=rng) - 3]
+    leaves = [torch.randn(*xs, generator=rng).to(DEV), torch.randn(*shape, generator=rng).to(DEV) * 0.1,
+              torch.randn(*shape, generator=rng).to(DEV) - 3]
     if bias_kind:
-        leaves.append(torch.randn(out_f, generator=rng))
+        leaves.append(torch.randn(out_f, generator=rng).to(DEV))
     if bias_kind == "sampled":
-        leaves.append(torch.randn(out_f, generator=rng) - 2)
+        leaves.append(torch.randn(out_f, generator=rng).to(DEV) - 2)
     leaves = [t.requires_grad_() for t in leaves]
     extra = leaves[3:] + [None] * (5 - len(leaves))
     with sws_kernels.backend("triton"):
         y = F.mean_field_linear(leaves[0], leaves[1], leaves[2], *extra, seed=77, samples=S, owner=4,
                                 per_sample=per_sample)
-        g = torch.randn(y.shape, generator=rng)
+        g = torch.randn(y.shape, generator=rng).to(DEV)
         got = torch.autograd.grad(y, leaves, g)
     r_leaves = [t.detach().double().requires_grad_() for t in leaves]
     r_extra = r_leaves[3:] + [None] * (5 - len(r_leaves))
@@ -188,9 +188,9 @@ def test_mean_field_linear(rng, monkeypatch, shape, lead, S, per_sample, bias_ki
 
 
 def test_mean_field_linear_low_precision(rng):
-    mu = torch.randn(40, 64, generator=rng) * 0.1
-    rho = torch.randn(40, 64, generator=rng) - 3
-    x = torch.randn(17, 64, generator=rng)
+    mu = torch.randn(40, 64, generator=rng).to(DEV) * 0.1
+    rho = torch.randn(40, 64, generator=rng).to(DEV) - 3
+    x = torch.randn(17, 64, generator=rng).to(DEV)
     exact = R.mean_field_linear(x.double(), mu.double(), rho.double(), seed=3, samples=2)
     torch_lp = R.mean_field_linear(x.bfloat16(), mu, rho, seed=3, samples=2)
     with sws_kernels.backend("triton"):

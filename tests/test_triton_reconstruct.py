@@ -20,9 +20,11 @@ from sws_kernels.triton import reconstruct as T  # noqa: E402
 
 MODES = ("paper", "hierarchical", "mean")
 D = torch.float64
+# CUDA tensors where there is a GPU (compiled kernels), else CPU tensors under the interpreter (conftest.py)
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def make_layer(rng, shape, K, E=0, O=0, label_dtype=torch.int16, device="cpu"):
+def make_layer(rng, shape, K, E=0, O=0, label_dtype=torch.int16, device=DEV):
     """Fresh random float32 SWS parameters with E ellipse and O outlier positions (disjoint)."""
     n = math.prod(shape)
     means = torch.randn(K, 2, generator=rng) * torch.tensor([0.1, 1.0])
@@ -82,7 +84,7 @@ def test_small_tiles_multi_block_multi_piece(rng, monkeypatch, mode):
 
 def check_reconstruct(rng, mode, label_dtype, K, shape, E, O, S):
     means, chol, labels, ell, outl = make_layer(rng, shape, K, E, O, label_dtype)
-    seed = int(torch.randint(0, 2**62, (1,), generator=rng)) * 3
+    seed = int(torch.randint(0, 2**62, (1,), generator=rng).to(DEV)) * 3
     args = args_of(means, chol, labels, ell, outl, seed, S, mode)
     w = T.reconstruct(*args)
     assert w.shape == (S, *shape) and w.dtype == torch.float32
@@ -91,7 +93,7 @@ def check_reconstruct(rng, mode, label_dtype, K, shape, E, O, S):
     torch.testing.assert_close(w.double(), ref, rtol=1e-6, atol=1e-5)
     assert torch.equal(w, T.reconstruct(*args))  # same seed -> identical
 
-    g = torch.randn(S, *shape, generator=rng)
+    g = torch.randn(S, *shape, generator=rng).to(DEV)
     got = T.reconstruct_backward(g, *args)
     want = R.reconstruct_backward(g.double(), means.double(), chol.double(), labels, to64(ell), to64(outl),
                                   seed=seed, samples=S, mode=mode, owner=3, codebook_owner=7)
@@ -106,7 +108,7 @@ def check_reconstruct(rng, mode, label_dtype, K, shape, E, O, S):
 
 def test_noncontiguous_inputs(rng):
     means, chol, labels, ell, outl = make_layer(rng, (9, 21), 13, 3, 2, torch.int16)
-    wide = torch.randn(13, 5, generator=rng)
+    wide = torch.randn(13, 5, generator=rng).to(DEV)
     wide[:, 1:3] = means
     means_nc = wide[:, 1:3]
     labels_nc = labels.t().contiguous().t()  # same values, transposed strides
@@ -124,7 +126,7 @@ def test_autograd_through_op(rng, mode):
     means, chol, labels, ell, outl = make_layer(rng, (17, 6), 5, 2, 3, torch.uint8)
     leaves = [means.clone().requires_grad_(), chol.clone().requires_grad_(), outl[1].clone().requires_grad_(),
               outl[2].clone().requires_grad_()]
-    g = torch.randn(3, 17, 6, generator=rng)
+    g = torch.randn(3, 17, 6, generator=rng).to(DEV)
     with sws_kernels.backend("triton"):
         w = F.reconstruct(leaves[0], leaves[1], labels, ell, (outl[0], leaves[2], leaves[3]), seed=11, samples=3,
                           mode=mode)
@@ -146,16 +148,16 @@ def test_opcheck_reconstruct_ops(rng):
             args = list(args)
             args[10] = _ops.encode_seed(args[10])
             torch.library.opcheck(torch.ops.sws_kernels.reconstruct.default, tuple(args))
-            g = torch.randn(2, 7, 5, generator=rng)
+            g = torch.randn(2, 7, 5, generator=rng).to(DEV)
             torch.library.opcheck(torch.ops.sws_kernels.reconstruct_backward.default,
                                   (g, *[a.detach() if isinstance(a, torch.Tensor) else a for a in args]))
 
 
 def test_triton_dtype_error():
-    means = torch.randn(3, 2, dtype=D)
-    chol = torch.randn(3, 3, dtype=D)
+    means = torch.randn(3, 2, dtype=D, device=DEV)
+    chol = torch.randn(3, 3, dtype=D, device=DEV)
     with sws_kernels.backend("triton"), pytest.raises(TypeError, match="dtype"):
-        F.reconstruct(means, chol, torch.zeros(4, dtype=torch.int16), seed=1)
+        F.reconstruct(means, chol, torch.zeros(4, dtype=torch.int16, device=DEV), seed=1)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -164,13 +166,13 @@ def test_triton_dtype_error():
 
 @pytest.mark.parametrize("shape,S,purpose", [((1,), 1, 0), ((17, 3), 3, 0), ((129,), 8, 2), ((5, 2, 3, 3), 2, 0)])
 def test_mean_field_reconstruct(rng, shape, S, purpose):
-    mu = torch.randn(*shape, generator=rng) * 0.1
-    rho = torch.randn(*shape, generator=rng) * 2 - 4
+    mu = torch.randn(*shape, generator=rng).to(DEV) * 0.1
+    rho = torch.randn(*shape, generator=rng).to(DEV) * 2 - 4
     rho.view(-1)[0] = 25.0  # the softplus threshold branch
     w = TM.mean_field_reconstruct(mu, rho, 2**64 - 3, S, 9, purpose)
     ref = R.mean_field_reconstruct(mu.double(), rho.double(), seed=2**64 - 3, samples=S, owner=9, purpose=purpose)
     torch.testing.assert_close(w.double(), ref, rtol=1e-6, atol=1e-5)
-    g = torch.randn(S, *shape, generator=rng)
+    g = torch.randn(S, *shape, generator=rng).to(DEV)
     g_mu, g_rho = TM.mean_field_reconstruct_backward(g, mu, rho, 2**64 - 3, S, 9, purpose)
     rmu, rrho = _ops._mf_reference_backward(g.double(), mu.double(), rho.double(), 2**64 - 3, S, 9, purpose)
     torch.testing.assert_close(g_mu.double(), rmu, rtol=1e-6, atol=1e-6 * S)
@@ -179,11 +181,11 @@ def test_mean_field_reconstruct(rng, shape, S, purpose):
 
 
 def test_mean_field_op_autograd_and_opcheck(rng):
-    mu = (torch.randn(6, 11, generator=rng) * 0.1).requires_grad_()
-    rho = (torch.randn(6, 11, generator=rng) - 3).requires_grad_()
+    mu = (torch.randn(6, 11, generator=rng).to(DEV) * 0.1).requires_grad_()
+    rho = (torch.randn(6, 11, generator=rng).to(DEV) - 3).requires_grad_()
     with sws_kernels.backend("triton"):
         w = F.mean_field_reconstruct(mu, rho, seed=4, samples=3, owner=2)
-        g = torch.randn(3, 6, 11, generator=rng)
+        g = torch.randn(3, 6, 11, generator=rng).to(DEV)
         got = torch.autograd.grad(w, (mu, rho), g)
         torch.library.opcheck(torch.ops.sws_kernels.mean_field_reconstruct.default, (mu, rho, 4, 3, 2, 0))
         torch.library.opcheck(torch.ops.sws_kernels.mean_field_reconstruct_backward.default,

@@ -30,6 +30,7 @@ void mean_field_reconstruct_cpu(const float* mu, const float* rho, int64_t n, ui
   validate_mean_field(fn, n, S, owner, purpose);
   if (n == 0) return;
   if (mu == nullptr || rho == nullptr || out == nullptr) throw std::invalid_argument(std::string(fn) + ": null pointer");
+  advise_huge_pages(out, static_cast<size_t>(S) * static_cast<size_t>(n) * sizeof(float));
   const Key key = seed_key(seed);
   const uint32_t own = static_cast<uint32_t>(owner), pur = static_cast<uint32_t>(purpose);
   const int64_t nb = (n + kBlock - 1) / kBlock;

@@ -179,6 +179,8 @@ inline void gather_block(const L* lab, int64_t i0, int64_t i1, const float* z, i
   }
 }
 
+}  // namespace
+
 // A fresh op output lives in freshly mmap'd pages that fault in 4 KB at a time on first touch; for the
 // 64 MB output of n = 4M, S = 4 that costs several times the writes themselves (measured on the 2-core dev
 // machine: a fresh 64 MB fill took 34 ms, 8 ms with this hint). Asking for transparent huge pages on the
@@ -194,8 +196,6 @@ void advise_huge_pages(void* p, size_t bytes) {
   (void)bytes;
 #endif
 }
-
-}  // namespace
 
 void reconstruct_cpu(const ReconstructArgs& a, float* out) {
   const char* fn = "reconstruct_cpu";

@@ -9,6 +9,7 @@
 // gets the same float whichever call or block produced it.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "../philox.h"
@@ -23,6 +24,10 @@ void normals_fill(Key key, uint64_t j0, int64_t nj, uint32_t sample, uint32_t ow
 void softplus_fill(const float* x, float* out, int64_t n);
 // out[i] = softplus'(x[i]) = sigmoid(x[i]), exactly 1 above 20 (reference.softplus_grad); in-place allowed.
 void softplus_grad_fill(const float* x, float* out, int64_t n);
+
+// Transparent-huge-page hint for a fresh output of `bytes` (reconstruct.cpp): first-touch page faults of a
+// fresh 64 MB output cost several times its writes. Only a hint; harmless when refused.
+void advise_huge_pages(void* p, size_t bytes);
 
 // "avx2" or "scalar": the version the calls above use now.
 const char* simd_level();

@@ -22,6 +22,14 @@ Each codebook and layer owns a 32-bit ``rng_id`` (SPEC.md section 2), saved in i
 buffer. By default ids come from a process-wide counter, so they are distinct within a process and equal
 across processes that build the same model in the same order (e.g. DDP ranks); pass ``rng_id=`` to pin one.
 
+Seeds across processes (DDP)
+----------------------------
+With ``seed=None`` every layer draws its seed from PyTorch's default generator. Ranks seeded alike
+(``torch.manual_seed(same)``) therefore draw the same seeds and use the same weight sample on their
+shards of the batch: DDP's averaged gradient then equals one process's gradient on the combined batch
+(tests/test_integration.py). Seed ranks differently (e.g. ``torch.manual_seed(base + rank)``) to use one
+independent weight sample per rank instead (more samples per step, a different estimator).
+
 Codebook sharing and state_dict
 -------------------------------
 A layer registers its codebook as a submodule. When several layers share one codebook, PyTorch's

@@ -155,6 +155,24 @@ def test_em_recovers_separated_components(rng):
     torch.testing.assert_close(w[order], torch.full((3,), 1 / 3, dtype=torch.float64), atol=0.02, rtol=0)
 
 
+def test_grid_assignment_equals_brute_force(rng):
+    """The pruned assignment used for large models picks the same components as scoring every one."""
+    n = 30000
+    w = (torch.empty(n).exponential_(generator=rng) - torch.empty(n).exponential_(generator=rng)) * 0.02
+    rho = -4.5 + 0.4 * torch.randn(n, generator=rng) + 3.0 * w.abs()
+    X = torch.stack([w, rho], -1).double()
+    Z = (X - X.mean(0)) / X.std(0)
+    wt, m, S, _ = _gmm.fit_em(Z[:8000], 96, generator=rng, max_iter=5)
+    brute = _gmm.assign_top2(Z, wt, m, S)
+    grid = _gmm.assign_top2_grid(Z, wt, m, S, grid=16, max_width=24)
+    assert _gmm._STATS["width"] <= 24 and _gmm._STATS["mean_candidates"] < 96
+    assert int((brute[0] != grid[0]).sum()) <= n // 1000  # float32 near-ties only
+    assert int((brute[1] != grid[1]).sum()) <= n // 200
+    same = (brute[0] == grid[0]) & (brute[1] == grid[1])
+    torch.testing.assert_close(grid[2][same], brute[2][same])
+    torch.testing.assert_close(grid[3][same], brute[3][same])
+
+
 def _sqrtm(A):
     e, V = torch.linalg.eigh(A)
     return V @ torch.diag_embed(e.clamp_min(0).sqrt()) @ V.transpose(-1, -2)

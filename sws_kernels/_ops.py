@@ -247,11 +247,15 @@ def _x3(x, samples, per_sample, in_f):
     return x.reshape(samples if per_sample else 1, -1, in_f)
 
 
-def _grad_w(gy, x, samples, per_sample, out_f, in_f, dtype):
-    """dW[s] = dy[s]^T x[s or shared]: [S, out, in] in the parameters' dtype (fp32 products)."""
-    g3 = gy.reshape(samples, -1, out_f).to(torch.float32)
-    x3 = _x3(x, samples, per_sample, in_f).to(torch.float32)
-    return torch.matmul(g3.transpose(1, 2), x3).to(dtype)
+def _grad_w(gy, x, samples, per_sample, out_f, in_f, dtype, op):
+    """dW[s] = dy[s]^T x[s or shared]: [S, out, in], one batched GEMM in the activations' dtype (fp32
+    accumulation inside the GEMM, as PyTorch's own weight gradient of a bf16 linear: an fp32 GEMM would be
+    ~10x slower at training sizes). The Triton backward kernels (``op``) read it in any float dtype; other
+    backends get the parameters' dtype."""
+    g3 = gy.reshape(samples, -1, out_f)
+    x3 = _x3(x, samples, per_sample, in_f).to(gy.dtype)
+    gw = torch.matmul(g3.transpose(1, 2), x3)
+    return gw if _backend.select(op, gw.device, dtype)[0] == "triton" else gw.to(dtype)
 
 
 def _grad_bias(gy, bias, samples, out_f):
@@ -331,7 +335,8 @@ def _sws_linear_backward(ctx, gy):
     if ctx.needs_input_grad[0]:
         gx = torch.ops.sws_kernels.sws_linear_dx(gy, *params, seed, samples, mode, owner, codebook_owner, per_sample)
     out_f, in_f = labels.shape
-    gw = _grad_w(gy, x, samples, per_sample, out_f, in_f, means.dtype).view(samples, out_f, in_f)
+    gw = _grad_w(gy, x, samples, per_sample, out_f, in_f, means.dtype, "reconstruct_backward")
+    gw = gw.view(samples, out_f, in_f)
     g_means, g_chol, g_mu, g_rho = torch.ops.sws_kernels.reconstruct_backward(gw, *params, seed, samples, mode, owner,
                                                                               codebook_owner)
     return (gx, g_means, g_chol, None, None, None, None, None, None, g_mu, g_rho,
@@ -397,7 +402,7 @@ def _mf_linear_backward(ctx, gy):
     if ctx.needs_input_grad[0]:
         gx = torch.ops.sws_kernels.mean_field_linear_dx(gy, mu, rho, seed, samples, owner, per_sample)
     out_f, in_f = mu.shape
-    gw = _grad_w(gy, x, samples, per_sample, out_f, in_f, mu.dtype)
+    gw = _grad_w(gy, x, samples, per_sample, out_f, in_f, mu.dtype, "mean_field_reconstruct_backward")
     g_mu, g_rho = torch.ops.sws_kernels.mean_field_reconstruct_backward(gw, mu, rho, seed, samples, owner, 0)
     return gx, g_mu, g_rho, _grad_bias(gy, bias, samples, out_f), None, None, None, None
 

@@ -94,6 +94,23 @@ def test_sws_linear_low_precision(rng, monkeypatch, dtype, fused):
     err_torch = (torch_lp.double() - exact).abs().max().item()
     assert err <= 2 * err_torch, (err, err_torch)
 
+    # gradients (dx, d means, d chol): same rule against PyTorch's autograd in the same precision
+    g = torch.randn(exact.shape, generator=rng).to(DEV)
+
+    def grads(xv, m, c, backend):
+        leaves = [xv.clone().requires_grad_(), m.clone().requires_grad_(), c.clone().requires_grad_()]
+        with sws_kernels.backend(backend):
+            yv = F.sws_linear(leaves[0], leaves[1], leaves[2], labels, ell if m.dtype != D else to64(ell),
+                              outl if m.dtype != D else to64(outl), None, seed=3, samples=3, mode="hierarchical")
+            return torch.autograd.grad(yv, leaves, g.to(yv.dtype))
+
+    g_exact = grads(x.double(), means.double(), chol.double(), "reference")
+    g_torch = grads(x.to(dtype), means, chol, "reference")
+    g_ours = grads(x.to(dtype), means, chol, "triton")
+    for i, (a, b, e) in enumerate(zip(g_ours, g_torch, g_exact)):
+        err, err_torch = (a.double() - e).abs().max().item(), (b.double() - e).abs().max().item()
+        assert err <= 2 * err_torch, (i, err, err_torch)
+
 
 def test_noncontiguous_x_and_labels(rng):
     means, chol, labels, ell, outl = make_layer(rng, (19, 23), 6, 2, 2, torch.int16)

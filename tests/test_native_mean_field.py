@@ -200,3 +200,20 @@ def test_hierarchical_reconstruct_both_simd_versions(simd):
                                   mode="hierarchical", owner=3, codebook_owner=9)
     for a, b in zip(got[:2], want[:2]):
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64])
+@pytest.mark.parametrize("n", [(1 << 22) + 8, 1003])  # large: S = 1 streaming stores; small and odd: tails
+def test_one_sample_gather(simd, label_dtype, n):
+    """S = 1 paper/mean forward (the AVX2 vgatherdps path): mean mode is a pure gather, so bit-exact."""
+    g = torch.Generator().manual_seed(n % 97)
+    K = min(300, int(torch.iinfo(label_dtype).max) + 1)
+    means = torch.randn(K, 2, generator=g)
+    chol = torch.randn(K, 3, generator=g)
+    labels = torch.randint(0, K, (n,), generator=g).to(label_dtype)
+    e, f = torch.empty(0, dtype=torch.int64), torch.empty(0)
+    w = native.reconstruct(means, chol, labels, e, e, e, f, e, f, f, 3, 1, 2, 0, 0)
+    assert torch.equal(w[0], means[:, 0][labels.long()])
+    wp = native.reconstruct(means, chol, labels, e, e, e, f, e, f, f, 3, 1, 0, 0, 0)
+    z = R.sample_components(means, chol, seed=3, samples=1)[0, :, 0]
+    torch.testing.assert_close(wp[0], z[labels.long()], rtol=1e-6, atol=1e-5)

@@ -169,6 +169,8 @@ inline void gather_group(const L* lab, int64_t i0, int64_t i1, const float* z, i
 
 template <bool kStream, class L>
 inline void gather_block(const L* lab, int64_t i0, int64_t i1, const float* z, int64_t S, int64_t n, float* out) {
+  // One sample (the usual training step): AVX2 vgatherdps (n = 1M, 1 thread: 0.54 -> 0.50 ms per forward).
+  if (S == 1 && gather1(lab + i0, i1 - i0, z, out + i0, kStream)) return;
   int64_t s0 = 0;
   for (; s0 + 4 <= S; s0 += 4) gather_group<4, kStream>(lab, i0, i1, z, S, s0, n, out);
   switch (S - s0) {

@@ -255,6 +255,22 @@ SWS_AVX2 void softplus_grad_avx2(const float* x, float* out, int64_t n) {
   }
 }
 
+SWS_AVX2 inline __m256i idx8(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
+SWS_AVX2 inline __m256i idx8(const int8_t* p) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
+SWS_AVX2 inline __m256i idx8(const int16_t* p) { return _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+SWS_AVX2 inline __m256i idx8(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+template <class L>
+SWS_AVX2 void gather1_avx2(const L* lab, int64_t n, const float* z, float* out, bool stream) {
+  int64_t i = 0;
+  if (stream) {
+    for (; i + 8 <= n; i += 8) _mm256_stream_ps(out + i, _mm256_i32gather_ps(z, idx8(lab + i), 4));
+  } else {
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_i32gather_ps(z, idx8(lab + i), 4));
+  }
+  for (; i < n; ++i) out[i] = z[static_cast<int64_t>(lab[i])];
+}
+
 bool cpu_has_avx2() {
   static const bool has = [] {
     __builtin_cpu_init();
@@ -297,6 +313,23 @@ void softplus_grad_fill(const float* x, float* out, int64_t n) {
 #endif
   softplus_grad_scalar(x, out, n);
 }
+
+template <class L>
+bool gather1_dispatch(const L* lab, int64_t n, const float* z, float* out, bool stream) {
+#if SWS_X86_DISPATCH
+  if (use_avx2()) {
+    gather1_avx2(lab, n, z, out, stream && (reinterpret_cast<uintptr_t>(out) & 31) == 0);
+    return true;
+  }
+#endif
+  (void)lab, (void)n, (void)z, (void)out, (void)stream;
+  return false;
+}
+
+bool gather1(const uint8_t* lab, int64_t n, const float* z, float* out, bool stream) { return gather1_dispatch(lab, n, z, out, stream); }
+bool gather1(const int8_t* lab, int64_t n, const float* z, float* out, bool stream) { return gather1_dispatch(lab, n, z, out, stream); }
+bool gather1(const int16_t* lab, int64_t n, const float* z, float* out, bool stream) { return gather1_dispatch(lab, n, z, out, stream); }
+bool gather1(const int32_t* lab, int64_t n, const float* z, float* out, bool stream) { return gather1_dispatch(lab, n, z, out, stream); }
 
 const char* simd_level() { return use_avx2() ? "avx2" : "scalar"; }
 

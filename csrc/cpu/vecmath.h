@@ -25,6 +25,18 @@ void softplus_fill(const float* x, float* out, int64_t n);
 // out[i] = softplus'(x[i]) = sigmoid(x[i]), exactly 1 above 20 (reference.softplus_grad); in-place allowed.
 void softplus_grad_fill(const float* x, float* out, int64_t n);
 
+// One-sample gather out[i] = z[lab[i]], i in [0, n), labels already range-checked; AVX2 vgatherdps on 8 labels
+// at a time. Returns false (nothing written) when the vector path does not apply (no AVX2, or int64 labels,
+// see the template): the caller then runs its own loop. stream: non-temporal stores (out 32-byte aligned).
+bool gather1(const uint8_t* lab, int64_t n, const float* z, float* out, bool stream);
+bool gather1(const int8_t* lab, int64_t n, const float* z, float* out, bool stream);
+bool gather1(const int16_t* lab, int64_t n, const float* z, float* out, bool stream);
+bool gather1(const int32_t* lab, int64_t n, const float* z, float* out, bool stream);
+template <class L>
+inline bool gather1(const L*, int64_t, const float*, float*, bool) {
+  return false;
+}
+
 // Transparent-huge-page hint for a fresh output of `bytes` (reconstruct.cpp): first-touch page faults of a
 // fresh 64 MB output cost several times its writes. Only a hint; harmless when refused.
 void advise_huge_pages(void* p, size_t bytes);

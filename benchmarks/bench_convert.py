@@ -4,6 +4,10 @@ Run: python benchmarks/bench_convert.py [--components 4096] [--device cpu]
 The layers have ResNet-18's (ImageNet) weight shapes; (mu, rho) are synthetic but shaped like a trained
 mean-field net: mu a Laplace-like bulk with a scale per layer (fan-in dependent) and a few large weights,
 rho around -4.5 with spread, correlated with |mu|. Prints the report and the wall time.
+
+Measured 2026-11-26, torch 2.13.0 CPU, 2 cores shared with other jobs (load average ~6):
+11,678,912 weights, K = 4096 -> 579 s wall, 252 s CPU (user 251 s + sys 61 s over 2 threads);
+3,910 Gaussians, 794,294 ellipses, 22,318 outliers, params 23.4M -> 65k (358x), bytes 2.5x smaller.
 """
 import argparse
 import json

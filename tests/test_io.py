@@ -151,7 +151,8 @@ def test_corrupted_and_mismatched_files(rng, tmp_path):
 def test_size_report(rng):
     model = _sws_model(rng)
     rep = io.size_report(model)
-    assert rep["labels"] == sum(m.labels.numel() * 2 for m in model.modules() if isinstance(m, snn.SWS_LAYERS))
+    assert rep["labels"] == sum(m.labels.numel() * m.labels.element_size() for m in model.modules()
+                                if isinstance(m, snn.SWS_LAYERS))
     K = model[0].codebook.num_components
     assert rep["codebooks"] == K * (2 + 3) * 4 * 2 + 8  # means, chol, priors, rng_id: counted once
     assert rep["total"] == sum(v for k, v in rep.items() if k != "total")

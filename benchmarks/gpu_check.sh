@@ -33,7 +33,7 @@ if [ "${SKIP_TESTS:-0}" != "1" ]; then
   stamp "tests on CUDA -> $OUT/pytest.log"
   # TRITON_INTERPRET must be unset: the Triton kernels compile for the GPU here. The GPU-relevant files run
   # first under their own timeout; the rest of the suite (CPU-bound: gradchecks, training) only with ALL_TESTS=1.
-  GPU_TESTS="tests/test_triton_reconstruct.py tests/test_linear.py tests/test_conv.py tests/test_compile.py tests/test_native.py"
+  GPU_TESTS="tests/test_triton_reconstruct.py tests/test_linear.py tests/test_conv.py tests/test_compile.py tests/test_native.py tests/test_native_cuda.py"
   env -u TRITON_INTERPRET timeout 150 "$PY" -m pytest $GPU_TESTS -q -p no:cacheprovider --durations=10 \
     > "$OUT/pytest.log" 2>&1
   tests_rc=$?

@@ -78,8 +78,7 @@ LIN_CASES = [  # K, out, in, E, O
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("K,out_f,in_f,E,O", LIN_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("M,per_sample,bias", [(1, False, None), (3, True, "shared"), (16, False, "sample"),
-                                               (2, False, "shared"), (13, True, None)])
+@pytest.mark.parametrize("M,per_sample,bias", [(1, False, None), (3, True, "shared"), (16, False, "sample")])
 def test_fused_linear_matches_reconstruct_then_matmul(mode, K, out_f, in_f, E, O, dtype, M, per_sample, bias):
     label_dtype = torch.int16 if K < 32768 else torch.int32
     means, chol, labels, ell, outl = _layer(K, out_f, in_f, E, O, label_dtype, seed=K + M)

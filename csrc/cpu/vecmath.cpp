@@ -11,6 +11,17 @@
 // after a three-constant Cody-Waite reduction (exact products for the small quadrant counts here); expf
 // ~1 ulp. A normal r*cos(th) with r <= 5.8 then differs from libm's by < 1e-6 (tests check 1e-5, the
 // contract). No fast-math: every operation is an explicit IEEE intrinsic.
+//
+// Measured (2-core AMD EPYC with AVX2/AVX-512, shared with other jobs: load 5-7, so min of several rounds;
+// set_simd(false) gives the scalar numbers in the same process):
+//   normals, 1 thread, n = 4M:                 543 M/s AVX2 vs 70 M/s scalar (1.8 vs 14.3 ns per normal)
+//   mean-field fwd n = 4M S = 4, 1 thread,
+//     preallocated output:                     61 ms AVX2 vs 307 ms scalar
+//   2 threads, n = 4M S = 4 (16.8M normals):   normal() 75 vs 416 ms; hierarchical reconstruct fwd 141 vs 448 ms,
+//                                              bwd 106 vs 408 ms; mean-field fwd 153 vs 481 ms, bwd 92 vs 384 ms
+// Floor: hierarchical reconstruct and mean-field at n = 4M, S = 4 need 16.8M normals = 31 ms of one core at
+// 543 M/s (about 15 ms on both), plus the 64 MB output write (~3 ms into warm pages; a fresh torch output
+// also pays its page faults, ~45 ms for 64 MB without huge pages, hence advise_huge_pages).
 #include "vecmath.h"
 
 #include <algorithm>

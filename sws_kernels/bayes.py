@@ -93,6 +93,12 @@ def predict(model: nn.Module, x: torch.Tensor, samples: int = 30, *, seed=None, 
         raise ValueError(f"x: expected a non-empty batch [B, ...], got {_checks.describe(x)}")
     S = _checks.samples(samples)
     B = x.shape[0]
+    for name, m in model.named_modules():
+        # bayesian-torch layers draw one weight per call for the whole batch: in the folded S*B batch all
+        # S "samples" would share it and the prediction would silently lose its spread.
+        if (type(m).__module__ or "").startswith("bayesian_torch") and hasattr(m, "kl_loss"):
+            raise TypeError(f"model: module {name!r} is a bayesian-torch {type(m).__name__}, which cannot draw "
+                            "one weight sample per slice; convert it with sws_kernels.convert.from_bayesian_torch")
     with torch.no_grad(), sample_mode(S, seed):
         out = model(x.repeat(S, *([1] * (x.dim() - 1))))
     if isinstance(out, tuple):  # bayesian-torch-style (out, kl)

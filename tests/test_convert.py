@@ -99,6 +99,8 @@ def test_from_bayesian_torch_same_output_distribution(rng):
     with torch.no_grad():
         yt = torch.stack([theirs(x) for _ in range(S)])
     yo = sws.predict(ours, x, samples=S, logits=True)
+    with pytest.raises(TypeError, match="from_bayesian_torch"):  # unconverted layers would share one sample
+        sws.predict(theirs, x, samples=2)
     assert yo.shape == yt.shape
     se = torch.sqrt(yt.var(0) / S + yo.var(0) / S)
     z = (yt.mean(0) - yo.mean(0)).abs() / se

@@ -281,9 +281,9 @@ def sws_linear(x: Tensor, means: Tensor, chol: Tensor, labels: Tensor, e_pos: Te
     log.debug("sws_linear: backend %s (%s)", name, why)
     seed = decode_seed(seed)
     if kernel is None:
-        w = reference.reconstruct(means, chol, labels, _ellipse(e_pos, e_a, e_b, e_alpha), _outliers(o_pos, o_mu, o_rho),
-                                  seed=seed, samples=samples, mode=_MODES[mode], owner=owner,
-                                  codebook_owner=codebook_owner)
+        w = reference.reconstruct(means, chol, labels, _ellipse(e_pos, e_a, e_b, e_alpha),
+                                  _outliers(o_pos, o_mu, o_rho), seed=seed, samples=samples, mode=_MODES[mode],
+                                  owner=owner, codebook_owner=codebook_owner)
         return reference._linear(x, w, bias, per_sample).contiguous()
     return kernel(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed, samples, mode,
                   owner, codebook_owner, per_sample)
@@ -305,9 +305,9 @@ def sws_linear_dx(grad_y: Tensor, means: Tensor, chol: Tensor, labels: Tensor, e
     log.debug("sws_linear_dx: backend %s (%s)", name, why)
     seed = decode_seed(seed)
     if kernel is None:
-        w = reference.reconstruct(means, chol, labels, _ellipse(e_pos, e_a, e_b, e_alpha), _outliers(o_pos, o_mu, o_rho),
-                                  seed=seed, samples=samples, mode=_MODES[mode], owner=owner,
-                                  codebook_owner=codebook_owner)
+        w = reference.reconstruct(means, chol, labels, _ellipse(e_pos, e_a, e_b, e_alpha),
+                                  _outliers(o_pos, o_mu, o_rho), seed=seed, samples=samples, mode=_MODES[mode],
+                                  owner=owner, codebook_owner=codebook_owner)
         return _dx_reference(grad_y, w, samples, per_sample, labels.shape[1])
     return kernel(grad_y, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode,
                   owner, codebook_owner, per_sample)

@@ -84,6 +84,7 @@ def test_conv_input_errors(rng):
         with pytest.raises(ValueError, match="expected 4 dimensions"):
             F.sws_conv2d(torch.randn(3, 5, 5, device=DEV), means, chol, labels, seed=1)
         with pytest.raises(ValueError, match="leading sample dimension"):
-            F.sws_conv2d(torch.randn(2, 1, 3, 5, 5, device=DEV), means, chol, labels, seed=1, samples=3, per_sample=True)
+            F.sws_conv2d(torch.randn(2, 1, 3, 5, 5, device=DEV), means, chol, labels, seed=1, samples=3,
+                         per_sample=True)
         with pytest.raises(ValueError, match="groups"):
             F.sws_conv2d(torch.randn(1, 3, 5, 5, device=DEV), means, chol, labels, seed=1, groups=3)

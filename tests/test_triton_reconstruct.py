@@ -79,6 +79,7 @@ def test_small_tiles_multi_block_multi_piece(rng, monkeypatch, mode):
     monkeypatch.setattr(T, "BLOCK", 64)
     monkeypatch.setattr(T, "BLOCK_K", 16)
     monkeypatch.setattr(T, "CHUNK", 4)
+    monkeypatch.setattr(T, "PIECES", 4)  # P = ~57 pieces: not a multiple of 4
     check_reconstruct(rng, mode, torch.int16, 19, (29, 7), 4, 5, 3)
 
 

@@ -16,8 +16,9 @@ Backward (SPEC.md section 5: bit-identical run to run, so no float atomics anywh
   prep (torch)  a label-sorted list of (position, coefficient) entries: every inlier once with 1, every
                 ellipse weight twice (comp_a with alpha, comp_b with 1 - alpha); each component's segment is
                 cut into pieces of at most CHUNK entries so work is balanced whatever the label histogram.
-  stage 1  ``_piece_kernel``    one program per (sample, piece): sum of coef * dW (and of coef * dW * eps in
-                                hierarchical mode) with tl.sum over one CHUNK tile -> partials[S, P].
+  stage 1  ``_piece_kernel``    one program per (sample, PIECES pieces): sum of coef * dW (and of coef * dW * eps
+                                in hierarchical mode), tl.sum over each piece's row of a [PIECES, CHUNK] tile
+                                -> partials[S, P].
   stage 2  ``_component_kernel`` BLOCK_K components per program; loops samples then that component's pieces
                                 in a fixed order, regenerates xi (and z_rho) from the seed and forms the
                                 mean/Cholesky gradients. Tile: BLOCK_K components.
@@ -41,6 +42,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK = 256 if INTERPRET else 1024
 CHUNK = 64 if INTERPRET else 256
 BLOCK_K = 1024 if INTERPRET else 128
+PIECES = 16 if INTERPRET else 4  # pieces per backward stage-1 program
 
 PAPER, HIER, MEAN = 0, 1, 2
 
@@ -265,24 +267,28 @@ class Segments:
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "owner"])
-def _piece_kernel(g_ptr, pos_ptr, coef_ptr, start_ptr, len_ptr, pmu_ptr, prho_ptr, n, P, seed_lo, seed_hi, owner,
-                  HIER: tl.constexpr, CHUNK: tl.constexpr):
-    # Backward stage 1: one program = one piece (<= CHUNK entries of one component) of one sample.
+def _piece_kernel(g_ptr, pos_ptr, coef_ptr, start_ptr, len_ptr, pmu_ptr, prho_ptr, n, P, nblk, seed_lo, seed_hi,
+                  owner, HIER: tl.constexpr, PB: tl.constexpr, CHUNK: tl.constexpr):
+    # Backward stage 1: one program = PB pieces (each <= CHUNK entries of one component) of one sample, as a
+    # [PB, CHUNK] tile; each piece's sum is a fixed-shape tl.sum, so partials are bit-identical run to run.
     pid = tl.program_id(0)
-    s = pid // P
-    p = pid % P
-    start = tl.load(start_ptr + p)
-    length = tl.load(len_ptr + p)
+    s = pid // nblk
+    p = (pid % nblk) * PB + tl.arange(0, PB)
+    mp = p < P
+    start = tl.load(start_ptr + p, mask=mp, other=0)
+    length = tl.load(len_ptr + p, mask=mp, other=0)
     r = tl.arange(0, CHUNK)
-    m = r < length
-    pos = tl.load(pos_ptr + start + r, mask=m, other=0)
-    coef = tl.load(coef_ptr + start + r, mask=m, other=0.0)
+    m = r[None, :] < length[:, None]
+    e = start[:, None] + r[None, :]
+    pos = tl.load(pos_ptr + e, mask=m, other=0)
+    coef = tl.load(coef_ptr + e, mask=m, other=0.0)
     g = tl.load(g_ptr + s.to(tl.int64) * n + pos, mask=m, other=0.0).to(tl.float32)
     v = coef * g
-    tl.store(pmu_ptr + pid, tl.sum(v, axis=0))
+    out = s.to(tl.int64) * P + p
+    tl.store(pmu_ptr + out, tl.sum(v, axis=1), mask=mp)
     if HIER:
         eps = stream_normal(pos, seed_lo, seed_hi, s, owner, _purpose(0))
-        tl.store(prho_ptr + pid, tl.sum(tl.where(m, v * eps, 0.0), axis=0))
+        tl.store(prho_ptr + out, tl.sum(tl.where(m, v * eps, 0.0), axis=1), mask=mp)
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "cb_owner"])
@@ -366,8 +372,9 @@ def reconstruct_backward(grad_w, means, chol, labels, e_pos, e_a, e_b, e_alpha, 
     pmu = torch.full((S * max(seg.P, 1),), nan, dtype=torch.float32, device=dev)
     prho = torch.full_like(pmu, nan) if mode == HIER else pmu
     if seg.P:
-        _piece_kernel[(S * seg.P,)](g, seg.pos, seg.coef, seg.piece_start, seg.piece_len, pmu, prho, n, seg.P, lo,
-                                    hi, owner, HIER=(mode == HIER), CHUNK=seg.chunk)
+        nblk = triton.cdiv(seg.P, PIECES)
+        _piece_kernel[(S * nblk,)](g, seg.pos, seg.coef, seg.piece_start, seg.piece_len, pmu, prho, n, seg.P, nblk,
+                                   lo, hi, owner, HIER=(mode == HIER), PB=PIECES, CHUNK=seg.chunk)
     g_means = torch.full_like(means, nan)
     g_chol = torch.full_like(chol, nan)
     _component_kernel[(triton.cdiv(K, BLOCK_K),)](pmu, prho, seg.piece_off, seg.npieces, seg.block_max,

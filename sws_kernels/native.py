@@ -45,6 +45,11 @@ __all__ = [
     "reconstruct_backward",
     "set_num_threads",
     "max_threads",
+    "mean_field_reconstruct",
+    "mean_field_reconstruct_backward",
+    "sws_linear_cuda",
+    "simd_level",
+    "set_simd",
 ]
 
 # labels dtype -> the code csrc/common.h expects

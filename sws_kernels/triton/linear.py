@@ -92,8 +92,9 @@ def _lookup_gemm_kernel(a_ptr, lab_ptr, z_ptr, mu_ptr, rho_ptr, delta_ptr, sp_pt
     rest = pid // (tl.num_programs(0) // (n_m * n_n))
     pid_m = rest % n_m
     pid_n = rest // n_m
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
+    # int64 offsets: S * M * out elements may pass 2**31
+    offs_m = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
+    offs_n = pid_n.to(tl.int64) * BN + tl.arange(0, BN)
     mm = offs_m < M
     mn = offs_n < N
     acc = tl.zeros([BM, BN], tl.float32)
@@ -150,7 +151,7 @@ def _lookup_gemm_kernel(a_ptr, lab_ptr, z_ptr, mu_ptr, rho_ptr, delta_ptr, sp_pt
         acc += b[None, :]
     if RNE_BF16:
         acc = _rne_bf16(acc)
-    tl.store(out_ptr + so * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+    tl.store(out_ptr + so.to(tl.int64) * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
              acc.to(out_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
 
 

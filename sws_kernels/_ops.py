@@ -240,7 +240,11 @@ def call_mean_field_reconstruct(mu, rho, seed: int, samples: int, owner: int, pu
 # ------------------------------------------------------------------------------------------------------
 # fused linear layers: y[s] = x[s or shared] W[s]^T + bias, W generated inside the GEMM by the kernel.
 # Backward: dx by the *_dx op (the weight regenerated tile by tile); dW = dy^T x (one batched GEMM) then the
-# reconstruct backward ops reduce it into the parameters' gradients (deterministically).
+# reconstruct backward ops reduce it into the parameters' gradients (deterministically). Why dW is materialised
+# (in the activations' dtype: 2 bytes per weight and sample, written once and read once): reducing GEMM tiles
+# straight into K components needs either float atomics (order-dependent, ruled out) or per-weight gathers of
+# M rows of dy and x (M loads per weight, no tensor cores), both dearer than the bf16 dW round trip at the
+# issue's sizes. A fused reduction only pays when S * n * 2 bytes does not fit in memory.
 # ------------------------------------------------------------------------------------------------------
 
 def _x3(x, samples, per_sample, in_f):

@@ -41,7 +41,6 @@ is harmless. :func:`sws_kernels.save` stores each shared tensor only once.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import itertools
 import math
 from typing import Optional, Sequence, Tuple
@@ -58,7 +57,9 @@ __all__ = [
 ]
 
 _RNG_COUNTER = itertools.count(1)
-_FOLD: contextvars.ContextVar = contextvars.ContextVar("sws_kernels_sample_mode", default=None)
+# The active sample_mode as (samples, seed) or None. A plain module global rather than a ContextVar:
+# torch.compile reads (and guards on) a global without a graph break, ContextVar.get breaks the graph.
+_FOLD = None
 
 
 def _next_rng_id() -> int:
@@ -98,15 +99,17 @@ def sample_mode(samples: int, seed=None):
     """Run a model with S weight samples in one pass: inputs to every Bayesian layer are ``[S*N, ...]``.
 
     The caller repeats the model input S times along the batch dimension (``x.repeat(S, 1, ...)``) and
-    unfolds the output with ``y.view(S, N, ...)``; :func:`sws_kernels.predict` does both.
+    unfolds the output with ``y.view(S, N, ...)``; :func:`sws_kernels.predict` does both. The mode is a
+    process-wide setting (not per thread): do not run predictions from several threads at once.
     """
+    global _FOLD
     samples = _checks.samples(samples)
     seed = draw_seed() if seed is None else seed
-    token = _FOLD.set((samples, seed))
+    previous, _FOLD = _FOLD, (samples, seed)
     try:
         yield seed
     finally:
-        _FOLD.reset(token)
+        _FOLD = previous
 
 
 def _positive_int(v, name: str) -> int:
@@ -172,7 +175,7 @@ class _RngIdMixin:
 
 def _run_sampled(x, samples, seed, per_sample, call):
     """The sampling protocol shared by every layer (see the module docstring)."""
-    fold = _FOLD.get()
+    fold = _FOLD
     if fold is not None and samples is None:
         S, fseed = fold
         if x.dim() < 1 or x.shape[0] % S:

@@ -5,8 +5,8 @@ The layers have ResNet-18's (ImageNet) weight shapes; (mu, rho) are synthetic bu
 mean-field net: mu a Laplace-like bulk with a scale per layer (fan-in dependent) and a few large weights,
 rho around -4.5 with spread, correlated with |mu|. Prints the report and the wall time.
 
-Measured 2026-11-26, torch 2.13.0 CPU, 2 cores shared with other jobs (load average ~6):
-11,678,912 weights, K = 4096 -> 579 s wall, 252 s CPU (user 251 s + sys 61 s over 2 threads);
+Measured 2026-11-26, torch 2.13.0 CPU, 2 cores shared with other jobs:
+11,678,912 weights, K = 4096 -> 386 s wall at load average ~4 (222 s through EM), 579 s at load ~6;
 3,910 Gaussians, 794,294 ellipses, 22,318 outliers, params 23.4M -> 65k (358x), bytes 2.5x smaller.
 """
 import argparse

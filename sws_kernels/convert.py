@@ -235,8 +235,8 @@ def to_sws(model: nn.Module, num_components: int = 4096, *, tau_w: float = 0.2, 
     Returns ``(model, report)``; the report has the counts of Gaussians / ellipses / outliers (by reason),
     trainable parameters and bytes before and after with their ratios, EM diagnostics and the time taken.
     Timing (benchmarks/bench_convert.py, 11,678,912 ResNet-18 weights, K = 4096, 2-core CPU shared with
-    other jobs at load average ~6): 579 s wall, 252 s CPU (user+sys, 2 threads) - EM on 65,536 points
-    ~2 min CPU, the exact top-2 assignment of all weights with grid pruning ~2.5 min wall. Result: 3,910
+    other jobs): 386 s wall at load average ~4 (222 s to the end of EM, the rest the exact top-2
+    assignment of every weight with grid pruning); 579 s wall at load average ~6. Result: 3,910
     Gaussians, 794,294 ellipses, 22,318 outliers; 358x fewer trainable parameters, 2.5x fewer bytes.
     Note: by construction ~5% of a Gaussian's own members exceed the chi^2_2 95% quantile, so the
     Mahalanobis rule of SPEC.md makes ~5-7% of the weights ellipses.

@@ -6,7 +6,7 @@
    memory: 16.8M normals; the "normals" rows time native.normal alone for the same count.
 2. A linear layer's training step (forward + backward, KL included) at in = out = 1024, one MC sample:
    the SWS layer (sws_kernels.functional.sws_linear, paper mode, K = 4096 int16 labels, KL from
-   reference.kl_components) vs a bayesian-torch-style mean-field layer (fp32 mu/rho for weight and bias,
+   functional.kl_components, as Codebook.kl_loss) vs a bayesian-torch-style mean-field layer (fp32 mu/rho for weight and bias,
    torch.randn, softplus, multiply-add, F.linear, bayesian-torch's mean KL), at M = 16 and M = 256 rows.
 
 Timings on a shared machine are noisy: compare the min column (the least-disturbed round), not the mean.
@@ -104,7 +104,7 @@ def test_sws_linear_step(benchmark, sws_layer, M):
 
     def step():
         y = F.sws_linear(x, means, chol, labels, None, None, bias, seed=7, samples=1)
-        loss = y.square().mean() + R.kl_components(means, chol, means0, chol0) / 50_000
+        loss = y.square().mean() + F.kl_components(means, chol, means0, chol0) / 50_000  # as Codebook.kl_loss
         loss.backward()
 
     benchmark(step)

@@ -15,8 +15,7 @@ import torch.nn.functional as _F
 
 from . import _backend, _checks, _ops, reference
 from .reference import (  # noqa: F401  (re-exported: same definition on every backend)
-    accuracy, brier, ece, elbo_loss, kl_components, kl_gaussian, kl_gaussian_mean, mutual_information, nll,
-    predictive_entropy)
+    accuracy, brier, ece, elbo_loss, kl_gaussian, kl_gaussian_mean, mutual_information, nll, predictive_entropy)
 
 log = logging.getLogger("sws_kernels")
 
@@ -260,3 +259,55 @@ def mean_field_conv2d(x, mu, rho, bias_mu=None, bias_rho=None, stride=1, padding
                         samples, owner, per_sample)
     return reference.mean_field_conv2d(x, mu, rho, bias_mu, bias_rho, stride, padding, dilation, groups, seed=seed,
                                        samples=samples, owner=owner, per_sample=per_sample)
+
+
+class _KLComponents(torch.autograd.Function):
+    """sum_k KL(N(m_k, L_k L_k^T) || N(m0_k, L0_k L0_k^T)) with its gradient written out.
+
+    Why not autograd through :func:`reference.kl_components`: it runs every training step, and with K = 4096
+    its ~70 tiny ops (forward + autograd backward) cost 0.7 ms on the 2-core CPU, a quarter of an SWS
+    linear layer's whole training step at M = 16; this form needs about a third of the ops. With
+    u = l11/p11, v = (l21 - p21 u)/p22, w = l22/p22 (L0^-1 L, entry by entry) and y = L0^-1 (m0 - m):
+    KL = 1/2 sum(u^2 + v^2 + w^2 + |y|^2 - 2) + sum(log p11 + log p22 - log l11 - log l22).
+    The prior (means0, chol0) is a buffer: it gets no gradient (the reference path serves one that does).
+    """
+
+    @staticmethod
+    def forward(ctx, means, chol, means0, chol0):
+        # Work on contiguous rows: PyTorch's softplus on a strided column is ~7x slower than on a row.
+        ct, c0t = chol.t().contiguous(), chol0.t().contiguous()
+        a, b, c = ct
+        l11, l22 = _F.softplus(ct[0::2])
+        p11, p22 = _F.softplus(c0t[0::2])
+        p21 = c0t[1]
+        u = l11 / p11
+        v = (b - p21 * u) / p22
+        w = l22 / p22
+        d0, d1 = (means0 - means).t()
+        y0 = d0 / p11
+        y1 = (d1 - p21 * y0) / p22
+        kl = 0.5 * (u * u + v * v + w * w + y0 * y0 + y1 * y1 - 2) + torch.log(p11 * p22 / (l11 * l22))
+        ctx.save_for_backward(a, c, l11, l22, p11, p21, p22, u, v, w, y0, y1)
+        return kl.sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        a, c, l11, l22, p11, p21, p22, u, v, w, y0, y1 = ctx.saved_tensors
+        d_l11 = (u - v * p21 / p22) / p11 - 1 / l11
+        d_b = v / p22
+        d_l22 = w / p22 - 1 / l22
+        g_chol = torch.stack([d_l11 * reference.softplus_grad(a), d_b, d_l22 * reference.softplus_grad(c)], -1)
+        # d KL / d m = -(d KL / d (m0 - m))
+        g_means = torch.stack([y1 * p21 / (p22 * p11) - y0 / p11, -y1 / p22], -1)
+        return g * g_means, g * g_chol, None, None
+
+
+def kl_components(means, chol, means0, chol0):
+    """sum_k KL(N(m_k, Sigma_k) || N(m0_k, Sigma0_k)) (SPEC.md section 6); same value as the reference."""
+    _checks.codebook(means, chol)
+    _checks.codebook(means0, chol0)
+    if means0.shape != means.shape:
+        raise ValueError(f"means0: expected shape {tuple(means.shape)}, got {_checks.describe(means0)}")
+    if means0.requires_grad or chol0.requires_grad:  # a trainable prior: let autograd differentiate everything
+        return reference.kl_components(means, chol, means0, chol0)
+    return _KLComponents.apply(means, chol, means0.to(means.dtype), chol0.to(means.dtype))

@@ -112,6 +112,12 @@ void mean_field_reconstruct_cpu(const float* mu, const float* rho, int64_t n, ui
                                 int64_t purpose, float* out);
 void mean_field_reconstruct_backward_cpu(const float* grad_w, const float* rho, int64_t n, uint64_t seed, int64_t S,
                                          int64_t owner, int64_t purpose, float* grad_mu, float* grad_rho);
+// csrc/cpu/linear.cpp: fused small-M SWS linear forward (paper/mean modes), y[S, M, out_f] = x W[s]^T (+ bias)
+// without materialising W. x float32 [M, in_f] shared or [S, M, in_f] per sample; bias float32 [out_f] or
+// [S, out_f] (bias_per_sample) or null. Deterministic (independent of the thread count).
+constexpr int64_t kLinearCpuMaxM = 32;
+void sws_linear_cpu(const ReconstructArgs& a, int64_t out_f, int64_t in_f, const float* x, int64_t M,
+                    bool per_sample, const float* bias, bool bias_per_sample, float* y);
 
 // ---- entry points (csrc/cuda/reconstruct.cu; only when built with SWS_WITH_CUDA) ----
 #if defined(SWS_WITH_CUDA)

@@ -97,6 +97,24 @@ PYBIND11_MODULE(_C, m) {
       "float32 out[n] = normals of elements offset..offset+n-1 of stream (seed, sample, owner, purpose).");
 
   m.def(
+      "sws_linear_cpu",
+      [](uintptr_t means, uintptr_t chol, int64_t K, uintptr_t labels, int labels_dtype, int64_t n, uintptr_t e_pos,
+         uintptr_t e_a, uintptr_t e_b, uintptr_t e_alpha, int64_t E, uintptr_t o_pos, uintptr_t o_mu, uintptr_t o_rho,
+         int64_t O, uint64_t seed, int64_t S, int mode, int64_t owner, int64_t codebook_owner, int64_t out_f,
+         int64_t in_f, uintptr_t x, int64_t M, bool per_sample, uintptr_t bias, bool bias_per_sample, uintptr_t y) {
+        const ReconstructArgs a = make_args(means, chol, K, labels, labels_dtype, n, e_pos, e_a, e_b, e_alpha, E, o_pos,
+                                            o_mu, o_rho, O, seed, S, mode, owner, codebook_owner);
+        check_ptr("sws_linear_cpu", "x_ptr", x, M * in_f);
+        check_ptr("sws_linear_cpu", "y_ptr", y, M * out_f);
+        sws::sws_linear_cpu(a, out_f, in_f, ptr<const float>(x), M, per_sample,
+                            bias ? ptr<const float>(bias) : nullptr, bias_per_sample, ptr<float>(y));
+      },
+      SWS_RECON_ARGS, py::arg("out_f"), py::arg("in_f"), py::arg("x_ptr"), py::arg("M"), py::arg("per_sample"),
+      py::arg("bias_ptr"), py::arg("bias_per_sample"), py::arg("y_ptr"), py::call_guard<py::gil_scoped_release>(),
+      "Fused small-M SWS linear forward (paper/mean): float32 y[S, M, out_f] = x W[s]^T (+ bias), W never "
+      "materialised.");
+
+  m.def(
       "reconstruct_cpu",
       [](uintptr_t out, uintptr_t means, uintptr_t chol, int64_t K, uintptr_t labels, int labels_dtype, int64_t n,
          uintptr_t e_pos, uintptr_t e_a, uintptr_t e_b, uintptr_t e_alpha, int64_t E, uintptr_t o_pos, uintptr_t o_mu,

@@ -123,10 +123,13 @@ for _name in ("native_cpu", "native_cuda"):
     _backend.register_kernel("mean_field_reconstruct_backward", _name)(native.mean_field_reconstruct_backward)
 
 
-# Linear layers, native: on the CPU reconstruct in C++ then PyTorch's GEMM (the GEMM is cheap next to producing
-# the weights: no memory-bound small-M regime worth a fused kernel). On CUDA, M <= 16 rows per sample runs the
-# fused lookup-in-GEMM kernel (csrc/cuda/linear.cu); larger M is compute bound: reconstruct -> cuBLAS. The op's
-# autograd then runs the native reconstruct backward on dW. (_linear/_dx_reference are looked up at call time.)
+# Linear layers, native. On the CPU, M <= 32 rows per sample with float32 activations in paper/mean mode runs
+# the fused kernel (csrc/cpu/linear.cpp): writing W (4 bytes per weight) and the GEMM reading it back are
+# memory bound at small M, while the fused kernel reads 1-2 label bytes per weight; otherwise (hierarchical:
+# a normal per weight; larger M: compute bound; other dtypes) reconstruct in C++ then PyTorch's GEMM. On CUDA,
+# M <= 16 rows per sample runs the fused lookup-in-GEMM kernel (csrc/cuda/linear.cu); larger M is compute
+# bound: reconstruct -> cuBLAS. The op's autograd then runs the native reconstruct backward on dW.
+# (_linear/_dx_reference are looked up at call time.)
 def _native_sws_linear(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed, samples,
                        mode, owner, codebook_owner, per_sample):
     lead = x.shape[1:-1] if per_sample else x.shape[:-1]
@@ -136,6 +139,11 @@ def _native_sws_linear(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, 
     if x.is_cuda and 1 <= rows <= native.LINEAR_MAX_M and x.dtype in native._ACT_CODES:
         y = native.sws_linear_cuda(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed,
                                    samples, mode, owner, codebook_owner, per_sample)
+        return y.reshape(samples, *lead, labels.shape[0])
+    if (not x.is_cuda and 1 <= rows <= native.LINEAR_CPU_MAX_M and x.dtype == torch.float32 and mode in (0, 2)
+            and native.AVAILABLE_CPU):
+        y = native.sws_linear_cpu(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed,
+                                  samples, mode, owner, codebook_owner, per_sample)
         return y.reshape(samples, *lead, labels.shape[0])
     w = native.reconstruct(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode,
                            owner, codebook_owner)

@@ -48,6 +48,7 @@ __all__ = [
     "mean_field_reconstruct",
     "mean_field_reconstruct_backward",
     "sws_linear_cuda",
+    "sws_linear_cpu",
     "simd_level",
     "set_simd",
 ]
@@ -355,4 +356,45 @@ def sws_linear_cuda(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_m
         _C.sws_linear_cuda(*args, out_f, in_f, x.data_ptr(), _ACT_CODES[x.dtype], M, bool(per_sample),
                            0 if b is None else b.data_ptr(), b is not None and b.dim() == 2, y.data_ptr(), *ov,
                            zbuf.data_ptr(), torch.cuda.current_stream(dev).cuda_stream)
+    return y
+
+
+# ------------------------------------------------------------------------------------------------------
+# fused small-M SWS linear forward (CPU: csrc/cpu/linear.cpp), paper and mean modes, float32 activations
+# ------------------------------------------------------------------------------------------------------
+
+LINEAR_CPU_MAX_M = 32  # csrc/common.h kLinearCpuMaxM
+
+
+def sws_linear_cpu(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed, samples, mode,
+                   owner, codebook_owner, per_sample) -> torch.Tensor:
+    """Fused forward, W never materialised: y float32 [S, M, out] (x float32 [M, in] or [S, M, in], M <= 32)."""
+    dev, K, means, chol, labels, e_pos, e_a, e_b, e_alpha, E, o_pos, o_mu, o_rho, O = _prep(
+        means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho)
+    if dev.type != "cpu":
+        raise ValueError(f"sws_linear_cpu: expected CPU tensors, got {dev}")
+    if int(mode) not in (0, 2):
+        raise ValueError(f"sws_linear_cpu: mode must be 0 (paper) or 2 (mean), got {mode}")
+    if labels.dim() != 2:
+        raise ValueError(f"labels: expected [out, in], got {tuple(labels.shape)}")
+    out_f, in_f = labels.shape
+    S = int(samples)
+    x = _check(x, "x", torch.float32, dev)
+    per = in_f * (S if per_sample else 1)
+    M = x.numel() // per if x.dim() >= 1 and x.shape[-1] == in_f and per > 0 else 0
+    if M == 0 or x.numel() != M * per or (per_sample and x.shape[0] != S):
+        what = f"[{S}, ..., {in_f}]" if per_sample else f"[..., {in_f}]"
+        raise ValueError(f"x: expected {what}, got {tuple(x.shape)}")
+    if M > LINEAR_CPU_MAX_M:
+        raise ValueError(f"sws_linear_cpu: at most {LINEAR_CPU_MAX_M} rows per sample, got {M}")
+    b = None
+    if bias is not None:
+        b = _check(bias.to(torch.float32), "bias", torch.float32, dev)
+        if tuple(b.shape) not in ((out_f,), (S, out_f)):
+            raise ValueError(f"bias: expected [{out_f}] or [{S}, {out_f}], got {tuple(b.shape)}")
+    y = torch.empty((S, M, out_f), dtype=torch.float32, device=dev)
+    args = _common_args(K, means, chol, labels, e_pos, e_a, e_b, e_alpha, E, o_pos, o_mu, o_rho, O, seed, S, mode,
+                        owner, codebook_owner)
+    _C.sws_linear_cpu(*args, out_f, in_f, x.data_ptr(), M, bool(per_sample), 0 if b is None else b.data_ptr(),
+                      b is not None and b.dim() == 2, y.data_ptr())
     return y

@@ -149,7 +149,7 @@ def test_training_moves_every_parameter_and_loss_falls(rng, mode):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.Adam(model.parameters(), lr=0.03)
     losses = []
-    for step in range(60):
+    for step in range(150):  # 60 steps left ~7% of random draws short of the bar below; 150 converge
         opt.zero_grad()
         loss = sws.elbo_loss(model(x), y, model, num_data=6400)
         loss.backward()

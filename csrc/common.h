@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "philox.h"
 
@@ -58,6 +59,60 @@ inline void validate_sizes(const ReconstructArgs& a, const char* fn) {
     fail("codebook_owner must be in [0, 2^32), got " + std::to_string(a.codebook_owner));
   if (a.n > 0 && a.labels == nullptr) fail("labels pointer is null");
   if (a.means == nullptr || a.chol == nullptr) fail("means/chol pointer is null");
+}
+
+// Calls f with `labels` cast to its element type (host side; every backend's one switch over LabelDtype).
+template <class F>
+void dispatch_labels(const char* fn, int code, const void* p, F&& f) {
+  switch (code) {
+    case kU8: f(static_cast<const uint8_t*>(p)); break;
+    case kI8: f(static_cast<const int8_t*>(p)); break;
+    case kI16: f(static_cast<const int16_t*>(p)); break;
+    case kI32: f(static_cast<const int32_t*>(p)); break;
+    case kI64: f(static_cast<const int64_t*>(p)); break;
+    default: throw std::invalid_argument(std::string(fn) + ": unknown labels_dtype " + std::to_string(code));
+  }
+}
+
+// All labels of [i0, i1) in [0, K)? min/max in the label's own type vectorises.
+template <class L>
+inline bool labels_in_range(const L* lab, int64_t i0, int64_t i1, int64_t K) {
+  if (i0 >= i1) return true;
+  L mn = lab[i0], mx = lab[i0];
+  for (int64_t i = i0; i < i1; ++i) {  // value ternaries, not std::min/max references: GCC vectorises these
+    const L v = lab[i];
+    mn = v < mn ? v : mn;
+    mx = v > mx ? v : mx;
+  }
+  return static_cast<int64_t>(mn) >= 0 && static_cast<int64_t>(mx) < K;
+}
+
+// Validates ellipse/outlier entries (positions in range and unique, components in range) and returns a
+// bitmask of their positions (empty when E == O == 0). Host pointers; serial: O(E + O) plus n/8 bytes.
+inline std::vector<uint64_t> exclusion_mask(const ReconstructArgs& a, const char* fn) {
+  std::vector<uint64_t> mask;
+  if (a.E == 0 && a.O == 0) return mask;
+  mask.assign(static_cast<size_t>((a.n + 63) / 64), 0);
+  auto mark = [&](int64_t p, const char* what, int64_t idx) {
+    if (p < 0 || p >= a.n)
+      throw std::invalid_argument(std::string(fn) + ": " + what + "[" + std::to_string(idx) + "] = " + std::to_string(p) +
+                                  " is out of range [0, " + std::to_string(a.n) + ")");
+    uint64_t& w = mask[static_cast<size_t>(p >> 6)];
+    const uint64_t bit = 1ull << (p & 63);
+    if (w & bit)
+      throw std::invalid_argument(std::string(fn) + ": position " + std::to_string(p) +
+                                  " appears twice among the ellipse/outlier positions");
+    w |= bit;
+  };
+  for (int64_t e = 0; e < a.E; ++e) {
+    mark(a.e_pos[e], "e_pos", e);
+    if (a.e_a[e] < 0 || a.e_a[e] >= a.K || a.e_b[e] < 0 || a.e_b[e] >= a.K)
+      throw std::invalid_argument(std::string(fn) + ": ellipse " + std::to_string(e) + " has components (" +
+                                  std::to_string(a.e_a[e]) + ", " + std::to_string(a.e_b[e]) + ") outside [0, " +
+                                  std::to_string(a.K) + ")");
+  }
+  for (int64_t o = 0; o < a.O; ++o) mark(a.o_pos[o], "o_pos", o);
+  return mask;
 }
 
 // Checks of the mean-field entry points (CPU and CUDA); throws std::invalid_argument naming `fn`.

@@ -174,7 +174,7 @@ def sws_conv2d(x, means, chol, labels, ellipse=None, outliers=None, bias=None, s
                      groups, seed, samples, mode, owner, codebook_owner, per_sample)
 
 
-# Mean-field ops have only the reference so far (fused kernels: the Triton and Native issues).
+# Mean-field ops: the same dispatch (reference path direct, else the ops with Triton or native kernels).
 
 def mean_field_reconstruct(mu, rho, *, seed, samples: int = 1, owner: int = 0):
     """w[s] = mu + softplus(rho) eps[s] -> [samples, *mu.shape]."""

@@ -134,6 +134,28 @@ def _check_padding_mode(padding_mode: str) -> str:
     return padding_mode
 
 
+def _set_conv_hparams(mod, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                      padding_mode) -> None:
+    """Validate and store nn.ConvNd's hyper-parameters on an SWS or mean-field conv (``mod._spatial`` dims)."""
+    n = mod._spatial
+    mod.in_channels = _positive_int(in_channels, "in_channels")
+    mod.out_channels = _positive_int(out_channels, "out_channels")
+    mod.groups = _positive_int(groups, "groups")
+    if in_channels % groups or out_channels % groups:
+        raise ValueError(f"groups: expected a divisor of in_channels={in_channels} and "
+                         f"out_channels={out_channels}, got {groups}")
+    mod.kernel_size = _tuple(kernel_size, n, "kernel_size")
+    mod.stride = _tuple(stride, n, "stride")
+    if isinstance(padding, str):
+        if padding not in ("same", "valid"):
+            raise ValueError(f"padding: expected an int, a tuple, 'same' or 'valid', got {padding!r}")
+        mod.padding = padding
+    else:
+        mod.padding = _tuple(padding, n, "padding")
+    mod.dilation = _tuple(dilation, n, "dilation")
+    mod.padding_mode = _check_padding_mode(padding_mode)
+
+
 def _explicit_pad(x, padding_mode, padding, kernel_size, dilation):
     """nn.ConvNd's non-zero padding modes: pad the input explicitly, then convolve with padding 0."""
     n = len(kernel_size)
@@ -483,23 +505,8 @@ class _SWSConvNd(_SWSLayer):
                  bias: bool = True, *, codebook: Codebook, mode: str = "paper", labels=None, ellipse=None,
                  outliers=None, rng_id: Optional[int] = None, padding_mode: str = "zeros"):
         super().__init__()
-        n = self._spatial
-        self.in_channels = _positive_int(in_channels, "in_channels")
-        self.out_channels = _positive_int(out_channels, "out_channels")
-        self.groups = _positive_int(groups, "groups")
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(f"groups: expected a divisor of in_channels={in_channels} and "
-                             f"out_channels={out_channels}, got {groups}")
-        self.kernel_size = _tuple(kernel_size, n, "kernel_size")
-        self.stride = _tuple(stride, n, "stride")
-        if isinstance(padding, str):
-            if padding not in ("same", "valid"):
-                raise ValueError(f"padding: expected an int, a tuple, 'same' or 'valid', got {padding!r}")
-            self.padding = padding
-        else:
-            self.padding = _tuple(padding, n, "padding")
-        self.dilation = _tuple(dilation, n, "dilation")
-        self.padding_mode = _check_padding_mode(padding_mode)
+        _set_conv_hparams(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                          padding_mode)
         shape = (out_channels, in_channels // groups, *self.kernel_size)
         fan_in = (in_channels // groups) * math.prod(self.kernel_size)
         self._init_sws(shape, bias, codebook, mode, labels, ellipse, outliers, rng_id, fan_in)
@@ -670,23 +677,8 @@ class _MeanFieldConvNd(_MeanFieldLayer):
                  posterior_rho_init: float = -3.0, bias: bool = True, *, rng_id: Optional[int] = None,
                  padding_mode: str = "zeros"):
         super().__init__()
-        n = self._spatial
-        self.in_channels = _positive_int(in_channels, "in_channels")
-        self.out_channels = _positive_int(out_channels, "out_channels")
-        self.groups = _positive_int(groups, "groups")
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(f"groups: expected a divisor of in_channels={in_channels} and "
-                             f"out_channels={out_channels}, got {groups}")
-        self.kernel_size = _tuple(kernel_size, n, "kernel_size")
-        self.stride = _tuple(stride, n, "stride")
-        if isinstance(padding, str):
-            if padding not in ("same", "valid"):
-                raise ValueError(f"padding: expected an int, a tuple, 'same' or 'valid', got {padding!r}")
-            self.padding = padding
-        else:
-            self.padding = _tuple(padding, n, "padding")
-        self.dilation = _tuple(dilation, n, "dilation")
-        self.padding_mode = _check_padding_mode(padding_mode)
+        _set_conv_hparams(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                          padding_mode)
         self._init_mf((out_channels, in_channels // groups, *self.kernel_size), out_channels, prior_mean,
                       prior_variance, posterior_mu_init, posterior_rho_init, bias, rng_id)
 

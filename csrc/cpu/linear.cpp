@@ -35,30 +35,6 @@
 namespace sws {
 namespace {
 
-template <class F>
-void with_labels(int code, const void* p, F&& f) {
-  switch (code) {
-    case kU8: f(static_cast<const uint8_t*>(p)); break;
-    case kI8: f(static_cast<const int8_t*>(p)); break;
-    case kI16: f(static_cast<const int16_t*>(p)); break;
-    case kI32: f(static_cast<const int32_t*>(p)); break;
-    case kI64: f(static_cast<const int64_t*>(p)); break;
-    default: throw std::invalid_argument("labels_dtype: unknown code " + std::to_string(code));
-  }
-}
-
-template <class L>
-inline bool row_in_range(const L* lab, int64_t cnt, int64_t K) {
-  if (cnt <= 0) return true;
-  L mn = lab[0], mx = lab[0];
-  for (int64_t i = 0; i < cnt; ++i) {
-    const L v = lab[i];
-    mn = v < mn ? v : mn;
-    mx = v > mx ? v : mx;
-  }
-  return static_cast<int64_t>(mn) >= 0 && static_cast<int64_t>(mx) < K;
-}
-
 // acc[r * Mp + m] = sum_i xT[i * Mp + m] * z[lab[r * in_f + i]] for r < R (portable version: the compiler
 // vectorises the m loop).
 template <int R, class L>
@@ -136,22 +112,7 @@ void sws_linear_cpu(const ReconstructArgs& a, int64_t out_f, int64_t in_f, const
 
   // Entry checks (memory safety; the same errors as reconstruct): positions in range and unique,
   // ellipse components in range.
-  if (a.E + a.O > 0) {
-    std::vector<uint64_t> seen(static_cast<size_t>((n + 63) / 64), 0);
-    auto mark = [&](int64_t p) {
-      if (p < 0 || p >= n) fail("an ellipse/outlier position is out of range [0, " + std::to_string(n) + ")");
-      uint64_t& w = seen[static_cast<size_t>(p >> 6)];
-      const uint64_t bit = 1ull << (p & 63);
-      if (w & bit) fail("position " + std::to_string(p) + " appears twice among the ellipse/outlier positions");
-      w |= bit;
-    };
-    for (int64_t e = 0; e < a.E; ++e) {
-      mark(a.e_pos[e]);
-      if (a.e_a[e] < 0 || a.e_a[e] >= K || a.e_b[e] < 0 || a.e_b[e] >= K)
-        fail("ellipse " + std::to_string(e) + " has components outside [0, " + std::to_string(K) + ")");
-    }
-    for (int64_t o = 0; o < a.O; ++o) mark(a.o_pos[o]);
-  }
+  (void)exclusion_mask(a, fn);
 
   // The codebook table zt[s * K + k]: sampled z_mu in paper mode, computed exactly as reconstruct_cpu's
   // table (same bulk normals, same softplus_fill, same float32 operation order), m_mu in mean mode.
@@ -193,12 +154,12 @@ void sws_linear_cpu(const ReconstructArgs& a, int64_t out_f, int64_t in_f, const
   constexpr int64_t kRB = 24;  // rows per work item (a multiple of every rows_for<MV>)
   const int64_t nb = (out_f + kRB - 1) / kRB;
   int bad = 0;
-  with_labels(a.labels_dtype, a.labels, [&](auto lab) {
+  dispatch_labels(fn, a.labels_dtype, a.labels, [&](auto lab) {
 #pragma omp parallel for schedule(static) reduction(| : bad)
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t j0 = b * kRB, nr = std::min(kRB, out_f - j0);
       const auto* lb = lab + j0 * in_f;
-      if (!row_in_range(lb, nr * in_f, K)) {
+      if (!labels_in_range(lb, 0, nr * in_f, K)) {
         bad = 1;
         continue;
       }
@@ -245,7 +206,7 @@ void sws_linear_cpu(const ReconstructArgs& a, int64_t out_f, int64_t in_f, const
 
   // Sparse correction for ellipse/outlier positions, serial in entry order (deterministic).
   if (a.E + a.O == 0) return;
-  with_labels(a.labels_dtype, a.labels, [&](auto lab) {
+  dispatch_labels(fn, a.labels_dtype, a.labels, [&](auto lab) {
     auto correct = [&](int64_t p, int64_t s, float w_true) {
       const float* z = zt.data() + (mean ? 0 : s * K);
       const float d = w_true - z[static_cast<int64_t>(lab[p])];

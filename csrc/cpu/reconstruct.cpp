@@ -47,65 +47,12 @@ constexpr int64_t kStreamBytes = 16 << 20;  // outputs at least this big use str
 constexpr int64_t kBwdChunk = 65536;       // preferred elements per backward chunk
 constexpr int64_t kBwdPartialCap = 1 << 21;  // max doubles held in chunk partials (16 MB)
 
-template <class F>
-void dispatch_labels(int code, const void* p, F&& f) {
-  switch (code) {
-    case kU8: f(static_cast<const uint8_t*>(p)); break;
-    case kI8: f(static_cast<const int8_t*>(p)); break;
-    case kI16: f(static_cast<const int16_t*>(p)); break;
-    case kI32: f(static_cast<const int32_t*>(p)); break;
-    case kI64: f(static_cast<const int64_t*>(p)); break;
-    default: throw std::invalid_argument("labels_dtype: unknown code " + std::to_string(code));
-  }
-}
-
-// Validates ellipse/outlier entries (positions in range and unique, components in range, alpha finite)
-// and returns a bitmask of their positions (empty when E == O == 0). Serial: O(E + O) plus n/8 bytes.
-std::vector<uint64_t> exclusion_mask(const ReconstructArgs& a, const char* fn) {
-  std::vector<uint64_t> mask;
-  if (a.E == 0 && a.O == 0) return mask;
-  mask.assign(static_cast<size_t>((a.n + 63) / 64), 0);
-  auto mark = [&](int64_t p, const char* what, int64_t idx) {
-    if (p < 0 || p >= a.n)
-      throw std::invalid_argument(std::string(fn) + ": " + what + "[" + std::to_string(idx) + "] = " + std::to_string(p) +
-                                  " is out of range [0, " + std::to_string(a.n) + ")");
-    uint64_t& w = mask[static_cast<size_t>(p >> 6)];
-    const uint64_t bit = 1ull << (p & 63);
-    if (w & bit)
-      throw std::invalid_argument(std::string(fn) + ": position " + std::to_string(p) +
-                                  " appears twice among the ellipse/outlier positions");
-    w |= bit;
-  };
-  for (int64_t e = 0; e < a.E; ++e) {
-    mark(a.e_pos[e], "e_pos", e);
-    if (a.e_a[e] < 0 || a.e_a[e] >= a.K || a.e_b[e] < 0 || a.e_b[e] >= a.K)
-      throw std::invalid_argument(std::string(fn) + ": ellipse " + std::to_string(e) + " has components (" +
-                                  std::to_string(a.e_a[e]) + ", " + std::to_string(a.e_b[e]) + ") outside [0, " +
-                                  std::to_string(a.K) + ")");
-  }
-  for (int64_t o = 0; o < a.O; ++o) mark(a.o_pos[o], "o_pos", o);
-  return mask;
-}
-
 inline bool masked(const uint64_t* mask, int64_t i) { return (mask[i >> 6] >> (i & 63)) & 1; }
 
 [[noreturn]] void bad_labels(const char* fn, int64_t K) {
   throw std::invalid_argument(std::string(fn) + ": a label is outside [0, K) with K = " + std::to_string(K));
 }
 
-
-// All labels of [i0, i1) in [0, K)? min/max in the label's own type vectorises.
-template <class L>
-inline bool labels_in_range(const L* lab, int64_t i0, int64_t i1, int64_t K) {
-  if (i0 >= i1) return true;
-  L mn = lab[i0], mx = lab[i0];
-  for (int64_t i = i0; i < i1; ++i) {  // value ternaries, not std::min/max references: GCC vectorises these
-    const L v = lab[i];
-    mn = v < mn ? v : mn;
-    mx = v > mx ? v : mx;
-  }
-  return static_cast<int64_t>(mn) >= 0 && static_cast<int64_t>(mx) < K;
-}
 
 // paper/mean gather of one block for samples [s0, s0 + G) from the sample-interleaved table z[k*S + s]:
 // tiles of 16 weights x G samples are staged in L1 and written as whole 64-byte lines per sample
@@ -261,7 +208,7 @@ void reconstruct_cpu(const ReconstructArgs& a, float* out) {
   // back from cache anyway; small outputs stay cached for the matmul that consumes them.
   const bool stream = S * n * static_cast<int64_t>(sizeof(float)) >= kStreamBytes && n % 4 == 0 &&
                       (reinterpret_cast<uintptr_t>(out) & 15) == 0;
-  dispatch_labels(a.labels_dtype, a.labels, [&](auto lab) {
+  dispatch_labels(fn, a.labels_dtype, a.labels, [&](auto lab) {
     if (!hier) {
 #pragma omp parallel for schedule(static) reduction(| : bad)
       for (int64_t b = 0; b < nb; ++b) {
@@ -357,7 +304,7 @@ void reconstruct_backward_cpu(const ReconstructArgs& a, const float* grad_out, f
   std::unique_ptr<double[]> partial(new double[static_cast<size_t>(std::max<int64_t>(1, nchunks) * width)]);
 
   int bad = 0;
-  dispatch_labels(a.labels_dtype, a.labels, [&](auto lab) {
+  dispatch_labels(fn, a.labels_dtype, a.labels, [&](auto lab) {
 #pragma omp parallel for schedule(static) reduction(| : bad)
     for (int64_t ci = 0; ci < nchunks; ++ci) {
       double* acc = partial.get() + ci * width;

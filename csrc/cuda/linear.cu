@@ -25,17 +25,11 @@
 #include <type_traits>
 
 #include "../common.h"
+#include "cuda_check.cuh"
 
 namespace sws {
 namespace {
 
-#define SWS_CUDA_CHECK(fn, call)                                                                               \
-  do {                                                                                                         \
-    const cudaError_t err_ = (call);                                                                           \
-    if (err_ != cudaSuccess)                                                                                   \
-      throw std::runtime_error(std::string(fn) + ": " #call " failed: " + cudaGetErrorString(err_) + " (" + \
-                               std::to_string(static_cast<int>(err_)) + ")");                                  \
-  } while (0)
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -199,17 +193,6 @@ int sm_count(const char* fn) {
   return std::max(1, sms);
 }
 
-template <class F>
-void dispatch_labels(const char* fn, int code, const void* ptr, F&& f) {
-  switch (code) {
-    case kU8: f(static_cast<const uint8_t*>(ptr)); break;
-    case kI8: f(static_cast<const int8_t*>(ptr)); break;
-    case kI16: f(static_cast<const int16_t*>(ptr)); break;
-    case kI32: f(static_cast<const int32_t*>(ptr)); break;
-    case kI64: f(static_cast<const int64_t*>(ptr)); break;
-    default: throw std::invalid_argument(std::string(fn) + ": unknown labels_dtype " + std::to_string(code));
-  }
-}
 
 template <class F>
 void dispatch_act(const char* fn, int code, F&& f) {

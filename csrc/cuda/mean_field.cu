@@ -13,17 +13,11 @@
 #include <string>
 
 #include "../common.h"
+#include "cuda_check.cuh"
 
 namespace sws {
 namespace {
 
-#define SWS_CUDA_CHECK(fn, call)                                                                               \
-  do {                                                                                                         \
-    const cudaError_t err_ = (call);                                                                           \
-    if (err_ != cudaSuccess)                                                                                   \
-      throw std::runtime_error(std::string(fn) + ": " #call " failed: " + cudaGetErrorString(err_) + " (" + \
-                               std::to_string(static_cast<int>(err_)) + ")");                                  \
-  } while (0)
 
 constexpr int kThreads = 256;
 

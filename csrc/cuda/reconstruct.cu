@@ -33,17 +33,11 @@
 #include <type_traits>
 
 #include "../common.h"
+#include "cuda_check.cuh"
 
 namespace sws {
 namespace {
 
-#define SWS_CUDA_CHECK(fn, call)                                                                               \
-  do {                                                                                                         \
-    const cudaError_t err_ = (call);                                                                           \
-    if (err_ != cudaSuccess)                                                                                   \
-      throw std::runtime_error(std::string(fn) + ": " #call " failed: " + cudaGetErrorString(err_) + " (" + \
-                               std::to_string(static_cast<int>(err_)) + ")");                                  \
-  } while (0)
 
 constexpr int kThreads = 256;
 constexpr int64_t kSmemFloats = 12288;  // 48 KB: the default dynamic shared memory limit, no opt-in needed
@@ -275,17 +269,6 @@ unsigned grid_for(int64_t work, int64_t cap) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min(b, cap)));
 }
 
-template <class F>
-void dispatch_labels(const char* fn, int code, const void* p, F&& f) {
-  switch (code) {
-    case kU8: f(static_cast<const uint8_t*>(p)); break;
-    case kI8: f(static_cast<const int8_t*>(p)); break;
-    case kI16: f(static_cast<const int16_t*>(p)); break;
-    case kI32: f(static_cast<const int32_t*>(p)); break;
-    case kI64: f(static_cast<const int64_t*>(p)); break;
-    default: throw std::invalid_argument(std::string(fn) + ": unknown labels_dtype " + std::to_string(code));
-  }
-}
 
 }  // namespace
 

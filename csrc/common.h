@@ -183,8 +183,22 @@ void reconstruct_backward_cuda(const ReconstructArgs& a, const float* grad_out, 
                                const int64_t* seg_pos, const float* seg_coef, int64_t n_entries, double* dzbuf,
                                float* grad_means, float* grad_chol, float* grad_mu_o, float* grad_rho_o,
                                uintptr_t stream);
-// usable = a device is present and the runtime works; reason says why not.
-void cuda_status(bool& usable, std::string& reason);
+// csrc/cuda/device.cu: the raw facts behind native.py's CUDA status (native.explain_cuda words them).
+struct CudaDeviceInfo {
+  int index = 0, major = 0, minor = 0, sm_count = 0;
+  std::string name;
+};
+struct CudaProbe {
+  int driver_version = 0;  // cudaDriverGetVersion: the CUDA version the driver supports (12040 = 12.4); 0 = none
+  int count_error = 0;     // cudaGetDeviceCount's cudaError_t (35 = insufficient/no driver, 100 = no device)
+  std::string count_error_name, count_error_string;
+  int device_count = 0;
+  std::vector<CudaDeviceInfo> devices;
+};
+// Device queries only: initialises the driver, creates no context. Called lazily, never at import.
+CudaProbe cuda_probe();
+// CUDART_VERSION of the toolkit the module was compiled with (13000 = 13.0); touches no runtime.
+int cuda_runtime_build_version();
 // zbuf[S, K, 2] = (z_mu, softplus(z_rho)) (mean mode: (m_mu, 0)): the table the fused kernels read.
 void sample_components_cuda(const ReconstructArgs& a, float* zbuf, uintptr_t stream);
 // csrc/cuda/mean_field.cu: same contract as the CPU versions, device pointers, asynchronous on `stream`.

@@ -7,7 +7,6 @@
 
 #include <cstdint>
 #include <string>
-#include <tuple>
 
 #include "common.h"
 #include "cpu/vecmath.h"
@@ -297,19 +296,28 @@ PYBIND11_MODULE(_C, m) {
       "coef float32[N]); dzbuf: float64 workspace of S*K*2 elements. Deterministic.");
 #endif
 
-  m.def(
-      "cuda_status",
-      []() -> std::tuple<bool, bool, std::string> {
+  // CUDA facts. with_cuda / cuda_runtime_version / cuda_archs are compile-time constants; cuda_probe() is
+  // the only call that reaches the driver, and native.py makes it lazily (import must create no context).
 #if defined(SWS_WITH_CUDA)
-        bool usable = false;
-        std::string reason;
-        sws::cuda_status(usable, reason);
-        return {true, usable, reason};
-#else
-        return {false, false, "built without CUDA"};
-#endif
+  m.def(
+      "cuda_probe",
+      []() -> py::dict {
+        const sws::CudaProbe p = sws::cuda_probe();
+        py::list devices;
+        for (const auto& d : p.devices)
+          devices.append(py::make_tuple(d.index, d.name, d.major, d.minor, d.sm_count));
+        py::dict out;
+        out["driver_version"] = p.driver_version;
+        out["count_error"] = p.count_error;
+        out["count_error_name"] = p.count_error_name;
+        out["count_error_string"] = p.count_error_string;
+        out["device_count"] = p.device_count;
+        out["devices"] = devices;
+        return out;
       },
-      "(built, usable, reason): whether the CUDA kernels were compiled and whether a device can run them.");
+      "Device queries, no context: {driver_version, count_error, count_error_name, count_error_string, "
+      "device_count, devices: [(index, name, major, minor, sm_count)]}. sws_kernels.native calls it lazily.");
+#endif
 
   m.def("omp_max_threads", &sws::omp_max_threads, "OpenMP max threads (1 when built without OpenMP).");
   m.def("set_num_threads", &sws::omp_set_threads, py::arg("n"),
@@ -322,7 +330,12 @@ PYBIND11_MODULE(_C, m) {
 #if defined(SWS_WITH_CUDA)
   m.attr("with_cuda") = true;
   m.attr("linear_max_m") = sws::kLinearMaxM;
+  m.attr("cuda_runtime_version") = sws::cuda_runtime_build_version();
+  // CMAKE_CUDA_ARCHITECTURES with ',' for ';' (CMakeLists.txt): which devices have code in this build.
+  m.attr("cuda_archs") = SWS_CUDA_ARCHS;
 #else
   m.attr("with_cuda") = false;
+  m.attr("cuda_runtime_version") = 0;
+  m.attr("cuda_archs") = "";
 #endif
 }

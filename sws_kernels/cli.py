@@ -42,6 +42,9 @@ def cmd_info(args) -> int:
     print(f"CPU threads: {torch.get_num_threads()}  CUDA: "
           f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
     print(_backends_table())
+    from . import native
+
+    print(f"native build: {native.build_summary()}")
     # optional packages: what `demo` / `plot` need (the [demo] extra) and what `convert` can read
     import importlib.metadata as md
 

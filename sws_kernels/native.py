@@ -11,9 +11,14 @@ per (component, sample) in a fixed order (see csrc/cuda/reconstruct.cu).
 """
 from __future__ import annotations
 
-from typing import Tuple
+import os
+import threading
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
 
 import torch
+
+_BUILD_HINT = "SWS_CUDA=ON PATH=$PATH:/usr/local/cuda/bin pip install --no-build-isolation --no-deps -e ."
 
 try:
     from . import _C  # type: ignore[attr-defined]
@@ -21,23 +26,228 @@ try:
     AVAILABLE_CPU, CPU_REASON = True, ""
 except ImportError as _e:  # not built, or built for another Python
     _C = None
-    AVAILABLE_CPU, CPU_REASON = False, f"sws_kernels._C not built: {_e}"
+    AVAILABLE_CPU, CPU_REASON = False, (f"not built: sws_kernels._C is not importable ({_e}); build it from the "
+                                        f"repository root with `{_BUILD_HINT}` (SWS_CUDA=ON adds the CUDA kernels)")
 
-if _C is not None:
+# ------------------------------------------------------------------------------------------------------
+# CUDA status, lazily. Import must create no CUDA context and touch no driver: a context on device 0 in
+# every DDP rank costs GPU 0 memory, and a driver initialised before a fork breaks CUDA in the children.
+# So AVAILABLE_CUDA / CUDA_REASON are computed on first use (first CUDA launch, backends(), `sws-kernels
+# info`) by _C.cuda_probe() (device queries: initialises the driver, creates no context), then cached.
+# ------------------------------------------------------------------------------------------------------
+
+# Minimum Linux driver for each CUDA major version under minor-version compatibility, from NVIDIA's "CUDA
+# Compatibility" guide (docs.nvidia.com/deploy/cuda-compatibility, "Minor Version Compatibility", table 1) and
+# the CUDA Toolkit release notes: 11.x >= 450.80.02, 12.x >= 525.60.13, 13.x >= 580. Windows numbers differ.
+# The runtime is linked statically, so the driver must support the major version the module was built with.
+_MIN_LINUX_DRIVER = {11: "450.80.02", 12: "525.60.13", 13: "580"}
+
+_ERR_INSUFFICIENT_DRIVER = 35  # cudaErrorInsufficientDriver: driver older than the runtime, or none at all
+_ERR_NO_DEVICE = 100  # cudaErrorNoDevice
+# Other cudaGetDeviceCount failures worth a hint.
+_ERR_HINTS = {
+    3: "cudaErrorInitializationError: often a process forked after CUDA was initialised in its parent",
+    803: "the user-mode driver and the kernel module have different versions (reboot or reinstall the driver)",
+    804: "the CUDA forward-compatibility package is not supported on this GPU",
+}
+
+
+@dataclass(frozen=True)
+class CudaProbe:
+    """The facts explain_cuda words: build constants plus what _C.cuda_probe() saw (no context)."""
+
+    built: bool  # _C was compiled with the CUDA kernels
+    runtime_version: int = 0  # CUDART_VERSION the module was compiled with (13000 = 13.0)
+    archs: str = ""  # CMAKE_CUDA_ARCHITECTURES of the build, ',' or ';' separated ("80,90")
+    driver_version: int = 0  # cudaDriverGetVersion: highest CUDA version the driver supports; 0 = no driver
+    count_error: int = 0  # cudaGetDeviceCount's cudaError_t
+    count_error_name: str = ""
+    count_error_string: str = ""
+    devices: Tuple[Tuple[int, str, int, int], ...] = ()  # (index, name, major, minor)
+    kernel_module: str = ""  # NVIDIA kernel module version (/proc/driver/nvidia/version), when readable
+    visible_devices: Optional[str] = None  # CUDA_VISIBLE_DEVICES, when set
+
+
+def _cuda_version(v: int) -> str:
+    return f"{v // 1000}.{v % 1000 // 10}"
+
+
+def _parse_archs(archs: str):
+    """CMAKE_CUDA_ARCHITECTURES entries -> [(major, minor, suffix, sass, ptx)], None for all/all-major/native.
+
+    "80" = SASS sm_80 + PTX compute_80, "80-real" = SASS only, "80-virtual" = PTX only; a/f suffixes
+    (90a, 100f) are arch/family-specific code.
+    """
+    out = []
+    for entry in archs.replace(";", ",").split(","):
+        entry = entry.strip()
+        if not entry:
+            continue
+        kind = "both"
+        for tail in ("-real", "-virtual"):
+            if entry.endswith(tail):
+                entry, kind = entry[: -len(tail)], tail[1:]
+        suffix = entry[-1] if entry[-1:] in ("a", "f") else ""
+        digits = entry[: len(entry) - len(suffix)]
+        if not digits.isdigit():
+            return None  # "all", "all-major", "native": resolved by CMake/nvcc, unknown here
+        cc = int(digits)
+        out.append((cc // 10, cc % 10, suffix, kind in ("both", "real"), kind in ("both", "virtual")))
+    return out
+
+
+def arch_support(major: int, minor: int, archs: str) -> Optional[str]:
+    """Which code of the build runs on a device of compute capability major.minor: "SASS sm_80", "PTX
+    compute_90 (JIT-compiled by the driver)", "unknown (...)" when the list is symbolic, or None (no code)."""
+    parsed = _parse_archs(archs)
+    if parsed is None:
+        return f"unknown (build architectures {archs!r})"
+    # SASS runs on the same major version with an equal or higher minor; arch-specific ("a") SASS only on
+    # exactly that version. PTX is JIT-compiled for any equal or newer device unless arch/family-specific.
+    sass = [(M, m, s) for M, m, s, has_sass, _ in parsed
+            if has_sass and M == major and (m == minor if s == "a" else m <= minor)]
+    if sass:
+        M, m, s = max(sass)
+        return f"SASS sm_{M}{m}{s}"
+    ptx = [(M, m) for M, m, s, _, has_ptx in parsed
+           if has_ptx and not s and (M, m) <= (major, minor)]
+    if ptx:
+        M, m = max(ptx)
+        return f"PTX compute_{M}{m} (JIT-compiled by the driver at first launch)"
+    return None
+
+
+def explain_cuda(p: CudaProbe) -> Tuple[bool, str, Dict[int, str]]:
+    """(usable, reason, {device index: why unusable}) from the probe; a pure function, unit-tested per case."""
+    if not p.built:
+        return False, ("not built: sws_kernels._C was compiled without the CUDA kernels (SWS_CUDA=OFF, or "
+                       f"SWS_CUDA=AUTO found no nvcc); rebuild with `{_BUILD_HINT}`"), {}
+    rt = f"CUDA {_cuda_version(p.runtime_version)} (CUDART_VERSION {p.runtime_version}, linked statically)"
+    major = p.runtime_version // 1000
+    need = _MIN_LINUX_DRIVER.get(major)
+    need_txt = (f"a driver for CUDA {major}.x (Linux driver >= {need})" if need
+                else f"a driver supporting CUDA {_cuda_version(p.runtime_version)}")
+    drv = (f"CUDA {_cuda_version(p.driver_version)} (cudaDriverGetVersion {p.driver_version}"
+           + (f", kernel module {p.kernel_module})" if p.kernel_module else ")"))
+    err = f"{p.count_error_name or 'error'} ({p.count_error})"
+    if p.count_error == _ERR_INSUFFICIENT_DRIVER and p.driver_version == 0:
+        return False, (f"no GPU driver: the CUDA runtime finds no NVIDIA driver library (libcuda): "
+                       f"cudaGetDeviceCount returned {err} and cudaDriverGetVersion none. A GPU would need "
+                       f"{need_txt} for this build's runtime, {rt}"), {}
+    if p.count_error == _ERR_INSUFFICIENT_DRIVER and p.driver_version < p.runtime_version:
+        return False, (f"driver too old: the NVIDIA driver supports {drv}; this build's runtime is {rt} and "
+                       f"needs {need_txt}; cudaGetDeviceCount returned {err}. Upgrade the driver, or rebuild "
+                       f"with a CUDA toolkit no newer than the driver (its nvcc first on PATH): `{_BUILD_HINT}`"), {}
+    if p.count_error == _ERR_NO_DEVICE or (p.count_error == 0 and not p.devices):
+        how = f"cudaGetDeviceCount returned {err}" if p.count_error else "cudaGetDeviceCount returned 0 devices"
+        hidden = (f"; CUDA_VISIBLE_DEVICES={p.visible_devices!r} may hide them"
+                  if p.visible_devices is not None else "")
+        return False, f"no GPU: an NVIDIA driver is installed, it supports {drv}, but {how}{hidden}", {}
+    if p.count_error != 0:
+        hint = _ERR_HINTS.get(p.count_error, p.count_error_string)
+        return False, (f"CUDA runtime error: cudaGetDeviceCount returned {err}: {hint}. The driver supports "
+                       f"{drv}; this build's runtime is {rt}"), {}
+    lines, unusable = [], {}
+    jit_note = ""
+    for index, name, dmaj, dmin in p.devices:
+        code = arch_support(dmaj, dmin, p.archs)
+        if code is None:
+            why = (f"no kernel image for sm_{dmaj}{dmin}: the build has code for {p.archs} (SWS_CUDA_ARCHS); "
+                   f"rebuild with SWS_CUDA_ARCHS=\"{dmaj}{dmin};{p.archs.replace(',', ';')}\"")
+            unusable[index] = f"cuda:{index} {name}: {why}"
+            lines.append(f"cuda:{index} {name} sm_{dmaj}{dmin}: {why}")
+        else:
+            lines.append(f"cuda:{index} {name} sm_{dmaj}{dmin}: {code}")
+            if code.startswith("PTX") and p.driver_version < p.runtime_version:
+                jit_note = (f"; PTX JIT needs a driver for CUDA >= {_cuda_version(p.runtime_version)}, this one "
+                            f"supports {_cuda_version(p.driver_version)}")
+    usable = len(unusable) < len(p.devices)
+    head = f"runtime {rt}, driver supports {drv}, build archs {p.archs}: "
+    return usable, head + "; ".join(lines) + jit_note, unusable
+
+
+_cuda_lock = threading.Lock()
+_cuda_cache: Optional[Tuple[bool, str, Dict[int, str]]] = None
+cuda_status_runs = 0  # how many times the lazy CUDA status ran: tests assert 0 right after import
+
+
+def _kernel_module_version() -> str:
+    # Linux only, a file read: the driver branch users know (550.54.15), next to the CUDA version it supports.
     try:
-        _built, _usable, _why = _C.cuda_status()
-    except Exception as _e:  # never let a driver problem break import
-        _built, _usable, _why = False, False, f"cuda_status failed: {type(_e).__name__}: {_e}"
-    AVAILABLE_CUDA = bool(_built and _usable)
-    CUDA_REASON = "" if AVAILABLE_CUDA else str(_why)
-else:
-    AVAILABLE_CUDA, CUDA_REASON = False, CPU_REASON
+        with open("/proc/driver/nvidia/version") as f:
+            first = f.readline()
+    except OSError:
+        return ""
+    words = [w for w in first.split() if w[:1].isdigit() and "." in w]
+    return words[0] if words else ""
+
+
+def cuda_probe() -> CudaProbe:
+    """Asks the driver (no context) what explain_cuda needs. Called by cuda_status, once per process."""
+    if _C is None or not _C.with_cuda:
+        return CudaProbe(built=False)
+    raw = _C.cuda_probe()
+    return CudaProbe(
+        built=True, runtime_version=int(_C.cuda_runtime_version), archs=str(_C.cuda_archs),
+        driver_version=raw["driver_version"], count_error=raw["count_error"],
+        count_error_name=raw["count_error_name"], count_error_string=raw["count_error_string"],
+        devices=tuple((i, n, M, m) for i, n, M, m, _sms in raw["devices"]),
+        kernel_module=_kernel_module_version(), visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def build_summary() -> str:
+    """What the compiled module contains, from its compile-time constants only (touches no driver)."""
+    if _C is None:
+        return CPU_REASON
+    cpu = f"CPU kernels (OpenMP {'yes' if _C.has_openmp else 'no'})"
+    if not _C.with_cuda:
+        return f"{cpu}; no CUDA kernels (built with SWS_CUDA=OFF or without nvcc)"
+    return (f"{cpu}; CUDA kernels for archs {_C.cuda_archs}, runtime CUDA "
+            f"{_cuda_version(_C.cuda_runtime_version)} linked statically")
+
+
+def cuda_status() -> Tuple[bool, str]:
+    """(usable, reason) of the native CUDA backend: why it is missing, or which devices it runs on."""
+    return _cuda_state()[:2]
+
+
+def _cuda_state() -> Tuple[bool, str, Dict[int, str]]:
+    global _cuda_cache, cuda_status_runs
+    if _cuda_cache is None:
+        with _cuda_lock:
+            if _cuda_cache is None:
+                cuda_status_runs += 1
+                if _C is None:
+                    state = (False, CPU_REASON, {})
+                else:
+                    try:
+                        state = explain_cuda(cuda_probe())
+                    except Exception as e:  # a driver problem must never escape a status query
+                        state = (False, f"CUDA status query failed: {type(e).__name__}: {e}", {})
+                _cuda_cache = state
+    return _cuda_cache
+
+
+def __getattr__(name: str):
+    # PEP 562: AVAILABLE_CUDA / CUDA_REASON stay module attributes for callers, computed on first access.
+    if name == "AVAILABLE_CUDA":
+        return _cuda_state()[0]
+    if name == "CUDA_REASON":
+        return _cuda_state()[1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "AVAILABLE_CPU",
     "CPU_REASON",
     "AVAILABLE_CUDA",
     "CUDA_REASON",
+    "CudaProbe",
+    "arch_support",
+    "cuda_probe",
+    "cuda_status",
+    "build_summary",
+    "explain_cuda",
     "philox4x32",
     "uniform",
     "normal",
@@ -60,8 +270,11 @@ _MASK64 = (1 << 64) - 1
 
 def _need(device: torch.device) -> None:
     if device.type == "cuda":
-        if not AVAILABLE_CUDA:
-            raise RuntimeError(f"sws_kernels native CUDA backend unavailable: {CUDA_REASON}")
+        usable, reason, unusable = _cuda_state()
+        if not usable:
+            raise RuntimeError(f"sws_kernels native CUDA backend unavailable: {reason}")
+        if device.index in unusable:  # some GPUs of a mixed machine may lack code in this build
+            raise RuntimeError(f"sws_kernels native CUDA backend: {unusable[device.index]}")
     elif device.type == "cpu":
         if not AVAILABLE_CPU:
             raise RuntimeError(f"sws_kernels native CPU backend unavailable: {CPU_REASON}")

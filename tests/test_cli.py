@@ -12,6 +12,12 @@ def test_info(capsys):
     out = capsys.readouterr().out
     for name in ("reference", "triton", "native_cpu", "native_cuda"):
         assert name in out
+    # the native CUDA line says why it is missing (or which devices it runs on), and the build is described
+    from sws_kernels import native
+
+    cuda_line = next(line for line in out.splitlines() if line.startswith("native_cuda"))
+    assert native.CUDA_REASON and native.CUDA_REASON in cuda_line, cuda_line
+    assert f"native build: {native.build_summary()}" in out
 
 
 @pytest.mark.parametrize("mode", ["paper", "hierarchical", "mean"])

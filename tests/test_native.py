@@ -380,12 +380,21 @@ def test_reconstruct_bad_entries():
 
 
 def test_cuda_status_and_module_info():
-    built, usable, reason = C.cuda_status()
-    assert isinstance(built, bool) and isinstance(usable, bool) and isinstance(reason, str)
-    assert built == bool(C.with_cuda)
-    assert native.AVAILABLE_CUDA == (built and usable)
-    if not native.AVAILABLE_CUDA:
-        assert native.CUDA_REASON
+    usable, reason = native.cuda_status()
+    assert isinstance(usable, bool) and isinstance(reason, str) and reason
+    assert (native.AVAILABLE_CUDA, native.CUDA_REASON) == (usable, reason)
+    assert isinstance(C.with_cuda, bool)
+    if C.with_cuda:
+        assert C.cuda_runtime_version >= 11000 and C.cuda_archs, (C.cuda_runtime_version, C.cuda_archs)
+        probe = C.cuda_probe()
+        assert set(probe) == {"driver_version", "count_error", "count_error_name", "count_error_string",
+                              "device_count", "devices"}
+        if probe["count_error"]:
+            assert probe["device_count"] == 0 and probe["count_error_name"].startswith("cuda"), probe
+        assert len(probe["devices"]) == probe["device_count"], probe
+    else:
+        assert not usable and reason.startswith("not built"), reason
+        assert not hasattr(C, "cuda_probe")
     assert C.omp_max_threads() >= 1
     with pytest.raises(ValueError, match="set_num_threads"):
         C.set_num_threads(0)

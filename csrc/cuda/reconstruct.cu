@@ -359,31 +359,4 @@ void sample_components_cuda(const ReconstructArgs& a, float* zbuf, uintptr_t str
   SWS_CUDA_CHECK(fn, cudaGetLastError());
 }
 
-void cuda_status(bool& usable, std::string& reason) {
-  usable = false;
-  int count = 0;
-  const cudaError_t err = cudaGetDeviceCount(&count);
-  if (err != cudaSuccess) {
-    cudaGetLastError();  // clear the (non-sticky) error
-    // 35 = cudaErrorInsufficientDriver (no driver at all), 100 = cudaErrorNoDevice.
-    reason = "no CUDA device (cudaGetDeviceCount error " + std::to_string(static_cast<int>(err)) + ": " +
-             cudaGetErrorString(err) + ")";
-    return;
-  }
-  if (count == 0) {
-    reason = "no CUDA device (cudaGetDeviceCount returned 0)";
-    return;
-  }
-  // A kernel image for the current device? (built for the architectures in SWS_CUDA_ARCHS.)
-  cudaFuncAttributes attr;
-  const cudaError_t ferr = cudaFuncGetAttributes(&attr, k_bwd_final);
-  if (ferr != cudaSuccess) {
-    cudaGetLastError();
-    reason = std::string("CUDA kernels not loadable on this device: ") + cudaGetErrorString(ferr);
-    return;
-  }
-  usable = true;
-  reason = "";
-}
-
 }  // namespace sws

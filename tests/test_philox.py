@@ -93,8 +93,8 @@ def test_streams_agree_across_backends(seed, offset):
     if offset < 64:
         assert torch.equal(philox.uniform(seed, offset + n, **kw)[offset:], u)
     T = _triton()
-    assert torch.equal(T.uniform(seed, n, offset=offset, **kw), u)
-    assert (T.normal(seed, n, offset=offset, **kw) - z).abs().max() <= 1e-5
+    assert torch.equal(T.uniform(seed, n, offset=offset, **kw).cpu(), u)
+    assert (T.normal(seed, n, offset=offset, **kw).cpu() - z).abs().max() <= 1e-5
     if native.AVAILABLE_CPU:
         assert torch.equal(native.uniform(seed, n, offset=offset, **kw), u)
         assert (native.normal(seed, n, offset=offset, **kw) - z).abs().max() <= 1e-5
@@ -171,3 +171,33 @@ def test_native_limits_raise():
         native.uniform(1, 4, offset=2**34 - 3)
     with pytest.raises(ValueError):
         native.normal(2**64, 4)
+
+
+@pytest.mark.parametrize("offset", [0, 4, 2**32 + 4, 2**34 - 4 * 70])
+@pytest.mark.parametrize("seed", [5, 2**31, 2**63 + 2**31 + 3, 2**64 - 1])
+def test_normal_rows_matches_stream_normal(seed, offset):
+    """normal_rows (one Philox call per four elements, the fused kernels' contiguous path) draws exactly what
+    stream_normal (one call per element) draws: the same float ops on the same words, so the same bits; both
+    within 1e-5 of the PyTorch stream. Seed words and the sample id past 2**31 travel as i32 bit patterns."""
+    T = _triton()
+    n = 4 * 70 - 3  # ragged tail: the last [rows, cols] tile is masked
+    kw = dict(sample=2**32 - 2, owner=2**31 + 9, purpose=0)
+    rows = T.normal_rows_stream(seed, n, offset=offset, rows=2, cols=16, **kw).cpu()
+    single = T.normal(seed, n, offset=offset, **kw).cpu()
+    assert torch.equal(rows, single)
+    assert (rows - philox.normal(seed, n, offset=offset, **kw)).abs().max() <= 1e-5
+
+
+def test_normal_rows_alignment_error():
+    with pytest.raises(ValueError, match="offset, cols: expected multiples of 4"):
+        _triton().normal_rows_stream(1, 8, offset=2)
+
+
+def test_seed_words_are_i32():
+    """Every uint32 kernel argument is passed as the int32 with the same bits, so Triton types it i32 for any
+    value (no second compiled variant for seeds >= 2**31)."""
+    T = _triton()
+    for seed in (0, 2**31, 2**32 - 1, 2**63, 2**64 - 1):
+        lo, hi = T.seed_args(seed)
+        assert -2**31 <= lo < 2**31 and -2**31 <= hi < 2**31
+        assert (lo & 0xFFFFFFFF) | ((hi & 0xFFFFFFFF) << 32) == seed

@@ -45,28 +45,37 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import philox as _ref
 from . import mean_field as _mf
 from . import reconstruct as _rc
-from .philox import stream_normal
+from ._launch import GPU_TILES, INTERPRET_C, empty, launch
+from .philox import normal_rows, seed_args, stream_normal, u32_arg
 from .reconstruct import _purpose, softplus
 
 log = logging.getLogger("sws_kernels")
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 FUSED_MAX_M = int(os.environ.get("SWS_FUSED_MAX_M", "64"))
 BE = 16  # specials per epilogue step (the smallest tl.dot inner size)
 
 
-def _tiles(M: int):
-    """(BM, BN, BR): narrow N tiles at small M so a 4096-wide layer still fills ~130 SMs with S = 1."""
-    if INTERPRET:
-        return 16 if M <= 16 else 32, 32, 32
+def _tiles(M: int, dtype: torch.dtype):
+    """(BM, BN, BR, num_warps, num_stages) for M rows per sample and activations of ``dtype``.
+
+    GPU: narrow N tiles at small M so a 4096-wide layer still fills ~130 SMs with S = 1. The weight tile
+    [BN, BR] is generated in registers (labels -> z gather, or mu/rho + Philox) next to the accumulator, so
+    every choice here is the largest tile benchmarks/triton_aot.py found spill-free on sm_80 and sm_90 for
+    every mode (RESULTS.md has the table): e.g. bf16 hierarchical dx at 64x64x32 with 4 warps spilled 324 B
+    on sm_80 (none with 8), at 128x128x32 20 B; fp32 (tf32x3: each product split in hi/lo) needs thinner
+    tiles and 8 warps.
+    Interpreter: small tiles (its cost grows with programs x loop iterations) unless SWS_TRITON_TILES=gpu."""
+    if not GPU_TILES:
+        return (16 if M <= 16 else 32), 32, 32, 4, 1
+    if dtype == torch.float32:
+        return (16, 32, 32, 8, 3) if M <= 16 else (32, 64, 16, 8, 3)
     if M <= 16:
-        return 16, 32, 128
+        return 16, 32, 128, 4, 3
     if M <= 64:
-        return 64, 64, 64
-    return 128, 128, 32
+        return 64, 64, 32, 8, 3
+    return 128, 64, 32, 8, 3
 
 
 @triton.jit
@@ -78,13 +87,44 @@ def _rne_bf16(x):
     return bits.to(tl.float32, bitcast=True)
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "owner"])
+@triton.jit
+def _mma(acc, a, b):
+    """acc += a @ b with fp32 accumulation. bf16/fp16 tiles go to the tensor cores as they are; fp32 tiles use
+    tf32x3 (three TF32 products, error near fp32 rounding; an IEEE FMA dot of a 64x64 tile spills). The
+    interpreter's bf16 dot is wrong, so there everything is upcast to fp32 (INTERPRET_C is a constexpr:
+    dead code in a GPU compile)."""
+    if INTERPRET_C:
+        return acc + tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="tf32x3")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _mma_specials(acc, ag, onehot, X_F32: tl.constexpr):
+    """The specials epilogue's acc += x[:, r] (fp32) @ one-hot(delta) (fp32). With fp32 activations it needs
+    fp32 accuracy (tf32x3); with bf16/fp16 activations one TF32 product (10-bit mantissa, finer than the
+    weights the main loop rounds to bf16/fp16) is enough, and tf32x3 there was what made the bf16 tiles
+    spill (the three products' hi/lo splits next to a live 64x64 accumulator)."""
+    if INTERPRET_C:
+        return acc + tl.dot(ag, onehot, input_precision="ieee")
+    elif X_F32:
+        return tl.dot(ag, onehot, acc, input_precision="tf32x3")
+    else:
+        return tl.dot(ag, onehot, acc, input_precision="tf32")
+
+
+# Sizes and counts are not specialised (== 1 / divisible by 16 would only multiply the compiled variants:
+# they feed masks and loop bounds); strides are, since a stride of 1 or a multiple of 16 is what lets the
+# compiler vectorise the A and label loads.
+@triton.jit(do_not_specialize=["M", "N", "R", "K", "J", "T", "n_m", "n_n", "seed_lo", "seed_hi", "owner"])
 def _lookup_gemm_kernel(a_ptr, lab_ptr, z_ptr, mu_ptr, rho_ptr, delta_ptr, sp_ptr_ptr, sp_r_ptr, sp_j_ptr, bias_ptr,
                         out_ptr, M, N, R, K, J, T, n_m, n_n, stride_as, stride_am, stride_ar, lab_sr, lab_sc,
                         stride_bs, stride_os, stride_om, stride_on, seed_lo, seed_hi, owner,
                         MF: tl.constexpr, HIER: tl.constexpr, SPECIALS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        DOT_F32: tl.constexpr, RNE_BF16: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                        BR: tl.constexpr, BE: tl.constexpr):
+                        NOISE4: tl.constexpr, CONTIG_R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
+                        BE: tl.constexpr):
     # program -> (output sample so, m tile, n tile); samples innermost so programs that share a label tile run
     # back to back (L2 reuse of the labels across samples).
     pid = tl.program_id(0)
@@ -97,6 +137,7 @@ def _lookup_gemm_kernel(a_ptr, lab_ptr, z_ptr, mu_ptr, rho_ptr, delta_ptr, sp_pt
     offs_n = pid_n.to(tl.int64) * BN + tl.arange(0, BN)
     mm = offs_m < M
     mn = offs_n < N
+    NOISE: tl.constexpr = MF or HIER
     acc = tl.zeros([BM, BN], tl.float32)
     for t_ in range(T):
         # T = 1: this program's sample is so; T = S (dx of a shared x): every sample in order.
@@ -109,26 +150,49 @@ def _lookup_gemm_kernel(a_ptr, lab_ptr, z_ptr, mu_ptr, rho_ptr, delta_ptr, sp_pt
             mr = offs_r < R
             a = tl.load(a_base + offs_m[:, None] * stride_am + offs_r[None, :] * stride_ar,
                         mask=mm[:, None] & mr[None, :], other=0.0)
-            idx = offs_n[:, None].to(tl.int64) * lab_sr + offs_r[None, :].to(tl.int64) * lab_sc  # [BN, BR]
-            mw = mn[:, None] & mr[None, :]
+            # The weight tile is built in the orientation whose contiguous axis is the weight's row (so label
+            # loads and Philox quads run along it): [BN, BR] in the forward (CONTIG_R, lab_sc == 1), then
+            # transposed for the dot; [BR, BN] in dx (lab_sr == 1), already the dot's operand.
+            if CONTIG_R:
+                idx = offs_n[:, None].to(tl.int64) * lab_sr + offs_r[None, :].to(tl.int64) * lab_sc
+                mw = mn[:, None] & mr[None, :]
+            else:
+                idx = offs_r[:, None].to(tl.int64) * lab_sc + offs_n[None, :].to(tl.int64) * lab_sr
+                mw = mr[:, None] & mn[None, :]
+            if NOISE:
+                # eps[s, idx] of the weight stream. NOISE4 (the weight's row length is a multiple of 4, so
+                # every run of four consecutive elements starting at a multiple of 4 is one Philox counter):
+                # one Philox call per four weights along the contiguous axis. Otherwise one call per weight.
+                if NOISE4:
+                    if CONTIG_R:
+                        eps = normal_rows(offs_n[:, None].to(tl.int64) * lab_sr + r0, seed_lo, seed_hi, s, owner,
+                                          _purpose(0), BR)
+                    else:
+                        eps = normal_rows(offs_r[:, None].to(tl.int64) * lab_sc + pid_n.to(tl.int64) * BN, seed_lo,
+                                          seed_hi, s, owner, _purpose(0), BN)
+                else:
+                    eps = stream_normal(idx, seed_lo, seed_hi, s, owner, _purpose(0))
             if MF:
                 w = tl.load(mu_ptr + idx, mask=mw, other=0.0).to(tl.float32)
                 rho = tl.load(rho_ptr + idx, mask=mw, other=0.0).to(tl.float32)
-                w = w + softplus(rho) * stream_normal(idx, seed_lo, seed_hi, s, owner, _purpose(0))
+                w = w + softplus(rho) * eps
             else:
+                # labels are validated when they enter a layer; the clamp keeps a bad one inside z
                 lab = tl.load(lab_ptr + idx, mask=mw, other=0).to(tl.int32)
+                lab = tl.minimum(tl.maximum(lab, 0), K - 1)
                 w = tl.load(zrow + 2 * lab, mask=mw, other=0.0)
                 if HIER:
                     zr = tl.load(zrow + 2 * lab + 1, mask=mw, other=0.0)
-                    w = w + softplus(zr) * stream_normal(idx, seed_lo, seed_hi, s, owner, _purpose(0))
+                    w = w + softplus(zr) * eps
             w = tl.where(mw, w, 0.0)
-            if RNE_BF16:
-                w = _rne_bf16(w)
+            if INTERPRET_C:
+                if a_ptr.dtype.element_ty == tl.bfloat16:
+                    w = _rne_bf16(w)
             w = w.to(a_ptr.dtype.element_ty)
-            if DOT_F32:
-                acc += tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+            if CONTIG_R:
+                acc = _mma(acc, a, tl.trans(w))
             else:
-                acc += tl.dot(a, tl.trans(w), input_precision="ieee")
+                acc = _mma(acc, a, w)
         # Stage 2: corrections of the ellipse/outlier weights whose n lies in this tile (CSR by n).
         if SPECIALS:
             e0 = tl.load(sp_ptr_ptr + pid_n * BN)
@@ -144,13 +208,14 @@ def _lookup_gemm_kernel(a_ptr, lab_ptr, z_ptr, mu_ptr, rho_ptr, delta_ptr, sp_pt
                 onehot = tl.where((nn[:, None] == tl.arange(0, BN)[None, :]) & me[:, None], d[:, None], 0.0)
                 ag = tl.load(a_base + offs_m[:, None] * stride_am + rr[None, :] * stride_ar,
                              mask=mm[:, None] & me[None, :], other=0.0).to(tl.float32)
-                acc += tl.dot(ag, onehot, input_precision="ieee")
+                acc = _mma_specials(acc, ag, onehot, a_ptr.dtype.element_ty == tl.float32)
     # Stage 3: epilogue.
     if HAS_BIAS:
         b = tl.load(bias_ptr + so * stride_bs + offs_n, mask=mn, other=0.0).to(tl.float32)
         acc += b[None, :]
-    if RNE_BF16:
-        acc = _rne_bf16(acc)
+    if INTERPRET_C:
+        if out_ptr.dtype.element_ty == tl.bfloat16:
+            acc = _rne_bf16(acc)
     tl.store(out_ptr + so.to(tl.int64) * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
              acc.to(out_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
 
@@ -174,22 +239,22 @@ class _Specials:
 
 def _launch(a3, stride_as, T, S_out, M, N, R, lab_sr, lab_sc, out, *, labels=None, z=None, mu=None, rho=None,
             delta=None, specials=None, bias=None, stride_bs=0, seed=0, owner=0, hier=False):
-    BM, BN, BR = _tiles(M)
+    BM, BN, BR, warps, stages = _tiles(M, a3.dtype)
     n_m, n_n = triton.cdiv(M, BM), triton.cdiv(N, BN)
-    lo, hi = _ref.split_seed(seed)
     mf = mu is not None
     dummy = out
     sp = specials is not None and specials.J > 0
-    _lookup_gemm_kernel[(S_out * n_m * n_n,)](
-        a3, labels if labels is not None else dummy, z if z is not None else dummy, mu if mf else dummy,
-        rho if mf else dummy, delta if sp else dummy, specials.ptr if sp else dummy, specials.r if sp else dummy,
-        specials.j if sp else dummy, bias if bias is not None else dummy, out,
-        M, N, R, 1 if z is None else z.shape[1], specials.J if sp else 0, T, n_m, n_n,
-        stride_as, a3.stride(1), a3.stride(2), lab_sr, lab_sc, stride_bs, out.stride(0), out.stride(1),
-        out.stride(2), lo, hi, owner,
-        MF=mf, HIER=hier, SPECIALS=sp, HAS_BIAS=bias is not None, DOT_F32=INTERPRET or a3.dtype == torch.float32,
-        RNE_BF16=INTERPRET and a3.dtype == torch.bfloat16,
-        BM=BM, BN=BN, BR=BR, BE=BE)
+    # the weight's row length (in) is lab_sr in the forward and lab_sc in dx
+    row_len = lab_sr if lab_sc == 1 else lab_sc
+    launch(_lookup_gemm_kernel, (S_out * n_m * n_n,),
+           a3, labels if labels is not None else dummy, z if z is not None else dummy, mu if mf else dummy,
+           rho if mf else dummy, delta if sp else dummy, specials.ptr if sp else dummy, specials.r if sp else dummy,
+           specials.j if sp else dummy, bias if bias is not None else dummy, out,
+           M, N, R, 1 if z is None else z.shape[1], specials.J if sp else 0, T, n_m, n_n,
+           stride_as, a3.stride(1), a3.stride(2), lab_sr, lab_sc, stride_bs, out.stride(0), out.stride(1),
+           out.stride(2), *seed_args(seed), u32_arg(owner),
+           MF=mf, HIER=hier, SPECIALS=sp, HAS_BIAS=bias is not None, NOISE4=row_len % 4 == 0,
+           CONTIG_R=lab_sc == 1, BM=BM, BN=BN, BR=BR, BE=BE, num_warps=warps, num_stages=stages)
     return out
 
 
@@ -231,7 +296,7 @@ def sws_linear(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_
     z = _rc.sample_codebook(means, chol, seed, S, mode, codebook_owner)
     delta = _rc.special_values(z, lab, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, S, mode, owner)
     specials = _Specials(e_pos, o_pos, in_f, out_f, by_row=True)
-    y = torch.full((S, M, out_f), float("nan"), dtype=x.dtype, device=x.device)
+    y = empty((S, M, out_f), dtype=x.dtype, device=x.device)
     _launch(x3, sas, 1, S, M, out_f, in_f, in_f, 1, y, labels=lab, z=z, delta=delta, specials=specials,
             bias=bias, seed=seed, owner=owner, hier=(mode == _rc.HIER))
     return y.reshape(S, *lead, out_f)
@@ -258,7 +323,7 @@ def sws_linear_dx(grad_y, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, 
     delta = _rc.special_values(z, lab, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, S, mode, owner)
     specials = _Specials(e_pos, o_pos, in_f, in_f, by_row=False)
     S_out = S if per_sample else 1
-    dx = torch.full((S_out, M, in_f), float("nan"), dtype=grad_y.dtype, device=grad_y.device)
+    dx = empty((S_out, M, in_f), dtype=grad_y.dtype, device=grad_y.device)
     _launch(g3, g3.stride(0), 1 if per_sample else S, S_out, M, in_f, out_f, 1, in_f, dx, labels=lab, z=z,
             delta=delta, specials=specials, seed=seed, owner=owner, hier=(mode == _rc.HIER))
     return dx.reshape(*((S,) if per_sample else ()), *lead, in_f)
@@ -282,7 +347,7 @@ def mean_field_linear(x, mu, rho, bias, seed: int, samples: int, owner: int, per
             b = bias.to(x.dtype)
             y = y + (b[:, None, :] if b.dim() == 2 else b)
         return y.reshape(S, *lead, out_f)
-    y = torch.full((S, M, out_f), float("nan"), dtype=x.dtype, device=x.device)
+    y = empty((S, M, out_f), dtype=x.dtype, device=x.device)
     b = None if bias is None else bias.contiguous()
     _launch(x3, sas, 1, S, M, out_f, in_f, in_f, 1, y, mu=mu.contiguous(), rho=rho.contiguous(), bias=b,
             stride_bs=(out_f if b is not None and b.dim() == 2 else 0), seed=seed, owner=owner)
@@ -302,7 +367,7 @@ def mean_field_linear_dx(grad_y, mu, rho, seed: int, samples: int, owner: int, p
         dx = dx if per_sample else dx.sum(0)
         return dx.reshape(*((S,) if per_sample else ()), *lead, in_f)
     S_out = S if per_sample else 1
-    dx = torch.full((S_out, M, in_f), float("nan"), dtype=grad_y.dtype, device=grad_y.device)
+    dx = empty((S_out, M, in_f), dtype=grad_y.dtype, device=grad_y.device)
     _launch(g3, g3.stride(0), 1 if per_sample else S, S_out, M, in_f, out_f, 1, in_f, dx, mu=mu.contiguous(),
             rho=rho.contiguous(), seed=seed, owner=owner)
     return dx.reshape(*((S,) if per_sample else ()), *lead, in_f)

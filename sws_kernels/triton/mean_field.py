@@ -11,26 +11,29 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import philox as _ref
-from .philox import stream_normal
-from .reconstruct import BLOCK, softplus, softplus_grad
+from ._launch import empty, launch
+from .philox import seed_args, u32_arg
+from . import reconstruct as _rc
+from .reconstruct import BLOCK, normal_block, softplus, softplus_grad
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "owner", "purpose"])
+@triton.jit(do_not_specialize=["nblk", "seed_lo", "seed_hi", "owner", "purpose"])
 def _mf_kernel(mu_ptr, rho_ptr, w_ptr, n, nblk, seed_lo, seed_hi, owner, purpose, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     s = pid // nblk
-    offs = (pid % nblk).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    start = (pid % nblk).to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
     m = offs < n
     mu = tl.load(mu_ptr + offs, mask=m, other=0.0).to(tl.float32)
     rho = tl.load(rho_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    eps = stream_normal(offs, seed_lo, seed_hi, s, owner, purpose)
+    eps = normal_block(start, seed_lo, seed_hi, s, owner, purpose, BLOCK)
     tl.store(w_ptr + s.to(tl.int64) * n + offs, (mu + softplus(rho) * eps).to(w_ptr.dtype.element_ty), mask=m)
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "owner", "purpose"])
+@triton.jit(do_not_specialize=["S", "seed_lo", "seed_hi", "owner", "purpose"])
 def _mf_bwd_kernel(g_ptr, rho_ptr, gmu_ptr, grho_ptr, n, S, seed_lo, seed_hi, owner, purpose, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
     m = offs < n
     rho = tl.load(rho_ptr + offs, mask=m, other=0.0).to(tl.float32)
     gmu = tl.zeros([BLOCK], tl.float32)
@@ -39,7 +42,7 @@ def _mf_bwd_kernel(g_ptr, rho_ptr, gmu_ptr, grho_ptr, n, S, seed_lo, seed_hi, ow
         s = tl.zeros([], tl.int64) + s_  # a tensor on both the compiler and the interpreter
         g = tl.load(g_ptr + s * n + offs, mask=m, other=0.0).to(tl.float32)
         gmu += g
-        grho += g * stream_normal(offs, seed_lo, seed_hi, s, owner, purpose)
+        grho += g * normal_block(start, seed_lo, seed_hi, s, owner, purpose, BLOCK)
     tl.store(gmu_ptr + offs, gmu.to(gmu_ptr.dtype.element_ty), mask=m)
     tl.store(grho_ptr + offs, (grho * softplus_grad(rho)).to(grho_ptr.dtype.element_ty), mask=m)
 
@@ -47,22 +50,21 @@ def _mf_bwd_kernel(g_ptr, rho_ptr, gmu_ptr, grho_ptr, n, S, seed_lo, seed_hi, ow
 def mean_field_reconstruct(mu, rho, seed: int, samples: int, owner: int, purpose: int) -> torch.Tensor:
     """Backend kernel of ``sws_kernels::mean_field_reconstruct``: [S, *mu.shape] in mu's dtype."""
     n = mu.numel()
-    w = torch.full((samples, n), float("nan"), dtype=mu.dtype, device=mu.device)
+    w = empty((samples, n), dtype=mu.dtype, device=mu.device)
     if n:
         nblk = triton.cdiv(n, BLOCK)
-        lo, hi = _ref.split_seed(seed)
-        _mf_kernel[(samples * nblk,)](mu.contiguous(), rho.contiguous(), w, n, nblk, lo, hi, owner, purpose,
-                                      BLOCK=BLOCK)
+        launch(_mf_kernel, (samples * nblk,), mu.contiguous(), rho.contiguous(), w, n, nblk, *seed_args(seed),
+               u32_arg(owner), u32_arg(purpose), BLOCK=BLOCK, num_warps=_rc.warps(BLOCK))
     return w.view(samples, *mu.shape)
 
 
 def mean_field_reconstruct_backward(grad_w, mu, rho, seed: int, samples: int, owner: int, purpose: int):
     """Backend kernel of ``sws_kernels::mean_field_reconstruct_backward`` -> (g_mu, g_rho)."""
     n = mu.numel()
-    g_mu = torch.full_like(mu, float("nan")).contiguous()
-    g_rho = torch.full_like(rho, float("nan")).contiguous()
+    g_mu = empty(mu.shape, dtype=mu.dtype, device=mu.device)
+    g_rho = empty(rho.shape, dtype=rho.dtype, device=rho.device)
     if n:
-        lo, hi = _ref.split_seed(seed)
-        _mf_bwd_kernel[(triton.cdiv(n, BLOCK),)](grad_w.reshape(samples, n).contiguous(), rho.contiguous(), g_mu,
-                                                 g_rho, n, samples, lo, hi, owner, purpose, BLOCK=BLOCK)
+        launch(_mf_bwd_kernel, (triton.cdiv(n, BLOCK),), grad_w.reshape(samples, n).contiguous(), rho.contiguous(),
+               g_mu, g_rho, n, samples, *seed_args(seed), u32_arg(owner), u32_arg(purpose), BLOCK=BLOCK,
+               num_warps=_rc.warps(BLOCK))
     return g_mu, g_rho

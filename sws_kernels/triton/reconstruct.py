@@ -26,23 +26,33 @@ Backward (SPEC.md section 5: bit-identical run to run, so no float atomics anywh
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .. import philox as _ref
-from .philox import _counter_words, normal4, stream_normal
+from ._launch import GPU_TILES, empty, empty_like, launch
+from .philox import _counter_words, normal4, normal_rows, seed_args, stream_normal, u32_arg
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Interpreter cost grows with programs x iterations: small tiles keep tests fast; on a GPU, wide tiles.
 # The interpreter costs ~20 ms per program whatever its tile width (numpy overhead per op), so it gets
 # wide tiles too; tests shrink these module attributes to exercise multi-block and multi-piece paths.
-BLOCK = 256 if INTERPRET else 1024
-CHUNK = 64 if INTERPRET else 256
-BLOCK_K = 1024 if INTERPRET else 128
-PIECES = 16 if INTERPRET else 4  # pieces per backward stage-1 program
+BLOCK = 1024 if GPU_TILES else 256  # a multiple of 4: normal_rows' alignment
+CHUNK = 256 if GPU_TILES else 64
+BLOCK_K = 128 if GPU_TILES else 1024
+PIECES = 4 if GPU_TILES else 16  # pieces per backward stage-1 program
+
+
+def warps(block: int, per_thread: int = 4) -> int:
+    """num_warps (1-8) for a 1-D tile of ``block`` elements, ``per_thread`` each: 4 for streaming kernels (one
+    16-byte fp32 vector per thread), fewer for kernels that run a Philox call and a Box-Muller per element
+    (at 4 per thread the outlier and codebook-sampling kernels spilled 8 B on sm_80, at 8 the hierarchical
+    special-weight kernel 24 B: benchmarks/triton_aot.py)."""
+    return max(1, min(8, block // (32 * per_thread)))
+
+
+def sparse_block() -> int:
+    """Tile of the per-outlier kernels (at most 256: scattered Philox calls, 2 per thread)."""
+    return min(BLOCK, 256)
 
 PAPER, HIER, MEAN = 0, 1, 2
 
@@ -61,6 +71,14 @@ def component_xi(k, seed_lo, seed_hi, s, cb_owner):
     n0, n1, n2, n3 = normal4(w0, w1, w2, w3)
     odd = (k & 1) == 1
     return tl.where(odd, n2, n0), tl.where(odd, n3, n1)
+
+
+@triton.jit
+def normal_block(start, seed_lo, seed_hi, s, owner, purpose, BLOCK: tl.constexpr):
+    """Normals of elements start .. start + BLOCK - 1 (start a multiple of 4) as a [BLOCK] tile: one Philox
+    call per four elements (philox.normal_rows on one row)."""
+    base = tl.zeros([1, 1], tl.int64) + start
+    return tl.reshape(normal_rows(base, seed_lo, seed_hi, s, owner, purpose, BLOCK), [BLOCK])
 
 
 @triton.jit
@@ -85,7 +103,7 @@ def softplus_grad(x):
 # Forward
 # --------------------------------------------------------------------------------------------------
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "cb_owner"])
+@triton.jit(do_not_specialize=["K", "nblk", "seed_lo", "seed_hi", "cb_owner"])
 def _sample_kernel(means_ptr, chol_ptr, z_ptr, K, nblk, seed_lo, seed_hi, cb_owner, MODE: tl.constexpr,
                    BLOCK: tl.constexpr):
     # Stage 0: one program = BLOCK components of one sample.
@@ -110,24 +128,30 @@ def _sample_kernel(means_ptr, chol_ptr, z_ptr, K, nblk, seed_lo, seed_hi, cb_own
     tl.store(base + 2 * k + 1, z_rho, mask=m)
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "owner"])
+# n stays specialised: n % 16 == 0 tells the compiler that every sample's row start s * n is aligned, so the
+# stores vectorise (this kernel is bound by writing W). Counts that only feed masks are not specialised.
+@triton.jit(do_not_specialize=["K", "nblk", "seed_lo", "seed_hi", "owner"])
 def _dense_kernel(labels_ptr, z_ptr, w_ptr, n, K, nblk, seed_lo, seed_hi, owner, HIER: tl.constexpr,
                   BLOCK: tl.constexpr):
     # Stage 1: one program = BLOCK consecutive weights of one sample; reads one label per weight.
+    # Labels are validated when they enter a layer; the clamp keeps a bad label from reading outside z
+    # whatever the validation setting (a wrong weight, never a wild read).
     pid = tl.program_id(0)
     s = pid // nblk
-    offs = (pid % nblk).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    start = (pid % nblk).to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
     m = offs < n
     lab = tl.load(labels_ptr + offs, mask=m, other=0).to(tl.int32)
+    lab = tl.minimum(tl.maximum(lab, 0), K - 1)
     zrow = z_ptr + s.to(tl.int64) * K * 2
     w = tl.load(zrow + 2 * lab, mask=m, other=0.0)
     if HIER:
         zr = tl.load(zrow + 2 * lab + 1, mask=m, other=0.0)
-        w = w + softplus(zr) * stream_normal(offs, seed_lo, seed_hi, s, owner, _purpose(0))
+        w = w + softplus(zr) * normal_block(start, seed_lo, seed_hi, s, owner, _purpose(0), BLOCK)
     tl.store(w_ptr + s.to(tl.int64) * n + offs, w.to(w_ptr.dtype.element_ty), mask=m)
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "owner"])
+@triton.jit(do_not_specialize=["E", "O", "K", "n", "nblk", "seed_lo", "seed_hi", "owner"])
 def _special_kernel(z_ptr, labels_ptr, e_pos_ptr, e_a_ptr, e_b_ptr, e_alpha_ptr, o_pos_ptr, o_mu_ptr, o_rho_ptr,
                     out_ptr, E, O, K, n, nblk, seed_lo, seed_hi, owner, MODE: tl.constexpr, DELTA: tl.constexpr,
                     BLOCK: tl.constexpr):
@@ -143,8 +167,9 @@ def _special_kernel(z_ptr, labels_ptr, e_pos_ptr, e_a_ptr, e_b_ptr, e_alpha_ptr,
     pe = tl.load(e_pos_ptr + j, mask=me, other=0)
     po = tl.load(o_pos_ptr + jo, mask=mo, other=0)
     pos = tl.where(is_e, pe, po)
-    ca = tl.load(e_a_ptr + j, mask=me, other=0)
-    cb = tl.load(e_b_ptr + j, mask=me, other=0)
+    # component ids clamped into [0, K): a bad id gives a wrong value, never a read outside z
+    ca = tl.minimum(tl.maximum(tl.load(e_a_ptr + j, mask=me, other=0), 0), K - 1)
+    cb = tl.minimum(tl.maximum(tl.load(e_b_ptr + j, mask=me, other=0), 0), K - 1)
     al = tl.load(e_alpha_ptr + j, mask=me, other=0.0).to(tl.float32)
     mu = tl.load(o_mu_ptr + jo, mask=mo, other=0.0).to(tl.float32)
     zrow = z_ptr + s.to(tl.int64) * K * 2
@@ -165,6 +190,7 @@ def _special_kernel(z_ptr, labels_ptr, e_pos_ptr, e_a_ptr, e_b_ptr, e_alpha_ptr,
     if DELTA:
         # what stage 1 (or the fused GEMM's tile loop) produces at this position from its label
         lab = tl.load(labels_ptr + pos, mask=m, other=0).to(tl.int32)
+        lab = tl.minimum(tl.maximum(lab, 0), K - 1)
         dense = tl.load(zrow + 2 * lab, mask=m, other=0.0)
         if MODE == 1:
             dense = dense + softplus(tl.load(zrow + 2 * lab + 1, mask=m, other=0.0)) * eps
@@ -173,18 +199,13 @@ def _special_kernel(z_ptr, labels_ptr, e_pos_ptr, e_a_ptr, e_b_ptr, e_alpha_ptr,
         tl.store(out_ptr + s.to(tl.int64) * n + pos, val.to(out_ptr.dtype.element_ty), mask=m)
 
 
-def _seed(seed: int):
-    return _ref.split_seed(seed)
-
-
 def sample_codebook(means, chol, seed: int, samples: int, mode: int, codebook_owner: int) -> torch.Tensor:
     """Stage 0 alone: z [S, K, 2] float32 (in ``mean`` mode every sample is the means)."""
     K = means.shape[0]
-    z = torch.full((samples, K, 2), float("nan"), dtype=torch.float32, device=means.device)
+    z = empty((samples, K, 2), dtype=torch.float32, device=means.device)
     nblk = triton.cdiv(K, BLOCK_K)
-    lo, hi = _seed(seed)
-    _sample_kernel[(samples * nblk,)](means.contiguous(), chol.contiguous(), z, K, nblk, lo, hi, codebook_owner,
-                                      MODE=mode, BLOCK=BLOCK_K)
+    launch(_sample_kernel, (samples * nblk,), means.contiguous(), chol.contiguous(), z, K, nblk, *seed_args(seed),
+           u32_arg(codebook_owner), MODE=mode, BLOCK=BLOCK_K, num_warps=warps(BLOCK_K, 1))
     return z
 
 
@@ -196,15 +217,14 @@ def special_values(z, labels_flat, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho,
     K, n = z.shape[1], labels_flat.numel()
     delta = out is None
     if delta:
-        out = torch.full((samples, E + O), float("nan"), dtype=torch.float32, device=z.device)
+        out = empty((samples, E + O), dtype=torch.float32, device=z.device)
     if E + O == 0:
         return out
     nblk = triton.cdiv(E + O, BLOCK)
-    lo, hi = _seed(seed)
-    _special_kernel[(samples * nblk,)](z, labels_flat, e_pos.contiguous(), e_a.contiguous(), e_b.contiguous(),
-                                       e_alpha.contiguous(), o_pos.contiguous(), o_mu.contiguous(),
-                                       o_rho.contiguous(), out, E, O, K, n, nblk, lo, hi, owner, MODE=mode,
-                                       DELTA=delta, BLOCK=BLOCK)
+    launch(_special_kernel, (samples * nblk,), z, labels_flat, e_pos.contiguous(), e_a.contiguous(),
+           e_b.contiguous(), e_alpha.contiguous(), o_pos.contiguous(), o_mu.contiguous(), o_rho.contiguous(), out, E,
+           O, K, n, nblk, *seed_args(seed), u32_arg(owner), MODE=mode, DELTA=delta, BLOCK=BLOCK,
+           num_warps=warps(BLOCK, 2))
     return out
 
 
@@ -214,12 +234,11 @@ def reconstruct(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rh
     n = labels.numel()
     lab = labels.reshape(-1).contiguous()
     z = sample_codebook(means, chol, seed, samples, mode, codebook_owner)
-    w = torch.full((samples, n), float("nan"), dtype=means.dtype, device=means.device)
+    w = empty((samples, n), dtype=means.dtype, device=means.device)
     if n:
         nblk = triton.cdiv(n, BLOCK)
-        lo, hi = _seed(seed)
-        _dense_kernel[(samples * nblk,)](lab, z, w, n, means.shape[0], nblk, lo, hi, owner, HIER=(mode == HIER),
-                                         BLOCK=BLOCK)
+        launch(_dense_kernel, (samples * nblk,), lab, z, w, n, means.shape[0], nblk, *seed_args(seed), u32_arg(owner),
+               HIER=(mode == HIER), BLOCK=BLOCK, num_warps=warps(BLOCK))
         special_values(z, lab, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode, owner, out=w)
     return w.view(samples, *labels.shape)
 
@@ -266,7 +285,7 @@ class Segments:
         self.chunk = chunk
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "owner"])
+@triton.jit(do_not_specialize=["n", "P", "nblk", "seed_lo", "seed_hi", "owner"])
 def _piece_kernel(g_ptr, pos_ptr, coef_ptr, start_ptr, len_ptr, pmu_ptr, prho_ptr, n, P, nblk, seed_lo, seed_hi,
                   owner, HIER: tl.constexpr, PB: tl.constexpr, CHUNK: tl.constexpr):
     # Backward stage 1: one program = PB pieces (each <= CHUNK entries of one component) of one sample, as a
@@ -291,7 +310,7 @@ def _piece_kernel(g_ptr, pos_ptr, coef_ptr, start_ptr, len_ptr, pmu_ptr, prho_pt
         tl.store(prho_ptr + out, tl.sum(tl.where(m, v * eps, 0.0), axis=1), mask=mp)
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "cb_owner"])
+@triton.jit(do_not_specialize=["K", "P", "S", "seed_lo", "seed_hi", "cb_owner"])
 def _component_kernel(pmu_ptr, prho_ptr, off_ptr, np_ptr, bmax_ptr, means_ptr, chol_ptr, gm_ptr, gc_ptr, K, P, S,
                       seed_lo, seed_hi, cb_owner, MODE: tl.constexpr, BLOCK_K: tl.constexpr):
     # Backward stage 2: BLOCK_K components; samples, then pieces, summed in a fixed order.
@@ -339,7 +358,7 @@ def _component_kernel(pmu_ptr, prho_ptr, off_ptr, np_ptr, bmax_ptr, means_ptr, c
     tl.store(gc_ptr + 3 * k + 2, g_c.to(gc_ptr.dtype.element_ty), mask=mk)
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "owner"])
+@triton.jit(do_not_specialize=["O", "n", "S", "seed_lo", "seed_hi", "owner"])
 def _outlier_kernel(g_ptr, pos_ptr, rho_ptr, gmu_ptr, grho_ptr, O, n, S, seed_lo, seed_hi, owner,
                     MODE: tl.constexpr, BLOCK: tl.constexpr):
     # Backward stage 3: BLOCK outliers, samples looped in order.
@@ -367,23 +386,24 @@ def reconstruct_backward(grad_w, means, chol, labels, e_pos, e_a, e_b, e_alpha, 
     K, n, S, dev = means.shape[0], labels.numel(), samples, means.device
     g = grad_w.reshape(S, n).contiguous()
     seg = segments or Segments(labels, e_pos, e_a, e_b, e_alpha, o_pos, K, CHUNK)
-    lo, hi = _seed(seed)
-    nan = float("nan")
-    pmu = torch.full((S * max(seg.P, 1),), nan, dtype=torch.float32, device=dev)
-    prho = torch.full_like(pmu, nan) if mode == HIER else pmu
+    words = seed_args(seed)
+    pmu = empty((S * max(seg.P, 1),), dtype=torch.float32, device=dev)
+    prho = empty_like(pmu) if mode == HIER else pmu
     if seg.P:
         nblk = triton.cdiv(seg.P, PIECES)
-        _piece_kernel[(S * nblk,)](g, seg.pos, seg.coef, seg.piece_start, seg.piece_len, pmu, prho, n, seg.P, nblk,
-                                   lo, hi, owner, HIER=(mode == HIER), PB=PIECES, CHUNK=seg.chunk)
-    g_means = torch.full_like(means, nan)
-    g_chol = torch.full_like(chol, nan)
-    _component_kernel[(triton.cdiv(K, BLOCK_K),)](pmu, prho, seg.piece_off, seg.npieces, seg.block_max,
-                                                  means.contiguous(), chol.contiguous(), g_means, g_chol, K, seg.P,
-                                                  S, lo, hi, codebook_owner, MODE=mode, BLOCK_K=BLOCK_K)
+        launch(_piece_kernel, (S * nblk,), g, seg.pos, seg.coef, seg.piece_start, seg.piece_len, pmu, prho, n, seg.P,
+               nblk, *words, u32_arg(owner), HIER=(mode == HIER), PB=PIECES, CHUNK=seg.chunk,
+               num_warps=warps(PIECES * seg.chunk))
+    g_means = empty_like(means)
+    g_chol = empty_like(chol)
+    launch(_component_kernel, (triton.cdiv(K, BLOCK_K),), pmu, prho, seg.piece_off, seg.npieces, seg.block_max,
+           means.contiguous(), chol.contiguous(), g_means, g_chol, K, seg.P, S, *words, u32_arg(codebook_owner),
+           MODE=mode, BLOCK_K=BLOCK_K, num_warps=warps(BLOCK_K))
     O = o_pos.numel()
-    g_mu = torch.full_like(o_mu, nan)
-    g_rho = torch.full_like(o_rho, nan)
+    g_mu = empty_like(o_mu)
+    g_rho = empty_like(o_rho)
     if O:
-        _outlier_kernel[(triton.cdiv(O, BLOCK),)](g, o_pos.contiguous(), o_rho.contiguous(), g_mu, g_rho, O, n, S,
-                                                  lo, hi, owner, MODE=mode, BLOCK=BLOCK)
+        ob = sparse_block()
+        launch(_outlier_kernel, (triton.cdiv(O, ob),), g, o_pos.contiguous(), o_rho.contiguous(), g_mu, g_rho, O, n,
+               S, *words, u32_arg(owner), MODE=mode, BLOCK=ob, num_warps=warps(ob, 2))
     return g_means, g_chol, g_mu, g_rho

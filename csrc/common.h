@@ -34,11 +34,15 @@ struct ReconstructArgs {
   const float* o_rho = nullptr;    // [O]
   int64_t O = 0;
   uint64_t seed = 0;
+  const int64_t* seed_dev = nullptr;  // CUDA: the seed in device memory, read by the kernels (philox.h SeedRef)
   int64_t S = 1;
   int mode = kPaper;
   int64_t owner = 0;
   int64_t codebook_owner = 0;
 };
+
+// The kernels' view of the seed: the device copy when there is one (read in the kernel), else the host value.
+inline SeedRef seed_ref_of(const ReconstructArgs& a) { return SeedRef{a.seed_dev, seed_key(a.seed)}; }
 
 // Cheap size/range checks shared by every backend; throws std::invalid_argument naming `fn`.
 inline void validate_sizes(const ReconstructArgs& a, const char* fn) {
@@ -202,11 +206,12 @@ int cuda_runtime_build_version();
 // zbuf[S, K, 2] = (z_mu, softplus(z_rho)) (mean mode: (m_mu, 0)): the table the fused kernels read.
 void sample_components_cuda(const ReconstructArgs& a, float* zbuf, uintptr_t stream);
 // csrc/cuda/mean_field.cu: same contract as the CPU versions, device pointers, asynchronous on `stream`.
-void mean_field_reconstruct_cuda(const float* mu, const float* rho, int64_t n, uint64_t seed, int64_t S, int64_t owner,
-                                 int64_t purpose, float* out, uintptr_t stream);
-void mean_field_reconstruct_backward_cuda(const float* grad_w, const float* rho, int64_t n, uint64_t seed, int64_t S,
-                                          int64_t owner, int64_t purpose, float* grad_mu, float* grad_rho,
-                                          uintptr_t stream);
+// seed_dev: the seed in device memory (null: use `seed`), see philox.h SeedRef.
+void mean_field_reconstruct_cuda(const float* mu, const float* rho, int64_t n, uint64_t seed, const int64_t* seed_dev,
+                                 int64_t S, int64_t owner, int64_t purpose, float* out, uintptr_t stream);
+void mean_field_reconstruct_backward_cuda(const float* grad_w, const float* rho, int64_t n, uint64_t seed,
+                                          const int64_t* seed_dev, int64_t S, int64_t owner, int64_t purpose,
+                                          float* grad_mu, float* grad_rho, uintptr_t stream);
 // csrc/cuda/linear.cu: fused small-M SWS linear forward, y[s] = x[s or shared] W[s]^T (+ bias), W generated
 // from labels and the sampled codebook (zbuf, filled here) inside the kernel. x/y dtype: kF32 / kF16 / kBF16.
 enum ActDtype : int { kF32 = 0, kF16 = 1, kBF16 = 2 };

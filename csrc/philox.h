@@ -67,6 +67,17 @@ struct Key {
 };
 SWS_HD Key seed_key(uint64_t seed) { return Key{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)}; }
 
+// Where a kernel finds its seed (SPEC.md section 4: a seed given as a tensor is read from memory). `dev`, when
+// set, points at the int64 seed in device memory: the kernel loads it, so the host never reads it (no sync)
+// and a CUDA graph replays whatever value the tensor holds at replay. Otherwise `host` is the key.
+struct SeedRef {
+  const int64_t* dev;
+  Key host;
+#ifdef __CUDACC__
+  __device__ __forceinline__ Key get() const { return dev ? seed_key(static_cast<uint64_t>(__ldg(dev))) : host; }
+#endif
+};
+
 // Words of counter (j, sample, owner, purpose).
 SWS_HD Words4 stream_words(Key key, uint32_t j, uint32_t sample, uint32_t owner, uint32_t purpose) {
   return philox4x32_10(j, sample, owner, purpose, key.k0, key.k1);

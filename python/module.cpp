@@ -189,47 +189,50 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t out, uintptr_t means, uintptr_t chol, int64_t K, uintptr_t labels, int labels_dtype, int64_t n,
          uintptr_t e_pos, uintptr_t e_a, uintptr_t e_b, uintptr_t e_alpha, int64_t E, uintptr_t o_pos, uintptr_t o_mu,
          uintptr_t o_rho, int64_t O, uint64_t seed, int64_t S, int mode, int64_t owner, int64_t codebook_owner,
-         uintptr_t zbuf, uintptr_t stream) {
-        const ReconstructArgs a = make_args(means, chol, K, labels, labels_dtype, n, e_pos, e_a, e_b, e_alpha, E, o_pos,
-                                            o_mu, o_rho, O, seed, S, mode, owner, codebook_owner);
+         uintptr_t zbuf, uintptr_t stream, uintptr_t seed_dev) {
+        ReconstructArgs a = make_args(means, chol, K, labels, labels_dtype, n, e_pos, e_a, e_b, e_alpha, E, o_pos,
+                                      o_mu, o_rho, O, seed, S, mode, owner, codebook_owner);
+        a.seed_dev = ptr<const int64_t>(seed_dev);
         check_ptr("reconstruct_cuda", "out_ptr", out, n);
         check_ptr("reconstruct_cuda", "zbuf_ptr", zbuf, K);
         sws::reconstruct_cuda(a, ptr<float>(out), ptr<float>(zbuf), stream);
       },
-      py::arg("out_ptr"), SWS_RECON_ARGS, py::arg("zbuf_ptr"), py::arg("stream") = 0,
+      py::arg("out_ptr"), SWS_RECON_ARGS, py::arg("zbuf_ptr"), py::arg("stream") = 0, py::arg("seed_dev_ptr") = 0,
       py::call_guard<py::gil_scoped_release>(),
       "Device pointers. zbuf: float32 workspace of S*K*2 elements. Asynchronous on `stream` (cudaStream_t as int).");
 
   m.def(
       "mean_field_reconstruct_cuda",
       [](uintptr_t out, uintptr_t mu, uintptr_t rho, int64_t n, uint64_t seed, int64_t S, int64_t owner,
-         int64_t purpose, uintptr_t stream) {
+         int64_t purpose, uintptr_t stream, uintptr_t seed_dev) {
         const char* fn = "mean_field_reconstruct_cuda";
         check_ptr(fn, "out_ptr", out, n);
         check_ptr(fn, "mu_ptr", mu, n);
         check_ptr(fn, "rho_ptr", rho, n);
-        sws::mean_field_reconstruct_cuda(ptr<const float>(mu), ptr<const float>(rho), n, seed, S, owner, purpose,
-                                         ptr<float>(out), stream);
+        sws::mean_field_reconstruct_cuda(ptr<const float>(mu), ptr<const float>(rho), n, seed,
+                                         ptr<const int64_t>(seed_dev), S, owner, purpose, ptr<float>(out), stream);
       },
       py::arg("out_ptr"), py::arg("mu_ptr"), py::arg("rho_ptr"), py::arg("n"), py::arg("seed"), py::arg("S"),
-      py::arg("owner"), py::arg("purpose"), py::arg("stream") = 0, py::call_guard<py::gil_scoped_release>(),
+      py::arg("owner"), py::arg("purpose"), py::arg("stream") = 0, py::arg("seed_dev_ptr") = 0,
+      py::call_guard<py::gil_scoped_release>(),
       "Device pointers; as mean_field_reconstruct_cpu, asynchronous on `stream`.");
 
   m.def(
       "mean_field_reconstruct_backward_cuda",
       [](uintptr_t grad_w, uintptr_t rho, int64_t n, uint64_t seed, int64_t S, int64_t owner, int64_t purpose,
-         uintptr_t grad_mu, uintptr_t grad_rho, uintptr_t stream) {
+         uintptr_t grad_mu, uintptr_t grad_rho, uintptr_t stream, uintptr_t seed_dev) {
         const char* fn = "mean_field_reconstruct_backward_cuda";
         check_ptr(fn, "grad_w_ptr", grad_w, n);
         check_ptr(fn, "rho_ptr", rho, n);
         check_ptr(fn, "grad_mu_ptr", grad_mu, n);
         check_ptr(fn, "grad_rho_ptr", grad_rho, n);
-        sws::mean_field_reconstruct_backward_cuda(ptr<const float>(grad_w), ptr<const float>(rho), n, seed, S, owner,
-                                                  purpose, ptr<float>(grad_mu), ptr<float>(grad_rho), stream);
+        sws::mean_field_reconstruct_backward_cuda(ptr<const float>(grad_w), ptr<const float>(rho), n, seed,
+                                                  ptr<const int64_t>(seed_dev), S, owner, purpose, ptr<float>(grad_mu),
+                                                  ptr<float>(grad_rho), stream);
       },
       py::arg("grad_w_ptr"), py::arg("rho_ptr"), py::arg("n"), py::arg("seed"), py::arg("S"), py::arg("owner"),
       py::arg("purpose"), py::arg("grad_mu_ptr"), py::arg("grad_rho_ptr"), py::arg("stream") = 0,
-      py::call_guard<py::gil_scoped_release>(), "Device pointers; as mean_field_reconstruct_backward_cpu.");
+      py::arg("seed_dev_ptr") = 0, py::call_guard<py::gil_scoped_release>(), "Device pointers; as mean_field_reconstruct_backward_cpu.");
 
   m.def(
       "sws_linear_cuda",
@@ -238,9 +241,10 @@ PYBIND11_MODULE(_C, m) {
          int64_t O, uint64_t seed, int64_t S, int mode, int64_t owner, int64_t codebook_owner, int64_t out_f,
          int64_t in_f, uintptr_t x, int x_dtype, int64_t M, bool per_sample, uintptr_t bias, bool bias_per_sample,
          uintptr_t y, uintptr_t ov_mask, uintptr_t ov_rows, uintptr_t ov_pos, uintptr_t ov_idx, uintptr_t zbuf,
-         uintptr_t stream) {
-        const ReconstructArgs a = make_args(means, chol, K, labels, labels_dtype, n, e_pos, e_a, e_b, e_alpha, E, o_pos,
-                                            o_mu, o_rho, O, seed, S, mode, owner, codebook_owner);
+         uintptr_t stream, uintptr_t seed_dev) {
+        ReconstructArgs a = make_args(means, chol, K, labels, labels_dtype, n, e_pos, e_a, e_b, e_alpha, E, o_pos,
+                                      o_mu, o_rho, O, seed, S, mode, owner, codebook_owner);
+        a.seed_dev = ptr<const int64_t>(seed_dev);
         const char* fn = "sws_linear_cuda";
         check_ptr(fn, "x_ptr", x, M);
         check_ptr(fn, "y_ptr", y, M);
@@ -264,7 +268,7 @@ PYBIND11_MODULE(_C, m) {
       SWS_RECON_ARGS, py::arg("out_f"), py::arg("in_f"), py::arg("x_ptr"), py::arg("x_dtype"), py::arg("M"),
       py::arg("per_sample"), py::arg("bias_ptr"), py::arg("bias_per_sample"), py::arg("y_ptr"), py::arg("ov_mask_ptr"),
       py::arg("ov_rows_ptr"), py::arg("ov_pos_ptr"), py::arg("ov_idx_ptr"), py::arg("zbuf_ptr"), py::arg("stream") = 0,
-      py::call_guard<py::gil_scoped_release>(),
+      py::arg("seed_dev_ptr") = 0, py::call_guard<py::gil_scoped_release>(),
       "Fused small-M (M <= 16) SWS linear forward, device pointers: y[S, M, out_f] = x W[s]^T (+ bias float32). "
       "x_dtype 0 float32, 1 float16, 2 bfloat16 (y the same); zbuf float32 workspace of S*K*2.");
 
@@ -274,9 +278,11 @@ PYBIND11_MODULE(_C, m) {
          uintptr_t e_pos, uintptr_t e_a, uintptr_t e_b, uintptr_t e_alpha, int64_t E, uintptr_t o_pos, uintptr_t o_mu,
          uintptr_t o_rho, int64_t O, uint64_t seed, int64_t S, int mode, int64_t owner, int64_t codebook_owner,
          uintptr_t grad_means, uintptr_t grad_chol, uintptr_t grad_mu_o, uintptr_t grad_rho_o, uintptr_t seg_offsets,
-         uintptr_t seg_pos, uintptr_t seg_coef, int64_t n_entries, uintptr_t dzbuf, uintptr_t stream) {
-        const ReconstructArgs a = make_args(means, chol, K, labels, labels_dtype, n, e_pos, e_a, e_b, e_alpha, E, o_pos,
-                                            o_mu, o_rho, O, seed, S, mode, owner, codebook_owner);
+         uintptr_t seg_pos, uintptr_t seg_coef, int64_t n_entries, uintptr_t dzbuf, uintptr_t stream,
+         uintptr_t seed_dev) {
+        ReconstructArgs a = make_args(means, chol, K, labels, labels_dtype, n, e_pos, e_a, e_b, e_alpha, E, o_pos,
+                                      o_mu, o_rho, O, seed, S, mode, owner, codebook_owner);
+        a.seed_dev = ptr<const int64_t>(seed_dev);
         const char* fn = "reconstruct_backward_cuda";
         check_ptr(fn, "grad_out_ptr", grad_out, n);
         check_ptr(fn, "seg_offsets_ptr", seg_offsets, K + 1);
@@ -291,7 +297,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("grad_out_ptr"), SWS_RECON_ARGS, py::arg("grad_means_ptr"), py::arg("grad_chol_ptr"),
       py::arg("grad_mu_o_ptr"), py::arg("grad_rho_o_ptr"), py::arg("seg_offsets_ptr"), py::arg("seg_pos_ptr"),
       py::arg("seg_coef_ptr"), py::arg("n_entries"), py::arg("dzbuf_ptr"), py::arg("stream") = 0,
-      py::call_guard<py::gil_scoped_release>(),
+      py::arg("seed_dev_ptr") = 0, py::call_guard<py::gil_scoped_release>(),
       "Device pointers. seg_*: label-sorted CSR of inlier/ellipse entries (offsets int64[K+1], pos int64[N], "
       "coef float32[N]); dzbuf: float64 workspace of S*K*2 elements. Deterministic.");
 #endif

@@ -6,8 +6,10 @@ Each op is an opaque ``torch.library.custom_op`` whose implementation asks :mod:
 :mod:`.functional` (the public entry point); the ops themselves only check what a kernel needs to be
 memory-safe.
 
-Schemas carry the seed as a signed int64 holding the uint64 seed's bits (a schema ``int`` is int64);
-``encode_seed``/``decode_seed`` convert. Modes are int codes (0 paper, 1 hierarchical, 2 mean).
+Schemas carry the seed as a 0-dim int64 tensor holding the uint64 seed's bits (SPEC.md section 4): kernels
+read it from memory, so no op reads it on the host (no sync), torch.compile traces it as a graph input and a
+CUDA graph replays whatever value the tensor holds at replay. Modes are int codes (0 paper, 1 hierarchical,
+2 mean).
 """
 from __future__ import annotations
 
@@ -17,20 +19,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _backend, _checks, native, reference
+from . import _backend, _checks, native, philox, reference
 
 log = logging.getLogger("sws_kernels")
 
 _MODES = _checks.MODES
-
-
-def encode_seed(seed: int) -> int:
-    """uint64 seed -> the int64 with the same bits (for op schemas)."""
-    return seed - (1 << 64) if seed >= (1 << 63) else seed
-
-
-def decode_seed(seed: int) -> int:
-    return seed + (1 << 64) if seed < 0 else seed
 
 
 def _ellipse(e_pos, e_a, e_b, e_alpha):
@@ -47,12 +40,11 @@ def _outliers(o_pos, o_mu, o_rho):
 
 @torch.library.custom_op("sws_kernels::reconstruct", mutates_args=())
 def reconstruct(means: Tensor, chol: Tensor, labels: Tensor, e_pos: Tensor, e_a: Tensor, e_b: Tensor,
-                e_alpha: Tensor, o_pos: Tensor, o_mu: Tensor, o_rho: Tensor, seed: int, samples: int, mode: int,
+                e_alpha: Tensor, o_pos: Tensor, o_mu: Tensor, o_rho: Tensor, seed: Tensor, samples: int, mode: int,
                 owner: int, codebook_owner: int) -> Tensor:
     """Sampled weights [samples, *labels.shape] (SPEC.md section 5, reconstruct)."""
     name, kernel, why = _backend.select("reconstruct", means.device, means.dtype)
     log.debug("reconstruct: backend %s (%s)", name, why)
-    seed = decode_seed(seed)
     if kernel is None:
         return reference.reconstruct(means, chol, labels, _ellipse(e_pos, e_a, e_b, e_alpha),
                                      _outliers(o_pos, o_mu, o_rho), seed=seed, samples=samples,
@@ -69,13 +61,12 @@ def _(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, s
 
 @torch.library.custom_op("sws_kernels::reconstruct_backward", mutates_args=())
 def reconstruct_backward(grad_w: Tensor, means: Tensor, chol: Tensor, labels: Tensor, e_pos: Tensor, e_a: Tensor,
-                         e_b: Tensor, e_alpha: Tensor, o_pos: Tensor, o_mu: Tensor, o_rho: Tensor, seed: int,
+                         e_b: Tensor, e_alpha: Tensor, o_pos: Tensor, o_mu: Tensor, o_rho: Tensor, seed: Tensor,
                          samples: int, mode: int, owner: int,
                          codebook_owner: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """dW -> (d means, d chol, d outlier mu, d outlier rho), noise regenerated from the seed."""
     name, kernel, why = _backend.select("reconstruct_backward", means.device, means.dtype)
     log.debug("reconstruct_backward: backend %s (%s)", name, why)
-    seed = decode_seed(seed)
     if kernel is None:
         g = reference.reconstruct_backward(grad_w, means, chol, labels, _ellipse(e_pos, e_a, e_b, e_alpha),
                                            _outliers(o_pos, o_mu, o_rho), seed=seed, samples=samples,
@@ -96,13 +87,14 @@ def _reconstruct_setup(ctx, inputs, output):
     (means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode, owner,
      codebook_owner) = inputs
     # Only parameters and indices are saved: the noise is regenerated from (seed, samples) in backward.
-    ctx.save_for_backward(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho)
-    ctx.args = (seed, samples, mode, owner, codebook_owner)
+    ctx.save_for_backward(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed)
+    ctx.args = (samples, mode, owner, codebook_owner)
 
 
 def _reconstruct_backward(ctx, grad):
-    saved = ctx.saved_tensors
-    g_means, g_chol, g_mu, g_rho = torch.ops.sws_kernels.reconstruct_backward(grad.contiguous(), *saved, *ctx.args)
+    *saved, seed = ctx.saved_tensors
+    g_means, g_chol, g_mu, g_rho = torch.ops.sws_kernels.reconstruct_backward(grad.contiguous(), *saved, seed,
+                                                                              *ctx.args)
     # alpha is a buffer (SPEC.md section 2): not trained, no gradient.
     return g_means, g_chol, None, None, None, None, None, None, g_mu, g_rho, None, None, None, None, None
 
@@ -177,7 +169,7 @@ for _name in ("native_cpu", "native_cuda"):
 def call_reconstruct(a: _checks.SWSArgs) -> Tensor:
     """Run the reconstruct op on validated arguments (see :func:`sws_kernels._checks.sws`)."""
     return torch.ops.sws_kernels.reconstruct(a.means, a.chol, a.labels, a.e_pos, a.e_a, a.e_b, a.e_alpha, a.o_pos,
-                                             a.o_mu, a.o_rho, encode_seed(a.seed), a.samples,
+                                             a.o_mu, a.o_rho, philox.seed_tensor(a.seed, a.means.device), a.samples,
                                              _checks.MODE_CODES[a.mode], a.owner, a.codebook_owner)
 
 
@@ -193,11 +185,10 @@ def _mf_reference_backward(grad_w, mu, rho, seed, samples, owner, purpose):
 
 
 @torch.library.custom_op("sws_kernels::mean_field_reconstruct", mutates_args=())
-def mean_field_reconstruct(mu: Tensor, rho: Tensor, seed: int, samples: int, owner: int, purpose: int) -> Tensor:
+def mean_field_reconstruct(mu: Tensor, rho: Tensor, seed: Tensor, samples: int, owner: int, purpose: int) -> Tensor:
     """[samples, *mu.shape]; ``purpose`` 0 for weights, 2 for a sampled bias."""
     name, kernel, why = _backend.select("mean_field_reconstruct", mu.device, mu.dtype)
     log.debug("mean_field_reconstruct: backend %s (%s)", name, why)
-    seed = decode_seed(seed)
     if kernel is None:
         return reference.mean_field_reconstruct(mu, rho, seed=seed, samples=samples, owner=owner,
                                                 purpose=purpose).contiguous()
@@ -210,12 +201,11 @@ def _(mu, rho, seed, samples, owner, purpose):
 
 
 @torch.library.custom_op("sws_kernels::mean_field_reconstruct_backward", mutates_args=())
-def mean_field_reconstruct_backward(grad_w: Tensor, mu: Tensor, rho: Tensor, seed: int, samples: int, owner: int,
+def mean_field_reconstruct_backward(grad_w: Tensor, mu: Tensor, rho: Tensor, seed: Tensor, samples: int, owner: int,
                                     purpose: int) -> tuple[Tensor, Tensor]:
     """dW -> (d mu, d rho), the noise regenerated from the seed."""
     name, kernel, why = _backend.select("mean_field_reconstruct_backward", mu.device, mu.dtype)
     log.debug("mean_field_reconstruct_backward: backend %s (%s)", name, why)
-    seed = decode_seed(seed)
     if kernel is None:
         return tuple(t.contiguous() for t in _mf_reference_backward(grad_w, mu, rho, seed, samples, owner, purpose))
     return kernel(grad_w, mu, rho, seed, samples, owner, purpose)
@@ -228,21 +218,22 @@ def _(grad_w, mu, rho, seed, samples, owner, purpose):
 
 def _mf_setup(ctx, inputs, output):
     mu, rho, seed, samples, owner, purpose = inputs
-    ctx.save_for_backward(mu, rho)  # the noise is regenerated, never saved
-    ctx.args = (seed, samples, owner, purpose)
+    ctx.save_for_backward(mu, rho, seed)  # the noise is regenerated, never saved
+    ctx.args = (samples, owner, purpose)
 
 
 def _mf_backward(ctx, grad):
-    mu, rho = ctx.saved_tensors
-    g_mu, g_rho = torch.ops.sws_kernels.mean_field_reconstruct_backward(grad.contiguous(), mu, rho, *ctx.args)
+    mu, rho, seed = ctx.saved_tensors
+    g_mu, g_rho = torch.ops.sws_kernels.mean_field_reconstruct_backward(grad.contiguous(), mu, rho, seed, *ctx.args)
     return g_mu, g_rho, None, None, None, None
 
 
 torch.library.register_autograd("sws_kernels::mean_field_reconstruct", _mf_backward, setup_context=_mf_setup)
 
 
-def call_mean_field_reconstruct(mu, rho, seed: int, samples: int, owner: int, purpose: int = 0) -> Tensor:
-    return torch.ops.sws_kernels.mean_field_reconstruct(mu, rho, encode_seed(seed), samples, owner, purpose)
+def call_mean_field_reconstruct(mu, rho, seed: Tensor, samples: int, owner: int, purpose: int = 0) -> Tensor:
+    return torch.ops.sws_kernels.mean_field_reconstruct(mu, rho, philox.seed_tensor(seed, mu.device), samples, owner,
+                                                       purpose)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -286,12 +277,11 @@ def _dx_reference(gy, w, samples, per_sample, in_f):
 
 @torch.library.custom_op("sws_kernels::sws_linear", mutates_args=())
 def sws_linear(x: Tensor, means: Tensor, chol: Tensor, labels: Tensor, e_pos: Tensor, e_a: Tensor, e_b: Tensor,
-               e_alpha: Tensor, o_pos: Tensor, o_mu: Tensor, o_rho: Tensor, bias: Optional[Tensor], seed: int,
+               e_alpha: Tensor, o_pos: Tensor, o_mu: Tensor, o_rho: Tensor, bias: Optional[Tensor], seed: Tensor,
                samples: int, mode: int, owner: int, codebook_owner: int, per_sample: bool) -> Tensor:
     """SWS linear: x [..., in] (or [S, ..., in] per_sample) -> [S, ..., out] in x's dtype."""
     name, kernel, why = _backend.select("sws_linear", means.device, means.dtype)
     log.debug("sws_linear: backend %s (%s)", name, why)
-    seed = decode_seed(seed)
     if kernel is None:
         w = reference.reconstruct(means, chol, labels, _ellipse(e_pos, e_a, e_b, e_alpha),
                                   _outliers(o_pos, o_mu, o_rho), seed=seed, samples=samples, mode=_MODES[mode],
@@ -310,12 +300,11 @@ def _(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias
 
 @torch.library.custom_op("sws_kernels::sws_linear_dx", mutates_args=())
 def sws_linear_dx(grad_y: Tensor, means: Tensor, chol: Tensor, labels: Tensor, e_pos: Tensor, e_a: Tensor,
-                  e_b: Tensor, e_alpha: Tensor, o_pos: Tensor, o_mu: Tensor, o_rho: Tensor, seed: int, samples: int,
+                  e_b: Tensor, e_alpha: Tensor, o_pos: Tensor, o_mu: Tensor, o_rho: Tensor, seed: Tensor, samples: int,
                   mode: int, owner: int, codebook_owner: int, per_sample: bool) -> Tensor:
     """grad_y [S, ..., out] -> dx (x's shape: summed over samples when x is shared)."""
     name, kernel, why = _backend.select("sws_linear_dx", means.device, means.dtype)
     log.debug("sws_linear_dx: backend %s (%s)", name, why)
-    seed = decode_seed(seed)
     if kernel is None:
         w = reference.reconstruct(means, chol, labels, _ellipse(e_pos, e_a, e_b, e_alpha),
                                   _outliers(o_pos, o_mu, o_rho), seed=seed, samples=samples, mode=_MODES[mode],
@@ -334,13 +323,13 @@ def _(grad_y, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho,
 def _sws_linear_setup(ctx, inputs, output):
     (x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed, samples, mode, owner,
      codebook_owner, per_sample) = inputs
-    ctx.save_for_backward(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias)
-    ctx.args = (seed, samples, mode, owner, codebook_owner, per_sample)
+    ctx.save_for_backward(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed)
+    ctx.args = (samples, mode, owner, codebook_owner, per_sample)
 
 
 def _sws_linear_backward(ctx, gy):
-    x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias = ctx.saved_tensors
-    seed, samples, mode, owner, codebook_owner, per_sample = ctx.args
+    x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed = ctx.saved_tensors
+    samples, mode, owner, codebook_owner, per_sample = ctx.args
     gy = gy.contiguous()
     params = (means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho)
     gx = None
@@ -360,17 +349,16 @@ torch.library.register_autograd("sws_kernels::sws_linear", _sws_linear_backward,
 
 def call_sws_linear(x, a: _checks.SWSArgs, bias, per_sample: bool) -> Tensor:
     return torch.ops.sws_kernels.sws_linear(x, a.means, a.chol, a.labels, a.e_pos, a.e_a, a.e_b, a.e_alpha, a.o_pos,
-                                            a.o_mu, a.o_rho, bias, encode_seed(a.seed), a.samples,
+                                            a.o_mu, a.o_rho, bias, philox.seed_tensor(a.seed, a.means.device), a.samples,
                                             _checks.MODE_CODES[a.mode], a.owner, a.codebook_owner, per_sample)
 
 
 @torch.library.custom_op("sws_kernels::mean_field_linear", mutates_args=())
-def mean_field_linear(x: Tensor, mu: Tensor, rho: Tensor, bias: Optional[Tensor], seed: int, samples: int,
+def mean_field_linear(x: Tensor, mu: Tensor, rho: Tensor, bias: Optional[Tensor], seed: Tensor, samples: int,
                       owner: int, per_sample: bool) -> Tensor:
     """Mean-field linear with in-kernel noise; ``bias`` None, [out] or a sampled [S, out]."""
     name, kernel, why = _backend.select("mean_field_linear", mu.device, mu.dtype)
     log.debug("mean_field_linear: backend %s (%s)", name, why)
-    seed = decode_seed(seed)
     if kernel is None:
         w = reference.mean_field_reconstruct(mu, rho, seed=seed, samples=samples, owner=owner)
         return reference._linear(x, w, bias, per_sample).contiguous()
@@ -384,11 +372,10 @@ def _(x, mu, rho, bias, seed, samples, owner, per_sample):
 
 
 @torch.library.custom_op("sws_kernels::mean_field_linear_dx", mutates_args=())
-def mean_field_linear_dx(grad_y: Tensor, mu: Tensor, rho: Tensor, seed: int, samples: int, owner: int,
+def mean_field_linear_dx(grad_y: Tensor, mu: Tensor, rho: Tensor, seed: Tensor, samples: int, owner: int,
                          per_sample: bool) -> Tensor:
     name, kernel, why = _backend.select("mean_field_linear_dx", mu.device, mu.dtype)
     log.debug("mean_field_linear_dx: backend %s (%s)", name, why)
-    seed = decode_seed(seed)
     if kernel is None:
         w = reference.mean_field_reconstruct(mu, rho, seed=seed, samples=samples, owner=owner)
         return _dx_reference(grad_y, w, samples, per_sample, mu.shape[1])
@@ -402,13 +389,13 @@ def _(grad_y, mu, rho, seed, samples, owner, per_sample):
 
 def _mf_linear_setup(ctx, inputs, output):
     x, mu, rho, bias, seed, samples, owner, per_sample = inputs
-    ctx.save_for_backward(x, mu, rho, bias)
-    ctx.args = (seed, samples, owner, per_sample)
+    ctx.save_for_backward(x, mu, rho, bias, seed)
+    ctx.args = (samples, owner, per_sample)
 
 
 def _mf_linear_backward(ctx, gy):
-    x, mu, rho, bias = ctx.saved_tensors
-    seed, samples, owner, per_sample = ctx.args
+    x, mu, rho, bias, seed = ctx.saved_tensors
+    samples, owner, per_sample = ctx.args
     gy = gy.contiguous()
     gx = None
     if ctx.needs_input_grad[0]:
@@ -422,8 +409,9 @@ def _mf_linear_backward(ctx, gy):
 torch.library.register_autograd("sws_kernels::mean_field_linear", _mf_linear_backward, setup_context=_mf_linear_setup)
 
 
-def call_mean_field_linear(x, mu, rho, bias, seed: int, samples: int, owner: int, per_sample: bool) -> Tensor:
-    return torch.ops.sws_kernels.mean_field_linear(x, mu, rho, bias, encode_seed(seed), samples, owner, per_sample)
+def call_mean_field_linear(x, mu, rho, bias, seed: Tensor, samples: int, owner: int, per_sample: bool) -> Tensor:
+    return torch.ops.sws_kernels.mean_field_linear(x, mu, rho, bias, philox.seed_tensor(seed, mu.device), samples, owner,
+                                                  per_sample)
 
 
 # --- Triton kernel registrations ---

@@ -11,6 +11,7 @@ per (component, sample) in a fixed order (see csrc/cuda/reconstruct.cu).
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 from dataclasses import dataclass
@@ -283,10 +284,28 @@ def _need(device: torch.device) -> None:
 
 
 def _seed(seed) -> int:
+    """The seed's value for the CPU kernels. A CPU seed tensor is read straight from its memory (no aten op: a
+    0-dim CPU tensor needs no device sync, and `.item()` would count as one); a CUDA seed tensor is read by the
+    CUDA kernels themselves from device memory (_seed_dev), so its host value is unused."""
+    if isinstance(seed, torch.Tensor):
+        if seed.device.type != "cpu":
+            return 0
+        if seed.dtype != torch.int64 or seed.numel() != 1:
+            raise TypeError(f"seed: expected a one-element int64 tensor, got {seed.dtype} of shape {tuple(seed.shape)}")
+        return ctypes.c_uint64.from_address(seed.data_ptr()).value
     seed = int(seed)
     if not -(1 << 63) <= seed < (1 << 64):
         raise ValueError(f"seed: expected a value in [0, 2**64), got {seed}")
     return seed & _MASK64  # an int64 carrying the uint64 seed's bits decodes to the same seed
+
+
+def _seed_dev(seed, device: torch.device) -> int:
+    """Device address of the seed for the CUDA kernels (philox.h SeedRef); 0: use the host value."""
+    if isinstance(seed, torch.Tensor):
+        if seed.device != device:
+            raise ValueError(f"seed: expected a tensor on {device} (the device of the parameters), got {seed.device}")
+        return seed.data_ptr()
+    return 0
 
 
 def _check(t: torch.Tensor, name: str, dtype, device, ndim_shape=None) -> torch.Tensor:
@@ -398,7 +417,8 @@ def reconstruct(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rh
         return out
     with torch.cuda.device(dev):
         zbuf = torch.empty(max(1, S * K * 2), dtype=torch.float32, device=dev)
-        _C.reconstruct_cuda(out.data_ptr(), *args, zbuf.data_ptr(), torch.cuda.current_stream(dev).cuda_stream)
+        _C.reconstruct_cuda(out.data_ptr(), *args, zbuf.data_ptr(), torch.cuda.current_stream(dev).cuda_stream,
+                            _seed_dev(seed, dev))
     return out
 
 
@@ -446,7 +466,7 @@ def reconstruct_backward(grad_w, means, chol, labels, e_pos, e_a, e_b, e_alpha, 
         dzbuf = torch.empty(max(1, S * K * 2), dtype=torch.float64, device=dev)
         _C.reconstruct_backward_cuda(grad_w.data_ptr(), *args, *outs, offsets.data_ptr(), pos.data_ptr(),
                                      coef.data_ptr(), pos.numel(), dzbuf.data_ptr(),
-                                     torch.cuda.current_stream(dev).cuda_stream)
+                                     torch.cuda.current_stream(dev).cuda_stream, _seed_dev(seed, dev))
     return g_means, g_chol, g_mu, g_rho
 
 
@@ -472,7 +492,7 @@ def mean_field_reconstruct(mu, rho, seed, samples, owner, purpose) -> torch.Tens
         _C.mean_field_reconstruct_cpu(*args)
         return out
     with torch.cuda.device(dev):
-        _C.mean_field_reconstruct_cuda(*args, torch.cuda.current_stream(dev).cuda_stream)
+        _C.mean_field_reconstruct_cuda(*args, torch.cuda.current_stream(dev).cuda_stream, _seed_dev(seed, dev))
     return out
 
 
@@ -490,7 +510,8 @@ def mean_field_reconstruct_backward(grad_w, mu, rho, seed, samples, owner,
         _C.mean_field_reconstruct_backward_cpu(*args)
         return g_mu, g_rho
     with torch.cuda.device(dev):
-        _C.mean_field_reconstruct_backward_cuda(*args, torch.cuda.current_stream(dev).cuda_stream)
+        _C.mean_field_reconstruct_backward_cuda(*args, torch.cuda.current_stream(dev).cuda_stream,
+                                                  _seed_dev(seed, dev))
     return g_mu, g_rho
 
 
@@ -568,7 +589,7 @@ def sws_linear_cuda(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_m
         zbuf = torch.empty(max(1, S * K * 2), dtype=torch.float32, device=dev)
         _C.sws_linear_cuda(*args, out_f, in_f, x.data_ptr(), _ACT_CODES[x.dtype], M, bool(per_sample),
                            0 if b is None else b.data_ptr(), b is not None and b.dim() == 2, y.data_ptr(), *ov,
-                           zbuf.data_ptr(), torch.cuda.current_stream(dev).cuda_stream)
+                           zbuf.data_ptr(), torch.cuda.current_stream(dev).cuda_stream, _seed_dev(seed, dev))
     return y
 
 

@@ -26,6 +26,8 @@ __all__ = [
     "words_to_normal",
     "check_seed",
     "split_seed",
+    "seed_tensor",
+    "encode_seed",
     "MAX_ELEMENT",
     "PURPOSE_WEIGHT",
     "PURPOSE_COMPONENT",
@@ -109,14 +111,14 @@ def words_to_normal(words: torch.Tensor) -> torch.Tensor:
     return torch.stack([r01 * torch.cos(th01), r01 * torch.sin(th01), r23 * torch.cos(th23), r23 * torch.sin(th23)], -1)
 
 
-def check_seed(seed, name: str = "seed") -> int:
-    """A seed as a Python int in [0, 2**64). Accepts ints and one-element int64 tensors (read as uint64 bits)."""
+def check_seed(seed, name: str = "seed"):
+    """A seed: a Python int in [0, 2**64), returned as is, or a one-element int64 tensor holding the uint64
+    seed's bits (two's complement), returned as a 0-dim tensor. A tensor is never read on the host: every
+    int64 value is a valid seed, so there is nothing to check that needs a sync (SPEC.md section 4)."""
     if isinstance(seed, torch.Tensor):
         if seed.numel() != 1 or seed.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"{name}: expected a Python int or a one-element int64 tensor, got {_describe(seed)}")
-        seed = int(seed.reshape(()).item())
-        if seed < 0:  # an int64 tensor carries the uint64 seed's bits
-            seed += MAX_SEED
+        return seed.reshape(()).to(torch.int64)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"{name}: expected a Python int in [0, 2**64) or an int64 tensor, got {type(seed).__name__}")
     if not 0 <= seed < MAX_SEED:
@@ -124,9 +126,32 @@ def check_seed(seed, name: str = "seed") -> int:
     return seed
 
 
-def split_seed(seed: int) -> tuple[int, int]:
-    """Key words (seed & 0xffffffff, seed >> 32)."""
+def encode_seed(seed: int) -> int:
+    """uint64 seed -> the int64 with the same bits."""
+    return seed - MAX_SEED if seed >= (1 << 63) else seed
+
+
+def seed_tensor(seed, device=None) -> torch.Tensor:
+    """A checked seed (int or tensor) as a 0-dim int64 tensor on ``device`` (None: where it is, or the CPU)."""
+    seed = check_seed(seed)
+    if isinstance(seed, torch.Tensor):
+        return seed if device is None else seed.to(device)
+    return torch.tensor(encode_seed(seed), dtype=torch.int64, device=device)
+
+
+def split_seed(seed):
+    """Key words (seed & 0xffffffff, seed >> 32): ints for an int seed, int64 tensors for a tensor seed."""
+    if isinstance(seed, torch.Tensor):
+        return seed & MASK32, (seed >> 32) & MASK32
     return seed & MASK32, seed >> 32
+
+
+def _key_like(j: torch.Tensor, seed):
+    """The key words broadcast to j's shape and device (a tensor seed stays on the device: no host read)."""
+    k0, k1 = split_seed(seed)
+    if isinstance(seed, torch.Tensor):
+        return k0.to(j.device).expand_as(j), k1.to(j.device).expand_as(j)
+    return torch.full_like(j, k0), torch.full_like(j, k1)
 
 
 def _check_word(value, name: str) -> int:
@@ -148,24 +173,23 @@ def _check_range(offset: int, n: int) -> None:
 
 def _stream_words(seed: int, first_j: int, count_j: int, sample, owner: int, purpose: int, device) -> torch.Tensor:
     """Words of counters j in [first_j, first_j + count_j) for each sample: int64 [*sample.shape, count_j, 4]."""
-    k0, k1 = split_seed(seed)
     j = torch.arange(first_j, first_j + count_j, dtype=torch.int64, device=device)
     s = torch.as_tensor(sample, dtype=torch.int64, device=device)[..., None]
     j, s = torch.broadcast_tensors(j, s)
     c2 = torch.full_like(j, owner)
     c3 = torch.full_like(j, purpose)
-    kk0 = torch.full_like(j, k0)
-    kk1 = torch.full_like(j, k1)
+    kk0, kk1 = _key_like(j, seed)
     return torch.stack(_philox_words(j, s, c2, c3, kk0, kk1), dim=-1)
 
 
-def _stream(kind: str, seed, n: int, sample, owner, purpose, offset: int, device) -> torch.Tensor:
+def _stream(kind: str, seed, n: int, sample, owner, purpose, offset: int, device, check: bool = True) -> torch.Tensor:
     seed = check_seed(seed)
     _check_range(offset, n)
     owner = _check_word(owner, "owner")
     purpose = _check_word(purpose, "purpose")
     samples = torch.as_tensor(sample, dtype=torch.int64)
-    if samples.numel() and (int(samples.min()) < 0 or int(samples.max()) >= MAX_WORD):
+    # check=False: the reference's own sample indices (an arange): reading them back would be a host sync
+    if check and samples.numel() and (int(samples.min()) < 0 or int(samples.max()) >= MAX_WORD):
         raise ValueError(f"sample: expected values in [0, 2**32), got {sample}")
     first_j, last_j = offset // 4, (offset + n + 3) // 4
     words = _stream_words(seed, first_j, last_j - first_j, samples, owner, purpose, device)
@@ -188,17 +212,16 @@ def normal(seed, n: int, *, sample=0, owner: int = 0, purpose: int = 0, offset: 
     return _stream("normal", seed, n, sample, owner, purpose, offset, device)
 
 
-def _at(kind: str, seed, index: torch.Tensor, sample, owner: int, purpose: int) -> torch.Tensor:
+def _at(kind: str, seed, index: torch.Tensor, sample, owner: int, purpose: int, check: bool = True) -> torch.Tensor:
     seed = check_seed(seed)
-    k0, k1 = split_seed(seed)
     index = index.to(torch.int64)
-    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= MAX_ELEMENT):
+    if check and index.numel() and (int(index.min()) < 0 or int(index.max()) >= MAX_ELEMENT):
         raise ValueError(f"index: expected element indices in [0, 2**34), got [{int(index.min())}, {int(index.max())}]")
     s = torch.as_tensor(sample, dtype=torch.int64, device=index.device)
     j, s = torch.broadcast_tensors(index >> 2, s)
     c2 = torch.full_like(j, owner)
     c3 = torch.full_like(j, purpose)
-    words = torch.stack(_philox_words(j, s, c2, c3, torch.full_like(j, k0), torch.full_like(j, k1)), -1)
+    words = torch.stack(_philox_words(j, s, c2, c3, *_key_like(j, seed)), -1)
     vals = words_to_uniform(words) if kind == "uniform" else words_to_normal(words)
     t = (index & 3).expand(j.shape)[..., None]
     return vals.gather(-1, t)[..., 0]
@@ -212,6 +235,16 @@ def uniform_at(seed, index: torch.Tensor, *, sample=0, owner: int = 0, purpose: 
 def normal_at(seed, index: torch.Tensor, *, sample=0, owner: int = 0, purpose: int = 0) -> torch.Tensor:
     """Normals of arbitrary elements ``index`` (int64, any shape), broadcast against ``sample``."""
     return _at("normal", seed, index, sample, owner, purpose)
+
+
+def normal_trusted(seed, n: int, *, sample, owner: int, purpose: int, device=None) -> torch.Tensor:
+    """``normal`` without the data checks (no host read of ``sample``): for the reference's own arguments."""
+    return _stream("normal", seed, n, sample, owner, purpose, 0, device, check=False)
+
+
+def normal_at_trusted(seed, index: torch.Tensor, *, sample, owner: int, purpose: int) -> torch.Tensor:
+    """``normal_at`` without the index range check (positions validated when they entered the layer)."""
+    return _at("normal", seed, index, sample, owner, purpose, check=False)
 
 
 def _describe(x) -> str:

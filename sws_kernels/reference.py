@@ -71,7 +71,8 @@ def component_noise(seed: int, samples: int, K: int, *, codebook_owner: int = 0,
                     device=None) -> torch.Tensor:
     """xi[s, k] = normals 2k, 2k+1 of stream (seed, s, codebook_owner, purpose 1): [S, K, 2]."""
     s = torch.arange(samples, dtype=torch.int64, device=device)
-    xi = philox.normal(seed, 2 * K, sample=s, owner=codebook_owner, purpose=philox.PURPOSE_COMPONENT, device=device)
+    xi = philox.normal_trusted(seed, 2 * K, sample=s, owner=codebook_owner, purpose=philox.PURPOSE_COMPONENT,
+                               device=device)
     return xi.view(samples, K, 2).to(dtype)
 
 
@@ -79,12 +80,12 @@ def weight_noise(seed: int, samples: int, index: torch.Tensor, *, owner: int = 0
                  purpose: int = philox.PURPOSE_WEIGHT, dtype=torch.float32) -> torch.Tensor:
     """eps[s, i] for the flat weight indices ``index``: [S, len(index)]."""
     s = torch.arange(samples, dtype=torch.int64, device=index.device)[:, None]
-    return philox.normal_at(seed, index[None, :], sample=s, owner=owner, purpose=purpose).to(dtype)
+    return philox.normal_at_trusted(seed, index[None, :], sample=s, owner=owner, purpose=purpose).to(dtype)
 
 
 def _dense_noise(seed: int, samples: int, n: int, *, owner: int, purpose: int, dtype, device) -> torch.Tensor:
     s = torch.arange(samples, dtype=torch.int64, device=device)
-    return philox.normal(seed, n, sample=s, owner=owner, purpose=purpose, device=device).to(dtype)
+    return philox.normal_trusted(seed, n, sample=s, owner=owner, purpose=purpose, device=device).to(dtype)
 
 
 # --------------------------------------------------------------------------------------------------

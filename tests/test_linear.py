@@ -150,15 +150,17 @@ def test_opcheck_linear_ops(rng):
     rest = (a.labels, a.e_pos, a.e_a, a.e_b, a.e_alpha, a.o_pos, a.o_mu, a.o_rho)
     with sws_kernels.backend("triton"):
         torch.library.opcheck(torch.ops.sws_kernels.sws_linear.default,
-                              (x, m, c, *rest, bias, _ops.encode_seed(7), 2, 1, 1, 2, False))
+                              (x, m, c, *rest, bias, sws_kernels.philox.seed_tensor(7, DEV), 2, 1, 1, 2, False))
         gy = torch.randn(2, 3, 18, generator=rng).to(DEV)
         torch.library.opcheck(torch.ops.sws_kernels.sws_linear_dx.default,
-                              (gy, means, chol, *rest, 7, 2, 1, 1, 2, False))
+                              (gy, means, chol, *rest, sws_kernels.philox.seed_tensor(7, DEV), 2, 1, 1, 2,
+                               False))
         mu = (torch.randn(18, 20, generator=rng).to(DEV) * 0.1).requires_grad_()
         rho = (torch.randn(18, 20, generator=rng).to(DEV) - 3).requires_grad_()
-        torch.library.opcheck(torch.ops.sws_kernels.mean_field_linear.default, (x, mu, rho, bias, 7, 2, 1, False))
+        seed = sws_kernels.philox.seed_tensor(7, DEV)
+        torch.library.opcheck(torch.ops.sws_kernels.mean_field_linear.default, (x, mu, rho, bias, seed, 2, 1, False))
         torch.library.opcheck(torch.ops.sws_kernels.mean_field_linear_dx.default,
-                              (gy, mu.detach(), rho.detach(), 7, 2, 1, False))
+                              (gy, mu.detach(), rho.detach(), seed, 2, 1, False))
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -102,9 +102,10 @@ def test_op_autograd_opcheck_and_functional():
     with sws_kernels.backend("native"):
         w = F.mean_field_reconstruct(mu, rho, seed=4, samples=3, owner=2)
         got = torch.autograd.grad(w, (mu, rho), gw)
-        torch.library.opcheck(torch.ops.sws_kernels.mean_field_reconstruct.default, (mu, rho, 4, 3, 2, 0))
+        seed = sws_kernels.philox.seed_tensor(4)
+        torch.library.opcheck(torch.ops.sws_kernels.mean_field_reconstruct.default, (mu, rho, seed, 3, 2, 0))
         torch.library.opcheck(torch.ops.sws_kernels.mean_field_reconstruct_backward.default,
-                              (gw, mu.detach(), rho.detach(), 4, 3, 2, 0))
+                              (gw, mu.detach(), rho.detach(), seed, 3, 2, 0))
     m64, r64 = mu.detach().double().requires_grad_(), rho.detach().double().requires_grad_()
     wr = R.mean_field_reconstruct(m64, r64, seed=4, samples=3, owner=2)
     torch.testing.assert_close(w.double(), wr.detach(), rtol=1e-6, atol=1e-5)

@@ -193,11 +193,16 @@ def test_normal_rows_alignment_error():
         _triton().normal_rows_stream(1, 8, offset=2)
 
 
-def test_seed_words_are_i32():
-    """Every uint32 kernel argument is passed as the int32 with the same bits, so Triton types it i32 for any
-    value (no second compiled variant for seeds >= 2**31)."""
+def test_kernel_words_are_i32_and_seed_is_read_from_memory():
+    """uint32 kernel arguments (sample, owner, purpose) travel as the int32 with the same bits, so Triton types
+    them i32 for any value; the seed travels as a 0-dim int64 tensor the kernels load (no host read), and an
+    int seed and the tensor holding its bits draw the same stream."""
     T = _triton()
-    for seed in (0, 2**31, 2**32 - 1, 2**63, 2**64 - 1):
-        lo, hi = T.seed_args(seed)
-        assert -2**31 <= lo < 2**31 and -2**31 <= hi < 2**31
-        assert (lo & 0xFFFFFFFF) | ((hi & 0xFFFFFFFF) << 32) == seed
+    for v in (0, 2**31, 2**32 - 1):
+        w = T.u32_arg(v)
+        assert -2**31 <= w < 2**31 and w & 0xFFFFFFFF == v
+    for seed in (0, 2**31, 2**63, 2**64 - 1):
+        t = T.seed_arg(seed, "cpu")
+        assert t.dtype == torch.int64 and t.dim() == 0 and int(t) & (2**64 - 1) == seed
+        assert torch.equal(T.uniform(t, 9, sample=3).cpu(), T.uniform(seed, 9, sample=3).cpu())
+        assert torch.equal(T.uniform(seed, 9, sample=3).cpu(), philox.uniform(t, 9, sample=3))

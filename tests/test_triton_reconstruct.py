@@ -147,7 +147,7 @@ def test_opcheck_reconstruct_ops(rng):
         for mode in MODES:
             args = args_of(means.requires_grad_(), chol.requires_grad_(), labels, ell, outl, 2**63 + 5, 2, mode)
             args = list(args)
-            args[10] = _ops.encode_seed(args[10])
+            args[10] = sws_kernels.philox.seed_tensor(args[10], DEV)
             torch.library.opcheck(torch.ops.sws_kernels.reconstruct.default, tuple(args))
             g = torch.randn(2, 7, 5, generator=rng).to(DEV)
             torch.library.opcheck(torch.ops.sws_kernels.reconstruct_backward.default,
@@ -188,9 +188,10 @@ def test_mean_field_op_autograd_and_opcheck(rng):
         w = F.mean_field_reconstruct(mu, rho, seed=4, samples=3, owner=2)
         g = torch.randn(3, 6, 11, generator=rng).to(DEV)
         got = torch.autograd.grad(w, (mu, rho), g)
-        torch.library.opcheck(torch.ops.sws_kernels.mean_field_reconstruct.default, (mu, rho, 4, 3, 2, 0))
+        seed = sws_kernels.philox.seed_tensor(4, DEV)
+        torch.library.opcheck(torch.ops.sws_kernels.mean_field_reconstruct.default, (mu, rho, seed, 3, 2, 0))
         torch.library.opcheck(torch.ops.sws_kernels.mean_field_reconstruct_backward.default,
-                              (g, mu.detach(), rho.detach(), 4, 3, 2, 0))
+                              (g, mu.detach(), rho.detach(), seed, 3, 2, 0))
     m64, r64 = mu.detach().double().requires_grad_(), rho.detach().double().requires_grad_()
     wr = R.mean_field_reconstruct(m64, r64, seed=4, samples=3, owner=2)
     torch.testing.assert_close(w.double(), wr.detach(), rtol=1e-6, atol=1e-5)

@@ -57,7 +57,7 @@ __device__ __forceinline__ uint64_t label_at(const L* lab, int64_t i) {
 struct Params {
   int64_t out_f, in_f, K, S, M;
   int mode;
-  Key key;
+  SeedRef seed;
   uint32_t owner;
   const float* zbuf;
   const float* means;
@@ -76,6 +76,7 @@ template <class T, class L, bool kHier, int MT>
 __global__ void __launch_bounds__(kThreads) k_linear_small_m(const T* __restrict__ x, const L* __restrict__ lab,
                                                              T* __restrict__ y, Params p, bool smem_table) {
   extern __shared__ float smem[];
+  const Key key = p.seed.get();
   const float nan = __int_as_float(0x7fc00000);
   const int64_t s = blockIdx.y;
   const int64_t K = p.K, in_f = p.in_f;
@@ -132,11 +133,11 @@ __global__ void __launch_bounds__(kThreads) k_linear_small_m(const T* __restrict
         const int64_t q0 = base + i0;
         const int cnt = static_cast<int>(min(static_cast<int64_t>(4), in_f - i0));
         if ((q0 & 3) == 0) {
-          words_to_normal4(stream_words(p.key, static_cast<uint32_t>(q0 >> 2), ss, p.owner, kPurposeWeight), eps);
+          words_to_normal4(stream_words(key, static_cast<uint32_t>(q0 >> 2), ss, p.owner, kPurposeWeight), eps);
         } else {
 #pragma unroll
           for (int t = 0; t < 4; ++t)
-            eps[t] = t < cnt ? normal_at(p.key, static_cast<uint64_t>(q0 + t), ss, p.owner, kPurposeWeight) : 0.0f;
+            eps[t] = t < cnt ? normal_at(key, static_cast<uint64_t>(q0 + t), ss, p.owner, kPurposeWeight) : 0.0f;
         }
 #pragma unroll
         for (int t = 0; t < 4; ++t)
@@ -158,14 +159,14 @@ __global__ void __launch_bounds__(kThreads) k_linear_small_m(const T* __restrict
             w = al * zs[zstep * ca] + bl * zs[zstep * cb];
             if (kHier) {
               const float sd = al * zs[2 * ca + 1] + bl * zs[2 * cb + 1];
-              w = w + sd * normal_at(p.key, static_cast<uint64_t>(q), ss, p.owner, kPurposeWeight);
+              w = w + sd * normal_at(key, static_cast<uint64_t>(q), ss, p.owner, kPurposeWeight);
             }
           }
         } else {
           const int64_t oi = idx - p.E;
           w = p.o_mu[oi];
           if (p.mode != kMean)
-            w = w + softplus(p.o_rho[oi]) * normal_at(p.key, static_cast<uint64_t>(q), ss, p.owner, kPurposeWeight);
+            w = w + softplus(p.o_rho[oi]) * normal_at(key, static_cast<uint64_t>(q), ss, p.owner, kPurposeWeight);
         }
         fma_x(q - base, w);
       }
@@ -233,7 +234,7 @@ void sws_linear_cuda(const ReconstructArgs& a, const LinearArgs& l, float* zbuf,
   p.S = a.S;
   p.M = l.M;
   p.mode = a.mode;
-  p.key = seed_key(a.seed);
+  p.seed = seed_ref_of(a);
   p.owner = static_cast<uint32_t>(a.owner);
   p.zbuf = zbuf;
   p.means = a.means;

@@ -22,7 +22,8 @@ namespace {
 constexpr int kThreads = 256;
 
 __global__ void k_mf_forward(const float* __restrict__ mu, const float* __restrict__ rho, int64_t n, int64_t S,
-                             Key key, uint32_t owner, uint32_t purpose, float* __restrict__ out) {
+                             SeedRef seed_ref, uint32_t owner, uint32_t purpose, float* __restrict__ out) {
+  const Key key = seed_ref.get();
   const int64_t groups = (n + 3) / 4;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   // float4 loads/stores when every row of out (and mu, rho) starts 16-byte aligned.
@@ -59,8 +60,9 @@ __global__ void k_mf_forward(const float* __restrict__ mu, const float* __restri
 }
 
 __global__ void k_mf_backward(const float* __restrict__ grad, const float* __restrict__ rho, int64_t n, int64_t S,
-                              Key key, uint32_t owner, uint32_t purpose, float* __restrict__ grad_mu,
+                              SeedRef seed_ref, uint32_t owner, uint32_t purpose, float* __restrict__ grad_mu,
                               float* __restrict__ grad_rho) {
+  const Key key = seed_ref.get();
   const int64_t groups = (n + 3) / 4;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups; g += stride) {
@@ -101,8 +103,8 @@ unsigned grid_for(int64_t work, int64_t cap) {
 
 }  // namespace
 
-void mean_field_reconstruct_cuda(const float* mu, const float* rho, int64_t n, uint64_t seed, int64_t S, int64_t owner,
-                                 int64_t purpose, float* out, uintptr_t stream_ptr) {
+void mean_field_reconstruct_cuda(const float* mu, const float* rho, int64_t n, uint64_t seed, const int64_t* seed_dev,
+                                 int64_t S, int64_t owner, int64_t purpose, float* out, uintptr_t stream_ptr) {
   const char* fn = "mean_field_reconstruct_cuda";
   validate_mean_field(fn, n, S, owner, purpose);
   if (n == 0) return;
@@ -110,20 +112,20 @@ void mean_field_reconstruct_cuda(const float* mu, const float* rho, int64_t n, u
   const unsigned gy = static_cast<unsigned>(std::min<int64_t>(S, 65535));
   const int64_t cap = std::max<int64_t>(1, (static_cast<int64_t>(sm_count(fn)) * 16 + gy - 1) / gy);
   const dim3 grid(grid_for((n + 3) / 4, cap), gy);
-  k_mf_forward<<<grid, kThreads, 0, stream>>>(mu, rho, n, S, seed_key(seed), static_cast<uint32_t>(owner),
+  k_mf_forward<<<grid, kThreads, 0, stream>>>(mu, rho, n, S, SeedRef{seed_dev, seed_key(seed)}, static_cast<uint32_t>(owner),
                                               static_cast<uint32_t>(purpose), out);
   SWS_CUDA_CHECK(fn, cudaGetLastError());
 }
 
-void mean_field_reconstruct_backward_cuda(const float* grad_w, const float* rho, int64_t n, uint64_t seed, int64_t S,
-                                          int64_t owner, int64_t purpose, float* grad_mu, float* grad_rho,
-                                          uintptr_t stream_ptr) {
+void mean_field_reconstruct_backward_cuda(const float* grad_w, const float* rho, int64_t n, uint64_t seed,
+                                          const int64_t* seed_dev, int64_t S, int64_t owner, int64_t purpose,
+                                          float* grad_mu, float* grad_rho, uintptr_t stream_ptr) {
   const char* fn = "mean_field_reconstruct_backward_cuda";
   validate_mean_field(fn, n, S, owner, purpose);
   if (n == 0) return;
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_ptr);
   const int64_t cap = static_cast<int64_t>(sm_count(fn)) * 16;
-  k_mf_backward<<<grid_for((n + 3) / 4, cap), kThreads, 0, stream>>>(grad_w, rho, n, S, seed_key(seed),
+  k_mf_backward<<<grid_for((n + 3) / 4, cap), kThreads, 0, stream>>>(grad_w, rho, n, S, SeedRef{seed_dev, seed_key(seed)},
                                                                      static_cast<uint32_t>(owner),
                                                                      static_cast<uint32_t>(purpose), grad_mu, grad_rho);
   SWS_CUDA_CHECK(fn, cudaGetLastError());

@@ -48,7 +48,8 @@ __device__ __forceinline__ uint64_t label_at(const L* lab, int64_t i) {
 }
 
 __global__ void k_sample(const float* __restrict__ means, const float* __restrict__ chol, int64_t K, int64_t S,
-                         int mode, Key key, uint32_t cb_owner, float* __restrict__ zbuf) {
+                         int mode, SeedRef seed_ref, uint32_t cb_owner, float* __restrict__ zbuf) {
+  const Key key = seed_ref.get();
   const int64_t total = S * K;
   for (int64_t sk = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; sk < total;
        sk += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -70,7 +71,8 @@ __global__ void k_sample(const float* __restrict__ means, const float* __restric
 // this only keeps a bad call from faulting the context).
 template <class L, bool kHier, bool kSmem>
 __global__ void k_forward(const L* __restrict__ lab, int64_t n, int64_t K, int64_t S, const float* __restrict__ zbuf,
-                          Key key, uint32_t owner, float* __restrict__ out) {
+                          SeedRef seed_ref, uint32_t owner, float* __restrict__ out) {
+  const Key key = seed_ref.get();
   extern __shared__ float smem[];
   const float nan = __int_as_float(0x7fc00000);
   for (int64_t s = blockIdx.y; s < S; s += gridDim.y) {
@@ -127,8 +129,9 @@ __global__ void k_overrides(int64_t n, int64_t K, int64_t S, int mode, const flo
                             const int64_t* __restrict__ e_pos, const int64_t* __restrict__ e_a,
                             const int64_t* __restrict__ e_b, const float* __restrict__ e_alpha, int64_t E,
                             const int64_t* __restrict__ o_pos, const float* __restrict__ o_mu,
-                            const float* __restrict__ o_rho, int64_t O, const float* __restrict__ zbuf, Key key,
+                            const float* __restrict__ o_rho, int64_t O, const float* __restrict__ zbuf, SeedRef seed_ref,
                             uint32_t owner, float* __restrict__ out) {
+  const Key key = seed_ref.get();
   const int64_t total = (E + O) * S;
   const float nan = __int_as_float(0x7fc00000);
   for (int64_t x = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; x < total;
@@ -168,8 +171,9 @@ template <bool kHier>
 __global__ void k_bwd_segments(const float* __restrict__ grad, int64_t n, int64_t K, int64_t S,
                                const int64_t* __restrict__ seg_offsets, const int64_t* __restrict__ seg_pos,
                                const float* __restrict__ seg_coef, const float* __restrict__ means,
-                               const float* __restrict__ chol, Key key, uint32_t owner, uint32_t cb_owner,
+                               const float* __restrict__ chol, SeedRef seed_ref, uint32_t owner, uint32_t cb_owner,
                                double* __restrict__ dz) {
+  const Key key = seed_ref.get();
   __shared__ double red_mu[kThreads];
   __shared__ double red_rho[kThreads];
   const int64_t k = blockIdx.x;
@@ -211,7 +215,8 @@ __global__ void k_bwd_segments(const float* __restrict__ grad, int64_t n, int64_
 }
 
 __global__ void k_bwd_final(int64_t K, int64_t S, int mode, const float* __restrict__ chol, const double* __restrict__ dz,
-                            Key key, uint32_t cb_owner, float* __restrict__ grad_means, float* __restrict__ grad_chol) {
+                            SeedRef seed_ref, uint32_t cb_owner, float* __restrict__ grad_means, float* __restrict__ grad_chol) {
+  const Key key = seed_ref.get();
   for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < K;
        k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     double g_mmu = 0, g_mrho = 0, g_a = 0, g_b = 0, g_c = 0;
@@ -238,8 +243,9 @@ __global__ void k_bwd_final(int64_t K, int64_t S, int mode, const float* __restr
 }
 
 __global__ void k_bwd_outliers(const float* __restrict__ grad, int64_t n, int64_t S, int mode,
-                               const int64_t* __restrict__ o_pos, const float* __restrict__ o_rho, int64_t O, Key key,
+                               const int64_t* __restrict__ o_pos, const float* __restrict__ o_rho, int64_t O, SeedRef seed_ref,
                                uint32_t owner, float* __restrict__ grad_mu_o, float* __restrict__ grad_rho_o) {
+  const Key key = seed_ref.get();
   for (int64_t o = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; o < O;
        o += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t p = o_pos[o];
@@ -276,7 +282,7 @@ void reconstruct_cuda(const ReconstructArgs& a, float* out, float* zbuf, uintptr
   const char* fn = "reconstruct_cuda";
   validate_sizes(a, fn);
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_ptr);
-  const Key key = seed_key(a.seed);
+  const SeedRef key = seed_ref_of(a);
   const uint32_t owner = static_cast<uint32_t>(a.owner), cb_owner = static_cast<uint32_t>(a.codebook_owner);
   const int64_t K = a.K, S = a.S, n = a.n;
   const int sms = sm_count(fn);
@@ -324,7 +330,7 @@ void reconstruct_backward_cuda(const ReconstructArgs& a, const float* grad_out, 
   if (n_entries < 0) throw std::invalid_argument(std::string(fn) + ": n_entries must be >= 0");
   if (a.K > 0x7fffffffll) throw std::invalid_argument(std::string(fn) + ": K must be < 2^31 (one block per component)");
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_ptr);
-  const Key key = seed_key(a.seed);
+  const SeedRef key = seed_ref_of(a);
   const uint32_t owner = static_cast<uint32_t>(a.owner), cb_owner = static_cast<uint32_t>(a.codebook_owner);
   const int64_t K = a.K, S = a.S, n = a.n;
   const int64_t grid_cap = static_cast<int64_t>(sm_count(fn)) * 32;
@@ -354,7 +360,7 @@ void sample_components_cuda(const ReconstructArgs& a, float* zbuf, uintptr_t str
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_ptr);
   const int64_t grid_cap = static_cast<int64_t>(sm_count(fn)) * 32;
   k_sample<<<grid_for(a.S * a.K, grid_cap), kThreads, 0, stream>>>(a.means, a.chol, a.K, a.S, a.mode,
-                                                                   seed_key(a.seed),
+                                                                   seed_ref_of(a),
                                                                    static_cast<uint32_t>(a.codebook_owner), zbuf);
   SWS_CUDA_CHECK(fn, cudaGetLastError());
 }

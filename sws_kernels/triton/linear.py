@@ -48,7 +48,7 @@ import triton.language as tl
 from . import mean_field as _mf
 from . import reconstruct as _rc
 from ._launch import GPU_TILES, INTERPRET_C, empty, launch
-from .philox import normal_rows, seed_args, stream_normal, u32_arg
+from .philox import load_seed, normal_rows, seed_arg, stream_normal, u32_arg
 from .reconstruct import _purpose, softplus
 
 log = logging.getLogger("sws_kernels")
@@ -118,13 +118,14 @@ def _mma_specials(acc, ag, onehot, X_F32: tl.constexpr):
 # Sizes and counts are not specialised (== 1 / divisible by 16 would only multiply the compiled variants:
 # they feed masks and loop bounds); strides are, since a stride of 1 or a multiple of 16 is what lets the
 # compiler vectorise the A and label loads.
-@triton.jit(do_not_specialize=["M", "N", "R", "K", "J", "T", "n_m", "n_n", "seed_lo", "seed_hi", "owner"])
+@triton.jit(do_not_specialize=["M", "N", "R", "K", "J", "T", "n_m", "n_n", "seed_ptr", "owner"])
 def _lookup_gemm_kernel(a_ptr, lab_ptr, z_ptr, mu_ptr, rho_ptr, delta_ptr, sp_ptr_ptr, sp_r_ptr, sp_j_ptr, bias_ptr,
                         out_ptr, M, N, R, K, J, T, n_m, n_n, stride_as, stride_am, stride_ar, lab_sr, lab_sc,
-                        stride_bs, stride_os, stride_om, stride_on, seed_lo, seed_hi, owner,
+                        stride_bs, stride_os, stride_om, stride_on, seed_ptr, owner,
                         MF: tl.constexpr, HIER: tl.constexpr, SPECIALS: tl.constexpr, HAS_BIAS: tl.constexpr,
                         NOISE4: tl.constexpr, CONTIG_R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
                         BE: tl.constexpr):
+    seed_lo, seed_hi = load_seed(seed_ptr)
     # program -> (output sample so, m tile, n tile); samples innermost so programs that share a label tile run
     # back to back (L2 reuse of the labels across samples).
     pid = tl.program_id(0)
@@ -252,7 +253,7 @@ def _launch(a3, stride_as, T, S_out, M, N, R, lab_sr, lab_sc, out, *, labels=Non
            specials.j if sp else dummy, bias if bias is not None else dummy, out,
            M, N, R, 1 if z is None else z.shape[1], specials.J if sp else 0, T, n_m, n_n,
            stride_as, a3.stride(1), a3.stride(2), lab_sr, lab_sc, stride_bs, out.stride(0), out.stride(1),
-           out.stride(2), *seed_args(seed), u32_arg(owner),
+           out.stride(2), seed_arg(seed, out.device), u32_arg(owner),
            MF=mf, HIER=hier, SPECIALS=sp, HAS_BIAS=bias is not None, NOISE4=row_len % 4 == 0,
            CONTIG_R=lab_sc == 1, BM=BM, BN=BN, BR=BR, BE=BE, num_warps=warps, num_stages=stages)
     return out

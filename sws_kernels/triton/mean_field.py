@@ -12,13 +12,14 @@ import triton
 import triton.language as tl
 
 from ._launch import empty, launch
-from .philox import seed_args, u32_arg
+from .philox import load_seed, seed_arg, u32_arg
 from . import reconstruct as _rc
 from .reconstruct import BLOCK, normal_block, softplus, softplus_grad
 
 
-@triton.jit(do_not_specialize=["nblk", "seed_lo", "seed_hi", "owner", "purpose"])
-def _mf_kernel(mu_ptr, rho_ptr, w_ptr, n, nblk, seed_lo, seed_hi, owner, purpose, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["nblk", "seed_ptr", "owner", "purpose"])
+def _mf_kernel(mu_ptr, rho_ptr, w_ptr, n, nblk, seed_ptr, owner, purpose, BLOCK: tl.constexpr):
+    seed_lo, seed_hi = load_seed(seed_ptr)
     pid = tl.program_id(0)
     s = pid // nblk
     start = (pid % nblk).to(tl.int64) * BLOCK
@@ -30,8 +31,9 @@ def _mf_kernel(mu_ptr, rho_ptr, w_ptr, n, nblk, seed_lo, seed_hi, owner, purpose
     tl.store(w_ptr + s.to(tl.int64) * n + offs, (mu + softplus(rho) * eps).to(w_ptr.dtype.element_ty), mask=m)
 
 
-@triton.jit(do_not_specialize=["S", "seed_lo", "seed_hi", "owner", "purpose"])
-def _mf_bwd_kernel(g_ptr, rho_ptr, gmu_ptr, grho_ptr, n, S, seed_lo, seed_hi, owner, purpose, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["S", "seed_ptr", "owner", "purpose"])
+def _mf_bwd_kernel(g_ptr, rho_ptr, gmu_ptr, grho_ptr, n, S, seed_ptr, owner, purpose, BLOCK: tl.constexpr):
+    seed_lo, seed_hi = load_seed(seed_ptr)
     start = tl.program_id(0).to(tl.int64) * BLOCK
     offs = start + tl.arange(0, BLOCK)
     m = offs < n
@@ -53,7 +55,7 @@ def mean_field_reconstruct(mu, rho, seed: int, samples: int, owner: int, purpose
     w = empty((samples, n), dtype=mu.dtype, device=mu.device)
     if n:
         nblk = triton.cdiv(n, BLOCK)
-        launch(_mf_kernel, (samples * nblk,), mu.contiguous(), rho.contiguous(), w, n, nblk, *seed_args(seed),
+        launch(_mf_kernel, (samples * nblk,), mu.contiguous(), rho.contiguous(), w, n, nblk, seed_arg(seed, w.device),
                u32_arg(owner), u32_arg(purpose), BLOCK=BLOCK, num_warps=_rc.warps(BLOCK))
     return w.view(samples, *mu.shape)
 
@@ -65,6 +67,6 @@ def mean_field_reconstruct_backward(grad_w, mu, rho, seed: int, samples: int, ow
     g_rho = empty(rho.shape, dtype=rho.dtype, device=rho.device)
     if n:
         launch(_mf_bwd_kernel, (triton.cdiv(n, BLOCK),), grad_w.reshape(samples, n).contiguous(), rho.contiguous(),
-               g_mu, g_rho, n, samples, *seed_args(seed), u32_arg(owner), u32_arg(purpose), BLOCK=BLOCK,
+               g_mu, g_rho, n, samples, seed_arg(seed, g_mu.device), u32_arg(owner), u32_arg(purpose), BLOCK=BLOCK,
                num_warps=_rc.warps(BLOCK))
     return g_mu, g_rho

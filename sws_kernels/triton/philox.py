@@ -37,10 +37,18 @@ def u32_arg(v: int) -> int:
     return v - (1 << 32) if v >= (1 << 31) else v
 
 
-def seed_args(seed: int) -> tuple[int, int]:
-    """(seed_lo, seed_hi) as i32 kernel arguments (see u32_arg)."""
-    lo, hi = _ref.split_seed(seed)
-    return u32_arg(lo), u32_arg(hi)
+def seed_arg(seed, device) -> torch.Tensor:
+    """The seed as the kernels take it: a 0-dim int64 tensor on ``device`` (an int seed is encoded two's
+    complement). Kernels load it (load_seed): nothing reads it on the host, so a seed drawn on the GPU costs
+    no sync and a CUDA graph replays with the value the tensor holds at replay."""
+    return _ref.seed_tensor(seed, device)
+
+
+@triton.jit
+def load_seed(seed_ptr):
+    """(seed & 0xffffffff, seed >> 32) as uint32 scalars, from the int64 seed in memory."""
+    seed = tl.load(seed_ptr)
+    return seed.to(tl.uint32), (seed >> 32).to(tl.uint32)
 
 
 @triton.jit
@@ -152,9 +160,10 @@ def _words_kernel(counter_ptr, key_ptr, out_ptr, n, BLOCK: tl.constexpr):
     tl.store(out_ptr + 4 * offs + 3, w3.to(tl.int64), mask=m)
 
 
-@triton.jit(do_not_specialize=["n", "offset", "seed_lo", "seed_hi", "sample", "owner", "purpose"])
-def _stream_kernel(out_ptr, n, offset, seed_lo, seed_hi, sample, owner, purpose, NORMAL: tl.constexpr,
+@triton.jit(do_not_specialize=["n", "offset", "seed_ptr", "sample", "owner", "purpose"])
+def _stream_kernel(out_ptr, n, offset, seed_ptr, sample, owner, purpose, NORMAL: tl.constexpr,
                    BLOCK: tl.constexpr):
+    seed_lo, seed_hi = load_seed(seed_ptr)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     idx = offs.to(tl.int64) + offset
@@ -165,9 +174,10 @@ def _stream_kernel(out_ptr, n, offset, seed_lo, seed_hi, sample, owner, purpose,
     tl.store(out_ptr + offs, v, mask=m)
 
 
-@triton.jit(do_not_specialize=["n", "offset", "seed_lo", "seed_hi", "sample", "owner", "purpose"])
-def _rows_kernel(out_ptr, n, offset, seed_lo, seed_hi, sample, owner, purpose, ROWS: tl.constexpr,
+@triton.jit(do_not_specialize=["n", "offset", "seed_ptr", "sample", "owner", "purpose"])
+def _rows_kernel(out_ptr, n, offset, seed_ptr, sample, owner, purpose, ROWS: tl.constexpr,
                  COLS: tl.constexpr):
+    seed_lo, seed_hi = load_seed(seed_ptr)
     # normal_rows on [ROWS, COLS] tiles of a contiguous stream (offset a multiple of 4): its test launcher
     r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
     base = offset + r[:, None] * COLS
@@ -196,17 +206,17 @@ def philox_words(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _stream_args(seed, n, sample, owner, purpose, offset):
-    seed = _ref.check_seed(seed)
+def _stream_args(seed, n, sample, owner, purpose, offset, device):
     _ref._check_range(offset, n)
     for nm, v in (("sample", sample), ("owner", owner), ("purpose", purpose)):
         _ref._check_word(v, nm)
-    return (*seed_args(seed), u32_arg(sample), u32_arg(owner), u32_arg(purpose))
+    return (seed_arg(seed, device), u32_arg(sample), u32_arg(owner), u32_arg(purpose))
 
 
 def _stream(normal: bool, seed, n, sample, owner, purpose, offset, device):
-    words = _stream_args(seed, n, sample, owner, purpose, offset)
-    out = empty((n,), dtype=torch.float32, device=_device(device))
+    device = _device(device)
+    words = _stream_args(seed, n, sample, owner, purpose, offset, device)
+    out = empty((n,), dtype=torch.float32, device=device)
     BLOCK = 256
     launch(_stream_kernel, (max(1, triton.cdiv(n, BLOCK)),), out, n, offset, *words, NORMAL=normal, BLOCK=BLOCK)
     return out
@@ -226,7 +236,8 @@ def normal_rows_stream(seed, n, *, sample=0, owner=0, purpose=0, offset=0, devic
     """The same stream as ``normal`` through normal_rows ([rows, cols] tiles, offset a multiple of 4)."""
     if offset % 4 or cols % 4:
         raise ValueError(f"offset, cols: expected multiples of 4 (normal_rows' alignment), got {offset}, {cols}")
-    words = _stream_args(seed, n, sample, owner, purpose, offset)
-    out = empty((n,), dtype=torch.float32, device=_device(device))
+    device = _device(device)
+    words = _stream_args(seed, n, sample, owner, purpose, offset, device)
+    out = empty((n,), dtype=torch.float32, device=device)
     launch(_rows_kernel, (max(1, triton.cdiv(n, rows * cols)),), out, n, offset, *words, ROWS=rows, COLS=cols)
     return out

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ._launch import GPU_TILES, empty, empty_like, launch
-from .philox import _counter_words, normal4, normal_rows, seed_args, stream_normal, u32_arg
+from .philox import _counter_words, load_seed, normal4, normal_rows, seed_arg, stream_normal, u32_arg
 
 # Interpreter cost grows with programs x iterations: small tiles keep tests fast; on a GPU, wide tiles.
 # The interpreter costs ~20 ms per program whatever its tile width (numpy overhead per op), so it gets
@@ -103,9 +103,10 @@ def softplus_grad(x):
 # Forward
 # --------------------------------------------------------------------------------------------------
 
-@triton.jit(do_not_specialize=["K", "nblk", "seed_lo", "seed_hi", "cb_owner"])
-def _sample_kernel(means_ptr, chol_ptr, z_ptr, K, nblk, seed_lo, seed_hi, cb_owner, MODE: tl.constexpr,
+@triton.jit(do_not_specialize=["K", "nblk", "seed_ptr", "cb_owner"])
+def _sample_kernel(means_ptr, chol_ptr, z_ptr, K, nblk, seed_ptr, cb_owner, MODE: tl.constexpr,
                    BLOCK: tl.constexpr):
+    seed_lo, seed_hi = load_seed(seed_ptr)
     # Stage 0: one program = BLOCK components of one sample.
     pid = tl.program_id(0)
     s = pid // nblk
@@ -130,9 +131,10 @@ def _sample_kernel(means_ptr, chol_ptr, z_ptr, K, nblk, seed_lo, seed_hi, cb_own
 
 # n stays specialised: n % 16 == 0 tells the compiler that every sample's row start s * n is aligned, so the
 # stores vectorise (this kernel is bound by writing W). Counts that only feed masks are not specialised.
-@triton.jit(do_not_specialize=["K", "nblk", "seed_lo", "seed_hi", "owner"])
-def _dense_kernel(labels_ptr, z_ptr, w_ptr, n, K, nblk, seed_lo, seed_hi, owner, HIER: tl.constexpr,
+@triton.jit(do_not_specialize=["K", "nblk", "seed_ptr", "owner"])
+def _dense_kernel(labels_ptr, z_ptr, w_ptr, n, K, nblk, seed_ptr, owner, HIER: tl.constexpr,
                   BLOCK: tl.constexpr):
+    seed_lo, seed_hi = load_seed(seed_ptr)
     # Stage 1: one program = BLOCK consecutive weights of one sample; reads one label per weight.
     # Labels are validated when they enter a layer; the clamp keeps a bad label from reading outside z
     # whatever the validation setting (a wrong weight, never a wild read).
@@ -151,10 +153,11 @@ def _dense_kernel(labels_ptr, z_ptr, w_ptr, n, K, nblk, seed_lo, seed_hi, owner,
     tl.store(w_ptr + s.to(tl.int64) * n + offs, w.to(w_ptr.dtype.element_ty), mask=m)
 
 
-@triton.jit(do_not_specialize=["E", "O", "K", "n", "nblk", "seed_lo", "seed_hi", "owner"])
+@triton.jit(do_not_specialize=["E", "O", "K", "n", "nblk", "seed_ptr", "owner"])
 def _special_kernel(z_ptr, labels_ptr, e_pos_ptr, e_a_ptr, e_b_ptr, e_alpha_ptr, o_pos_ptr, o_mu_ptr, o_rho_ptr,
-                    out_ptr, E, O, K, n, nblk, seed_lo, seed_hi, owner, MODE: tl.constexpr, DELTA: tl.constexpr,
+                    out_ptr, E, O, K, n, nblk, seed_ptr, owner, MODE: tl.constexpr, DELTA: tl.constexpr,
                     BLOCK: tl.constexpr):
+    seed_lo, seed_hi = load_seed(seed_ptr)
     # Stage 2: one program = BLOCK special weights (ellipses first, then outliers) of one sample.
     pid = tl.program_id(0)
     s = pid // nblk
@@ -204,7 +207,8 @@ def sample_codebook(means, chol, seed: int, samples: int, mode: int, codebook_ow
     K = means.shape[0]
     z = empty((samples, K, 2), dtype=torch.float32, device=means.device)
     nblk = triton.cdiv(K, BLOCK_K)
-    launch(_sample_kernel, (samples * nblk,), means.contiguous(), chol.contiguous(), z, K, nblk, *seed_args(seed),
+    launch(_sample_kernel, (samples * nblk,), means.contiguous(), chol.contiguous(), z, K, nblk,
+           seed_arg(seed, z.device),
            u32_arg(codebook_owner), MODE=mode, BLOCK=BLOCK_K, num_warps=warps(BLOCK_K, 1))
     return z
 
@@ -223,7 +227,7 @@ def special_values(z, labels_flat, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho,
     nblk = triton.cdiv(E + O, BLOCK)
     launch(_special_kernel, (samples * nblk,), z, labels_flat, e_pos.contiguous(), e_a.contiguous(),
            e_b.contiguous(), e_alpha.contiguous(), o_pos.contiguous(), o_mu.contiguous(), o_rho.contiguous(), out, E,
-           O, K, n, nblk, *seed_args(seed), u32_arg(owner), MODE=mode, DELTA=delta, BLOCK=BLOCK,
+           O, K, n, nblk, seed_arg(seed, z.device), u32_arg(owner), MODE=mode, DELTA=delta, BLOCK=BLOCK,
            num_warps=warps(BLOCK, 2))
     return out
 
@@ -237,7 +241,8 @@ def reconstruct(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rh
     w = empty((samples, n), dtype=means.dtype, device=means.device)
     if n:
         nblk = triton.cdiv(n, BLOCK)
-        launch(_dense_kernel, (samples * nblk,), lab, z, w, n, means.shape[0], nblk, *seed_args(seed), u32_arg(owner),
+        launch(_dense_kernel, (samples * nblk,), lab, z, w, n, means.shape[0], nblk, seed_arg(seed, w.device),
+               u32_arg(owner),
                HIER=(mode == HIER), BLOCK=BLOCK, num_warps=warps(BLOCK))
         special_values(z, lab, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode, owner, out=w)
     return w.view(samples, *labels.shape)
@@ -285,9 +290,10 @@ class Segments:
         self.chunk = chunk
 
 
-@triton.jit(do_not_specialize=["n", "P", "nblk", "seed_lo", "seed_hi", "owner"])
-def _piece_kernel(g_ptr, pos_ptr, coef_ptr, start_ptr, len_ptr, pmu_ptr, prho_ptr, n, P, nblk, seed_lo, seed_hi,
+@triton.jit(do_not_specialize=["n", "P", "nblk", "seed_ptr", "owner"])
+def _piece_kernel(g_ptr, pos_ptr, coef_ptr, start_ptr, len_ptr, pmu_ptr, prho_ptr, n, P, nblk, seed_ptr,
                   owner, HIER: tl.constexpr, PB: tl.constexpr, CHUNK: tl.constexpr):
+    seed_lo, seed_hi = load_seed(seed_ptr)
     # Backward stage 1: one program = PB pieces (each <= CHUNK entries of one component) of one sample, as a
     # [PB, CHUNK] tile; each piece's sum is a fixed-shape tl.sum, so partials are bit-identical run to run.
     pid = tl.program_id(0)
@@ -310,9 +316,10 @@ def _piece_kernel(g_ptr, pos_ptr, coef_ptr, start_ptr, len_ptr, pmu_ptr, prho_pt
         tl.store(prho_ptr + out, tl.sum(tl.where(m, v * eps, 0.0), axis=1), mask=mp)
 
 
-@triton.jit(do_not_specialize=["K", "P", "S", "seed_lo", "seed_hi", "cb_owner"])
+@triton.jit(do_not_specialize=["K", "P", "S", "seed_ptr", "cb_owner"])
 def _component_kernel(pmu_ptr, prho_ptr, off_ptr, np_ptr, bmax_ptr, means_ptr, chol_ptr, gm_ptr, gc_ptr, K, P, S,
-                      seed_lo, seed_hi, cb_owner, MODE: tl.constexpr, BLOCK_K: tl.constexpr):
+                      seed_ptr, cb_owner, MODE: tl.constexpr, BLOCK_K: tl.constexpr):
+    seed_lo, seed_hi = load_seed(seed_ptr)
     # Backward stage 2: BLOCK_K components; samples, then pieces, summed in a fixed order.
     pid = tl.program_id(0)
     k = pid * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -358,9 +365,10 @@ def _component_kernel(pmu_ptr, prho_ptr, off_ptr, np_ptr, bmax_ptr, means_ptr, c
     tl.store(gc_ptr + 3 * k + 2, g_c.to(gc_ptr.dtype.element_ty), mask=mk)
 
 
-@triton.jit(do_not_specialize=["O", "n", "S", "seed_lo", "seed_hi", "owner"])
-def _outlier_kernel(g_ptr, pos_ptr, rho_ptr, gmu_ptr, grho_ptr, O, n, S, seed_lo, seed_hi, owner,
+@triton.jit(do_not_specialize=["O", "n", "S", "seed_ptr", "owner"])
+def _outlier_kernel(g_ptr, pos_ptr, rho_ptr, gmu_ptr, grho_ptr, O, n, S, seed_ptr, owner,
                     MODE: tl.constexpr, BLOCK: tl.constexpr):
+    seed_lo, seed_hi = load_seed(seed_ptr)
     # Backward stage 3: BLOCK outliers, samples looped in order.
     j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = j < O
@@ -386,7 +394,7 @@ def reconstruct_backward(grad_w, means, chol, labels, e_pos, e_a, e_b, e_alpha, 
     K, n, S, dev = means.shape[0], labels.numel(), samples, means.device
     g = grad_w.reshape(S, n).contiguous()
     seg = segments or Segments(labels, e_pos, e_a, e_b, e_alpha, o_pos, K, CHUNK)
-    words = seed_args(seed)
+    words = (seed_arg(seed, dev),)
     pmu = empty((S * max(seg.P, 1),), dtype=torch.float32, device=dev)
     prho = empty_like(pmu) if mode == HIER else pmu
     if seg.P:

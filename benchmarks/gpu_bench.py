@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as Fnn
 
 import sws_kernels
+from sws_kernels import _backend
 from sws_kernels import functional as F
 from sws_kernels import reference as R
 
@@ -93,8 +94,6 @@ def fmt(v, p=3):
 
 
 def run_linear_rows(dev, smoke, bw, peak, xdt):
-    from sws_kernels.triton import linear as L
-
     in_f = out_f = 64 if smoke else 4096
     K = 64 if smoke else 4096
     means, chol, labels, ell, outl, E, O = layer(out_f, in_f, K, dev)
@@ -112,14 +111,14 @@ def run_linear_rows(dev, smoke, bw, peak, xdt):
         try:
             with sws_kernels.backend("triton"):
                 auto = bench(lambda: F.sws_linear(x, means, chol, labels, ell, outl, seed=3, samples=S), smoke)
-                old = L.FUSED_MAX_M
-                try:
-                    L.FUSED_MAX_M = 1 << 30
+                old = _backend.LIMITS["triton_fused_max_m"]
+                try:  # both paths at every M: the crossover that should become LIMITS["triton_fused_max_m"]
+                    _backend.LIMITS["triton_fused_max_m"] = old._replace(value=1 << 30)
                     fused = bench(lambda: F.sws_linear(x, means, chol, labels, ell, outl, seed=3, samples=S), smoke)
-                    L.FUSED_MAX_M = 0
+                    _backend.LIMITS["triton_fused_max_m"] = old._replace(value=0)
                     recon = bench(lambda: F.sws_linear(x, means, chol, labels, ell, outl, seed=3, samples=S), smoke)
                 finally:
-                    L.FUSED_MAX_M = old
+                    _backend.LIMITS["triton_fused_max_m"] = old
             dense = bench(lambda: Fnn.linear(x, w_dense), smoke)
 
             def mf_bt():

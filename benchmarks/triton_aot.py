@@ -50,11 +50,18 @@ def record(tests: list[str], out: Path) -> float:
     """Run pytest under the interpreter with GPU tiles, recording launches into ``out``; returns seconds."""
     env = dict(os.environ, TRITON_INTERPRET="1", SWS_TRITON_TILES="gpu", SWS_TRITON_RECORD=str(out))
     t0 = time.time()
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if r.returncode != 0:
+    # A failing test is the test run's business (CI runs the suite on its own); here it only means its
+    # launches after the failure point were not recorded, so say so and go on with what was recorded.
+    tail = (r.stdout.strip().splitlines() or ["(no output)"])[-1]
+    if r.returncode not in (0, 1) or not out.exists():
         sys.stdout.write(r.stdout[-6000:] + r.stderr[-3000:])
         raise SystemExit(f"aot: the recording run failed (exit {r.returncode}): {' '.join(cmd)}")
+    print(f"aot: recording run: {tail}" + ("" if r.returncode == 0 else "  (failures above are the test run's; "
+                                           "their later launches were not recorded)"), flush=True)
+    if r.returncode:
+        sys.stdout.write("\n".join(l for l in r.stdout.splitlines() if l.startswith("FAILED")) + "\n")
     return time.time() - t0
 
 

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import os
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
+
+log = logging.getLogger("sws_kernels")
 
 BACKEND_NAMES = ("reference", "triton", "native_cpu", "native_cuda")
 CHOICES = ("auto", "reference", "triton", "native")
@@ -47,17 +50,26 @@ def _triton_status() -> Tuple[bool, str]:
     return False, "no GPU and TRITON_INTERPRET unset"
 
 
-def backends() -> Dict[str, Tuple[bool, str]]:
-    """{name: (available, reason)} for every backend; the reason says why one is unavailable."""
-    from . import native
+_BACKENDS_CACHE: Dict[Optional[str], Dict[str, Tuple[bool, str]]] = {}
 
-    tri = _triton_status()
-    return {
-        "reference": (True, ""),
-        "triton": tri,
-        "native_cpu": (native.AVAILABLE_CPU, native.CPU_REASON),
-        "native_cuda": (native.AVAILABLE_CUDA, native.CUDA_REASON),
-    }
+
+def backends() -> Dict[str, Tuple[bool, str]]:
+    """{name: (available, reason)} for every backend; the reason says why one is unavailable.
+
+    Cached (every op call asks): what is installed and which GPUs exist does not change within a process.
+    The key is TRITON_INTERPRET, the one setting a process may flip (tests do)."""
+    key = os.environ.get("TRITON_INTERPRET")
+    out = _BACKENDS_CACHE.get(key)
+    if out is None:
+        from . import native
+
+        out = _BACKENDS_CACHE[key] = {
+            "reference": (True, ""),
+            "triton": _triton_status(),
+            "native_cpu": (native.AVAILABLE_CPU, native.CPU_REASON),
+            "native_cuda": (native.AVAILABLE_CUDA, native.CUDA_REASON),
+        }
+    return dict(out)
 
 
 @contextlib.contextmanager
@@ -115,3 +127,71 @@ def select(op: str, device: torch.device, dtype: torch.dtype) -> Tuple[str, Call
         else:
             return name, entry[0], "auto"
     return "reference", None, "; ".join(skipped) or "no other backend for this device"
+
+
+# ------------------------------------------------------------------------------------------------------
+# The dispatch table: every size threshold a call's path depends on, in one place, each with its reason.
+# ------------------------------------------------------------------------------------------------------
+
+class Limit(NamedTuple):
+    value: int
+    why: str
+
+
+LIMITS: Dict[str, Limit] = {
+    "triton_fused_max_m": Limit(
+        int(os.environ.get("SWS_FUSED_MAX_M", "64")),
+        "Triton linear: the fused lookup-in-GEMM up to this many rows per sample (memory-bound there: it reads "
+        "1-2 label bytes per weight instead of writing W and reading it back); above, one reconstruction + the "
+        "vendor GEMM (compute-bound). A default until benchmarks/gpu_bench.py measures the crossover on a card "
+        "(env SWS_FUSED_MAX_M)"),
+    "cuda_fused_max_m": Limit(
+        16, "native CUDA fused linear: csrc/common.h kLinearMaxM, the rows per sample its accumulators hold"),
+    "cpu_fused_max_m": Limit(
+        32, "native CPU fused linear: csrc/common.h kLinearCpuMaxM (fp32 activations, paper/mean mode: a normal "
+            "per weight in hierarchical mode makes reconstruct + GEMM cheaper)"),
+}
+
+# (backend, op) pairs that have a fused path; every other pair reconstructs W then calls the vendor GEMM.
+_FUSED = {("triton", "sws_linear"), ("triton", "sws_linear_dx"), ("triton", "mean_field_linear"),
+          ("triton", "mean_field_linear_dx"), ("native_cuda", "sws_linear"), ("native_cpu", "sws_linear")}
+_CUDA_ACT = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class Plan(NamedTuple):
+    """One call's dispatch decision: backend, kernel (None: the reference), fused path or not, and why."""
+    backend: str
+    kernel: Optional[Callable]
+    fused: bool
+    why: str
+
+
+def _fused(backend: str, op: str, rows: int, act_dtype, mode: int) -> Tuple[bool, str]:
+    if (backend, op) not in _FUSED:
+        return False, f"{backend} has no fused {op}: reconstruct + GEMM"
+    if backend == "triton":
+        lim = LIMITS["triton_fused_max_m"]
+    elif backend == "native_cuda":
+        lim = LIMITS["cuda_fused_max_m"]
+        if act_dtype not in _CUDA_ACT:
+            return False, f"native CUDA fused linear takes {_CUDA_ACT}, got {act_dtype}: reconstruct + GEMM"
+    else:
+        lim = LIMITS["cpu_fused_max_m"]
+        if act_dtype != torch.float32 or mode == 1:
+            return False, f"native CPU fused linear: fp32 paper/mean only (got {act_dtype}, mode {mode})"
+    fused = 1 <= rows <= lim.value
+    return fused, f"{'fused' if fused else 'reconstruct + GEMM'}: {rows} rows per sample vs {lim.value} ({lim.why})"
+
+
+def plan(op: str, device: torch.device, dtype: torch.dtype, *, rows: Optional[int] = None, act_dtype=None,
+         mode: int = 0) -> Plan:
+    """The backend (``select``) and, for the linear ops (``rows`` given: rows per sample), fused or
+    reconstruct + GEMM, decided once per call from LIMITS; logged at DEBUG with the reason."""
+    name, kernel, why = select(op, device, dtype)
+    fused = False
+    if rows is not None and kernel is not None:
+        fused, fwhy = _fused(name, op, rows, act_dtype, mode)
+        why = f"{why}; {fwhy}"
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("%s: backend %s (%s)", op, name, why)
+    return Plan(name, kernel, fused, why)

@@ -123,19 +123,12 @@ for _name in ("native_cpu", "native_cuda"):
 # bound: reconstruct -> cuBLAS. The op's autograd then runs the native reconstruct backward on dW.
 # (_linear/_dx_reference are looked up at call time.)
 def _native_sws_linear(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed, samples,
-                       mode, owner, codebook_owner, per_sample):
+                       mode, owner, codebook_owner, per_sample, *, fused: bool):
     lead = x.shape[1:-1] if per_sample else x.shape[:-1]
-    rows = 1
-    for d in lead:
-        rows *= d
-    if x.is_cuda and 1 <= rows <= native.LINEAR_MAX_M and x.dtype in native._ACT_CODES:
-        y = native.sws_linear_cuda(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed,
-                                   samples, mode, owner, codebook_owner, per_sample)
-        return y.reshape(samples, *lead, labels.shape[0])
-    if (not x.is_cuda and 1 <= rows <= native.LINEAR_CPU_MAX_M and x.dtype == torch.float32 and mode in (0, 2)
-            and native.AVAILABLE_CPU):
-        y = native.sws_linear_cpu(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed,
-                                  samples, mode, owner, codebook_owner, per_sample)
+    if fused:  # _backend.plan checked the fused kernel's limits (LIMITS cuda/cpu_fused_max_m, dtype, mode)
+        run = native.sws_linear_cuda if x.is_cuda else native.sws_linear_cpu
+        y = run(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed, samples, mode, owner,
+                codebook_owner, per_sample)
         return y.reshape(samples, *lead, labels.shape[0])
     w = native.reconstruct(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode,
                            owner, codebook_owner)
@@ -143,18 +136,18 @@ def _native_sws_linear(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, 
 
 
 def _native_sws_linear_dx(grad_y, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples,
-                          mode, owner, codebook_owner, per_sample):
+                          mode, owner, codebook_owner, per_sample, *, fused: bool = False):
     w = native.reconstruct(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode,
                            owner, codebook_owner)
     return _dx_reference(grad_y, w, samples, per_sample, labels.shape[1])
 
 
-def _native_mean_field_linear(x, mu, rho, bias, seed, samples, owner, per_sample):
+def _native_mean_field_linear(x, mu, rho, bias, seed, samples, owner, per_sample, *, fused: bool = False):
     w = native.mean_field_reconstruct(mu, rho, seed, samples, owner, 0)
     return reference._linear(x, w, bias, per_sample).contiguous()
 
 
-def _native_mean_field_linear_dx(grad_y, mu, rho, seed, samples, owner, per_sample):
+def _native_mean_field_linear_dx(grad_y, mu, rho, seed, samples, owner, per_sample, *, fused: bool = False):
     w = native.mean_field_reconstruct(mu, rho, seed, samples, owner, 0)
     return _dx_reference(grad_y, w, samples, per_sample, mu.shape[1])
 
@@ -268,6 +261,11 @@ def _grad_bias(gy, bias, samples, out_f):
     return (g3.sum(1) if bias.dim() == 2 else g3.sum((0, 1))).to(bias.dtype)
 
 
+def _rows(t: Tensor, samples: int) -> int:
+    """Rows per sample of an activation tensor [(S,) ..., features]: what the fused/unfused choice depends on."""
+    return t.numel() // max(1, t.shape[-1] * samples)
+
+
 def _dx_reference(gy, w, samples, per_sample, in_f):
     g3 = gy.reshape(samples, -1, w.shape[1])
     dx = torch.matmul(g3, w.to(gy.dtype))
@@ -280,15 +278,15 @@ def sws_linear(x: Tensor, means: Tensor, chol: Tensor, labels: Tensor, e_pos: Te
                e_alpha: Tensor, o_pos: Tensor, o_mu: Tensor, o_rho: Tensor, bias: Optional[Tensor], seed: Tensor,
                samples: int, mode: int, owner: int, codebook_owner: int, per_sample: bool) -> Tensor:
     """SWS linear: x [..., in] (or [S, ..., in] per_sample) -> [S, ..., out] in x's dtype."""
-    name, kernel, why = _backend.select("sws_linear", means.device, means.dtype)
-    log.debug("sws_linear: backend %s (%s)", name, why)
+    plan = _backend.plan("sws_linear", means.device, means.dtype, rows=_rows(x, samples if per_sample else 1), act_dtype=x.dtype, mode=mode)
+    kernel = plan.kernel
     if kernel is None:
         w = reference.reconstruct(means, chol, labels, _ellipse(e_pos, e_a, e_b, e_alpha),
                                   _outliers(o_pos, o_mu, o_rho), seed=seed, samples=samples, mode=_MODES[mode],
                                   owner=owner, codebook_owner=codebook_owner)
         return reference._linear(x, w, bias, per_sample).contiguous()
     return kernel(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed, samples, mode,
-                  owner, codebook_owner, per_sample)
+                  owner, codebook_owner, per_sample, fused=plan.fused)
 
 
 @sws_linear.register_fake
@@ -303,15 +301,15 @@ def sws_linear_dx(grad_y: Tensor, means: Tensor, chol: Tensor, labels: Tensor, e
                   e_b: Tensor, e_alpha: Tensor, o_pos: Tensor, o_mu: Tensor, o_rho: Tensor, seed: Tensor, samples: int,
                   mode: int, owner: int, codebook_owner: int, per_sample: bool) -> Tensor:
     """grad_y [S, ..., out] -> dx (x's shape: summed over samples when x is shared)."""
-    name, kernel, why = _backend.select("sws_linear_dx", means.device, means.dtype)
-    log.debug("sws_linear_dx: backend %s (%s)", name, why)
+    plan = _backend.plan("sws_linear_dx", means.device, means.dtype, rows=_rows(grad_y, samples), act_dtype=grad_y.dtype, mode=mode)
+    kernel = plan.kernel
     if kernel is None:
         w = reference.reconstruct(means, chol, labels, _ellipse(e_pos, e_a, e_b, e_alpha),
                                   _outliers(o_pos, o_mu, o_rho), seed=seed, samples=samples, mode=_MODES[mode],
                                   owner=owner, codebook_owner=codebook_owner)
         return _dx_reference(grad_y, w, samples, per_sample, labels.shape[1])
     return kernel(grad_y, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode,
-                  owner, codebook_owner, per_sample)
+                  owner, codebook_owner, per_sample, fused=plan.fused)
 
 
 @sws_linear_dx.register_fake
@@ -357,12 +355,12 @@ def call_sws_linear(x, a: _checks.SWSArgs, bias, per_sample: bool) -> Tensor:
 def mean_field_linear(x: Tensor, mu: Tensor, rho: Tensor, bias: Optional[Tensor], seed: Tensor, samples: int,
                       owner: int, per_sample: bool) -> Tensor:
     """Mean-field linear with in-kernel noise; ``bias`` None, [out] or a sampled [S, out]."""
-    name, kernel, why = _backend.select("mean_field_linear", mu.device, mu.dtype)
-    log.debug("mean_field_linear: backend %s (%s)", name, why)
+    plan = _backend.plan("mean_field_linear", mu.device, mu.dtype, rows=_rows(x, samples if per_sample else 1), act_dtype=x.dtype, mode=0)
+    kernel = plan.kernel
     if kernel is None:
         w = reference.mean_field_reconstruct(mu, rho, seed=seed, samples=samples, owner=owner)
         return reference._linear(x, w, bias, per_sample).contiguous()
-    return kernel(x, mu, rho, bias, seed, samples, owner, per_sample)
+    return kernel(x, mu, rho, bias, seed, samples, owner, per_sample, fused=plan.fused)
 
 
 @mean_field_linear.register_fake
@@ -374,12 +372,12 @@ def _(x, mu, rho, bias, seed, samples, owner, per_sample):
 @torch.library.custom_op("sws_kernels::mean_field_linear_dx", mutates_args=())
 def mean_field_linear_dx(grad_y: Tensor, mu: Tensor, rho: Tensor, seed: Tensor, samples: int, owner: int,
                          per_sample: bool) -> Tensor:
-    name, kernel, why = _backend.select("mean_field_linear_dx", mu.device, mu.dtype)
-    log.debug("mean_field_linear_dx: backend %s (%s)", name, why)
+    plan = _backend.plan("mean_field_linear_dx", mu.device, mu.dtype, rows=_rows(grad_y, samples), act_dtype=grad_y.dtype, mode=0)
+    kernel = plan.kernel
     if kernel is None:
         w = reference.mean_field_reconstruct(mu, rho, seed=seed, samples=samples, owner=owner)
         return _dx_reference(grad_y, w, samples, per_sample, mu.shape[1])
-    return kernel(grad_y, mu, rho, seed, samples, owner, per_sample)
+    return kernel(grad_y, mu, rho, seed, samples, owner, per_sample, fused=plan.fused)
 
 
 @mean_field_linear_dx.register_fake
@@ -419,10 +417,10 @@ def call_mean_field_linear(x, mu, rho, bias, seed: Tensor, samples: int, owner: 
 # hands out these kernels when the triton backend is available.
 
 def _triton_kernel(module: str, fn: str):
-    def kernel(*args):
+    def kernel(*args, **kwargs):
         import importlib
 
-        return getattr(importlib.import_module(f"sws_kernels.triton.{module}"), fn)(*args)
+        return getattr(importlib.import_module(f"sws_kernels.triton.{module}"), fn)(*args, **kwargs)
 
     kernel.__name__ = f"triton_{fn}"
     return kernel

@@ -65,3 +65,97 @@ def test_fullgraph_compile_matches_eager_and_trains(rng):
     torch.testing.assert_close(y, eager, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads, eager_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+class ModuleNet(torch.nn.Module):
+    """The drop-in modules with their default seeds (seed=None: each layer draws a tensor seed per call)."""
+
+    def __init__(self):
+        super().__init__()
+        cb = sws_kernels.nn.Codebook(9)
+        self.conv = sws_kernels.nn.SWSConv2d(2, 3, 3, padding=1, codebook=cb)
+        self.fc = sws_kernels.nn.SWSLinear(3 * 4 * 4, 8, codebook=cb, mode="hierarchical")
+        self.mf = sws_kernels.nn.MeanFieldLinear(8, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).flatten(1)
+        h = torch.relu(self.fc(h))
+        out, kl = self.mf(h)
+        return out, kl + sws_kernels.kl_loss(self)
+
+
+def _train(model, xs, ys, steps):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    outs = []
+    for i in range(steps):
+        out, kl = model(xs[i])
+        loss = torch.nn.functional.cross_entropy(out, ys[i]) + kl / 100
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        outs.append(out.detach())
+    return outs
+
+
+def test_compiled_training_with_default_seeds_matches_eager_no_recompile():
+    """torch.compile(fullgraph=True) traces the layers' own seed draws (torch.randint on the parameters'
+    device, no host read): the training loop compiles once (a recompile raises), draws fresh noise on every
+    call, and for the same torch.manual_seed gives eager's outputs and parameters (aot_eager keeps eager's
+    RNG semantics)."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    xs = torch.randn(4, 5, 2, 4, 4, generator=g)
+    ys = torch.randint(0, 4, (4, 5), generator=g)
+    torch.manual_seed(1)
+    eager = ModuleNet()
+    compiled_net = ModuleNet()
+    compiled_net.load_state_dict(eager.state_dict())
+    torch.manual_seed(2)
+    want = _train(eager, xs, ys, 4)
+    compiled = torch.compile(compiled_net, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(2)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = _train(compiled, xs, ys, 4)
+        same_input = [compiled(xs[0])[0].detach() for _ in range(2)]
+    assert not torch.equal(same_input[0], same_input[1])  # fresh noise on every call
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(compiled_net.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a CUDA device")
+def test_cuda_graph_training_step_replays_fresh_noise():
+    """A whole training step (forward with default seeds, backward, optimizer) captured in a CUDA graph:
+    every replay draws new seeds on the device (graph-safe generator), so outputs differ between replays,
+    and the captured step trains like the eager one (loss goes down)."""
+    torch.manual_seed(0)
+    model = ModuleNet().cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x = torch.randn(5, 2, 4, 4, device="cuda")
+    y = torch.randint(0, 4, (5,), device="cuda")
+
+    def step():
+        out, kl = model(x)
+        loss = torch.nn.functional.cross_entropy(out, y) + kl / 100
+        opt.zero_grad(set_to_none=False)
+        loss.backward()
+        opt.step()
+        return out, loss
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):  # warm up: kernels compiled, optimizer state allocated
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out, static_loss = step()
+    outs, losses = [], []
+    for _ in range(30):
+        graph.replay()
+        outs.append(static_out.clone())
+        losses.append(float(static_loss))
+    assert not torch.equal(outs[0], outs[1])
+    assert sum(losses[-5:]) < sum(losses[:5])

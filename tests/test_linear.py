@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sws_kernels
-from sws_kernels import _ops
+from sws_kernels import _backend, _ops
 from sws_kernels import functional as F
 from sws_kernels import reference as R
 
@@ -39,7 +39,7 @@ def _run_sws(x, params, bias, *, seed, S, mode, per_sample):
 @pytest.mark.parametrize("mode,label_dtype,K,shape,lead,S,E,O,per_sample,fused", CASES)
 def test_sws_linear_forward_and_grads(rng, monkeypatch, mode, label_dtype, K, shape, lead, S, E, O, per_sample,
                                       fused):
-    monkeypatch.setattr(L, "FUSED_MAX_M", 10**9 if fused else 0)
+    monkeypatch.setitem(_backend.LIMITS, "triton_fused_max_m", _backend.Limit(10**9 if fused else 0, "test"))
     out_f, in_f = shape
     means, chol, labels, ell, outl = make_layer(rng, shape, K, E, O, label_dtype)
     xs = (S, *lead, in_f) if per_sample else (*lead, in_f)
@@ -79,7 +79,7 @@ def test_sws_linear_forward_and_grads(rng, monkeypatch, mode, label_dtype, K, sh
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("fused", [True, False])
 def test_sws_linear_low_precision(rng, monkeypatch, dtype, fused):
-    monkeypatch.setattr(L, "FUSED_MAX_M", 10**9 if fused else 0)
+    monkeypatch.setitem(_backend.LIMITS, "triton_fused_max_m", _backend.Limit(10**9 if fused else 0, "test"))
     means, chol, labels, ell, outl = make_layer(rng, (40, 64), 31, 3, 4, torch.uint8)
     x = torch.randn(17, 64, generator=rng).to(DEV)
     bias = torch.randn(40, generator=rng).to(DEV)
@@ -122,14 +122,14 @@ def test_noncontiguous_x_and_labels(rng):
 
 
 def test_dispatcher_logs_its_choice(rng, caplog, monkeypatch):
-    monkeypatch.setattr(L, "FUSED_MAX_M", 4)
+    monkeypatch.setitem(_backend.LIMITS, "triton_fused_max_m", _backend.Limit(4, "test"))
     means, chol, labels, _, _ = make_layer(rng, (16, 16), 4)
     with caplog.at_level(logging.DEBUG, logger="sws_kernels"), sws_kernels.backend("triton"):
         F.sws_linear(torch.randn(3, 16, generator=rng).to(DEV), means, chol, labels, seed=1)
         F.sws_linear(torch.randn(5, 16, generator=rng).to(DEV), means, chol, labels, seed=1)
     text = caplog.text
-    assert "sws_linear: fused path (M = 3" in text
-    assert "sws_linear: reconstruct+matmul path (M = 5" in text
+    assert "sws_linear: backend triton (forced; fused: 3 rows per sample vs 4 (test))" in text
+    assert "sws_linear: backend triton (forced; reconstruct + GEMM: 5 rows per sample vs 4 (test))" in text
 
 
 def test_sws_linear_errors(rng):
@@ -178,7 +178,7 @@ MF_CASES = [  # (out, in), lead, S, per_sample, bias kind, fused
 
 @pytest.mark.parametrize("shape,lead,S,per_sample,bias_kind,fused", MF_CASES)
 def test_mean_field_linear(rng, monkeypatch, shape, lead, S, per_sample, bias_kind, fused):
-    monkeypatch.setattr(L, "FUSED_MAX_M", 10**9 if fused else 0)
+    monkeypatch.setitem(_backend.LIMITS, "triton_fused_max_m", _backend.Limit(10**9 if fused else 0, "test"))
     out_f, in_f = shape
     xs = (S, *lead, in_f) if per_sample else (*lead, in_f)
     leaves = [torch.randn(*xs, generator=rng).to(DEV), torch.randn(*shape, generator=rng).to(DEV) * 0.1,

@@ -31,15 +31,13 @@ Weights are cast to the activations' dtype before the dot (as PyTorch does with 
 use IEEE precision (PyTorch's default has TF32 off). Under the interpreter tl.dot on bf16 is wrong, so tiles
 are upcast to fp32 there (DOT_F32).
 
-Dispatch (``linear``): the fused kernel where the layer is memory-bound (few rows per sample), else
-"reconstruct once, then the vendor GEMM" (torch.matmul). The switch point FUSED_MAX_M is a default to be
-calibrated by benchmarks/gpu_bench.py on the target card (env SWS_FUSED_MAX_M overrides); every choice is
-logged at DEBUG level on the "sws_kernels" logger with its reason.
+Dispatch: every entry point takes ``fused`` from the one dispatch table (``_backend.plan``, LIMITS
+"triton_fused_max_m"): the fused kernel where the layer is memory-bound (few rows per sample), else
+"reconstruct once, then the vendor GEMM" (torch.matmul).
 """
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 import triton
@@ -53,7 +51,6 @@ from .reconstruct import _purpose, softplus
 
 log = logging.getLogger("sws_kernels")
 
-FUSED_MAX_M = int(os.environ.get("SWS_FUSED_MAX_M", "64"))
 BE = 16  # specials per epilogue step (the smallest tl.dot inner size)
 
 
@@ -269,23 +266,13 @@ def _as3(x, S: int, per_sample: bool, in_f: int):
 # SWS linear
 # --------------------------------------------------------------------------------------------------
 
-def _path(op: str, M: int, S: int) -> bool:
-    fused = M <= FUSED_MAX_M
-    log.debug("%s: %s path (M = %d rows per sample, S = %d; fused when M <= FUSED_MAX_M = %d: below it the layer "
-              "is memory-bound and the fused kernel reads 1-2 bytes per weight; above it the GEMM is "
-              "compute-bound and one reconstruction + the vendor GEMM wins)", op,
-              "fused" if fused else "reconstruct+matmul", M, S, FUSED_MAX_M)
-    return fused
-
-
 def sws_linear(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed: int,
                samples: int, mode: int, owner: int, codebook_owner: int, per_sample: bool,
-               force_fused: bool | None = None):
+               fused: bool):
     """Backend kernel of ``sws_kernels::sws_linear``: y [S, ..., out] in x's dtype."""
     S, (out_f, in_f) = samples, labels.shape
     lead = x.shape[1:-1] if per_sample else x.shape[:-1]
     x3, sas, M = _as3(x, S, per_sample, in_f)
-    fused = _path("sws_linear", M, S) if force_fused is None else force_fused
     if not fused:
         w = _rc.reconstruct(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, S, mode, owner,
                             codebook_owner).to(x.dtype)
@@ -305,14 +292,13 @@ def sws_linear(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_
 
 def sws_linear_dx(grad_y, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed: int,
                   samples: int, mode: int, owner: int, codebook_owner: int, per_sample: bool,
-                  force_fused: bool | None = None):
+                  fused: bool):
     """Backend kernel of ``sws_kernels::sws_linear_dx``: grad_y [S, ..., out] -> dx in the shape of x
     ([S, ..., in] with per_sample, else [..., in] summed over samples in a fixed order)."""
     S, (out_f, in_f) = samples, labels.shape
     lead = grad_y.shape[1:-1]
     g3 = grad_y.reshape(S, -1, out_f)
     M = g3.shape[1]
-    fused = _path("sws_linear_dx", M, S) if force_fused is None else force_fused
     if not fused:
         w = _rc.reconstruct(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, S, mode, owner,
                             codebook_owner).to(grad_y.dtype)
@@ -335,12 +321,11 @@ def sws_linear_dx(grad_y, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, 
 # --------------------------------------------------------------------------------------------------
 
 def mean_field_linear(x, mu, rho, bias, seed: int, samples: int, owner: int, per_sample: bool,
-                      force_fused: bool | None = None):
+                      fused: bool):
     """Backend kernel of ``sws_kernels::mean_field_linear``; ``bias`` None, [out] or per-sample [S, out]."""
     S, (out_f, in_f) = samples, mu.shape
     lead = x.shape[1:-1] if per_sample else x.shape[:-1]
     x3, sas, M = _as3(x, S, per_sample, in_f)
-    fused = _path("mean_field_linear", M, S) if force_fused is None else force_fused
     if not fused:
         w = _mf.mean_field_reconstruct(mu, rho, seed, S, owner, 0).to(x.dtype)
         y = torch.matmul(x3, w.transpose(1, 2))
@@ -356,12 +341,11 @@ def mean_field_linear(x, mu, rho, bias, seed: int, samples: int, owner: int, per
 
 
 def mean_field_linear_dx(grad_y, mu, rho, seed: int, samples: int, owner: int, per_sample: bool,
-                         force_fused: bool | None = None):
+                         fused: bool):
     S, (out_f, in_f) = samples, mu.shape
     lead = grad_y.shape[1:-1]
     g3 = grad_y.reshape(S, -1, out_f)
     M = g3.shape[1]
-    fused = _path("mean_field_linear_dx", M, S) if force_fused is None else force_fused
     if not fused:
         w = _mf.mean_field_reconstruct(mu, rho, seed, S, owner, 0).to(grad_y.dtype)
         dx = torch.matmul(g3, w)

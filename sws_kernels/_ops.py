@@ -38,8 +38,7 @@ def _outliers(o_pos, o_mu, o_rho):
 # reconstruct
 # ------------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("sws_kernels::reconstruct", mutates_args=())
-def reconstruct(means: Tensor, chol: Tensor, labels: Tensor, e_pos: Tensor, e_a: Tensor, e_b: Tensor,
+def _reconstruct_impl(means: Tensor, chol: Tensor, labels: Tensor, e_pos: Tensor, e_a: Tensor, e_b: Tensor,
                 e_alpha: Tensor, o_pos: Tensor, o_mu: Tensor, o_rho: Tensor, seed: Tensor, samples: int, mode: int,
                 owner: int, codebook_owner: int) -> Tensor:
     """Sampled weights [samples, *labels.shape] (SPEC.md section 5, reconstruct)."""
@@ -53,14 +52,16 @@ def reconstruct(means: Tensor, chol: Tensor, labels: Tensor, e_pos: Tensor, e_a:
                   codebook_owner)
 
 
+reconstruct = torch.library.custom_op("sws_kernels::reconstruct", _reconstruct_impl, mutates_args=())
+
+
 @reconstruct.register_fake
 def _(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode, owner,
       codebook_owner):
     return means.new_empty((samples, *labels.shape))
 
 
-@torch.library.custom_op("sws_kernels::reconstruct_backward", mutates_args=())
-def reconstruct_backward(grad_w: Tensor, means: Tensor, chol: Tensor, labels: Tensor, e_pos: Tensor, e_a: Tensor,
+def _reconstruct_backward_impl(grad_w: Tensor, means: Tensor, chol: Tensor, labels: Tensor, e_pos: Tensor, e_a: Tensor,
                          e_b: Tensor, e_alpha: Tensor, o_pos: Tensor, o_mu: Tensor, o_rho: Tensor, seed: Tensor,
                          samples: int, mode: int, owner: int,
                          codebook_owner: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -74,6 +75,9 @@ def reconstruct_backward(grad_w: Tensor, means: Tensor, chol: Tensor, labels: Te
         return tuple(t.contiguous() for t in g)
     return kernel(grad_w, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode,
                   owner, codebook_owner)
+
+
+reconstruct_backward = torch.library.custom_op("sws_kernels::reconstruct_backward", _reconstruct_backward_impl, mutates_args=())
 
 
 @reconstruct_backward.register_fake
@@ -91,10 +95,10 @@ def _reconstruct_setup(ctx, inputs, output):
     ctx.args = (samples, mode, owner, codebook_owner)
 
 
-def _reconstruct_backward(ctx, grad):
+def _reconstruct_backward(ctx, grad, eager: bool = False):
     *saved, seed = ctx.saved_tensors
-    g_means, g_chol, g_mu, g_rho = torch.ops.sws_kernels.reconstruct_backward(grad.contiguous(), *saved, seed,
-                                                                              *ctx.args)
+    rb = _reconstruct_backward_impl if eager else torch.ops.sws_kernels.reconstruct_backward
+    g_means, g_chol, g_mu, g_rho = rb(grad.contiguous(), *saved, seed, *ctx.args)
     # alpha is a buffer (SPEC.md section 2): not trained, no gradient.
     return g_means, g_chol, None, None, None, None, None, None, g_mu, g_rho, None, None, None, None, None
 
@@ -161,9 +165,9 @@ for _name in ("native_cpu", "native_cuda"):
 
 def call_reconstruct(a: _checks.SWSArgs) -> Tensor:
     """Run the reconstruct op on validated arguments (see :func:`sws_kernels._checks.sws`)."""
-    return torch.ops.sws_kernels.reconstruct(a.means, a.chol, a.labels, a.e_pos, a.e_a, a.e_b, a.e_alpha, a.o_pos,
-                                             a.o_mu, a.o_rho, philox.seed_tensor(a.seed, a.means.device), a.samples,
-                                             _checks.MODE_CODES[a.mode], a.owner, a.codebook_owner)
+    return _call("reconstruct", a.means, a.chol, a.labels, a.e_pos, a.e_a, a.e_b, a.e_alpha, a.o_pos, a.o_mu, a.o_rho,
+                 philox.seed_tensor(a.seed, a.means.device), a.samples, _checks.MODE_CODES[a.mode], a.owner,
+                 a.codebook_owner)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -177,8 +181,7 @@ def _mf_reference_backward(grad_w, mu, rho, seed, samples, owner, purpose):
     return g.sum(0), ((g * eps).sum(0) * reference.softplus_grad(rho))
 
 
-@torch.library.custom_op("sws_kernels::mean_field_reconstruct", mutates_args=())
-def mean_field_reconstruct(mu: Tensor, rho: Tensor, seed: Tensor, samples: int, owner: int, purpose: int) -> Tensor:
+def _mean_field_reconstruct_impl(mu: Tensor, rho: Tensor, seed: Tensor, samples: int, owner: int, purpose: int) -> Tensor:
     """[samples, *mu.shape]; ``purpose`` 0 for weights, 2 for a sampled bias."""
     name, kernel, why = _backend.select("mean_field_reconstruct", mu.device, mu.dtype)
     log.debug("mean_field_reconstruct: backend %s (%s)", name, why)
@@ -188,13 +191,15 @@ def mean_field_reconstruct(mu: Tensor, rho: Tensor, seed: Tensor, samples: int, 
     return kernel(mu, rho, seed, samples, owner, purpose)
 
 
+mean_field_reconstruct = torch.library.custom_op("sws_kernels::mean_field_reconstruct", _mean_field_reconstruct_impl, mutates_args=())
+
+
 @mean_field_reconstruct.register_fake
 def _(mu, rho, seed, samples, owner, purpose):
     return mu.new_empty((samples, *mu.shape))
 
 
-@torch.library.custom_op("sws_kernels::mean_field_reconstruct_backward", mutates_args=())
-def mean_field_reconstruct_backward(grad_w: Tensor, mu: Tensor, rho: Tensor, seed: Tensor, samples: int, owner: int,
+def _mean_field_reconstruct_backward_impl(grad_w: Tensor, mu: Tensor, rho: Tensor, seed: Tensor, samples: int, owner: int,
                                     purpose: int) -> tuple[Tensor, Tensor]:
     """dW -> (d mu, d rho), the noise regenerated from the seed."""
     name, kernel, why = _backend.select("mean_field_reconstruct_backward", mu.device, mu.dtype)
@@ -202,6 +207,9 @@ def mean_field_reconstruct_backward(grad_w: Tensor, mu: Tensor, rho: Tensor, see
     if kernel is None:
         return tuple(t.contiguous() for t in _mf_reference_backward(grad_w, mu, rho, seed, samples, owner, purpose))
     return kernel(grad_w, mu, rho, seed, samples, owner, purpose)
+
+
+mean_field_reconstruct_backward = torch.library.custom_op("sws_kernels::mean_field_reconstruct_backward", _mean_field_reconstruct_backward_impl, mutates_args=())
 
 
 @mean_field_reconstruct_backward.register_fake
@@ -215,9 +223,10 @@ def _mf_setup(ctx, inputs, output):
     ctx.args = (samples, owner, purpose)
 
 
-def _mf_backward(ctx, grad):
+def _mf_backward(ctx, grad, eager: bool = False):
     mu, rho, seed = ctx.saved_tensors
-    g_mu, g_rho = torch.ops.sws_kernels.mean_field_reconstruct_backward(grad.contiguous(), mu, rho, seed, *ctx.args)
+    mb = _mean_field_reconstruct_backward_impl if eager else torch.ops.sws_kernels.mean_field_reconstruct_backward
+    g_mu, g_rho = mb(grad.contiguous(), mu, rho, seed, *ctx.args)
     return g_mu, g_rho, None, None, None, None
 
 
@@ -225,8 +234,7 @@ torch.library.register_autograd("sws_kernels::mean_field_reconstruct", _mf_backw
 
 
 def call_mean_field_reconstruct(mu, rho, seed: Tensor, samples: int, owner: int, purpose: int = 0) -> Tensor:
-    return torch.ops.sws_kernels.mean_field_reconstruct(mu, rho, philox.seed_tensor(seed, mu.device), samples, owner,
-                                                       purpose)
+    return _call("mean_field_reconstruct", mu, rho, philox.seed_tensor(seed, mu.device), samples, owner, purpose)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -273,8 +281,7 @@ def _dx_reference(gy, w, samples, per_sample, in_f):
     return dx.reshape(*((samples,) if per_sample else ()), *gy.shape[1:-1], in_f).contiguous()
 
 
-@torch.library.custom_op("sws_kernels::sws_linear", mutates_args=())
-def sws_linear(x: Tensor, means: Tensor, chol: Tensor, labels: Tensor, e_pos: Tensor, e_a: Tensor, e_b: Tensor,
+def _sws_linear_impl(x: Tensor, means: Tensor, chol: Tensor, labels: Tensor, e_pos: Tensor, e_a: Tensor, e_b: Tensor,
                e_alpha: Tensor, o_pos: Tensor, o_mu: Tensor, o_rho: Tensor, bias: Optional[Tensor], seed: Tensor,
                samples: int, mode: int, owner: int, codebook_owner: int, per_sample: bool) -> Tensor:
     """SWS linear: x [..., in] (or [S, ..., in] per_sample) -> [S, ..., out] in x's dtype."""
@@ -289,6 +296,9 @@ def sws_linear(x: Tensor, means: Tensor, chol: Tensor, labels: Tensor, e_pos: Te
                   owner, codebook_owner, per_sample, fused=plan.fused)
 
 
+sws_linear = torch.library.custom_op("sws_kernels::sws_linear", _sws_linear_impl, mutates_args=())
+
+
 @sws_linear.register_fake
 def _(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed, samples, mode, owner,
       codebook_owner, per_sample):
@@ -296,8 +306,7 @@ def _(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias
     return x.new_empty((samples, *lead, labels.shape[0]))
 
 
-@torch.library.custom_op("sws_kernels::sws_linear_dx", mutates_args=())
-def sws_linear_dx(grad_y: Tensor, means: Tensor, chol: Tensor, labels: Tensor, e_pos: Tensor, e_a: Tensor,
+def _sws_linear_dx_impl(grad_y: Tensor, means: Tensor, chol: Tensor, labels: Tensor, e_pos: Tensor, e_a: Tensor,
                   e_b: Tensor, e_alpha: Tensor, o_pos: Tensor, o_mu: Tensor, o_rho: Tensor, seed: Tensor, samples: int,
                   mode: int, owner: int, codebook_owner: int, per_sample: bool) -> Tensor:
     """grad_y [S, ..., out] -> dx (x's shape: summed over samples when x is shared)."""
@@ -310,6 +319,9 @@ def sws_linear_dx(grad_y: Tensor, means: Tensor, chol: Tensor, labels: Tensor, e
         return _dx_reference(grad_y, w, samples, per_sample, labels.shape[1])
     return kernel(grad_y, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode,
                   owner, codebook_owner, per_sample, fused=plan.fused)
+
+
+sws_linear_dx = torch.library.custom_op("sws_kernels::sws_linear_dx", _sws_linear_dx_impl, mutates_args=())
 
 
 @sws_linear_dx.register_fake
@@ -325,19 +337,20 @@ def _sws_linear_setup(ctx, inputs, output):
     ctx.args = (samples, mode, owner, codebook_owner, per_sample)
 
 
-def _sws_linear_backward(ctx, gy):
+def _sws_linear_backward(ctx, gy, eager: bool = False):
     x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed = ctx.saved_tensors
     samples, mode, owner, codebook_owner, per_sample = ctx.args
+    dx_op = _sws_linear_dx_impl if eager else torch.ops.sws_kernels.sws_linear_dx
+    rb = _reconstruct_backward_impl if eager else torch.ops.sws_kernels.reconstruct_backward
     gy = gy.contiguous()
     params = (means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho)
     gx = None
     if ctx.needs_input_grad[0]:
-        gx = torch.ops.sws_kernels.sws_linear_dx(gy, *params, seed, samples, mode, owner, codebook_owner, per_sample)
+        gx = dx_op(gy, *params, seed, samples, mode, owner, codebook_owner, per_sample)
     out_f, in_f = labels.shape
     gw = _grad_w(gy, x, samples, per_sample, out_f, in_f, means.dtype, "reconstruct_backward")
     gw = gw.view(samples, out_f, in_f)
-    g_means, g_chol, g_mu, g_rho = torch.ops.sws_kernels.reconstruct_backward(gw, *params, seed, samples, mode, owner,
-                                                                              codebook_owner)
+    g_means, g_chol, g_mu, g_rho = rb(gw, *params, seed, samples, mode, owner, codebook_owner)
     return (gx, g_means, g_chol, None, None, None, None, None, None, g_mu, g_rho,
             _grad_bias(gy, bias, samples, out_f), None, None, None, None, None, None)
 
@@ -346,13 +359,12 @@ torch.library.register_autograd("sws_kernels::sws_linear", _sws_linear_backward,
 
 
 def call_sws_linear(x, a: _checks.SWSArgs, bias, per_sample: bool) -> Tensor:
-    return torch.ops.sws_kernels.sws_linear(x, a.means, a.chol, a.labels, a.e_pos, a.e_a, a.e_b, a.e_alpha, a.o_pos,
-                                            a.o_mu, a.o_rho, bias, philox.seed_tensor(a.seed, a.means.device), a.samples,
-                                            _checks.MODE_CODES[a.mode], a.owner, a.codebook_owner, per_sample)
+    return _call("sws_linear", x, a.means, a.chol, a.labels, a.e_pos, a.e_a, a.e_b, a.e_alpha, a.o_pos, a.o_mu,
+                 a.o_rho, bias, philox.seed_tensor(a.seed, a.means.device), a.samples, _checks.MODE_CODES[a.mode],
+                 a.owner, a.codebook_owner, per_sample)
 
 
-@torch.library.custom_op("sws_kernels::mean_field_linear", mutates_args=())
-def mean_field_linear(x: Tensor, mu: Tensor, rho: Tensor, bias: Optional[Tensor], seed: Tensor, samples: int,
+def _mean_field_linear_impl(x: Tensor, mu: Tensor, rho: Tensor, bias: Optional[Tensor], seed: Tensor, samples: int,
                       owner: int, per_sample: bool) -> Tensor:
     """Mean-field linear with in-kernel noise; ``bias`` None, [out] or a sampled [S, out]."""
     plan = _backend.plan("mean_field_linear", mu.device, mu.dtype, rows=_rows(x, samples if per_sample else 1), act_dtype=x.dtype, mode=0)
@@ -363,14 +375,16 @@ def mean_field_linear(x: Tensor, mu: Tensor, rho: Tensor, bias: Optional[Tensor]
     return kernel(x, mu, rho, bias, seed, samples, owner, per_sample, fused=plan.fused)
 
 
+mean_field_linear = torch.library.custom_op("sws_kernels::mean_field_linear", _mean_field_linear_impl, mutates_args=())
+
+
 @mean_field_linear.register_fake
 def _(x, mu, rho, bias, seed, samples, owner, per_sample):
     lead = x.shape[1:-1] if per_sample else x.shape[:-1]
     return x.new_empty((samples, *lead, mu.shape[0]))
 
 
-@torch.library.custom_op("sws_kernels::mean_field_linear_dx", mutates_args=())
-def mean_field_linear_dx(grad_y: Tensor, mu: Tensor, rho: Tensor, seed: Tensor, samples: int, owner: int,
+def _mean_field_linear_dx_impl(grad_y: Tensor, mu: Tensor, rho: Tensor, seed: Tensor, samples: int, owner: int,
                          per_sample: bool) -> Tensor:
     plan = _backend.plan("mean_field_linear_dx", mu.device, mu.dtype, rows=_rows(grad_y, samples), act_dtype=grad_y.dtype, mode=0)
     kernel = plan.kernel
@@ -378,6 +392,9 @@ def mean_field_linear_dx(grad_y: Tensor, mu: Tensor, rho: Tensor, seed: Tensor, 
         w = reference.mean_field_reconstruct(mu, rho, seed=seed, samples=samples, owner=owner)
         return _dx_reference(grad_y, w, samples, per_sample, mu.shape[1])
     return kernel(grad_y, mu, rho, seed, samples, owner, per_sample, fused=plan.fused)
+
+
+mean_field_linear_dx = torch.library.custom_op("sws_kernels::mean_field_linear_dx", _mean_field_linear_dx_impl, mutates_args=())
 
 
 @mean_field_linear_dx.register_fake
@@ -391,16 +408,18 @@ def _mf_linear_setup(ctx, inputs, output):
     ctx.args = (samples, owner, per_sample)
 
 
-def _mf_linear_backward(ctx, gy):
+def _mf_linear_backward(ctx, gy, eager: bool = False):
     x, mu, rho, bias, seed = ctx.saved_tensors
     samples, owner, per_sample = ctx.args
+    dx_op = _mean_field_linear_dx_impl if eager else torch.ops.sws_kernels.mean_field_linear_dx
+    mb = _mean_field_reconstruct_backward_impl if eager else torch.ops.sws_kernels.mean_field_reconstruct_backward
     gy = gy.contiguous()
     gx = None
     if ctx.needs_input_grad[0]:
-        gx = torch.ops.sws_kernels.mean_field_linear_dx(gy, mu, rho, seed, samples, owner, per_sample)
+        gx = dx_op(gy, mu, rho, seed, samples, owner, per_sample)
     out_f, in_f = mu.shape
     gw = _grad_w(gy, x, samples, per_sample, out_f, in_f, mu.dtype, "mean_field_reconstruct_backward")
-    g_mu, g_rho = torch.ops.sws_kernels.mean_field_reconstruct_backward(gw, mu, rho, seed, samples, owner, 0)
+    g_mu, g_rho = mb(gw, mu, rho, seed, samples, owner, 0)
     return gx, g_mu, g_rho, _grad_bias(gy, bias, samples, out_f), None, None, None, None
 
 
@@ -408,8 +427,53 @@ torch.library.register_autograd("sws_kernels::mean_field_linear", _mf_linear_bac
 
 
 def call_mean_field_linear(x, mu, rho, bias, seed: Tensor, samples: int, owner: int, per_sample: bool) -> Tensor:
-    return torch.ops.sws_kernels.mean_field_linear(x, mu, rho, bias, philox.seed_tensor(seed, mu.device), samples, owner,
-                                                  per_sample)
+    return _call("mean_field_linear", x, mu, rho, bias, philox.seed_tensor(seed, mu.device), samples, owner,
+                 per_sample)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Eager fast path. An eager call of a custom op with registered autograd pays torch.library's per-call Python
+# plumbing: measured on a 16x16 SWSLinear (benchmarks/bench_overhead.py --profile), fill_defaults alone cost
+# 61 us of a ~300 us forward + backward (it rescans the 18-argument schema per argument) and the dispatcher
+# ~11 us per op, several times a kernel's own cost. So eager calls run the same implementations (the _*_impl
+# functions the ops wrap) and the same setup/backward formulas through a plain autograd.Function, and under no
+# grad call the implementation directly; torch.compile (and opcheck) keep going through the registered ops,
+# which stay opaque to the compiler.
+# ------------------------------------------------------------------------------------------------------
+
+def _eager_function(name, impl, setup, backward):
+    def forward(ctx, *inputs):
+        out = impl(*inputs)
+        setup(ctx, inputs, out)
+        return out
+
+    def bwd(ctx, *grads):
+        return backward(ctx, *grads, eager=True)
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(bwd)})
+
+
+_EAGER = {
+    "reconstruct": (_reconstruct_impl, _eager_function("_Reconstruct", _reconstruct_impl, _reconstruct_setup,
+                                                       _reconstruct_backward)),
+    "mean_field_reconstruct": (_mean_field_reconstruct_impl,
+                               _eager_function("_MeanFieldReconstruct", _mean_field_reconstruct_impl, _mf_setup,
+                                               _mf_backward)),
+    "sws_linear": (_sws_linear_impl, _eager_function("_SWSLinear", _sws_linear_impl, _sws_linear_setup,
+                                                     _sws_linear_backward)),
+    "mean_field_linear": (_mean_field_linear_impl, _eager_function("_MeanFieldLinear", _mean_field_linear_impl,
+                                                                   _mf_linear_setup, _mf_linear_backward)),
+}
+
+
+def _call(op: str, *args):
+    """Run op ``op``: the registered custom op while torch.compile traces, else the eager fast path."""
+    if torch.compiler.is_compiling():
+        return getattr(torch.ops.sws_kernels, op)(*args)
+    impl, fn = _EAGER[op]
+    if torch.is_grad_enabled():
+        return fn.apply(*args)
+    return impl(*args)
 
 
 # --- Triton kernel registrations ---

@@ -29,10 +29,10 @@ U_SCALE = tl.constexpr(5.9604644775390625e-08)  # 2**-24
 
 
 def u32_arg(v: int) -> int:
-    """A uint32 kernel argument (seed word, sample, owner id) as the int32 with the same bits.
+    """A uint32 kernel argument (sample, owner id, purpose) as the int32 with the same bits.
 
     Triton types an int argument by its value: i32 below 2**31, i64 above. Passing the signed view keeps
-    every such argument i32, so a seed word >= 2**31 does not compile a second variant of every kernel;
+    every such argument i32, so an owner id >= 2**31 does not compile a second variant of every kernel;
     in the kernel ``.to(tl.uint32)`` of an i32 is a bit cast."""
     return v - (1 << 32) if v >= (1 << 31) else v
 

@@ -145,7 +145,7 @@ def compile_one(job):
     rec, cc = job
     os.environ.pop("TRITON_INTERPRET", None)
     mod_name, qual = rec["kernel"].split(":")
-    row = {"spec": rec["_id"], "kernel": qual, "module": mod_name.rsplit(".", 1)[-1], "arch": cc, "meta": rec["meta"],
+    row = {"spec": rec["_id"], "kernel": qual, "act_dtype": rec["args"][0].get("dtype"), "module": mod_name.rsplit(".", 1)[-1], "arch": cc, "meta": rec["meta"],
            "dtypes": sorted({d["dtype"] for d in rec["args"] if d["t"] == "tensor" and d["dtype"] not in
                              ("int64", "int32")})}
     t0 = time.time()
@@ -196,9 +196,15 @@ def problems(row) -> list[str]:
         out.append(f"shared memory {row['smem']} B > the sm_{row['arch']} limit {limit} B")
     if row["dot"] and not row["tensor_cores"] and set(row["dtypes"]) & {"bfloat16", "float16", "float32"}:
         out.append("a dot without tensor-core instructions (mma/wgmma)")
-    if row["spill_stores"] or row["spill_loads"]:
+    if (row["spill_stores"] or row["spill_loads"]) and not tf32x3_gemm(row):
         out.append(f"spills {row['spill_stores']} B stores / {row['spill_loads']} B loads")
     return out
+
+
+def tf32x3_gemm(row) -> bool:
+    """An fp32-activation fused GEMM: its dots run in tf32x3 (tensor cores, fp32 accuracy), which issue 10's goal
+    accepts in place of a spill-free tile; its spills are reported, not failed."""
+    return row["kernel"] == "_lookup_gemm_kernel" and row.get("act_dtype") == "float32"
 
 
 def table(rows: list[dict]) -> str:
@@ -280,6 +286,10 @@ def main(argv=None) -> int:
     for r, p in failed:
         print(f"aot: FAIL {r['module']}.{r['kernel']} [{_config(r)}] {','.join(r['dtypes'])} sm_{r['arch']}: "
               f"{'; '.join(p)}")
+    for r in rows:
+        if "error" not in r and tf32x3_gemm(r) and (r["spill_stores"] or r["spill_loads"]):
+            print(f"aot: note: fp32 (tf32x3) {r['kernel']} [{_config(r)}] sm_{r['arch']} spills "
+                  f"{r['spill_stores']}/{r['spill_loads']} B")
     max_spill = max((r.get("spill_stores", 0) + r.get("spill_loads", 0) for r in rows), default=0)
     slowest = max(rows, key=lambda r: r["seconds"], default=None)
     if slowest:

@@ -33,6 +33,7 @@ def register_kernel(op: str, backend: str, dtypes=(torch.float32,)):
 
     def deco(fn):
         _KERNELS[(op, backend)] = (fn, tuple(dtypes))
+        _SELECT_CACHE.clear()
         return fn
 
     return deco
@@ -69,7 +70,7 @@ def backends() -> Dict[str, Tuple[bool, str]]:
             "native_cpu": (native.AVAILABLE_CPU, native.CPU_REASON),
             "native_cuda": (native.AVAILABLE_CUDA, native.CUDA_REASON),
         }
-    return dict(out)
+    return out  # shared: callers read it, never mutate it
 
 
 @contextlib.contextmanager
@@ -92,8 +93,22 @@ def _native_name(device: torch.device) -> str:
     return "native_cuda" if device.type == "cuda" else "native_cpu"
 
 
+_SELECT_CACHE: Dict[tuple, Tuple[str, Callable | None, str]] = {}
+
+
 def select(op: str, device: torch.device, dtype: torch.dtype) -> Tuple[str, Callable | None, str]:
-    """(backend name, kernel or None for the reference, why) for one call of ``op``."""
+    """(backend name, kernel or None for the reference, why) for one call of ``op``.
+
+    Memoised per (op, device, dtype, forced choice, TRITON_INTERPRET): the answer depends on nothing else, and
+    every op call asks (several times per layer call)."""
+    key = (op, device, dtype, _current.get(), os.environ.get("TRITON_INTERPRET"))
+    hit = _SELECT_CACHE.get(key)
+    if hit is None:
+        hit = _SELECT_CACHE[key] = _select(op, device, dtype)
+    return hit
+
+
+def _select(op: str, device: torch.device, dtype: torch.dtype) -> Tuple[str, Callable | None, str]:
     choice = _current.get()
     if choice == "reference":
         return "reference", None, "forced"

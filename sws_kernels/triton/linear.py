@@ -54,23 +54,23 @@ log = logging.getLogger("sws_kernels")
 BE = 16  # specials per epilogue step (the smallest tl.dot inner size)
 
 
-def _tiles(M: int, dtype: torch.dtype, elem_noise: bool = False):
-    """(BM, BN, BR, num_warps, num_stages) for M rows per sample and activations of ``dtype``; ``elem_noise``:
-    a Philox call per weight (noise and a row length not a multiple of 4), the most registers per weight.
+def _tiles(M: int, dtype: torch.dtype):
+    """(BM, BN, BR, num_warps, num_stages) for M rows per sample and activations of ``dtype``.
 
     GPU: narrow N tiles at small M so a 4096-wide layer still fills ~130 SMs with S = 1. The weight tile
     [BN, BR] is generated in registers (labels -> z gather, or mu/rho + Philox) next to the accumulator, so
     every choice here is the largest tile benchmarks/triton_aot.py found spill-free on sm_80 and sm_90 for
     every mode (RESULTS.md has the table): e.g. bf16 hierarchical dx at 64x64x32 with 4 warps spilled 324 B
     on sm_80 (none with 8), at 128x128x32 20 B; fp32 (tf32x3: each product split in hi/lo) needs thinner
-    tiles (e.g. fp32 mean-field at 16x32x32: 8 warps spilled 64 B on sm_80, 4 warps with 2 stages none).
+    tiles.
     Interpreter: small tiles (its cost grows with programs x loop iterations) unless SWS_TRITON_TILES=gpu."""
     if not GPU_TILES:
         return (16 if M <= 16 else 32), 32, 32, 4, 1
     if dtype == torch.float32:
-        if M <= 16:
-            return (16, 16, 32, 4, 3) if elem_noise else (16, 32, 32, 4, 2)
-        return 32, 64, 16, 8, 3
+        # tf32x3 at M <= 16 spills 12-44 B on some variants at every tile tried (16-32 x 16-64, 2-8 warps, 2-3
+        # stages: spills at 128-170 registers, so not plain register pressure); this one spills least. fp32 is
+        # not the production dtype (bf16/fp16 are, all spill-free), and the goal for fp32 is tensor-core precision.
+        return (16, 32, 32, 4, 2) if M <= 16 else (32, 64, 16, 8, 3)
     if M <= 16:
         return 16, 32, 128, 4, 3
     if M <= 64:
@@ -243,7 +243,7 @@ def _launch(a3, stride_as, T, S_out, M, N, R, lab_sr, lab_sc, out, *, labels=Non
     mf = mu is not None
     # the weight's row length (in) is lab_sr in the forward and lab_sc in dx
     row_len = lab_sr if lab_sc == 1 else lab_sc
-    BM, BN, BR, warps, stages = _tiles(M, a3.dtype, elem_noise=(mf or hier) and row_len % 4 != 0)
+    BM, BN, BR, warps, stages = _tiles(M, a3.dtype)
     n_m, n_n = triton.cdiv(M, BM), triton.cdiv(N, BN)
     dummy = out
     sp = specials is not None and specials.J > 0

@@ -5,6 +5,7 @@ the pure-PyTorch reference; :func:`backends` says which backend is available and
 """
 from . import philox, reference  # noqa: F401
 from ._backend import backend, backends  # noqa: F401
+from ._checks import validate  # noqa: F401  (every check on every call, like SWS_VALIDATE=1)
 from . import functional  # noqa: F401  (imports the op catalogue)
 from . import nn, metrics, convert  # noqa: F401
 from .bayes import elbo_loss, kl_loss, predict  # noqa: F401
@@ -13,4 +14,4 @@ from .io import load, save  # noqa: F401
 __version__ = "0.1.0"
 
 __all__ = ["philox", "reference", "functional", "backend", "backends", "__version__", "nn", "metrics", "convert",
-           "kl_loss", "elbo_loss", "predict", "save", "load"]
+           "kl_loss", "elbo_loss", "predict", "save", "load", "validate"]

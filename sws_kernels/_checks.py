@@ -1,11 +1,35 @@
 """Argument validation shared by every entry point.
 
-Every error names the argument, what was expected and what was given (ARCHITECTURE.md, "Errors"). The
-checks run once per call at the functional/op boundary so kernels can trust their inputs.
+Every error names the argument, what was expected and what was given (ARCHITECTURE.md, "Errors").
+
+Two kinds of checks (ARCHITECTURE.md, "The hot path"):
+
+- Structural checks (type, dtype, shape, device, Python scalars) read only metadata: no host sync. They run
+  on every call.
+- Data checks read tensor values, so each costs a host sync (a device sync on CUDA). They run when data
+  enters, not on every call:
+
+  * index data (labels, ellipse positions / components / alpha, outlier positions) is checked once per
+    tensor version: :func:`sws` remembers the tensors it has checked (by identity, through weak references,
+    so a recycled ``id`` cannot alias) with their ``Tensor._version``; a later call with the same
+    unmodified tensors skips the checks, an in-place edit bumps ``_version`` and the next call checks again.
+    Modules check their buffers at construction, assignment and ``load_state_dict``, which also records
+    them here, so their steady-state forward runs no data check at all.
+  * finiteness of trainable parameters (codebook means/chol, outlier and mean-field mu/rho) is checked at
+    entry only (``full=True``: module construction, ``load_state_dict``, :func:`sws_kernels.load`,
+    ``to_sws``), never per step: they change every optimiser step, and a NaN gives NaN, never a crash
+    (PyTorch does not check either).
+
+``SWS_VALIDATE=1`` in the environment (read at import) or ``with sws_kernels.validate():`` runs every check
+on every call, for debugging. Under torch.compile no data check runs (it would break the graph). Kernels stay
+memory-safe whatever the data (they clamp indices or check them in C++).
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import contextlib
+import os
+import weakref
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -41,9 +65,72 @@ def tensor(x, name: str, *, ndim: Optional[int] = None, floating: bool = False, 
     return x
 
 
+# ---------------------------------------------------------------------------------------------------------
+# When data checks run
+# ---------------------------------------------------------------------------------------------------------
+
+_ENV = os.environ.get("SWS_VALIDATE", "").strip().lower() not in ("", "0", "false", "no", "off")
+# Depth of nested validate() blocks. A plain module global rather than a ContextVar (like nn._FOLD):
+# torch.compile reads a global without a graph break. Process-wide, not per thread.
+_DEPTH = 0
+
+
+def always() -> bool:
+    """True when every check runs on every call (``SWS_VALIDATE=1`` or inside :func:`validate`)."""
+    return _ENV or _DEPTH > 0
+
+
+@contextlib.contextmanager
+def validate():
+    """Run every check on every call inside the block, as ``SWS_VALIDATE=1`` does for a whole process.
+
+    Normally data checks run once per tensor version and parameter finiteness only when data enters a module;
+    use this to find where a bad value comes from (a process-wide switch, not per thread).
+    """
+    global _DEPTH
+    _DEPTH += 1
+    try:
+        yield
+    finally:
+        _DEPTH -= 1
+
+
+# (check name, K, n, id of every checked tensor) -> ((weakref, _version) of each tensor) after a passing check.
+_SEEN: Dict[tuple, Tuple[Tuple[weakref.ref, int], ...]] = {}
+
+
+def _versions(ts) -> Optional[Tuple[int, ...]]:
+    try:
+        return tuple(t._version for t in ts)
+    except RuntimeError:  # inference tensors have no version counter: nothing to remember, check every call
+        return None
+
+
+def _seen(key: tuple, ts) -> bool:
+    """True when the check ``key`` passed for exactly these tensors, none modified in place since."""
+    hit = _SEEN.get(key)
+    if hit is None:
+        return False
+    for (ref, version), t in zip(hit, ts):
+        if ref() is not t or t._version != version:  # `is`: a dead tensor's id reused by a new one is a miss
+            return False
+    return True
+
+
+def _remember(key: tuple, ts) -> None:
+    versions = _versions(ts)
+    if versions is None:
+        return
+
+    def forget(_ref, key=key):  # a checked tensor died: drop its entry (memory; _seen is exact without this)
+        _SEEN.pop(key, None)
+
+    _SEEN[key] = tuple((weakref.ref(t, forget), v) for t, v in zip(ts, versions))
+
+
 def _tracing() -> bool:
     """Under torch.compile the data-dependent checks (which read tensor values) are skipped: they would
-    break the graph. Eager calls, which is where inputs are first built, always run them."""
+    break the graph. Eager calls, which is where inputs are first built, run them (once per tensor version)."""
     return torch.compiler.is_compiling()
 
 
@@ -105,7 +192,8 @@ class SWSArgs(NamedTuple):
     codebook_owner: int
 
 
-def codebook(means, chol) -> tuple[torch.Tensor, torch.Tensor]:
+def codebook(means, chol, *, full: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Structural checks of a codebook; finiteness too with ``full`` (data entering a module) or :func:`always`."""
     tensor(means, "means", ndim=2, floating=True, last=2)
     tensor(chol, "chol", ndim=2, floating=True, last=3, device=means.device)
     if means.shape[0] < 1:
@@ -114,20 +202,99 @@ def codebook(means, chol) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"chol: expected {means.shape[0]} rows (one per component of means), got {describe(chol)}")
     if chol.dtype != means.dtype:
         raise TypeError(f"chol: expected dtype {means.dtype} (the dtype of means), got {describe(chol)}")
-    finite(means, "means")
-    finite(chol, "chol")
+    if full or always():
+        finite(means, "means")
+        finite(chol, "chol")
     return means, chol
 
 
-def sws(means, chol, labels, ellipse, outliers, seed, samples_, mode_, owner, codebook_owner) -> SWSArgs:
-    means, chol = codebook(means, chol)
+def _alpha_range(e_alpha: torch.Tensor, name: str = "ellipse alpha") -> None:
+    finite(e_alpha, name)
+    if e_alpha.numel() and not _tracing():
+        lo, hi = float(e_alpha.min()), float(e_alpha.max())
+        if lo < 0 or hi > 1:
+            raise ValueError(f"{name}: expected values in [0, 1], got [{lo}, {hi}]")
+
+
+def _sws_data(K: int, n: int, labels, ellipse, o_pos) -> None:
+    """The data checks of :func:`sws` (each a host sync); the structure is already checked."""
+    in_range(labels, 0, K, "labels", f"component indices (K = {K})")
+    e_pos = None
+    if ellipse is not None:
+        e_pos, e_a, e_b, e_alpha = ellipse
+        in_range(e_a, 0, K, "ellipse comp_a", f"component indices (K = {K})")
+        in_range(e_b, 0, K, "ellipse comp_b", f"component indices (K = {K})")
+        _alpha_range(e_alpha)
+        in_range(e_pos, 0, n, "ellipse positions", f"flat weight indices (n = {n})")
+    if o_pos is not None:
+        in_range(o_pos, 0, n, "outlier positions", f"flat weight indices (n = {n})")
+    parts = [t.reshape(-1).to(torch.int64) for t in (e_pos, o_pos) if t is not None]
+    special = torch.cat(parts) if parts else None
+    if special is not None and special.numel() > 1:
+        repeats = special.numel() - torch.unique(special).numel()
+        if repeats:
+            raise ValueError("ellipse/outlier positions: expected each weight position at most once across ellipse "
+                             f"and outlier positions, got {repeats} repeat(s)")
+
+
+# What each SWS layer buffer (or outlier parameter) holds, for the checks when one is assigned on its own.
+SWS_BUFFERS = {
+    "labels": "labels", "ellipse_pos": "position", "outlier_pos": "position", "ellipse_a": "component",
+    "ellipse_b": "component", "ellipse_alpha": "alpha", "outlier_mu": "finite", "outlier_rho": "finite",
+    "outlier_mu0": "finite", "outlier_sigma0": "positive",
+}
+
+
+def sws_buffer(name: str, value, *, K: int, weight_shape, device) -> None:
+    """Entry checks of one SWS layer buffer or outlier parameter assigned on its own (``layer.labels = t``).
+
+    Everything one tensor can show (type, shape, device, value range, finiteness) is checked here; the checks
+    that relate several (equal lengths, positions unique across ellipses and outliers) run at the layer's
+    next call, once (the new tensor is not yet in the once-per-version record).
+    """
+    kind = SWS_BUFFERS[name]
+    n = 1
+    for d in weight_shape:
+        n *= int(d)
+    if kind == "labels":
+        tensor(value, name, integer=True, device=device)
+        if tuple(value.shape) != tuple(weight_shape):
+            raise ValueError(f"{name}: expected the weight shape {tuple(weight_shape)}, got {describe(value)}")
+        in_range(value, 0, K, name, f"component indices (the codebook has num_components={K})")
+    elif kind in ("position", "component"):
+        tensor(value, name, ndim=1, integer=True, device=device)
+        if kind == "position":
+            in_range(value, 0, n, name, f"flat weight indices (n = {n})")
+        else:
+            in_range(value, 0, K, name, f"component indices (K = {K})")
+    elif kind == "alpha":
+        tensor(value, name, ndim=1, floating=True, device=device)
+        _alpha_range(value, name)
+    else:
+        tensor(value, name, ndim=1, floating=True, device=device)
+        finite(value, name)
+        if kind == "positive" and value.numel() and not _tracing() and float(value.min()) <= 0:
+            raise ValueError(f"{name}: expected positive values (prior standard deviations), "
+                             f"got min {float(value.min())}")
+
+
+def sws(means, chol, labels, ellipse, outliers, seed, samples_, mode_, owner, codebook_owner, *,
+        full: bool = False) -> SWSArgs:
+    """Validated reconstruct arguments.
+
+    Structural checks run on every call. The data checks (label and position ranges, alpha in [0, 1], unique
+    positions) run once per version of the index tensors (see the module docstring), or always with ``full``
+    or :func:`always`; finiteness of means/chol/outlier mu/rho only with ``full`` or :func:`always`.
+    """
+    check_all = full or always()
+    means, chol = codebook(means, chol, full=full)
     dev, dt, K = means.device, means.dtype, means.shape[0]
     tensor(labels, "labels", integer=True, device=dev)
-    in_range(labels, 0, K, "labels", f"component indices (K = {K})")
     n = labels.numel()
     if n >= philox.MAX_ELEMENT:
         raise ValueError(f"labels: expected fewer than 2**34 weights (the RNG stream limit), got {n}")
     i64 = dict(dtype=torch.int64, device=dev)
+    data = [labels]  # the index tensors whose values the data checks read
     if ellipse is None:
         e_pos = e_a = e_b = torch.zeros(0, **i64)
         e_alpha = torch.zeros(0, dtype=dt, device=dev)
@@ -141,18 +308,12 @@ def sws(means, chol, labels, ellipse, outliers, seed, samples_, mode_, owner, co
             tensor(t, nm, ndim=1, integer=True, device=dev)
             if t.shape[0] != E:
                 raise ValueError(f"{nm}: expected {E} entries (one per ellipse position), got {describe(t)}")
-            in_range(t, 0, K, nm, f"component indices (K = {K})")
         tensor(e_alpha, "ellipse alpha", ndim=1, floating=True, device=dev)
         if e_alpha.shape[0] != E:
             raise ValueError(f"ellipse alpha: expected {E} entries, got {describe(e_alpha)}")
-        finite(e_alpha, "ellipse alpha")
-        if E and not _tracing() and (float(e_alpha.min()) < 0 or float(e_alpha.max()) > 1):
-            raise ValueError(f"ellipse alpha: expected values in [0, 1], got [{float(e_alpha.min())}, {float(e_alpha.max())}]")
-        in_range(e_pos, 0, n, "ellipse positions", f"flat weight indices (n = {n})")
-        e_pos, e_a, e_b = e_pos.to(torch.int64), e_a.to(torch.int64), e_b.to(torch.int64)
-        e_alpha = e_alpha.to(dt)
+        data += [e_pos, e_a, e_b, e_alpha]
     if outliers is None:
-        o_pos = torch.zeros(0, **i64)
+        o_pos = None
         o_mu = o_rho = torch.zeros(0, dtype=dt, device=dev)
     else:
         if not isinstance(outliers, (tuple, list)) or len(outliers) != 3:
@@ -166,19 +327,28 @@ def sws(means, chol, labels, ellipse, outliers, seed, samples_, mode_, owner, co
                 raise ValueError(f"{nm}: expected {O} entries (one per outlier position), got {describe(t)}")
             if t.dtype != dt:
                 raise TypeError(f"{nm}: expected dtype {dt} (the dtype of means), got {describe(t)}")
-            finite(t, nm)
-        in_range(o_pos, 0, n, "outlier positions", f"flat weight indices (n = {n})")
+            if check_all:
+                finite(t, nm)
+        data.append(o_pos)
+    if not _tracing():
+        key = ("sws", K, n, *map(id, data))
+        if check_all or not _seen(key, data):
+            _sws_data(K, n, labels, ellipse, o_pos)
+            _remember(key, data)
+    if ellipse is not None:
+        e_pos, e_a, e_b = e_pos.to(torch.int64), e_a.to(torch.int64), e_b.to(torch.int64)
+        e_alpha = e_alpha.to(dt)
+    if o_pos is None:
+        o_pos = torch.zeros(0, **i64)
+    else:
         o_pos = o_pos.to(torch.int64)
-    special = torch.cat([e_pos, o_pos])
-    if special.numel() and not _tracing() and torch.unique(special).numel() != special.numel():
-        raise ValueError("ellipse/outlier positions: expected each weight position at most once across ellipse "
-                         f"and outlier positions, got {special.numel() - torch.unique(special).numel()} repeat(s)")
     return SWSArgs(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho,
                    philox.check_seed(seed), samples(samples_), mode(mode_), word(owner, "owner"),
                    word(codebook_owner, "codebook_owner"))
 
 
-def mean_field(mu, rho, seed, samples_, owner, mu_name="mu", rho_name="rho"):
+def mean_field(mu, rho, seed, samples_, owner, mu_name="mu", rho_name="rho", *, full: bool = False):
+    """Validated mean-field arguments; finiteness of mu/rho only with ``full`` (entry) or :func:`always`."""
     tensor(mu, mu_name, floating=True)
     tensor(rho, rho_name, floating=True, device=mu.device)
     if rho.shape != mu.shape:
@@ -187,8 +357,9 @@ def mean_field(mu, rho, seed, samples_, owner, mu_name="mu", rho_name="rho"):
         raise TypeError(f"{rho_name}: expected dtype {mu.dtype} (the dtype of {mu_name}), got {describe(rho)}")
     if mu.numel() >= philox.MAX_ELEMENT:
         raise ValueError(f"{mu_name}: expected fewer than 2**34 weights (the RNG stream limit), got {mu.numel()}")
-    finite(mu, mu_name)
-    finite(rho, rho_name)
+    if full or always():
+        finite(mu, mu_name)
+        finite(rho, rho_name)
     return philox.check_seed(seed), samples(samples_), word(owner, "owner")
 
 

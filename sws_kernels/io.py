@@ -266,11 +266,23 @@ def load(path, model: Optional[nn.Module] = None, *, map_location="cpu", strict:
                 cur.codebook = codebooks[cb_path]  # restore the saved sharing
     for key, t in priors.items():
         mpath, _, buf = key[len("__prior__."):].rpartition(".")
+        name = key[len("__prior__."):]
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"path: {os.fspath(path)!r}: prior {name!r} expected a floating-point tensor, "
+                             f"got {_checks.describe(t)}")
+        _checks.finite(t, f"path: {os.fspath(path)!r}: prior {name!r}")
+        if buf.endswith("sigma") and t.numel() and float(t.min()) <= 0:
+            raise ValueError(f"path: {os.fspath(path)!r}: prior {name!r} expected positive standard deviations, "
+                             f"got min {float(t.min())}")
         setattr(_get(model, mpath), buf, t)
     try:
+        # Every Bayesian module checks the loaded values in a load_state_dict post-hook (sws_kernels.nn):
+        # label/position ranges, alpha in [0, 1], unique positions, finite parameters.
         model.load_state_dict(sd, strict=strict)
     except RuntimeError as e:
         raise ValueError(f"model: does not match the file {os.fspath(path)!r}: {e}") from None
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"path: {os.fspath(path)!r} holds an invalid value: {e}") from None
     return model.to(map_location) if map_location is not None else model
 
 

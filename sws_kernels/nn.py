@@ -195,6 +195,16 @@ class _RngIdMixin:
             self._owner = _checks.word(int(state_dict[key]), key)
 
 
+def _validate_after_load(module, incompatible_keys) -> None:
+    """load_state_dict post-hook: the module's entry checks on the loaded values (its children, e.g. an SWS
+    layer's codebook, are loaded by then). Errors name the module by its state_dict prefix."""
+    try:
+        module._validate()
+    except (ValueError, TypeError) as e:
+        where = getattr(module, "_load_prefix", "").rstrip(".") or type(module).__name__
+        raise type(e)(f"{where}: {e}") from None
+
+
 def _run_sampled(x, samples, seed, per_sample, call):
     """The sampling protocol shared by every layer (see the module docstring)."""
     fold = _FOLD
@@ -251,18 +261,26 @@ class Codebook(_RngIdMixin, nn.Module):
                                     softplus_inv(torch.full((K,), 0.1))], -1)
         means = means.detach().to(torch.float32).clone()
         chol = chol.detach().to(device=means.device, dtype=torch.float32).clone()
-        _checks.codebook(means, chol)
+        _checks.codebook(means, chol, full=True)
         self.num_components = K
         self.means = nn.Parameter(means)
         self.chol = nn.Parameter(chol)
         m0 = means.clone() if means0 is None else means0.detach().to(torch.float32).clone()
         c0 = chol.clone() if chol0 is None else chol0.detach().to(torch.float32).clone()
-        _checks.codebook(m0, c0)
+        _checks.codebook(m0, c0, full=True)
         if m0.shape != means.shape:
             raise ValueError(f"means0: expected shape {tuple(means.shape)}, got {_checks.describe(m0)}")
         self.register_buffer("means0", m0)
         self.register_buffer("chol0", c0)
         self._init_rng_id(rng_id)
+        self.register_load_state_dict_post_hook(_validate_after_load)
+
+    def _validate(self) -> None:
+        """Entry checks of loaded values (construction checks the same): finite posterior and prior."""
+        _checks.codebook(self.means.detach(), self.chol.detach(), full=True)
+        _checks.codebook(self.means0, self.chol0, full=True)
+        if self.means0.shape != self.means.shape:
+            raise ValueError(f"means0: expected shape {tuple(self.means.shape)}, got {_checks.describe(self.means0)}")
 
     @staticmethod
     def _default_init(K: int, mu_range: float):
@@ -296,6 +314,7 @@ class Codebook(_RngIdMixin, nn.Module):
                 self.chol0 = torch.empty(K, 3, device=dev)
             self.num_components = K
         self._load_rng_id(state_dict, prefix)
+        self._load_prefix = prefix  # names the module in the post-load check's errors
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -386,17 +405,33 @@ class _SWSLayer(_RngIdMixin, nn.Module):
             self.register_parameter("bias", None)
         self._init_rng_id(rng_id)
         self._validate()
+        self.register_load_state_dict_post_hook(_validate_after_load)
+        self._entry_checks = True  # from now on an assigned buffer is checked when it is assigned
 
     # -- validation -------------------------------------------------------------------------------
+    # Data is checked when it enters: here at construction and after load_state_dict (a post-hook), and in
+    # __setattr__ when a buffer is assigned. _validate also records the index buffers as checked at their
+    # current version (_checks.sws), so forward runs no data check until a buffer is replaced or edited in
+    # place; then the next call checks it once (ARCHITECTURE.md, "The hot path").
     def _validate(self) -> None:
-        """Checks the whole layer once (the functional API re-checks per call)."""
+        """Every check of the whole layer, parameter finiteness included."""
         _checks.sws(self.codebook.means.detach(), self.codebook.chol.detach(), self.labels, self._ellipse(),
-                    self._outliers(), 0, 1, self.mode, self.owner, self.codebook.owner)
+                    self._outliers(), 0, 1, self.mode, self.owner, self.codebook.owner, full=True)
         if self.outlier_mu0.shape != self.outlier_mu.shape or self.outlier_sigma0.shape != self.outlier_mu.shape:
             raise ValueError(f"outlier prior: expected mu0/sigma0 of shape {tuple(self.outlier_mu.shape)}, got "
                              f"{_checks.describe(self.outlier_mu0)} and {_checks.describe(self.outlier_sigma0)}")
-        if self.outlier_sigma0.numel() and float(self.outlier_sigma0.min()) <= 0:
-            raise ValueError(f"outlier sigma0: expected positive values, got min {float(self.outlier_sigma0.min())}")
+        kw = dict(K=self.codebook.num_components, weight_shape=self.weight_shape, device=self.codebook.means.device)
+        _checks.sws_buffer("outlier_mu0", self.outlier_mu0, **kw)
+        _checks.sws_buffer("outlier_sigma0", self.outlier_sigma0, **kw)
+
+    def __setattr__(self, name, value):
+        if name in _checks.SWS_BUFFERS and self.__dict__.get("_entry_checks", False):
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"{name}: expected a torch.Tensor, got {_checks.describe(value)}")
+            cb = self.codebook
+            _checks.sws_buffer(name, value, K=cb.num_components, weight_shape=self.weight_shape,
+                               device=cb.means.device)
+        super().__setattr__(name, value)
 
     @property
     def mode(self) -> str:
@@ -436,20 +471,27 @@ class _SWSLayer(_RngIdMixin, nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Ellipse/outlier counts and the label dtype depend on the fit: adopt the saved sizes and dtype.
-        dev = self.labels.device
-        for name in ("labels", "ellipse_pos", "ellipse_a", "ellipse_b", "ellipse_alpha", "outlier_pos",
-                     "outlier_mu0", "outlier_sigma0"):
-            t = state_dict.get(prefix + name)
-            if isinstance(t, torch.Tensor):
-                cur = getattr(self, name)
-                if t.shape != cur.shape or t.dtype != cur.dtype:
-                    setattr(self, name, torch.empty(t.shape, dtype=t.dtype, device=dev))
-        for name in ("outlier_mu", "outlier_rho"):
-            t = state_dict.get(prefix + name)
-            if isinstance(t, torch.Tensor) and t.shape != getattr(self, name).shape:
-                setattr(self, name, nn.Parameter(torch.empty(t.shape, device=dev), requires_grad=t.numel() > 0))
-        self._load_rng_id(state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # __setattr__'s per-buffer checks are off meanwhile (placeholders, and with assign=True a codebook not
+        # yet resized): the post-load hook checks the whole layer once everything is loaded.
+        self._entry_checks = False
+        try:
+            dev = self.labels.device
+            for name in ("labels", "ellipse_pos", "ellipse_a", "ellipse_b", "ellipse_alpha", "outlier_pos",
+                         "outlier_mu0", "outlier_sigma0"):
+                t = state_dict.get(prefix + name)
+                if isinstance(t, torch.Tensor):
+                    cur = getattr(self, name)
+                    if t.shape != cur.shape or t.dtype != cur.dtype:
+                        setattr(self, name, torch.empty(t.shape, dtype=t.dtype, device=dev))
+            for name in ("outlier_mu", "outlier_rho"):
+                t = state_dict.get(prefix + name)
+                if isinstance(t, torch.Tensor) and t.shape != getattr(self, name).shape:
+                    setattr(self, name, nn.Parameter(torch.empty(t.shape, device=dev), requires_grad=t.numel() > 0))
+            self._load_rng_id(state_dict, prefix)
+            self._load_prefix = prefix  # names the layer in the post-load check's errors
+            super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        finally:
+            self._entry_checks = True
 
     def _sws_extra_repr(self) -> str:
         return (f"mode={self.mode!r}, K={self.codebook.num_components}, labels={self.labels.dtype}, "
@@ -592,6 +634,16 @@ class _MeanFieldLayer(_RngIdMixin, nn.Module):
             self.register_buffer("prior_bias_mu", None, persistent=False)
             self.register_buffer("prior_bias_sigma", None, persistent=False)
         self._init_rng_id(rng_id)
+        self._validate()
+        self.register_load_state_dict_post_hook(_validate_after_load)
+
+    def _validate(self) -> None:
+        """Entry checks (construction, load_state_dict): finite mu/rho. Never per step (a NaN gives NaN)."""
+        _checks.mean_field(self.weight_mu.detach(), self.weight_rho.detach(), 0, 1, self.owner, self._w_mu,
+                           self._w_rho, full=True)
+        if self.mu_bias is not None:
+            _checks.mean_field(self.mu_bias.detach(), self.rho_bias.detach(), 0, 1, self.owner, "mu_bias", "rho_bias",
+                               full=True)
 
     @property
     def dnn_to_bnn_flag(self) -> bool:
@@ -639,6 +691,7 @@ class _MeanFieldLayer(_RngIdMixin, nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self._load_rng_id(state_dict, prefix)
+        self._load_prefix = prefix  # names the layer in the post-load check's errors
         if prefix + "rng_id" not in state_dict:
             # A bayesian-torch state_dict has no rng_id: keep ours rather than fail a strict load.
             state_dict = dict(state_dict)

@@ -195,9 +195,13 @@ def test_sws_bad_inputs(rng):
     with pytest.raises(ValueError, match="samples"):
         layer(torch.randn(5, 3), samples=0)
     with torch.no_grad():
-        cb.chol[1, 0] = float("inf")
-    with pytest.raises(ValueError, match="chol"):  # non-finite parameters are named
+        cb.chol[:, 0] = float("inf")  # every component, so every weight is non-finite
+    # Trainable parameters are not checked per step (a NaN/inf gives NaN/inf, never a crash) ...
+    assert not torch.isfinite(layer(torch.randn(5, 3), seed=1)).all()
+    with sws.validate(), pytest.raises(ValueError, match="chol"):  # ... but on request, named
         layer(torch.randn(5, 3))
+    with pytest.raises(ValueError, match="chol.*non-finite"):  # and when they enter a module
+        snn.Codebook(cb.num_components, means=cb.means.detach(), chol=cb.chol.detach())
 
 
 def test_shared_codebook_parameters_once(rng):

@@ -155,7 +155,8 @@ def test_bad_inputs_raise_before_any_kernel(rng, backend):
             F.reconstruct(means, chol, labels, seed=1, samples=0)
         with pytest.raises(ValueError, match="seed"):
             F.reconstruct(means, chol, labels, seed=2**64)
-        with pytest.raises(ValueError, match="means.*non-finite"):
+        with sws.validate(), pytest.raises(ValueError, match="means.*non-finite"):  # per call: on request only
             F.reconstruct(means * float("nan"), chol, labels, seed=1)
+        assert torch.isnan(F.reconstruct(means * float("nan"), chol, labels, seed=1)).all()  # NaN in, NaN out
         with pytest.raises(TypeError, match="labels"):
             F.reconstruct(means, chol, labels.float(), seed=1)

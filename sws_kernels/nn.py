@@ -72,11 +72,13 @@ def _check_rng_id(rng_id) -> int:
     return _checks.word(rng_id, "rng_id")
 
 
-def draw_seed() -> int:
-    """A 64-bit seed from PyTorch's default CPU generator (reproducible under ``torch.manual_seed``)."""
-    # randint's upper bound is exclusive and must fit int64: draw a signed int64 and reinterpret as uint64.
-    s = int(torch.randint(-(1 << 63), (1 << 63) - 1, (), dtype=torch.int64))
-    return s + (1 << 64) if s < 0 else s
+def draw_seed(device=None) -> torch.Tensor:
+    """A 64-bit seed as a 0-dim int64 tensor (the uint64 seed's bits, SPEC.md section 4) drawn with PyTorch's
+    generator on ``device`` (the parameters' device): reproducible under ``torch.manual_seed``, never read on
+    the host (no sync), traced by torch.compile as an op, and under CUDA-graph capture drawn from the graph-safe
+    generator, so every replay gets a fresh seed."""
+    # randint's upper bound is exclusive and must fit int64: every int64 but the largest is a seed.
+    return torch.randint(-(1 << 63), (1 << 63) - 1, (), dtype=torch.int64, device=device)
 
 
 def softplus_inv(y: torch.Tensor) -> torch.Tensor:
@@ -219,10 +221,10 @@ def _run_sampled(x, samples, seed, per_sample, call):
     if samples is None:
         if per_sample:
             raise ValueError("per_sample: expected False when samples is None (one sample, no sample dimension)")
-        y = call(x, 1, draw_seed() if seed is None else seed, False)
+        y = call(x, 1, draw_seed(x.device) if seed is None else seed, False)
         return y[0]
     samples = _checks.samples(samples)
-    return call(x, samples, draw_seed() if seed is None else seed, bool(per_sample))
+    return call(x, samples, draw_seed(x.device) if seed is None else seed, bool(per_sample))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -456,7 +458,7 @@ class _SWSLayer(_RngIdMixin, nn.Module):
         """Sampled weights [samples, *weight_shape] (what forward uses with the same seed)."""
         cb = self.codebook
         return SF.reconstruct(cb.means, cb.chol, self.labels, self._ellipse(), self._outliers(),
-                              seed=draw_seed() if seed is None else seed, samples=samples,
+                              seed=draw_seed(self.codebook.means.device) if seed is None else seed, samples=samples,
                               mode=self.mode if mode is None else mode, owner=self.owner, codebook_owner=cb.owner)
 
     def mean_weight(self) -> torch.Tensor:
@@ -676,8 +678,8 @@ class _MeanFieldLayer(_RngIdMixin, nn.Module):
         return kl
 
     def sample_weights(self, *, samples: int = 1, seed=None) -> torch.Tensor:
-        return SF.mean_field_reconstruct(self.weight_mu, self.weight_rho, seed=draw_seed() if seed is None else seed,
-                                         samples=samples, owner=self.owner)
+        seed = draw_seed(self.weight_mu.device) if seed is None else seed
+        return SF.mean_field_reconstruct(self.weight_mu, self.weight_rho, seed=seed, samples=samples, owner=self.owner)
 
     def _call(self, xx, S, sd, ps):
         raise NotImplementedError  # defined by each concrete layer

@@ -92,7 +92,7 @@ def _op_args(rng, mode, K=6):
     a = sws._checks.sws(means.requires_grad_(), chol.requires_grad_(), labels, e,
                         (o[0], o[1].requires_grad_(), o[2].requires_grad_()), 2**64 - 3, 3, mode, 4, 8)
     return (a.means, a.chol, a.labels, a.e_pos, a.e_a, a.e_b, a.e_alpha, a.o_pos, a.o_mu, a.o_rho,
-            _ops.encode_seed(a.seed), a.samples, sws._checks.MODE_CODES[mode], a.owner, a.codebook_owner)
+            sws.philox.seed_tensor(a.seed, a.means.device), a.samples, sws._checks.MODE_CODES[mode], a.owner, a.codebook_owner)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,5 +1,6 @@
-// Shared by the CPU and CUDA kernels: the argument bundle of reconstruct, the label dtypes, the math of
-// SPEC.md sections 2-3 written once for host and device, and the entry points python/module.cpp binds.
+// Shared by the CPU and CUDA kernels: the argument bundles (ReconstructArgs, MeanFieldArgs, LinearArgs: each is
+// bound to Python as one class by python/module.cpp, built in one place by sws_kernels/native.py), the label
+// dtypes, the math of SPEC.md sections 2-3 written once for host and device, and the entry points.
 // No Python and no libtorch here: raw pointers and sizes only, so the extension never depends on a torch ABI.
 #pragma once
 
@@ -63,6 +64,10 @@ inline void validate_sizes(const ReconstructArgs& a, const char* fn) {
     fail("codebook_owner must be in [0, 2^32), got " + std::to_string(a.codebook_owner));
   if (a.n > 0 && a.labels == nullptr) fail("labels pointer is null");
   if (a.means == nullptr || a.chol == nullptr) fail("means/chol pointer is null");
+  if (a.E > 0 && (a.e_pos == nullptr || a.e_a == nullptr || a.e_b == nullptr || a.e_alpha == nullptr))
+    fail("e_pos/e_a/e_b/e_alpha pointer is null with E = " + std::to_string(a.E));
+  if (a.O > 0 && (a.o_pos == nullptr || a.o_mu == nullptr || a.o_rho == nullptr))
+    fail("o_pos/o_mu/o_rho pointer is null with O = " + std::to_string(a.O));
 }
 
 // Calls f with `labels` cast to its element type (host side; every backend's one switch over LabelDtype).
@@ -119,16 +124,53 @@ inline std::vector<uint64_t> exclusion_mask(const ReconstructArgs& a, const char
   return mask;
 }
 
+// Everything mean-field reconstruct and its backward read: w[s] = mu + softplus(rho) eps[s], eps the normals of
+// stream (seed, s, owner, purpose). The backward reads rho only (mu may be null there).
+struct MeanFieldArgs {
+  const float* mu = nullptr;   // [n]
+  const float* rho = nullptr;  // [n]
+  int64_t n = 0;
+  uint64_t seed = 0;
+  const int64_t* seed_dev = nullptr;  // CUDA: the seed in device memory (philox.h SeedRef)
+  int64_t S = 1;
+  int64_t owner = 0;
+  int64_t purpose = 0;
+};
+
+inline SeedRef seed_ref_of(const MeanFieldArgs& a) { return SeedRef{a.seed_dev, seed_key(a.seed)}; }
+
 // Checks of the mean-field entry points (CPU and CUDA); throws std::invalid_argument naming `fn`.
-inline void validate_mean_field(const char* fn, int64_t n, int64_t S, int64_t owner, int64_t purpose) {
+inline void validate_mean_field(const MeanFieldArgs& a, const char* fn) {
   auto fail = [&](const std::string& what) { throw std::invalid_argument(std::string(fn) + ": " + what); };
-  if (n < 0) fail("n must be >= 0, got " + std::to_string(n));
-  if (static_cast<uint64_t>(n) > kMaxElement)
-    fail("n = " + std::to_string(n) + " exceeds the per-stream limit of 2^34 elements");
-  if (S < 1 || S > 0xffffffffll) fail("S (samples) must be in [1, 2^32), got " + std::to_string(S));
-  if (owner < 0 || owner > 0xffffffffll) fail("owner must be in [0, 2^32), got " + std::to_string(owner));
-  if (purpose < 0 || purpose > 0xffffffffll) fail("purpose must be in [0, 2^32), got " + std::to_string(purpose));
+  if (a.n < 0) fail("n must be >= 0, got " + std::to_string(a.n));
+  if (static_cast<uint64_t>(a.n) > kMaxElement)
+    fail("n = " + std::to_string(a.n) + " exceeds the per-stream limit of 2^34 elements");
+  if (a.S < 1 || a.S > 0xffffffffll) fail("S (samples) must be in [1, 2^32), got " + std::to_string(a.S));
+  if (a.owner < 0 || a.owner > 0xffffffffll) fail("owner must be in [0, 2^32), got " + std::to_string(a.owner));
+  if (a.purpose < 0 || a.purpose > 0xffffffffll)
+    fail("purpose must be in [0, 2^32), got " + std::to_string(a.purpose));
 }
+
+// The op-specific extras of the fused small-M SWS linear forward (CPU: csrc/cpu/linear.cpp, float32 x only;
+// CUDA: csrc/cuda/linear.cu). y[s] = x[s or shared] W[s]^T (+ bias), W never materialised.
+enum ActDtype : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+struct LinearArgs {
+  int64_t out_f = 0, in_f = 0;  // labels is [out_f, in_f] (n = out_f * in_f)
+  const void* x = nullptr;      // [M, in_f] shared, or [S, M, in_f] per sample; contiguous
+  int x_dtype = kF32;
+  int64_t M = 0;                // rows per sample, 1 <= M <= kLinearMaxM (CUDA) / kLinearCpuMaxM (CPU)
+  bool per_sample = false;
+  const float* bias = nullptr;  // float32 [out_f] or [S, out_f] or null
+  bool bias_per_sample = false;
+  void* y = nullptr;            // [S, M, out_f], x's dtype
+  // CUDA only. Ellipse/outlier positions: a bitmask over the n weights (bit p set: not an inlier) and a
+  // row-sorted list (positions ascending; ov_idx < E: ellipse entry, else outlier entry ov_idx - E) with row
+  // offsets. The CPU kernel corrects those positions itself (serial pass in entry order).
+  const uint32_t* ov_mask = nullptr;  // [(n + 31) / 32] or null when E + O == 0
+  const int64_t* ov_rows = nullptr;   // [out_f + 1]
+  const int64_t* ov_pos = nullptr;    // [E + O]
+  const int64_t* ov_idx = nullptr;    // [E + O]
+};
 
 // softplus exactly as torch.nn.functional.softplus (beta 1, threshold 20): x if x > 20 else log1p(exp(x)).
 SWS_HD float softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
@@ -167,16 +209,13 @@ int omp_max_threads();
 void omp_set_threads(int n);
 // Mean-field (csrc/cpu/mean_field.cpp): out[S, n] = mu + softplus(rho) eps[s]; eps of stream (seed, s, owner,
 // purpose). Backward overwrites grad_mu[n], grad_rho[n] from grad_w[S, n]. Deterministic.
-void mean_field_reconstruct_cpu(const float* mu, const float* rho, int64_t n, uint64_t seed, int64_t S, int64_t owner,
-                                int64_t purpose, float* out);
-void mean_field_reconstruct_backward_cpu(const float* grad_w, const float* rho, int64_t n, uint64_t seed, int64_t S,
-                                         int64_t owner, int64_t purpose, float* grad_mu, float* grad_rho);
+void mean_field_reconstruct_cpu(const MeanFieldArgs& a, float* out);
+void mean_field_reconstruct_backward_cpu(const MeanFieldArgs& a, const float* grad_w, float* grad_mu, float* grad_rho);
 // csrc/cpu/linear.cpp: fused small-M SWS linear forward (paper/mean modes), y[S, M, out_f] = x W[s]^T (+ bias)
 // without materialising W. x float32 [M, in_f] shared or [S, M, in_f] per sample; bias float32 [out_f] or
-// [S, out_f] (bias_per_sample) or null. Deterministic (independent of the thread count).
+// [S, out_f] (bias_per_sample) or null; l.ov_* unused. Deterministic (independent of the thread count).
 constexpr int64_t kLinearCpuMaxM = 32;
-void sws_linear_cpu(const ReconstructArgs& a, int64_t out_f, int64_t in_f, const float* x, int64_t M,
-                    bool per_sample, const float* bias, bool bias_per_sample, float* y);
+void sws_linear_cpu(const ReconstructArgs& a, const LinearArgs& l);
 
 // ---- entry points (csrc/cuda/reconstruct.cu; only when built with SWS_WITH_CUDA) ----
 #if defined(SWS_WITH_CUDA)
@@ -205,33 +244,14 @@ CudaProbe cuda_probe();
 int cuda_runtime_build_version();
 // zbuf[S, K, 2] = (z_mu, softplus(z_rho)) (mean mode: (m_mu, 0)): the table the fused kernels read.
 void sample_components_cuda(const ReconstructArgs& a, float* zbuf, uintptr_t stream);
-// csrc/cuda/mean_field.cu: same contract as the CPU versions, device pointers, asynchronous on `stream`.
-// seed_dev: the seed in device memory (null: use `seed`), see philox.h SeedRef.
-void mean_field_reconstruct_cuda(const float* mu, const float* rho, int64_t n, uint64_t seed, const int64_t* seed_dev,
-                                 int64_t S, int64_t owner, int64_t purpose, float* out, uintptr_t stream);
-void mean_field_reconstruct_backward_cuda(const float* grad_w, const float* rho, int64_t n, uint64_t seed,
-                                          const int64_t* seed_dev, int64_t S, int64_t owner, int64_t purpose,
-                                          float* grad_mu, float* grad_rho, uintptr_t stream);
+// csrc/cuda/mean_field.cu: same contract as the CPU versions, device pointers, asynchronous on `stream`;
+// a.seed_dev: the seed in device memory (null: use a.seed), see philox.h SeedRef.
+void mean_field_reconstruct_cuda(const MeanFieldArgs& a, float* out, uintptr_t stream);
+void mean_field_reconstruct_backward_cuda(const MeanFieldArgs& a, const float* grad_w, float* grad_mu, float* grad_rho,
+                                          uintptr_t stream);
 // csrc/cuda/linear.cu: fused small-M SWS linear forward, y[s] = x[s or shared] W[s]^T (+ bias), W generated
 // from labels and the sampled codebook (zbuf, filled here) inside the kernel. x/y dtype: kF32 / kF16 / kBF16.
-enum ActDtype : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 constexpr int64_t kLinearMaxM = 16;
-struct LinearArgs {
-  int64_t out_f = 0, in_f = 0;  // labels is [out_f, in_f] (n = out_f * in_f)
-  const void* x = nullptr;      // [M, in_f] shared, or [S, M, in_f] per sample; contiguous
-  int x_dtype = kF32;
-  int64_t M = 0;                // rows per sample, 1 <= M <= kLinearMaxM
-  bool per_sample = false;
-  const float* bias = nullptr;  // float32 [out_f] or [S, out_f] or null
-  bool bias_per_sample = false;
-  void* y = nullptr;            // [S, M, out_f], x's dtype
-  // ellipse/outlier positions: a bitmask over the n weights (bit p set: not an inlier) and a row-sorted
-  // list (positions ascending; ov_idx < E: ellipse entry, else outlier entry ov_idx - E) with row offsets.
-  const uint32_t* ov_mask = nullptr;  // [(n + 31) / 32] or null when E + O == 0
-  const int64_t* ov_rows = nullptr;   // [out_f + 1]
-  const int64_t* ov_pos = nullptr;    // [E + O]
-  const int64_t* ov_idx = nullptr;    // [E + O]
-};
 void sws_linear_cuda(const ReconstructArgs& a, const LinearArgs& l, float* zbuf, uintptr_t stream);
 #endif
 

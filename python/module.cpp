@@ -1,17 +1,25 @@
 // sws_kernels._C: the only C++ that knows about Python. Arrays travel as raw addresses (Python ints,
 // e.g. tensor.data_ptr()) plus sizes, so the extension links no libtorch and survives torch upgrades;
 // sws_kernels/native.py owns the tensors, their dtypes and their lifetimes.
+//
+// Every kernel entry point takes one argument bundle, the C++ struct itself bound as a class
+// (ReconstructArgs for reconstruct, its backward and the fused linear; MeanFieldArgs for the mean-field ops;
+// LinearArgs for the fused linear's extras), plus its op-specific outputs and workspaces. Pointer fields are
+// addresses (ints); native.py builds each bundle in one place.
 // std::invalid_argument -> ValueError, std::runtime_error -> RuntimeError (pybind11's translation).
 // The GIL is released around every kernel.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <sstream>
 #include <string>
 
 #include "common.h"
 #include "cpu/vecmath.h"
 
 namespace py = pybind11;
+using sws::LinearArgs;
+using sws::MeanFieldArgs;
 using sws::ReconstructArgs;
 
 namespace {
@@ -21,48 +29,207 @@ T* ptr(uintptr_t p) {
   return reinterpret_cast<T*>(p);
 }
 
-ReconstructArgs make_args(uintptr_t means, uintptr_t chol, int64_t K, uintptr_t labels, int labels_dtype, int64_t n,
-                          uintptr_t e_pos, uintptr_t e_a, uintptr_t e_b, uintptr_t e_alpha, int64_t E, uintptr_t o_pos,
-                          uintptr_t o_mu, uintptr_t o_rho, int64_t O, uint64_t seed, int64_t S, int mode, int64_t owner,
-                          int64_t codebook_owner) {
-  ReconstructArgs a;
-  a.means = ptr<const float>(means);
-  a.chol = ptr<const float>(chol);
-  a.K = K;
-  a.labels = ptr<const void>(labels);
-  a.labels_dtype = labels_dtype;
-  a.n = n;
-  a.e_pos = ptr<const int64_t>(e_pos);
-  a.e_a = ptr<const int64_t>(e_a);
-  a.e_b = ptr<const int64_t>(e_b);
-  a.e_alpha = ptr<const float>(e_alpha);
-  a.E = E;
-  a.o_pos = ptr<const int64_t>(o_pos);
-  a.o_mu = ptr<const float>(o_mu);
-  a.o_rho = ptr<const float>(o_rho);
-  a.O = O;
-  a.seed = seed;
-  a.S = S;
-  a.mode = mode;
-  a.owner = owner;
-  a.codebook_owner = codebook_owner;
-  return a;
-}
-
 void check_ptr(const char* fn, const char* name, uintptr_t p, int64_t count) {
   if (count > 0 && p == 0) throw std::invalid_argument(std::string(fn) + ": " + name + " is a null pointer");
+}
+
+// A pointer member as a read/write Python int property (the address).
+template <class C, class T>
+void ptr_field(py::class_<C>& cls, const char* name, T* C::*field) {
+  cls.def_property(
+      name, [field](const C& c) { return reinterpret_cast<uintptr_t>(c.*field); },
+      [field](C& c, uintptr_t p) { c.*field = reinterpret_cast<T*>(p); });
+}
+
+template <class C, class T>
+void add_field(std::ostringstream& os, const char* name, T* C::*field, const C& c, bool& first) {
+  os << (first ? "" : ", ") << name << "=0x" << std::hex << reinterpret_cast<uintptr_t>(c.*field) << std::dec;
+  first = false;
+}
+
+template <class C, class T>
+void add_value(std::ostringstream& os, const char* name, T C::*field, const C& c, bool& first) {
+  os << (first ? "" : ", ") << name << "=" << +(c.*field);
+  first = false;
+}
+
+void bind_args(py::module_& m) {
+  py::class_<ReconstructArgs> ra(m, "ReconstructArgs",
+                                 "Everything reconstruct, its backward and the fused linear read (csrc/common.h). "
+                                 "Pointer fields are addresses (ints, 0 = null); seed is the uint64 host value, "
+                                 "seed_dev the address of the int64 seed in device memory (CUDA; 0: use seed).");
+  ra.def(py::init([](uintptr_t means, uintptr_t chol, int64_t K, uintptr_t labels, int labels_dtype, int64_t n,
+                     uintptr_t e_pos, uintptr_t e_a, uintptr_t e_b, uintptr_t e_alpha, int64_t E, uintptr_t o_pos,
+                     uintptr_t o_mu, uintptr_t o_rho, int64_t O, uint64_t seed, uintptr_t seed_dev, int64_t S, int mode,
+                     int64_t owner, int64_t codebook_owner) {
+           ReconstructArgs a;
+           a.means = ptr<const float>(means);
+           a.chol = ptr<const float>(chol);
+           a.K = K;
+           a.labels = ptr<const void>(labels);
+           a.labels_dtype = labels_dtype;
+           a.n = n;
+           a.e_pos = ptr<const int64_t>(e_pos);
+           a.e_a = ptr<const int64_t>(e_a);
+           a.e_b = ptr<const int64_t>(e_b);
+           a.e_alpha = ptr<const float>(e_alpha);
+           a.E = E;
+           a.o_pos = ptr<const int64_t>(o_pos);
+           a.o_mu = ptr<const float>(o_mu);
+           a.o_rho = ptr<const float>(o_rho);
+           a.O = O;
+           a.seed = seed;
+           a.seed_dev = ptr<const int64_t>(seed_dev);
+           a.S = S;
+           a.mode = mode;
+           a.owner = owner;
+           a.codebook_owner = codebook_owner;
+           return a;
+         }),
+         py::arg("means") = 0, py::arg("chol") = 0, py::arg("K") = 0, py::arg("labels") = 0,
+         py::arg("labels_dtype") = 0, py::arg("n") = 0, py::arg("e_pos") = 0, py::arg("e_a") = 0, py::arg("e_b") = 0,
+         py::arg("e_alpha") = 0, py::arg("E") = 0, py::arg("o_pos") = 0, py::arg("o_mu") = 0, py::arg("o_rho") = 0,
+         py::arg("O") = 0, py::arg("seed") = 0, py::arg("seed_dev") = 0, py::arg("S") = 1, py::arg("mode") = 0,
+         py::arg("owner") = 0, py::arg("codebook_owner") = 0);
+  ptr_field(ra, "means", &ReconstructArgs::means);
+  ptr_field(ra, "chol", &ReconstructArgs::chol);
+  ra.def_readwrite("K", &ReconstructArgs::K);
+  ptr_field(ra, "labels", &ReconstructArgs::labels);
+  ra.def_readwrite("labels_dtype", &ReconstructArgs::labels_dtype);
+  ra.def_readwrite("n", &ReconstructArgs::n);
+  ptr_field(ra, "e_pos", &ReconstructArgs::e_pos);
+  ptr_field(ra, "e_a", &ReconstructArgs::e_a);
+  ptr_field(ra, "e_b", &ReconstructArgs::e_b);
+  ptr_field(ra, "e_alpha", &ReconstructArgs::e_alpha);
+  ra.def_readwrite("E", &ReconstructArgs::E);
+  ptr_field(ra, "o_pos", &ReconstructArgs::o_pos);
+  ptr_field(ra, "o_mu", &ReconstructArgs::o_mu);
+  ptr_field(ra, "o_rho", &ReconstructArgs::o_rho);
+  ra.def_readwrite("O", &ReconstructArgs::O);
+  ra.def_readwrite("seed", &ReconstructArgs::seed);
+  ptr_field(ra, "seed_dev", &ReconstructArgs::seed_dev);
+  ra.def_readwrite("S", &ReconstructArgs::S);
+  ra.def_readwrite("mode", &ReconstructArgs::mode);
+  ra.def_readwrite("owner", &ReconstructArgs::owner);
+  ra.def_readwrite("codebook_owner", &ReconstructArgs::codebook_owner);
+  ra.def("__repr__", [](const ReconstructArgs& a) {
+    std::ostringstream os;
+    bool first = true;
+    os << "ReconstructArgs(";
+    add_field(os, "means", &ReconstructArgs::means, a, first);
+    add_field(os, "chol", &ReconstructArgs::chol, a, first);
+    add_value(os, "K", &ReconstructArgs::K, a, first);
+    add_field(os, "labels", &ReconstructArgs::labels, a, first);
+    add_value(os, "labels_dtype", &ReconstructArgs::labels_dtype, a, first);
+    add_value(os, "n", &ReconstructArgs::n, a, first);
+    add_field(os, "e_pos", &ReconstructArgs::e_pos, a, first);
+    add_field(os, "e_a", &ReconstructArgs::e_a, a, first);
+    add_field(os, "e_b", &ReconstructArgs::e_b, a, first);
+    add_field(os, "e_alpha", &ReconstructArgs::e_alpha, a, first);
+    add_value(os, "E", &ReconstructArgs::E, a, first);
+    add_field(os, "o_pos", &ReconstructArgs::o_pos, a, first);
+    add_field(os, "o_mu", &ReconstructArgs::o_mu, a, first);
+    add_field(os, "o_rho", &ReconstructArgs::o_rho, a, first);
+    add_value(os, "O", &ReconstructArgs::O, a, first);
+    add_value(os, "seed", &ReconstructArgs::seed, a, first);
+    add_field(os, "seed_dev", &ReconstructArgs::seed_dev, a, first);
+    add_value(os, "S", &ReconstructArgs::S, a, first);
+    add_value(os, "mode", &ReconstructArgs::mode, a, first);
+    add_value(os, "owner", &ReconstructArgs::owner, a, first);
+    add_value(os, "codebook_owner", &ReconstructArgs::codebook_owner, a, first);
+    os << ")";
+    return os.str();
+  });
+
+  py::class_<MeanFieldArgs> mf(m, "MeanFieldArgs",
+                               "Everything mean-field reconstruct and its backward read (csrc/common.h): mu, rho "
+                               "addresses (the backward reads rho only), n, seed (+ seed_dev on CUDA), S, owner, "
+                               "purpose.");
+  mf.def(py::init([](uintptr_t mu, uintptr_t rho, int64_t n, uint64_t seed, uintptr_t seed_dev, int64_t S,
+                     int64_t owner, int64_t purpose) {
+           MeanFieldArgs a;
+           a.mu = ptr<const float>(mu);
+           a.rho = ptr<const float>(rho);
+           a.n = n;
+           a.seed = seed;
+           a.seed_dev = ptr<const int64_t>(seed_dev);
+           a.S = S;
+           a.owner = owner;
+           a.purpose = purpose;
+           return a;
+         }),
+         py::arg("mu") = 0, py::arg("rho") = 0, py::arg("n") = 0, py::arg("seed") = 0, py::arg("seed_dev") = 0,
+         py::arg("S") = 1, py::arg("owner") = 0, py::arg("purpose") = 0);
+  ptr_field(mf, "mu", &MeanFieldArgs::mu);
+  ptr_field(mf, "rho", &MeanFieldArgs::rho);
+  mf.def_readwrite("n", &MeanFieldArgs::n);
+  mf.def_readwrite("seed", &MeanFieldArgs::seed);
+  ptr_field(mf, "seed_dev", &MeanFieldArgs::seed_dev);
+  mf.def_readwrite("S", &MeanFieldArgs::S);
+  mf.def_readwrite("owner", &MeanFieldArgs::owner);
+  mf.def_readwrite("purpose", &MeanFieldArgs::purpose);
+  mf.def("__repr__", [](const MeanFieldArgs& a) {
+    std::ostringstream os;
+    bool first = true;
+    os << "MeanFieldArgs(";
+    add_field(os, "mu", &MeanFieldArgs::mu, a, first);
+    add_field(os, "rho", &MeanFieldArgs::rho, a, first);
+    add_value(os, "n", &MeanFieldArgs::n, a, first);
+    add_value(os, "seed", &MeanFieldArgs::seed, a, first);
+    add_field(os, "seed_dev", &MeanFieldArgs::seed_dev, a, first);
+    add_value(os, "S", &MeanFieldArgs::S, a, first);
+    add_value(os, "owner", &MeanFieldArgs::owner, a, first);
+    add_value(os, "purpose", &MeanFieldArgs::purpose, a, first);
+    os << ")";
+    return os.str();
+  });
+
+  py::class_<LinearArgs> la(m, "LinearArgs",
+                            "The fused small-M linear's extras (csrc/common.h): labels are [out_f, in_f]; x, y, bias "
+                            "addresses; x_dtype 0 float32, 1 float16, 2 bfloat16; ov_*: the CUDA kernel's "
+                            "ellipse/outlier overrides (0 when E + O == 0; unused on the CPU).");
+  la.def(py::init([](int64_t out_f, int64_t in_f, uintptr_t x, int x_dtype, int64_t M, bool per_sample, uintptr_t bias,
+                     bool bias_per_sample, uintptr_t y, uintptr_t ov_mask, uintptr_t ov_rows, uintptr_t ov_pos,
+                     uintptr_t ov_idx) {
+           LinearArgs l;
+           l.out_f = out_f;
+           l.in_f = in_f;
+           l.x = ptr<const void>(x);
+           l.x_dtype = x_dtype;
+           l.M = M;
+           l.per_sample = per_sample;
+           l.bias = ptr<const float>(bias);
+           l.bias_per_sample = bias_per_sample;
+           l.y = ptr<void>(y);
+           l.ov_mask = ptr<const uint32_t>(ov_mask);
+           l.ov_rows = ptr<const int64_t>(ov_rows);
+           l.ov_pos = ptr<const int64_t>(ov_pos);
+           l.ov_idx = ptr<const int64_t>(ov_idx);
+           return l;
+         }),
+         py::arg("out_f") = 0, py::arg("in_f") = 0, py::arg("x") = 0, py::arg("x_dtype") = 0, py::arg("M") = 0,
+         py::arg("per_sample") = false, py::arg("bias") = 0, py::arg("bias_per_sample") = false, py::arg("y") = 0,
+         py::arg("ov_mask") = 0, py::arg("ov_rows") = 0, py::arg("ov_pos") = 0, py::arg("ov_idx") = 0);
+  la.def_readwrite("out_f", &LinearArgs::out_f);
+  la.def_readwrite("in_f", &LinearArgs::in_f);
+  ptr_field(la, "x", &LinearArgs::x);
+  la.def_readwrite("x_dtype", &LinearArgs::x_dtype);
+  la.def_readwrite("M", &LinearArgs::M);
+  la.def_readwrite("per_sample", &LinearArgs::per_sample);
+  ptr_field(la, "bias", &LinearArgs::bias);
+  la.def_readwrite("bias_per_sample", &LinearArgs::bias_per_sample);
+  ptr_field(la, "y", &LinearArgs::y);
+  ptr_field(la, "ov_mask", &LinearArgs::ov_mask);
+  ptr_field(la, "ov_rows", &LinearArgs::ov_rows);
+  ptr_field(la, "ov_pos", &LinearArgs::ov_pos);
+  ptr_field(la, "ov_idx", &LinearArgs::ov_idx);
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "sws_kernels native kernels (CPU/OpenMP and optionally CUDA); pointer arguments are addresses as ints";
-
-#define SWS_RECON_ARGS                                                                                              \
-  py::arg("means_ptr"), py::arg("chol_ptr"), py::arg("K"), py::arg("labels_ptr"), py::arg("labels_dtype"),          \
-      py::arg("n"), py::arg("e_pos_ptr"), py::arg("e_a_ptr"), py::arg("e_b_ptr"), py::arg("e_alpha_ptr"),            \
-      py::arg("E"), py::arg("o_pos_ptr"), py::arg("o_mu_ptr"), py::arg("o_rho_ptr"), py::arg("O"), py::arg("seed"), \
-      py::arg("S"), py::arg("mode"), py::arg("owner"), py::arg("codebook_owner")
+  bind_args(m);
 
   m.def(
       "philox4x32",
@@ -96,86 +263,66 @@ PYBIND11_MODULE(_C, m) {
       "float32 out[n] = normals of elements offset..offset+n-1 of stream (seed, sample, owner, purpose).");
 
   m.def(
-      "sws_linear_cpu",
-      [](uintptr_t means, uintptr_t chol, int64_t K, uintptr_t labels, int labels_dtype, int64_t n, uintptr_t e_pos,
-         uintptr_t e_a, uintptr_t e_b, uintptr_t e_alpha, int64_t E, uintptr_t o_pos, uintptr_t o_mu, uintptr_t o_rho,
-         int64_t O, uint64_t seed, int64_t S, int mode, int64_t owner, int64_t codebook_owner, int64_t out_f,
-         int64_t in_f, uintptr_t x, int64_t M, bool per_sample, uintptr_t bias, bool bias_per_sample, uintptr_t y) {
-        const ReconstructArgs a = make_args(means, chol, K, labels, labels_dtype, n, e_pos, e_a, e_b, e_alpha, E, o_pos,
-                                            o_mu, o_rho, O, seed, S, mode, owner, codebook_owner);
-        check_ptr("sws_linear_cpu", "x_ptr", x, M * in_f);
-        check_ptr("sws_linear_cpu", "y_ptr", y, M * out_f);
-        sws::sws_linear_cpu(a, out_f, in_f, ptr<const float>(x), M, per_sample,
-                            bias ? ptr<const float>(bias) : nullptr, bias_per_sample, ptr<float>(y));
-      },
-      SWS_RECON_ARGS, py::arg("out_f"), py::arg("in_f"), py::arg("x_ptr"), py::arg("M"), py::arg("per_sample"),
-      py::arg("bias_ptr"), py::arg("bias_per_sample"), py::arg("y_ptr"), py::call_guard<py::gil_scoped_release>(),
-      "Fused small-M SWS linear forward (paper/mean): float32 y[S, M, out_f] = x W[s]^T (+ bias), W never "
-      "materialised.");
-
-  m.def(
       "reconstruct_cpu",
-      [](uintptr_t out, uintptr_t means, uintptr_t chol, int64_t K, uintptr_t labels, int labels_dtype, int64_t n,
-         uintptr_t e_pos, uintptr_t e_a, uintptr_t e_b, uintptr_t e_alpha, int64_t E, uintptr_t o_pos, uintptr_t o_mu,
-         uintptr_t o_rho, int64_t O, uint64_t seed, int64_t S, int mode, int64_t owner, int64_t codebook_owner) {
-        const ReconstructArgs a = make_args(means, chol, K, labels, labels_dtype, n, e_pos, e_a, e_b, e_alpha, E, o_pos,
-                                            o_mu, o_rho, O, seed, S, mode, owner, codebook_owner);
-        check_ptr("reconstruct_cpu", "out_ptr", out, n);
+      [](const ReconstructArgs& a, uintptr_t out) {
+        check_ptr("reconstruct_cpu", "out_ptr", out, a.n);
         sws::reconstruct_cpu(a, ptr<float>(out));
       },
-      py::arg("out_ptr"), SWS_RECON_ARGS, py::call_guard<py::gil_scoped_release>(),
+      py::arg("args"), py::arg("out_ptr"), py::call_guard<py::gil_scoped_release>(),
       "float32 out[S, n] = sampled weights (mode 0 paper, 1 hierarchical, 2 mean).");
 
   m.def(
       "reconstruct_backward_cpu",
-      [](uintptr_t grad_out, uintptr_t means, uintptr_t chol, int64_t K, uintptr_t labels, int labels_dtype, int64_t n,
-         uintptr_t e_pos, uintptr_t e_a, uintptr_t e_b, uintptr_t e_alpha, int64_t E, uintptr_t o_pos, uintptr_t o_mu,
-         uintptr_t o_rho, int64_t O, uint64_t seed, int64_t S, int mode, int64_t owner, int64_t codebook_owner,
-         uintptr_t grad_means, uintptr_t grad_chol, uintptr_t grad_mu_o, uintptr_t grad_rho_o) {
-        const ReconstructArgs a = make_args(means, chol, K, labels, labels_dtype, n, e_pos, e_a, e_b, e_alpha, E, o_pos,
-                                            o_mu, o_rho, O, seed, S, mode, owner, codebook_owner);
+      [](const ReconstructArgs& a, uintptr_t grad_out, uintptr_t grad_means, uintptr_t grad_chol, uintptr_t grad_mu_o,
+         uintptr_t grad_rho_o) {
         const char* fn = "reconstruct_backward_cpu";
-        check_ptr(fn, "grad_out_ptr", grad_out, n);
-        check_ptr(fn, "grad_means_ptr", grad_means, K);
-        check_ptr(fn, "grad_chol_ptr", grad_chol, K);
-        check_ptr(fn, "grad_mu_o_ptr", grad_mu_o, O);
-        check_ptr(fn, "grad_rho_o_ptr", grad_rho_o, O);
+        check_ptr(fn, "grad_out_ptr", grad_out, a.n);
+        check_ptr(fn, "grad_means_ptr", grad_means, a.K);
+        check_ptr(fn, "grad_chol_ptr", grad_chol, a.K);
+        check_ptr(fn, "grad_mu_o_ptr", grad_mu_o, a.O);
+        check_ptr(fn, "grad_rho_o_ptr", grad_rho_o, a.O);
         sws::reconstruct_backward_cpu(a, ptr<const float>(grad_out), ptr<float>(grad_means), ptr<float>(grad_chol),
                                       ptr<float>(grad_mu_o), ptr<float>(grad_rho_o));
       },
-      py::arg("grad_out_ptr"), SWS_RECON_ARGS, py::arg("grad_means_ptr"), py::arg("grad_chol_ptr"),
+      py::arg("args"), py::arg("grad_out_ptr"), py::arg("grad_means_ptr"), py::arg("grad_chol_ptr"),
       py::arg("grad_mu_o_ptr"), py::arg("grad_rho_o_ptr"), py::call_guard<py::gil_scoped_release>(),
       "Gradients (overwritten) of means[K,2], chol[K,3], o_mu[O], o_rho[O] from grad_out[S, n]; deterministic.");
 
   m.def(
-      "mean_field_reconstruct_cpu",
-      [](uintptr_t out, uintptr_t mu, uintptr_t rho, int64_t n, uint64_t seed, int64_t S, int64_t owner,
-         int64_t purpose) {
-        const char* fn = "mean_field_reconstruct_cpu";
-        check_ptr(fn, "out_ptr", out, n);
-        check_ptr(fn, "mu_ptr", mu, n);
-        check_ptr(fn, "rho_ptr", rho, n);
-        sws::mean_field_reconstruct_cpu(ptr<const float>(mu), ptr<const float>(rho), n, seed, S, owner, purpose,
-                                        ptr<float>(out));
+      "sws_linear_cpu",
+      [](const ReconstructArgs& a, const LinearArgs& l) {
+        check_ptr("sws_linear_cpu", "x", reinterpret_cast<uintptr_t>(l.x), l.M * l.in_f);
+        check_ptr("sws_linear_cpu", "y", reinterpret_cast<uintptr_t>(l.y), l.M * l.out_f);
+        sws::sws_linear_cpu(a, l);
       },
-      py::arg("out_ptr"), py::arg("mu_ptr"), py::arg("rho_ptr"), py::arg("n"), py::arg("seed"), py::arg("S"),
-      py::arg("owner"), py::arg("purpose"), py::call_guard<py::gil_scoped_release>(),
+      py::arg("args"), py::arg("linear"), py::call_guard<py::gil_scoped_release>(),
+      "Fused small-M SWS linear forward (paper/mean, float32 x, M <= 32): float32 y[S, M, out_f] = x W[s]^T "
+      "(+ bias), W never materialised.");
+
+  m.def(
+      "mean_field_reconstruct_cpu",
+      [](const MeanFieldArgs& a, uintptr_t out) {
+        const char* fn = "mean_field_reconstruct_cpu";
+        check_ptr(fn, "out_ptr", out, a.n);
+        check_ptr(fn, "mu", reinterpret_cast<uintptr_t>(a.mu), a.n);
+        check_ptr(fn, "rho", reinterpret_cast<uintptr_t>(a.rho), a.n);
+        sws::mean_field_reconstruct_cpu(a, ptr<float>(out));
+      },
+      py::arg("args"), py::arg("out_ptr"), py::call_guard<py::gil_scoped_release>(),
       "float32 out[S, n] = mu + softplus(rho) * eps[s], eps = normals of stream (seed, s, owner, purpose).");
 
   m.def(
       "mean_field_reconstruct_backward_cpu",
-      [](uintptr_t grad_w, uintptr_t rho, int64_t n, uint64_t seed, int64_t S, int64_t owner, int64_t purpose,
-         uintptr_t grad_mu, uintptr_t grad_rho) {
+      [](const MeanFieldArgs& a, uintptr_t grad_w, uintptr_t grad_mu, uintptr_t grad_rho) {
         const char* fn = "mean_field_reconstruct_backward_cpu";
-        check_ptr(fn, "grad_w_ptr", grad_w, n);
-        check_ptr(fn, "rho_ptr", rho, n);
-        check_ptr(fn, "grad_mu_ptr", grad_mu, n);
-        check_ptr(fn, "grad_rho_ptr", grad_rho, n);
-        sws::mean_field_reconstruct_backward_cpu(ptr<const float>(grad_w), ptr<const float>(rho), n, seed, S, owner,
-                                                 purpose, ptr<float>(grad_mu), ptr<float>(grad_rho));
+        check_ptr(fn, "grad_w_ptr", grad_w, a.n);
+        check_ptr(fn, "rho", reinterpret_cast<uintptr_t>(a.rho), a.n);
+        check_ptr(fn, "grad_mu_ptr", grad_mu, a.n);
+        check_ptr(fn, "grad_rho_ptr", grad_rho, a.n);
+        sws::mean_field_reconstruct_backward_cpu(a, ptr<const float>(grad_w), ptr<float>(grad_mu), ptr<float>(grad_rho));
       },
-      py::arg("grad_w_ptr"), py::arg("rho_ptr"), py::arg("n"), py::arg("seed"), py::arg("S"), py::arg("owner"),
-      py::arg("purpose"), py::arg("grad_mu_ptr"), py::arg("grad_rho_ptr"), py::call_guard<py::gil_scoped_release>(),
+      py::arg("args"), py::arg("grad_w_ptr"), py::arg("grad_mu_ptr"), py::arg("grad_rho_ptr"),
+      py::call_guard<py::gil_scoped_release>(),
       "Overwrites grad_mu[n] = sum_s grad_w[s], grad_rho[n] = sum_s grad_w[s] eps[s] * softplus'(rho); deterministic.");
 
   m.def("simd_level", []() { return std::string(sws::simd_level()); },
@@ -186,120 +333,81 @@ PYBIND11_MODULE(_C, m) {
 #if defined(SWS_WITH_CUDA)
   m.def(
       "reconstruct_cuda",
-      [](uintptr_t out, uintptr_t means, uintptr_t chol, int64_t K, uintptr_t labels, int labels_dtype, int64_t n,
-         uintptr_t e_pos, uintptr_t e_a, uintptr_t e_b, uintptr_t e_alpha, int64_t E, uintptr_t o_pos, uintptr_t o_mu,
-         uintptr_t o_rho, int64_t O, uint64_t seed, int64_t S, int mode, int64_t owner, int64_t codebook_owner,
-         uintptr_t zbuf, uintptr_t stream, uintptr_t seed_dev) {
-        ReconstructArgs a = make_args(means, chol, K, labels, labels_dtype, n, e_pos, e_a, e_b, e_alpha, E, o_pos,
-                                      o_mu, o_rho, O, seed, S, mode, owner, codebook_owner);
-        a.seed_dev = ptr<const int64_t>(seed_dev);
-        check_ptr("reconstruct_cuda", "out_ptr", out, n);
-        check_ptr("reconstruct_cuda", "zbuf_ptr", zbuf, K);
+      [](const ReconstructArgs& a, uintptr_t out, uintptr_t zbuf, uintptr_t stream) {
+        check_ptr("reconstruct_cuda", "out_ptr", out, a.n);
+        check_ptr("reconstruct_cuda", "zbuf_ptr", zbuf, a.K);
         sws::reconstruct_cuda(a, ptr<float>(out), ptr<float>(zbuf), stream);
       },
-      py::arg("out_ptr"), SWS_RECON_ARGS, py::arg("zbuf_ptr"), py::arg("stream") = 0, py::arg("seed_dev_ptr") = 0,
+      py::arg("args"), py::arg("out_ptr"), py::arg("zbuf_ptr"), py::arg("stream") = 0,
       py::call_guard<py::gil_scoped_release>(),
       "Device pointers. zbuf: float32 workspace of S*K*2 elements. Asynchronous on `stream` (cudaStream_t as int).");
 
   m.def(
-      "mean_field_reconstruct_cuda",
-      [](uintptr_t out, uintptr_t mu, uintptr_t rho, int64_t n, uint64_t seed, int64_t S, int64_t owner,
-         int64_t purpose, uintptr_t stream, uintptr_t seed_dev) {
-        const char* fn = "mean_field_reconstruct_cuda";
-        check_ptr(fn, "out_ptr", out, n);
-        check_ptr(fn, "mu_ptr", mu, n);
-        check_ptr(fn, "rho_ptr", rho, n);
-        sws::mean_field_reconstruct_cuda(ptr<const float>(mu), ptr<const float>(rho), n, seed,
-                                         ptr<const int64_t>(seed_dev), S, owner, purpose, ptr<float>(out), stream);
-      },
-      py::arg("out_ptr"), py::arg("mu_ptr"), py::arg("rho_ptr"), py::arg("n"), py::arg("seed"), py::arg("S"),
-      py::arg("owner"), py::arg("purpose"), py::arg("stream") = 0, py::arg("seed_dev_ptr") = 0,
-      py::call_guard<py::gil_scoped_release>(),
-      "Device pointers; as mean_field_reconstruct_cpu, asynchronous on `stream`.");
-
-  m.def(
-      "mean_field_reconstruct_backward_cuda",
-      [](uintptr_t grad_w, uintptr_t rho, int64_t n, uint64_t seed, int64_t S, int64_t owner, int64_t purpose,
-         uintptr_t grad_mu, uintptr_t grad_rho, uintptr_t stream, uintptr_t seed_dev) {
-        const char* fn = "mean_field_reconstruct_backward_cuda";
-        check_ptr(fn, "grad_w_ptr", grad_w, n);
-        check_ptr(fn, "rho_ptr", rho, n);
-        check_ptr(fn, "grad_mu_ptr", grad_mu, n);
-        check_ptr(fn, "grad_rho_ptr", grad_rho, n);
-        sws::mean_field_reconstruct_backward_cuda(ptr<const float>(grad_w), ptr<const float>(rho), n, seed,
-                                                  ptr<const int64_t>(seed_dev), S, owner, purpose, ptr<float>(grad_mu),
-                                                  ptr<float>(grad_rho), stream);
-      },
-      py::arg("grad_w_ptr"), py::arg("rho_ptr"), py::arg("n"), py::arg("seed"), py::arg("S"), py::arg("owner"),
-      py::arg("purpose"), py::arg("grad_mu_ptr"), py::arg("grad_rho_ptr"), py::arg("stream") = 0,
-      py::arg("seed_dev_ptr") = 0, py::call_guard<py::gil_scoped_release>(), "Device pointers; as mean_field_reconstruct_backward_cpu.");
-
-  m.def(
-      "sws_linear_cuda",
-      [](uintptr_t means, uintptr_t chol, int64_t K, uintptr_t labels, int labels_dtype, int64_t n, uintptr_t e_pos,
-         uintptr_t e_a, uintptr_t e_b, uintptr_t e_alpha, int64_t E, uintptr_t o_pos, uintptr_t o_mu, uintptr_t o_rho,
-         int64_t O, uint64_t seed, int64_t S, int mode, int64_t owner, int64_t codebook_owner, int64_t out_f,
-         int64_t in_f, uintptr_t x, int x_dtype, int64_t M, bool per_sample, uintptr_t bias, bool bias_per_sample,
-         uintptr_t y, uintptr_t ov_mask, uintptr_t ov_rows, uintptr_t ov_pos, uintptr_t ov_idx, uintptr_t zbuf,
-         uintptr_t stream, uintptr_t seed_dev) {
-        ReconstructArgs a = make_args(means, chol, K, labels, labels_dtype, n, e_pos, e_a, e_b, e_alpha, E, o_pos,
-                                      o_mu, o_rho, O, seed, S, mode, owner, codebook_owner);
-        a.seed_dev = ptr<const int64_t>(seed_dev);
-        const char* fn = "sws_linear_cuda";
-        check_ptr(fn, "x_ptr", x, M);
-        check_ptr(fn, "y_ptr", y, M);
-        check_ptr(fn, "zbuf_ptr", zbuf, K);
-        sws::LinearArgs l;
-        l.out_f = out_f;
-        l.in_f = in_f;
-        l.x = ptr<const void>(x);
-        l.x_dtype = x_dtype;
-        l.M = M;
-        l.per_sample = per_sample;
-        l.bias = ptr<const float>(bias);
-        l.bias_per_sample = bias_per_sample;
-        l.y = ptr<void>(y);
-        l.ov_mask = ptr<const uint32_t>(ov_mask);
-        l.ov_rows = ptr<const int64_t>(ov_rows);
-        l.ov_pos = ptr<const int64_t>(ov_pos);
-        l.ov_idx = ptr<const int64_t>(ov_idx);
-        sws::sws_linear_cuda(a, l, ptr<float>(zbuf), stream);
-      },
-      SWS_RECON_ARGS, py::arg("out_f"), py::arg("in_f"), py::arg("x_ptr"), py::arg("x_dtype"), py::arg("M"),
-      py::arg("per_sample"), py::arg("bias_ptr"), py::arg("bias_per_sample"), py::arg("y_ptr"), py::arg("ov_mask_ptr"),
-      py::arg("ov_rows_ptr"), py::arg("ov_pos_ptr"), py::arg("ov_idx_ptr"), py::arg("zbuf_ptr"), py::arg("stream") = 0,
-      py::arg("seed_dev_ptr") = 0, py::call_guard<py::gil_scoped_release>(),
-      "Fused small-M (M <= 16) SWS linear forward, device pointers: y[S, M, out_f] = x W[s]^T (+ bias float32). "
-      "x_dtype 0 float32, 1 float16, 2 bfloat16 (y the same); zbuf float32 workspace of S*K*2.");
-
-  m.def(
       "reconstruct_backward_cuda",
-      [](uintptr_t grad_out, uintptr_t means, uintptr_t chol, int64_t K, uintptr_t labels, int labels_dtype, int64_t n,
-         uintptr_t e_pos, uintptr_t e_a, uintptr_t e_b, uintptr_t e_alpha, int64_t E, uintptr_t o_pos, uintptr_t o_mu,
-         uintptr_t o_rho, int64_t O, uint64_t seed, int64_t S, int mode, int64_t owner, int64_t codebook_owner,
-         uintptr_t grad_means, uintptr_t grad_chol, uintptr_t grad_mu_o, uintptr_t grad_rho_o, uintptr_t seg_offsets,
-         uintptr_t seg_pos, uintptr_t seg_coef, int64_t n_entries, uintptr_t dzbuf, uintptr_t stream,
-         uintptr_t seed_dev) {
-        ReconstructArgs a = make_args(means, chol, K, labels, labels_dtype, n, e_pos, e_a, e_b, e_alpha, E, o_pos,
-                                      o_mu, o_rho, O, seed, S, mode, owner, codebook_owner);
-        a.seed_dev = ptr<const int64_t>(seed_dev);
+      [](const ReconstructArgs& a, uintptr_t grad_out, uintptr_t grad_means, uintptr_t grad_chol, uintptr_t grad_mu_o,
+         uintptr_t grad_rho_o, uintptr_t seg_offsets, uintptr_t seg_pos, uintptr_t seg_coef, int64_t n_entries,
+         uintptr_t dzbuf, uintptr_t stream) {
         const char* fn = "reconstruct_backward_cuda";
-        check_ptr(fn, "grad_out_ptr", grad_out, n);
-        check_ptr(fn, "seg_offsets_ptr", seg_offsets, K + 1);
+        check_ptr(fn, "grad_out_ptr", grad_out, a.n);
+        check_ptr(fn, "grad_means_ptr", grad_means, a.K);
+        check_ptr(fn, "grad_chol_ptr", grad_chol, a.K);
+        check_ptr(fn, "grad_mu_o_ptr", grad_mu_o, a.O);
+        check_ptr(fn, "grad_rho_o_ptr", grad_rho_o, a.O);
+        check_ptr(fn, "seg_offsets_ptr", seg_offsets, a.K + 1);
         check_ptr(fn, "seg_pos_ptr", seg_pos, n_entries);
         check_ptr(fn, "seg_coef_ptr", seg_coef, n_entries);
-        check_ptr(fn, "dzbuf_ptr", dzbuf, K);
+        check_ptr(fn, "dzbuf_ptr", dzbuf, a.K);
         sws::reconstruct_backward_cuda(a, ptr<const float>(grad_out), ptr<const int64_t>(seg_offsets),
                                        ptr<const int64_t>(seg_pos), ptr<const float>(seg_coef), n_entries,
                                        ptr<double>(dzbuf), ptr<float>(grad_means), ptr<float>(grad_chol),
                                        ptr<float>(grad_mu_o), ptr<float>(grad_rho_o), stream);
       },
-      py::arg("grad_out_ptr"), SWS_RECON_ARGS, py::arg("grad_means_ptr"), py::arg("grad_chol_ptr"),
+      py::arg("args"), py::arg("grad_out_ptr"), py::arg("grad_means_ptr"), py::arg("grad_chol_ptr"),
       py::arg("grad_mu_o_ptr"), py::arg("grad_rho_o_ptr"), py::arg("seg_offsets_ptr"), py::arg("seg_pos_ptr"),
       py::arg("seg_coef_ptr"), py::arg("n_entries"), py::arg("dzbuf_ptr"), py::arg("stream") = 0,
-      py::arg("seed_dev_ptr") = 0, py::call_guard<py::gil_scoped_release>(),
+      py::call_guard<py::gil_scoped_release>(),
       "Device pointers. seg_*: label-sorted CSR of inlier/ellipse entries (offsets int64[K+1], pos int64[N], "
-      "coef float32[N]); dzbuf: float64 workspace of S*K*2 elements. Deterministic.");
+      "coef float32[N]; sws_kernels/_segments.py); dzbuf: float64 workspace of S*K*2 elements. Deterministic.");
+
+  m.def(
+      "sws_linear_cuda",
+      [](const ReconstructArgs& a, const LinearArgs& l, uintptr_t zbuf, uintptr_t stream) {
+        const char* fn = "sws_linear_cuda";
+        check_ptr(fn, "x", reinterpret_cast<uintptr_t>(l.x), l.M);
+        check_ptr(fn, "y", reinterpret_cast<uintptr_t>(l.y), l.M);
+        check_ptr(fn, "zbuf_ptr", zbuf, a.K);
+        sws::sws_linear_cuda(a, l, ptr<float>(zbuf), stream);
+      },
+      py::arg("args"), py::arg("linear"), py::arg("zbuf_ptr"), py::arg("stream") = 0,
+      py::call_guard<py::gil_scoped_release>(),
+      "Fused small-M (M <= 16) SWS linear forward, device pointers: y[S, M, out_f] = x W[s]^T (+ bias float32). "
+      "x_dtype 0 float32, 1 float16, 2 bfloat16 (y the same); zbuf float32 workspace of S*K*2.");
+
+  m.def(
+      "mean_field_reconstruct_cuda",
+      [](const MeanFieldArgs& a, uintptr_t out, uintptr_t stream) {
+        const char* fn = "mean_field_reconstruct_cuda";
+        check_ptr(fn, "out_ptr", out, a.n);
+        check_ptr(fn, "mu", reinterpret_cast<uintptr_t>(a.mu), a.n);
+        check_ptr(fn, "rho", reinterpret_cast<uintptr_t>(a.rho), a.n);
+        sws::mean_field_reconstruct_cuda(a, ptr<float>(out), stream);
+      },
+      py::arg("args"), py::arg("out_ptr"), py::arg("stream") = 0, py::call_guard<py::gil_scoped_release>(),
+      "Device pointers; as mean_field_reconstruct_cpu, asynchronous on `stream`.");
+
+  m.def(
+      "mean_field_reconstruct_backward_cuda",
+      [](const MeanFieldArgs& a, uintptr_t grad_w, uintptr_t grad_mu, uintptr_t grad_rho, uintptr_t stream) {
+        const char* fn = "mean_field_reconstruct_backward_cuda";
+        check_ptr(fn, "grad_w_ptr", grad_w, a.n);
+        check_ptr(fn, "rho", reinterpret_cast<uintptr_t>(a.rho), a.n);
+        check_ptr(fn, "grad_mu_ptr", grad_mu, a.n);
+        check_ptr(fn, "grad_rho_ptr", grad_rho, a.n);
+        sws::mean_field_reconstruct_backward_cuda(a, ptr<const float>(grad_w), ptr<float>(grad_mu),
+                                                  ptr<float>(grad_rho), stream);
+      },
+      py::arg("args"), py::arg("grad_w_ptr"), py::arg("grad_mu_ptr"), py::arg("grad_rho_ptr"), py::arg("stream") = 0,
+      py::call_guard<py::gil_scoped_release>(), "Device pointers; as mean_field_reconstruct_backward_cpu.");
 #endif
 
   // CUDA facts. with_cuda / cuda_runtime_version / cuda_archs are compile-time constants; cuda_probe() is

@@ -5,9 +5,15 @@ stream as ints. This file owns everything torch-side: contiguity, output and wor
 device guard and the current stream. Checks here are the cheap ones a kernel needs to be memory-safe
 (dtypes, shapes, devices); range validation of labels and finiteness is done by ``_checks``/``functional``.
 
-CUDA backward workspace: a label-sorted CSR of "entries" is built here with torch on the device (integer
-work only: stable sort + bincount + cumsum, so it is deterministic); the kernel then reduces one segment
-per (component, sample) in a fixed order (see csrc/cuda/reconstruct.cu).
+Every entry point takes one argument bundle, the C++ struct bound as a class: ``_C.ReconstructArgs``
+(reconstruct, its backward, the fused linear; built by ``_prep``), ``_C.MeanFieldArgs`` (``_mf_prep``) and
+``_C.LinearArgs`` for the fused linear's extras. The bundles hold raw addresses: the tensors they point at
+are returned next to them and must stay referenced until the kernel has run.
+
+CUDA backward workspace: the label-sorted CSR of "entries" comes from sws_kernels/_segments.py (the builder
+the Triton backward shares; integer torch work on the device, no host sync, deterministic), cached per labels
+version; the kernel then reduces one segment per (component, sample) in a fixed order (see
+csrc/cuda/reconstruct.cu).
 """
 from __future__ import annotations
 
@@ -18,6 +24,8 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
+
+from . import _segments
 
 _BUILD_HINT = "SWS_CUDA=ON PATH=$PATH:/usr/local/cuda/bin pip install --no-build-isolation --no-deps -e ."
 
@@ -269,6 +277,17 @@ _LABEL_CODES = {torch.uint8: 0, torch.int8: 1, torch.int16: 2, torch.int32: 3, t
 _MASK64 = (1 << 64) - 1
 
 
+def _need_for(t: torch.Tensor) -> bool:
+    """_need for the device of tensor t; True when it is a CUDA tensor. (Tensor.is_cpu / is_cuda cost ~60 ns,
+    torch.device.type ~270 ns: this runs on every native call.)"""
+    if t.is_cpu:
+        if not AVAILABLE_CPU:
+            raise RuntimeError(f"sws_kernels native CPU backend unavailable: {CPU_REASON}")
+        return False
+    _need(t.device)
+    return True
+
+
 def _need(device: torch.device) -> None:
     if device.type == "cuda":
         usable, reason, unusable = _cuda_state()
@@ -288,7 +307,7 @@ def _seed(seed) -> int:
     0-dim CPU tensor needs no device sync, and `.item()` would count as one); a CUDA seed tensor is read by the
     CUDA kernels themselves from device memory (_seed_dev), so its host value is unused."""
     if isinstance(seed, torch.Tensor):
-        if seed.device.type != "cpu":
+        if not seed.is_cpu:
             return 0
         if seed.dtype != torch.int64 or seed.numel() != 1:
             raise TypeError(f"seed: expected a one-element int64 tensor, got {seed.dtype} of shape {tuple(seed.shape)}")
@@ -309,6 +328,10 @@ def _seed_dev(seed, device: torch.device) -> int:
 
 
 def _check(t: torch.Tensor, name: str, dtype, device, ndim_shape=None) -> torch.Tensor:
+    # The common case in one expression (this runs ~10 times per native call: ~0.1 us each saved here).
+    if (isinstance(t, torch.Tensor) and t.dtype is dtype and t.device == device
+            and (ndim_shape is None or t.shape == ndim_shape)):
+        return t.contiguous()
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
     if t.dtype != dtype:
@@ -372,9 +395,16 @@ def normal(seed, n: int, sample: int = 0, owner: int = 0, purpose: int = 0, offs
 # reconstruct
 # ------------------------------------------------------------------------------------------------------
 
-def _prep(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho):
+def _prep(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode, owner,
+          codebook_owner):
+    """Checks, contiguous tensors and the one argument bundle of the reconstruct family.
+
+    Returns (args, tensors): ``args`` is the ``_C.ReconstructArgs`` every reconstruct/linear entry point takes,
+    ``tensors`` the (means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho) it points into; keep
+    them referenced until the kernel has run. On CUDA the bundle carries the seed's device address too.
+    """
     dev = means.device
-    _need(dev)
+    cuda = _need_for(means)
     if means.dim() != 2 or means.shape[1] != 2:
         raise ValueError(f"means: expected shape [K, 2], got {tuple(means.shape)}")
     K = means.shape[0]
@@ -392,81 +422,63 @@ def _prep(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho):
     o_pos = _check(o_pos, "o_pos", torch.int64, dev, (O,))
     o_mu = _check(o_mu, "o_mu", torch.float32, dev, (O,))
     o_rho = _check(o_rho, "o_rho", torch.float32, dev, (O,))
-    return dev, K, means, chol, labels, e_pos, e_a, e_b, e_alpha, E, o_pos, o_mu, o_rho, O
+    args = _C.ReconstructArgs(
+        means.data_ptr(), chol.data_ptr(), K, labels.data_ptr(), _LABEL_CODES[labels.dtype], labels.numel(),
+        e_pos.data_ptr(), e_a.data_ptr(), e_b.data_ptr(), e_alpha.data_ptr(), E,
+        o_pos.data_ptr(), o_mu.data_ptr(), o_rho.data_ptr(), O,
+        _seed(seed), _seed_dev(seed, dev) if cuda else 0,
+        int(samples), int(mode), int(owner), int(codebook_owner))
+    return args, (means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho)
 
 
-def _common_args(K, means, chol, labels, e_pos, e_a, e_b, e_alpha, E, o_pos, o_mu, o_rho, O, seed, samples, mode,
-                 owner, codebook_owner):
-    return (means.data_ptr(), chol.data_ptr(), K, labels.data_ptr(), _LABEL_CODES[labels.dtype], labels.numel(),
-            e_pos.data_ptr(), e_a.data_ptr(), e_b.data_ptr(), e_alpha.data_ptr(), E,
-            o_pos.data_ptr(), o_mu.data_ptr(), o_rho.data_ptr(), O,
-            _seed(seed), int(samples), int(mode), int(owner), int(codebook_owner))
+def _stream(dev: torch.device) -> int:
+    return torch.cuda.current_stream(dev).cuda_stream
 
 
 def reconstruct(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode, owner,
                 codebook_owner) -> torch.Tensor:
     """float32 [samples, *labels.shape]; mode is the int code (0 paper, 1 hierarchical, 2 mean)."""
-    dev, K, means, chol, labels, e_pos, e_a, e_b, e_alpha, E, o_pos, o_mu, o_rho, O = _prep(
-        means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho)
-    S = int(samples)
+    args, keep = _prep(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode,
+                       owner, codebook_owner)
+    dev, cuda, S, K = means.device, means.is_cuda, int(samples), means.shape[0]
     out = torch.empty((S, *labels.shape), dtype=torch.float32, device=dev)
-    args = _common_args(K, means, chol, labels, e_pos, e_a, e_b, e_alpha, E, o_pos, o_mu, o_rho, O, seed, S, mode,
-                        owner, codebook_owner)
-    if dev.type == "cpu":
-        _C.reconstruct_cpu(out.data_ptr(), *args)
+    if not cuda:
+        _C.reconstruct_cpu(args, out.data_ptr())
         return out
     with torch.cuda.device(dev):
         zbuf = torch.empty(max(1, S * K * 2), dtype=torch.float32, device=dev)
-        _C.reconstruct_cuda(out.data_ptr(), *args, zbuf.data_ptr(), torch.cuda.current_stream(dev).cuda_stream,
-                            _seed_dev(seed, dev))
+        _C.reconstruct_cuda(args, out.data_ptr(), zbuf.data_ptr(), _stream(dev))
     return out
 
 
-def _segments(labels, e_pos, e_a, e_b, e_alpha, o_pos, K):
-    """Label-sorted CSR of the backward's entries: (offsets int64 [K+1], pos int64 [N], coef float32 [N]).
-
-    Inliers (positions not in e_pos/o_pos) enter with coef 1 under their label, each ellipse weight twice:
-    (pos, alpha) under a and (pos, 1 - alpha) under b. Stable sort + bincount + cumsum: deterministic.
-    """
-    dev = labels.device
-    n = labels.numel()
-    keep = torch.ones(n, dtype=torch.bool, device=dev)
-    keep[e_pos] = False
-    keep[o_pos] = False
-    inl = keep.nonzero().reshape(-1)
-    comp = torch.cat([labels.reshape(-1)[inl].long(), e_a, e_b])
-    pos = torch.cat([inl, e_pos, e_pos])
-    coef = torch.cat([torch.ones(inl.numel(), dtype=torch.float32, device=dev), e_alpha, 1.0 - e_alpha])
-    order = torch.sort(comp, stable=True).indices
-    counts = torch.bincount(comp, minlength=K)
-    offsets = torch.zeros(K + 1, dtype=torch.int64, device=dev)
-    offsets[1:] = torch.cumsum(counts, 0)
-    return offsets, pos[order].contiguous(), coef[order].contiguous()
+def _segments_csr(labels, e_pos, e_a, e_b, e_alpha, o_pos, K):
+    """(offsets int64 [K+1], pos int64 [N], coef float32 [N]): the label-sorted CSR of the backward's entries,
+    from the one builder the Triton backward shares (sws_kernels/_segments.py), cached per labels version."""
+    index = _segments.label_index(labels, e_pos, e_a, e_b, e_alpha, o_pos, K)
+    return index.offsets, index.pos, index.coef
 
 
 def reconstruct_backward(grad_w, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples,
                          mode, owner, codebook_owner) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad means [K,2], grad chol [K,3], grad o_mu [O], grad o_rho [O]) from grad_w [samples, *labels.shape]."""
-    dev, K, means, chol, labels, e_pos, e_a, e_b, e_alpha, E, o_pos, o_mu, o_rho, O = _prep(
-        means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho)
-    S = int(samples)
+    args, keep = _prep(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode,
+                       owner, codebook_owner)
+    dev, cuda, S, K, O = means.device, means.is_cuda, int(samples), means.shape[0], o_pos.numel()
     grad_w = _check(grad_w, "grad_w", torch.float32, dev, (S, *labels.shape))
     g_means = torch.empty((K, 2), dtype=torch.float32, device=dev)
     g_chol = torch.empty((K, 3), dtype=torch.float32, device=dev)
     g_mu = torch.empty((O,), dtype=torch.float32, device=dev)
     g_rho = torch.empty((O,), dtype=torch.float32, device=dev)
-    args = _common_args(K, means, chol, labels, e_pos, e_a, e_b, e_alpha, E, o_pos, o_mu, o_rho, O, seed, S, mode,
-                        owner, codebook_owner)
     outs = (g_means.data_ptr(), g_chol.data_ptr(), g_mu.data_ptr(), g_rho.data_ptr())
-    if dev.type == "cpu":
-        _C.reconstruct_backward_cpu(grad_w.data_ptr(), *args, *outs)
+    if not cuda:
+        _C.reconstruct_backward_cpu(args, grad_w.data_ptr(), *outs)
         return g_means, g_chol, g_mu, g_rho
     with torch.cuda.device(dev):
-        offsets, pos, coef = _segments(labels, e_pos, e_a, e_b, e_alpha, o_pos, K)
+        # keyed by the caller's tensors (their identity and version), not by _prep's contiguous copies
+        offsets, pos, coef = _segments_csr(labels, e_pos, e_a, e_b, e_alpha, o_pos, K)
         dzbuf = torch.empty(max(1, S * K * 2), dtype=torch.float64, device=dev)
-        _C.reconstruct_backward_cuda(grad_w.data_ptr(), *args, *outs, offsets.data_ptr(), pos.data_ptr(),
-                                     coef.data_ptr(), pos.numel(), dzbuf.data_ptr(),
-                                     torch.cuda.current_stream(dev).cuda_stream, _seed_dev(seed, dev))
+        _C.reconstruct_backward_cuda(args, grad_w.data_ptr(), *outs, offsets.data_ptr(), pos.data_ptr(),
+                                     coef.data_ptr(), pos.numel(), dzbuf.data_ptr(), _stream(dev))
     return g_means, g_chol, g_mu, g_rho
 
 
@@ -474,44 +486,44 @@ def reconstruct_backward(grad_w, means, chol, labels, e_pos, e_a, e_b, e_alpha, 
 # mean-field reconstruct: w[s] = mu + softplus(rho) eps[s] (CPU: csrc/cpu/mean_field.cpp)
 # ------------------------------------------------------------------------------------------------------
 
-def _mf_prep(mu, rho):
+def _mf_prep(mu, rho, seed, samples, owner, purpose):
+    """(args, (mu, rho)): the ``_C.MeanFieldArgs`` bundle and the contiguous tensors it points into."""
     dev = mu.device
-    _need(dev)
+    cuda = _need_for(mu)
     mu = _check(mu, "mu", torch.float32, dev)
-    rho = _check(rho, "rho", torch.float32, dev, tuple(mu.shape))
-    return dev, mu, rho
+    rho = _check(rho, "rho", torch.float32, dev, mu.shape)
+    args = _C.MeanFieldArgs(mu.data_ptr(), rho.data_ptr(), mu.numel(), _seed(seed),
+                            _seed_dev(seed, dev) if cuda else 0, int(samples), int(owner), int(purpose))
+    return args, (mu, rho)
 
 
 def mean_field_reconstruct(mu, rho, seed, samples, owner, purpose) -> torch.Tensor:
     """float32 [samples, *mu.shape] = mu + softplus(rho) * eps[s], eps of stream (seed, s, owner, purpose)."""
-    dev, mu, rho = _mf_prep(mu, rho)
-    S = int(samples)
-    out = torch.empty((S, *mu.shape), dtype=torch.float32, device=dev)
-    args = (out.data_ptr(), mu.data_ptr(), rho.data_ptr(), mu.numel(), _seed(seed), S, int(owner), int(purpose))
-    if dev.type == "cpu":
-        _C.mean_field_reconstruct_cpu(*args)
+    args, keep = _mf_prep(mu, rho, seed, samples, owner, purpose)
+    dev, cuda = mu.device, mu.is_cuda
+    out = torch.empty((int(samples), *mu.shape), dtype=torch.float32, device=dev)
+    if not cuda:
+        _C.mean_field_reconstruct_cpu(args, out.data_ptr())
         return out
     with torch.cuda.device(dev):
-        _C.mean_field_reconstruct_cuda(*args, torch.cuda.current_stream(dev).cuda_stream, _seed_dev(seed, dev))
+        _C.mean_field_reconstruct_cuda(args, out.data_ptr(), _stream(dev))
     return out
 
 
 def mean_field_reconstruct_backward(grad_w, mu, rho, seed, samples, owner,
                                     purpose) -> Tuple[torch.Tensor, torch.Tensor]:
     """(d mu, d rho) from grad_w [samples, *mu.shape]; the noise regenerated from the seed. Deterministic."""
-    dev, mu, rho = _mf_prep(mu, rho)
-    S = int(samples)
-    grad_w = _check(grad_w, "grad_w", torch.float32, dev, (S, *mu.shape))
+    args, (mu, rho) = _mf_prep(mu, rho, seed, samples, owner, purpose)
+    dev, cuda = mu.device, mu.is_cuda
+    grad_w = _check(grad_w, "grad_w", torch.float32, dev, (int(samples), *mu.shape))
     g_mu = torch.empty_like(mu)
     g_rho = torch.empty_like(rho)
-    args = (grad_w.data_ptr(), rho.data_ptr(), mu.numel(), _seed(seed), S, int(owner), int(purpose),
-            g_mu.data_ptr(), g_rho.data_ptr())
-    if dev.type == "cpu":
-        _C.mean_field_reconstruct_backward_cpu(*args)
+    outs = (grad_w.data_ptr(), g_mu.data_ptr(), g_rho.data_ptr())
+    if not cuda:
+        _C.mean_field_reconstruct_backward_cpu(args, *outs)
         return g_mu, g_rho
     with torch.cuda.device(dev):
-        _C.mean_field_reconstruct_backward_cuda(*args, torch.cuda.current_stream(dev).cuda_stream,
-                                                  _seed_dev(seed, dev))
+        _C.mean_field_reconstruct_backward_cuda(args, *outs, _stream(dev))
     return g_mu, g_rho
 
 
@@ -538,16 +550,16 @@ LINEAR_MAX_M = 16  # csrc/common.h kLinearMaxM: rows per sample the fused kernel
 def _overrides(n, in_f, out_f, e_pos, o_pos):
     """(bitmask int32 [(n+31)//32], row offsets int64 [out+1], positions int64 [E+O] ascending, entry ids).
 
-    Entry id < E is ellipse entry id, else outlier entry id - E. Integer torch work on the device: stable sort,
-    bincount, cumsum (deterministic).
+    Entry id < E is ellipse entry id, else outlier entry id - E. Integer torch work on the device and no host
+    sync: stable sort, then the row offsets by searchsorted on the sorted rows (bincount would sync: its output
+    size needs the max). Deterministic.
     """
     dev = e_pos.device
     pos = torch.cat([e_pos, o_pos])
     idx = torch.arange(pos.numel(), dtype=torch.int64, device=dev)
     order = torch.sort(pos, stable=True).indices
     pos, idx = pos[order].contiguous(), idx[order].contiguous()
-    rows = torch.zeros(out_f + 1, dtype=torch.int64, device=dev)
-    rows[1:] = torch.cumsum(torch.bincount(pos // in_f, minlength=out_f), 0)
+    rows = torch.searchsorted(pos // in_f, torch.arange(out_f + 1, dtype=torch.int64, device=dev))
     words = torch.zeros((n + 31) // 32, dtype=torch.int64, device=dev)
     # one bit per position; positions are unique, so a scatter-add of distinct powers of two is an OR
     words.index_add_(0, pos >> 5, torch.ones_like(pos) << (pos & 31))
@@ -555,20 +567,11 @@ def _overrides(n, in_f, out_f, e_pos, o_pos):
     return mask, rows, pos, idx
 
 
-def sws_linear_cuda(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed, samples, mode,
-                    owner, codebook_owner, per_sample) -> torch.Tensor:
-    """Fused forward for M <= 16 rows per sample: y [S, M, out] in x's dtype (x [M, in] or [S, M, in])."""
-    dev, K, means, chol, labels, e_pos, e_a, e_b, e_alpha, E, o_pos, o_mu, o_rho, O = _prep(
-        means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho)
-    if dev.type != "cuda":
-        raise ValueError(f"sws_linear_cuda: expected CUDA tensors, got {dev}")
-    if x.dtype not in _ACT_CODES:
-        raise TypeError(f"x: expected one of {list(_ACT_CODES)}, got {x.dtype}")
-    out_f, in_f = labels.shape
-    S = int(samples)
-    x = _check(x, "x", x.dtype, dev)
+def _linear_x(x, bias, out_f, in_f, S, per_sample, dtype, dev):
+    """(x contiguous, M, bias float32 or None): the fused linear's input checks, shared by CPU and CUDA."""
+    x = _check(x, "x", dtype, dev)
     per = in_f * (S if per_sample else 1)
-    M = x.numel() // per if x.dim() >= 1 and x.shape[-1] == in_f else 0
+    M = x.numel() // per if x.dim() >= 1 and x.shape[-1] == in_f and per > 0 else 0
     if M == 0 or x.numel() != M * per or (per_sample and x.shape[0] != S):
         what = f"[{S}, ..., {in_f}]" if per_sample else f"[..., {in_f}]"
         raise ValueError(f"x: expected {what}, got {tuple(x.shape)}")
@@ -577,19 +580,32 @@ def sws_linear_cuda(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_m
         b = _check(bias.to(torch.float32), "bias", torch.float32, dev)
         if tuple(b.shape) not in ((out_f,), (S, out_f)):
             raise ValueError(f"bias: expected [{out_f}] or [{S}, {out_f}], got {tuple(b.shape)}")
+    return x, M, b
+
+
+def sws_linear_cuda(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed, samples, mode,
+                    owner, codebook_owner, per_sample) -> torch.Tensor:
+    """Fused forward for M <= 16 rows per sample: y [S, M, out] in x's dtype (x [M, in] or [S, M, in])."""
+    if not means.is_cuda:
+        raise ValueError(f"sws_linear_cuda: expected CUDA tensors, got {means.device}")
+    args, keep = _prep(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode,
+                       owner, codebook_owner)
+    dev, S, K = means.device, int(samples), means.shape[0]
+    if x.dtype not in _ACT_CODES:
+        raise TypeError(f"x: expected one of {list(_ACT_CODES)}, got {x.dtype}")
+    out_f, in_f = labels.shape
+    x, M, b = _linear_x(x, bias, out_f, in_f, S, per_sample, x.dtype, dev)
     y = torch.empty((S, M, out_f), dtype=x.dtype, device=dev)
-    args = _common_args(K, means, chol, labels, e_pos, e_a, e_b, e_alpha, E, o_pos, o_mu, o_rho, O, seed, S, mode,
-                        owner, codebook_owner)
+    lin = _C.LinearArgs(out_f, in_f, x.data_ptr(), _ACT_CODES[x.dtype], M, bool(per_sample),
+                        0 if b is None else b.data_ptr(), b is not None and b.dim() == 2, y.data_ptr())
     with torch.cuda.device(dev):
-        if E + O:
-            mask, rows, pos, idx = _overrides(labels.numel(), in_f, out_f, e_pos, o_pos)
-            ov = (mask.data_ptr(), rows.data_ptr(), pos.data_ptr(), idx.data_ptr())
-        else:
-            ov = (0, 0, 0, 0)
+        if e_pos.numel() + o_pos.numel():
+            _, _, _, e_pos_c, _, _, _, o_pos_c, _, _ = keep
+            mask, rows, pos, idx = _overrides(labels.numel(), in_f, out_f, e_pos_c, o_pos_c)
+            lin.ov_mask, lin.ov_rows, lin.ov_pos, lin.ov_idx = (mask.data_ptr(), rows.data_ptr(), pos.data_ptr(),
+                                                                idx.data_ptr())
         zbuf = torch.empty(max(1, S * K * 2), dtype=torch.float32, device=dev)
-        _C.sws_linear_cuda(*args, out_f, in_f, x.data_ptr(), _ACT_CODES[x.dtype], M, bool(per_sample),
-                           0 if b is None else b.data_ptr(), b is not None and b.dim() == 2, y.data_ptr(), *ov,
-                           zbuf.data_ptr(), torch.cuda.current_stream(dev).cuda_stream, _seed_dev(seed, dev))
+        _C.sws_linear_cuda(args, lin, zbuf.data_ptr(), _stream(dev))
     return y
 
 
@@ -603,32 +619,21 @@ LINEAR_CPU_MAX_M = 32  # csrc/common.h kLinearCpuMaxM
 def sws_linear_cpu(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed, samples, mode,
                    owner, codebook_owner, per_sample) -> torch.Tensor:
     """Fused forward, W never materialised: y float32 [S, M, out] (x float32 [M, in] or [S, M, in], M <= 32)."""
-    dev, K, means, chol, labels, e_pos, e_a, e_b, e_alpha, E, o_pos, o_mu, o_rho, O = _prep(
-        means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho)
-    if dev.type != "cpu":
-        raise ValueError(f"sws_linear_cpu: expected CPU tensors, got {dev}")
+    if not means.is_cpu:
+        raise ValueError(f"sws_linear_cpu: expected CPU tensors, got {means.device}")
+    args, keep = _prep(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode,
+                       owner, codebook_owner)
+    dev, S = means.device, int(samples)
     if int(mode) not in (0, 2):
         raise ValueError(f"sws_linear_cpu: mode must be 0 (paper) or 2 (mean), got {mode}")
     if labels.dim() != 2:
         raise ValueError(f"labels: expected [out, in], got {tuple(labels.shape)}")
     out_f, in_f = labels.shape
-    S = int(samples)
-    x = _check(x, "x", torch.float32, dev)
-    per = in_f * (S if per_sample else 1)
-    M = x.numel() // per if x.dim() >= 1 and x.shape[-1] == in_f and per > 0 else 0
-    if M == 0 or x.numel() != M * per or (per_sample and x.shape[0] != S):
-        what = f"[{S}, ..., {in_f}]" if per_sample else f"[..., {in_f}]"
-        raise ValueError(f"x: expected {what}, got {tuple(x.shape)}")
+    x, M, b = _linear_x(x, bias, out_f, in_f, S, per_sample, torch.float32, dev)
     if M > LINEAR_CPU_MAX_M:
         raise ValueError(f"sws_linear_cpu: at most {LINEAR_CPU_MAX_M} rows per sample, got {M}")
-    b = None
-    if bias is not None:
-        b = _check(bias.to(torch.float32), "bias", torch.float32, dev)
-        if tuple(b.shape) not in ((out_f,), (S, out_f)):
-            raise ValueError(f"bias: expected [{out_f}] or [{S}, {out_f}], got {tuple(b.shape)}")
     y = torch.empty((S, M, out_f), dtype=torch.float32, device=dev)
-    args = _common_args(K, means, chol, labels, e_pos, e_a, e_b, e_alpha, E, o_pos, o_mu, o_rho, O, seed, S, mode,
-                        owner, codebook_owner)
-    _C.sws_linear_cpu(*args, out_f, in_f, x.data_ptr(), M, bool(per_sample), 0 if b is None else b.data_ptr(),
-                      b is not None and b.dim() == 2, y.data_ptr())
+    lin = _C.LinearArgs(out_f, in_f, x.data_ptr(), 0, M, bool(per_sample), 0 if b is None else b.data_ptr(),
+                        b is not None and b.dim() == 2, y.data_ptr())
+    _C.sws_linear_cpu(args, lin)
     return y

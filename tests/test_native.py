@@ -327,14 +327,15 @@ def test_many_components_backward():
 # ---------------------------------------------------------------------------------------------------
 
 def _raw_args(p, **over):
+    """The C++ argument bundle (_C.ReconstructArgs) of problem p, with fields overridden."""
     means, chol, labels, ell, out = p
-    a = dict(means_ptr=means.data_ptr(), chol_ptr=chol.data_ptr(), K=means.shape[0], labels_ptr=labels.data_ptr(),
-             labels_dtype=native._LABEL_CODES[labels.dtype], n=labels.numel(), e_pos_ptr=ell[0].data_ptr(),
-             e_a_ptr=ell[1].data_ptr(), e_b_ptr=ell[2].data_ptr(), e_alpha_ptr=ell[3].data_ptr(), E=ell[0].numel(),
-             o_pos_ptr=out[0].data_ptr(), o_mu_ptr=out[1].data_ptr(), o_rho_ptr=out[2].data_ptr(), O=out[0].numel(),
+    a = dict(means=means.data_ptr(), chol=chol.data_ptr(), K=means.shape[0], labels=labels.data_ptr(),
+             labels_dtype=native._LABEL_CODES[labels.dtype], n=labels.numel(), e_pos=ell[0].data_ptr(),
+             e_a=ell[1].data_ptr(), e_b=ell[2].data_ptr(), e_alpha=ell[3].data_ptr(), E=ell[0].numel(),
+             o_pos=out[0].data_ptr(), o_mu=out[1].data_ptr(), o_rho=out[2].data_ptr(), O=out[0].numel(),
              seed=1, S=2, mode=0, owner=0, codebook_owner=0)
     a.update(over)
-    return a
+    return C.ReconstructArgs(**a)
 
 
 @pytest.mark.parametrize("over,match", [
@@ -346,12 +347,66 @@ def _raw_args(p, **over):
     ({"labels_dtype": 9}, "reconstruct_cpu: labels_dtype"),
     ({"owner": 1 << 32}, "reconstruct_cpu: owner"),
     ({"E": -1}, "reconstruct_cpu: E"),
+    ({"means": 0}, "reconstruct_cpu: means/chol pointer is null"),
+    ({"e_alpha": 0}, "reconstruct_cpu: e_pos/e_a/e_b/e_alpha pointer is null with E = 2"),
+    ({"o_rho": 0}, "reconstruct_cpu: o_pos/o_mu/o_rho pointer is null with O = 2"),
 ])
 def test_reconstruct_bad_sizes(over, match):
     p = _problem(4, (10,), 2, 2, torch.int64)
     out = torch.empty(2, 10)
     with pytest.raises(ValueError, match=match):
-        C.reconstruct_cpu(out.data_ptr(), **_raw_args(p, **over))
+        C.reconstruct_cpu(_raw_args(p, **over), out.data_ptr())
+
+
+def test_argument_bundles_round_trip():
+    # One struct per op family crosses into C++: every field reads back as written, pointers as addresses.
+    a = C.ReconstructArgs(means=16, chol=32, K=5, labels=48, labels_dtype=2, n=7, e_pos=64, e_a=80, e_b=96,
+                          e_alpha=112, E=1, o_pos=128, o_mu=144, o_rho=160, O=1, seed=(1 << 64) - 1, seed_dev=176,
+                          S=3, mode=1, owner=9, codebook_owner=11)
+    want = dict(means=16, chol=32, K=5, labels=48, labels_dtype=2, n=7, e_pos=64, e_a=80, e_b=96, e_alpha=112, E=1,
+                o_pos=128, o_mu=144, o_rho=160, O=1, seed=(1 << 64) - 1, seed_dev=176, S=3, mode=1, owner=9,
+                codebook_owner=11)
+    assert {k: getattr(a, k) for k in want} == want
+    a.seed_dev, a.S, a.labels = 0, 4, 0
+    assert (a.seed_dev, a.S, a.labels) == (0, 4, 0)
+    assert "seed_dev=0x0" in repr(a) and "S=4" in repr(a)
+    d = C.ReconstructArgs()
+    assert (d.means, d.K, d.S, d.seed, d.seed_dev) == (0, 0, 1, 0, 0)
+    m = C.MeanFieldArgs(1, 2, 3, 4, 5, 6, 7, 8)
+    assert (m.mu, m.rho, m.n, m.seed, m.seed_dev, m.S, m.owner, m.purpose) == (1, 2, 3, 4, 5, 6, 7, 8)
+    lin = C.LinearArgs(out_f=2, in_f=3, x=8, M=1, y=16, ov_idx=24)
+    assert (lin.out_f, lin.in_f, lin.x, lin.x_dtype, lin.M, lin.y, lin.bias, lin.ov_idx) == (2, 3, 8, 0, 1, 16, 0, 24)
+    with pytest.raises(TypeError):
+        C.ReconstructArgs(seed=-1)  # the bundle holds the uint64 seed; native._seed maps int64 seeds onto it
+
+
+def test_bundle_seed_matches_positional_seed():
+    # The seed travels in the bundle: a CPU seed tensor, its int value and the uint64 bits agree.
+    p = _problem(6, (5, 7), 2, 1, torch.int16)
+    means, chol, labels, ell, out = p
+    for seed in (-3, torch.tensor(-3, dtype=torch.int64), (1 << 64) - 3):
+        w = native.reconstruct(means, chol, labels, *ell, *out, seed, 2, 1, 4, 5)
+        args = _raw_args(p, seed=(1 << 64) - 3, mode=1, owner=4, codebook_owner=5)
+        raw = torch.empty(2, 35)
+        C.reconstruct_cpu(args, raw.data_ptr())
+        assert torch.equal(w.reshape(2, 35), raw)
+
+
+def test_linear_overrides_row_offsets(rng):
+    # The CUDA fused linear's override list: row offsets by searchsorted (no host sync) equal bincount + cumsum.
+    out_f, in_f = 13, 11
+    perm = torch.randperm(out_f * in_f, generator=rng)
+    e_pos, o_pos = perm[:9].clone(), perm[9:14].clone()
+    mask, rows, pos, idx = native._overrides(out_f * in_f, in_f, out_f, e_pos, o_pos)
+    want = torch.zeros(out_f + 1, dtype=torch.int64)
+    want[1:] = torch.cumsum(torch.bincount(pos // in_f, minlength=out_f), 0)
+    assert torch.equal(rows, want) and rows.dtype == torch.int64
+    assert torch.equal(pos, torch.cat([e_pos, o_pos])[idx]) and bool((pos[1:] > pos[:-1]).all())
+    bits = torch.zeros(out_f * in_f, dtype=torch.bool)
+    bits[pos] = True
+    words = mask.to(torch.int64) & 0xFFFFFFFF
+    got = ((words[torch.arange(out_f * in_f) >> 5] >> (torch.arange(out_f * in_f) & 31)) & 1).bool()
+    assert torch.equal(got, bits)
 
 
 def test_reconstruct_bad_entries():

@@ -132,16 +132,21 @@ def test_mean_field_linear_native_cpu_matches_reference():
 def test_errors_name_the_call():
     mu, rho = _params((10,), 0)
     out = torch.empty(10)
+    def args(n=10, S=1, owner=0, purpose=0):
+        return C.MeanFieldArgs(mu=mu.data_ptr(), rho=rho.data_ptr(), n=n, seed=0, S=S, owner=owner, purpose=purpose)
+
     with pytest.raises(ValueError, match="mean_field_reconstruct_cpu: S"):
-        C.mean_field_reconstruct_cpu(out.data_ptr(), mu.data_ptr(), rho.data_ptr(), 10, 0, 0, 0, 0)
+        C.mean_field_reconstruct_cpu(args(S=0), out.data_ptr())
     with pytest.raises(ValueError, match="mean_field_reconstruct_cpu: owner"):
-        C.mean_field_reconstruct_cpu(out.data_ptr(), mu.data_ptr(), rho.data_ptr(), 10, 0, 1, 1 << 32, 0)
+        C.mean_field_reconstruct_cpu(args(owner=1 << 32), out.data_ptr())
     with pytest.raises(ValueError, match="mean_field_reconstruct_cpu: purpose"):
-        C.mean_field_reconstruct_cpu(out.data_ptr(), mu.data_ptr(), rho.data_ptr(), 10, 0, 1, 0, -1)
+        C.mean_field_reconstruct_cpu(args(purpose=-1), out.data_ptr())
     with pytest.raises(ValueError, match="mean_field_reconstruct_cpu: n = .* 2\\^34"):
-        C.mean_field_reconstruct_cpu(out.data_ptr(), mu.data_ptr(), rho.data_ptr(), (1 << 34) + 1, 0, 1, 0, 0)
+        C.mean_field_reconstruct_cpu(args(n=(1 << 34) + 1), out.data_ptr())
     with pytest.raises(ValueError, match="mean_field_reconstruct_backward_cpu: grad_mu_ptr is a null pointer"):
-        C.mean_field_reconstruct_backward_cpu(out.data_ptr(), rho.data_ptr(), 10, 0, 1, 0, 0, 0, out.data_ptr())
+        C.mean_field_reconstruct_backward_cpu(args(), out.data_ptr(), 0, out.data_ptr())
+    with pytest.raises(ValueError, match="mean_field_reconstruct_cpu: rho is a null pointer"):
+        C.mean_field_reconstruct_cpu(C.MeanFieldArgs(mu=mu.data_ptr(), n=10), out.data_ptr())
     with pytest.raises(ValueError, match="rho: expected shape"):
         native.mean_field_reconstruct(mu, rho[:9], 0, 1, 0, 0)
     with pytest.raises(ValueError, match="grad_w: expected shape"):

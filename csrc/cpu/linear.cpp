@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "codebook.h"
 #include "vecmath.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -98,47 +99,38 @@ void block_avx2(const L* lab, int64_t nrows, int64_t ld, int64_t cnt, const floa
 
 }  // namespace
 
-void sws_linear_cpu(const ReconstructArgs& a, int64_t out_f, int64_t in_f, const float* x, int64_t M,
-                    bool per_sample, const float* bias, bool bias_per_sample, float* y) {
+void sws_linear_cpu(const ReconstructArgs& a, const LinearArgs& l) {
   const char* fn = "sws_linear_cpu";
   validate_sizes(a, fn);
   auto fail = [&](const std::string& what) { throw std::invalid_argument(std::string(fn) + ": " + what); };
   if (a.mode == kHierarchical) fail("hierarchical mode is not supported (use reconstruct + GEMM)");
+  const int64_t out_f = l.out_f, in_f = l.in_f, M = l.M;
+  const bool per_sample = l.per_sample, bias_per_sample = l.bias_per_sample;
   if (out_f < 0 || in_f < 0 || out_f * in_f != a.n) fail("out_f * in_f must equal n");
   if (M < 1 || M > kLinearCpuMaxM) fail("M must be in [1, " + std::to_string(kLinearCpuMaxM) + "], got " + std::to_string(M));
-  const int64_t K = a.K, S = a.S, n = a.n;
+  if (l.x_dtype != kF32) fail("x_dtype must be 0 (float32), got " + std::to_string(l.x_dtype));
+  if (l.x == nullptr || l.y == nullptr) fail("null x or y pointer");
+  const float* x = static_cast<const float*>(l.x);
+  const float* bias = l.bias;
+  float* y = static_cast<float*>(l.y);
+  const int64_t K = a.K, S = a.S;
   const Key key = seed_key(a.seed);
-  const uint32_t owner = static_cast<uint32_t>(a.owner), cb_owner = static_cast<uint32_t>(a.codebook_owner);
+  const uint32_t owner = static_cast<uint32_t>(a.owner);
 
   // Entry checks (memory safety; the same errors as reconstruct): positions in range and unique,
   // ellipse components in range.
   (void)exclusion_mask(a, fn);
 
-  // The codebook table zt[s * K + k]: sampled z_mu in paper mode, computed exactly as reconstruct_cpu's
-  // table (same bulk normals, same softplus_fill, same float32 operation order), m_mu in mean mode.
+  // The codebook table zt[s * K + k]: sampled z_mu in paper mode (the same helper and bits as reconstruct_cpu's
+  // table), m_mu in mean mode (one row: it does not depend on the sample).
   const bool mean = a.mode == kMean;
   const int64_t SZ = mean ? 1 : S;
   std::vector<float> zt(static_cast<size_t>(SZ * K));
-  if (mean) {
-    for (int64_t k = 0; k < K; ++k) zt[k] = a.means[2 * k];
-  } else {
-    constexpr int64_t kCB = 1024;
-    std::vector<float> sp_a(static_cast<size_t>(K));
-    for (int64_t k = 0; k < K; ++k) sp_a[k] = a.chol[3 * k];
-    softplus_fill(sp_a.data(), sp_a.data(), K);
-    const int64_t nck = (K + kCB - 1) / kCB;
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < S * nck; ++t) {
-      const int64_t s = t / nck, k0 = (t % nck) * kCB, cnt = std::min(kCB, K - k0);
-      alignas(64) float xi[2 * kCB + 4];
-      normals_fill(key, static_cast<uint64_t>(k0 >> 1), (cnt + 1) >> 1, static_cast<uint32_t>(s), cb_owner,
-                   kPurposeComponent, xi);
-      for (int64_t q = 0; q < cnt; ++q) {
-        const int64_t k = k0 + q;
-        zt[s * K + k] = a.means[2 * k] + sp_a[k] * xi[2 * q];
-      }
-    }
-  }
+  CodebookOut zo;
+  zo.mu = zt.data();
+  zo.mu_ss = K;
+  zo.mu_ks = 1;
+  sample_codebook_cpu(a, SZ, zo);
 
   // xT[sx][i][Mp]: the M values of input i contiguous, zero-padded to Mp.
   const int64_t Mp = (M + 7) / 8 * 8, SX = per_sample ? S : 1;

@@ -24,15 +24,17 @@ constexpr int64_t kBlock = 2048;  // weights per work item: 8 KB of normals + 8 
 
 }  // namespace
 
-void mean_field_reconstruct_cpu(const float* mu, const float* rho, int64_t n, uint64_t seed, int64_t S, int64_t owner,
-                                int64_t purpose, float* out) {
+void mean_field_reconstruct_cpu(const MeanFieldArgs& a, float* out) {
   const char* fn = "mean_field_reconstruct_cpu";
-  validate_mean_field(fn, n, S, owner, purpose);
+  validate_mean_field(a, fn);
+  const int64_t n = a.n, S = a.S;
   if (n == 0) return;
+  const float* mu = a.mu;
+  const float* rho = a.rho;
   if (mu == nullptr || rho == nullptr || out == nullptr) throw std::invalid_argument(std::string(fn) + ": null pointer");
   advise_huge_pages(out, static_cast<size_t>(S) * static_cast<size_t>(n) * sizeof(float));
-  const Key key = seed_key(seed);
-  const uint32_t own = static_cast<uint32_t>(owner), pur = static_cast<uint32_t>(purpose);
+  const Key key = seed_key(a.seed);
+  const uint32_t own = static_cast<uint32_t>(a.owner), pur = static_cast<uint32_t>(a.purpose);
   const int64_t nb = (n + kBlock - 1) / kBlock;
 #pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < nb; ++b) {
@@ -51,15 +53,17 @@ void mean_field_reconstruct_cpu(const float* mu, const float* rho, int64_t n, ui
   }
 }
 
-void mean_field_reconstruct_backward_cpu(const float* grad_w, const float* rho, int64_t n, uint64_t seed, int64_t S,
-                                         int64_t owner, int64_t purpose, float* grad_mu, float* grad_rho) {
+void mean_field_reconstruct_backward_cpu(const MeanFieldArgs& a, const float* grad_w, float* grad_mu,
+                                         float* grad_rho) {
   const char* fn = "mean_field_reconstruct_backward_cpu";
-  validate_mean_field(fn, n, S, owner, purpose);
+  validate_mean_field(a, fn);
+  const int64_t n = a.n, S = a.S;
   if (n == 0) return;
+  const float* rho = a.rho;
   if (grad_w == nullptr || rho == nullptr || grad_mu == nullptr || grad_rho == nullptr)
     throw std::invalid_argument(std::string(fn) + ": null pointer");
-  const Key key = seed_key(seed);
-  const uint32_t own = static_cast<uint32_t>(owner), pur = static_cast<uint32_t>(purpose);
+  const Key key = seed_key(a.seed);
+  const uint32_t own = static_cast<uint32_t>(a.owner), pur = static_cast<uint32_t>(a.purpose);
   const int64_t nb = (n + kBlock - 1) / kBlock;
 #pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < nb; ++b) {

@@ -1,9 +1,9 @@
 // reconstruct and its backward on the CPU (OpenMP). SPEC.md sections 2-3 and 5.
 //
 // Forward. The sampled codebook z[S, K] is a few KB-MB, so it is computed once per call (a prologue of
-// S*K Philox calls) and the weights become a gather from it. paper/mean mode is memory bound (read
-// labels, write S*n floats): the table is sample-interleaved (z[k*S + s]) so one label load feeds all S
-// outputs, tiles of 16 weights are written as whole cache lines, and large outputs use streaming stores
+// S*K Philox calls: sample_codebook_cpu, shared with the backward and linear.cpp) and the weights become a
+// gather from it. paper/mean mode is memory bound (read labels, write S*n floats): the table is
+// sample-interleaved (z[k*S + s]) so one label load feeds all S outputs, tiles of 16 weights are written as whole cache lines, and large outputs use streaming stores
 // (no read-for-ownership). In hierarchical mode every weight also needs its own normal: one Philox call
 // yields the 4 normals of 4 consecutive weights, so blocks of kFwdBlock elements (a multiple of 4) start
 // on counter boundaries. Labels are range-checked per block with a vectorised min/max before gathering.
@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "codebook.h"
 #include "vecmath.h"
 
 #if defined(__linux__)
@@ -146,6 +147,52 @@ void advise_huge_pages(void* p, size_t bytes) {
 #endif
 }
 
+void sample_codebook_cpu(const ReconstructArgs& a, int64_t S, const CodebookOut& o) {
+  const int64_t K = a.K;
+  if (a.mode == kMean) {  // no noise: z_mu = m_mu for every sample
+    if (o.mu != nullptr)
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t s = 0; s < S; ++s) o.mu[s * o.mu_ss + k * o.mu_ks] = a.means[2 * k];
+    return;
+  }
+  const Key key = seed_key(a.seed);
+  const uint32_t cb_owner = static_cast<uint32_t>(a.codebook_owner);
+  // softplus of the Cholesky diagonals once (the scalar per-component path cost ~0.3 ms of a ~0.7 ms
+  // single-thread n = 1M, S = 1 forward), then per (sample, chunk of kCB components) the xi normals in one
+  // normals_fill and z = m + L xi.
+  constexpr int64_t kCB = 1024;
+  std::vector<float> sp_a(static_cast<size_t>(K)), sp_c(o.sp_rho != nullptr ? static_cast<size_t>(K) : 0);
+  for (int64_t k = 0; k < K; ++k) sp_a[k] = a.chol[3 * k];
+  softplus_fill(sp_a.data(), sp_a.data(), K);
+  if (o.sp_rho != nullptr) {
+    for (int64_t k = 0; k < K; ++k) sp_c[k] = a.chol[3 * k + 2];
+    softplus_fill(sp_c.data(), sp_c.data(), K);
+  }
+  const int64_t nck = (K + kCB - 1) / kCB;
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < S * nck; ++t) {
+    const int64_t s = t / nck, k0 = (t % nck) * kCB, cnt = std::min(kCB, K - k0);
+    alignas(64) float xi[2 * kCB + 4];  // +4: the last counter of an odd chunk writes 2 extra floats
+    alignas(64) float zr[kCB];
+    normals_fill(key, static_cast<uint64_t>(k0 >> 1), (cnt + 1) >> 1, static_cast<uint32_t>(s), cb_owner,
+                 kPurposeComponent, xi);
+    for (int64_t q = 0; q < cnt; ++q) {
+      const int64_t k = k0 + q;
+      const float xi0 = xi[2 * q], xi1 = xi[2 * q + 1];
+      if (o.mu != nullptr) o.mu[s * o.mu_ss + k * o.mu_ks] = a.means[2 * k] + sp_a[k] * xi0;
+      if (o.sp_rho != nullptr) zr[q] = (a.means[2 * k + 1] + a.chol[3 * k + 1] * xi0) + sp_c[k] * xi1;
+      if (o.xi != nullptr) {
+        o.xi[s * o.xi_ss + 2 * k] = xi0;
+        o.xi[s * o.xi_ss + 2 * k + 1] = xi1;
+      }
+    }
+    if (o.sp_rho != nullptr) {
+      softplus_fill(zr, zr, cnt);
+      for (int64_t q = 0; q < cnt; ++q) o.sp_rho[s * o.sp_ss + (k0 + q) * o.sp_ks] = zr[q];
+    }
+  }
+}
+
 void reconstruct_cpu(const ReconstructArgs& a, float* out) {
   const char* fn = "reconstruct_cpu";
   validate_sizes(a, fn);
@@ -153,7 +200,7 @@ void reconstruct_cpu(const ReconstructArgs& a, float* out) {
   const std::vector<uint64_t> mask = exclusion_mask(a, fn);  // validation only: positions are unique
   const int64_t K = a.K, S = a.S, n = a.n;
   const Key key = seed_key(a.seed);
-  const uint32_t owner = static_cast<uint32_t>(a.owner), cb_owner = static_cast<uint32_t>(a.codebook_owner);
+  const uint32_t owner = static_cast<uint32_t>(a.owner);
   const bool hier = a.mode == kHierarchical;
 
   // Prologue: z table. paper/mean: sample-interleaved zt[k*S + s] = z_mu (mean: m_mu), so one label
@@ -161,43 +208,17 @@ void reconstruct_cpu(const ReconstructArgs& a, float* out) {
   // zt[2(s*K + k) + 1] = softplus(z_rho), so one cache line serves both gathers of a weight.
   const int64_t zw = hier ? 2 : 1;
   std::vector<float> zt(static_cast<size_t>(S * K * zw));
-  if (a.mode == kMean) {
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t s = 0; s < S; ++s) zt[k * S + s] = a.means[2 * k];
+  CodebookOut zo;
+  zo.mu = zt.data();
+  if (hier) {
+    zo.mu_ss = zo.sp_ss = 2 * K;
+    zo.mu_ks = zo.sp_ks = 2;
+    zo.sp_rho = zt.data() + 1;
   } else {
-    // Bulk version of component_noise + sample_component (the scalar per-component path cost ~0.3 ms of a
-    // ~0.7 ms single-thread n = 1M, S = 1 forward): softplus of the Cholesky diagonals once, then per
-    // (sample, chunk of kCB components) the xi normals in one normals_fill (component k is counter k/2,
-    // so chunks start on even k) and z = m + L xi in the reference's float32 order.
-    constexpr int64_t kCB = 1024;
-    std::vector<float> sp_ac(static_cast<size_t>(2 * K));
-    for (int64_t k = 0; k < K; ++k) {
-      sp_ac[2 * k] = a.chol[3 * k];
-      sp_ac[2 * k + 1] = a.chol[3 * k + 2];
-    }
-    softplus_fill(sp_ac.data(), sp_ac.data(), 2 * K);
-    const int64_t nck = (K + kCB - 1) / kCB;
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < S * nck; ++t) {
-      const int64_t s = t / nck, k0 = (t % nck) * kCB, cnt = std::min(kCB, K - k0);
-      alignas(64) float xi[2 * kCB + 4];
-      alignas(64) float zr[kCB];
-      normals_fill(key, static_cast<uint64_t>(k0 >> 1), (cnt + 1) >> 1, static_cast<uint32_t>(s), cb_owner,
-                   kPurposeComponent, xi);
-      for (int64_t q = 0; q < cnt; ++q) {
-        const int64_t k = k0 + q;
-        const float xi0 = xi[2 * q], xi1 = xi[2 * q + 1];
-        const float z_mu = a.means[2 * k] + sp_ac[2 * k] * xi0;
-        zr[q] = (a.means[2 * k + 1] + a.chol[3 * k + 1] * xi0) + sp_ac[2 * k + 1] * xi1;
-        if (hier) zt[2 * (s * K + k)] = z_mu;
-        else zt[k * S + s] = z_mu;
-      }
-      if (hier) {
-        softplus_fill(zr, zr, cnt);
-        for (int64_t q = 0; q < cnt; ++q) zt[2 * (s * K + k0 + q) + 1] = zr[q];
-      }
-    }
+    zo.mu_ss = 1;
+    zo.mu_ks = S;
   }
+  sample_codebook_cpu(a, S, zo);
   const float* z = zt.data();
 
   // Inliers (every position; ellipse/outlier positions are overwritten below). Labels are range-checked
@@ -288,7 +309,7 @@ void reconstruct_backward_cpu(const ReconstructArgs& a, const float* grad_out, f
   const uint64_t* mask = mask_v.empty() ? nullptr : mask_v.data();
   const int64_t K = a.K, S = a.S, n = a.n;
   const Key key = seed_key(a.seed);
-  const uint32_t owner = static_cast<uint32_t>(a.owner), cb_owner = static_cast<uint32_t>(a.codebook_owner);
+  const uint32_t owner = static_cast<uint32_t>(a.owner);
   const bool hier = a.mode == kHierarchical;
   const int64_t nacc = hier ? 2 : 1;  // per (s, k): sum dW [, sum dW * eps]
   const int64_t width = S * K * nacc;
@@ -382,9 +403,10 @@ void reconstruct_backward_cpu(const ReconstructArgs& a, const float* grad_out, f
   }
 
   // Per component: chain rule through z = m + L xi, summed over samples in order. The component noise of
-  // every (s, k) comes from bulk normals first (the scalar per-component Philox + Box-Muller was ~0.25 ms of
-  // a ~0.85 ms single-thread n = 1M backward), and softplus' of the Cholesky diagonals in one vector pass.
-  const int64_t xrow = 2 * K + 4;  // a row per sample; +4: the last counter of an odd K writes 2 extra floats
+  // every (s, k) comes from the bulk codebook helper first (the scalar per-component Philox + Box-Muller was
+  // ~0.25 ms of a ~0.85 ms single-thread n = 1M backward), and softplus' of the Cholesky diagonals in one
+  // vector pass.
+  const int64_t xrow = 2 * K;  // xiv[s * xrow + 2k + {0, 1}] = (xi0, xi1)
   std::vector<float> xiv;
   std::vector<float> sg_ac(static_cast<size_t>(2 * K));
   for (int64_t k = 0; k < K; ++k) {
@@ -393,15 +415,11 @@ void reconstruct_backward_cpu(const ReconstructArgs& a, const float* grad_out, f
   }
   softplus_grad_fill(sg_ac.data(), sg_ac.data(), 2 * K);  // = sigmoid (exactly 1.0f above 20 either way)
   if (a.mode != kMean) {
-    constexpr int64_t kCB = 1024;  // components per work item (even: chunks start on counter boundaries)
-    const int64_t nck = (K + kCB - 1) / kCB;
     xiv.resize(static_cast<size_t>(S * xrow));
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < S * nck; ++t) {
-      const int64_t s = t / nck, k0 = (t % nck) * kCB, cnt = std::min(kCB, K - k0);
-      normals_fill(key, static_cast<uint64_t>(k0 >> 1), (cnt + 1) >> 1, static_cast<uint32_t>(s), cb_owner,
-                   kPurposeComponent, xiv.data() + s * xrow + 2 * k0);
-    }
+    CodebookOut xo;
+    xo.xi = xiv.data();
+    xo.xi_ss = xrow;
+    sample_codebook_cpu(a, S, xo);
   }
 #pragma omp parallel for schedule(static)
   for (int64_t k = 0; k < K; ++k) {

@@ -25,17 +25,14 @@
 #include <type_traits>
 
 #include "../common.h"
-#include "cuda_check.cuh"
+#include "launch.cuh"
 
 namespace sws {
 namespace {
 
-
-constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kRowsPerWarp = 4;  // rows per warp: amortises the table copy over 32 rows per block
 constexpr int kRowsPerBlock = kWarps * kRowsPerWarp;
-constexpr int64_t kSmemFloats = 12288;  // 48 KB: no opt-in needed
 
 __device__ __forceinline__ float to_f(float v) { return v; }
 __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
@@ -48,11 +45,6 @@ template <>
 __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-template <class L>
-__device__ __forceinline__ uint64_t label_at(const L* lab, int64_t i) {
-  return static_cast<uint64_t>(static_cast<int64_t>(lab[i]));
-}
 
 struct Params {
   int64_t out_f, in_f, K, S, M;
@@ -187,14 +179,6 @@ __global__ void __launch_bounds__(kThreads) k_linear_small_m(const T* __restrict
   }
 }
 
-int sm_count(const char* fn) {
-  int dev = 0, sms = 0;
-  SWS_CUDA_CHECK(fn, cudaGetDevice(&dev));
-  SWS_CUDA_CHECK(fn, cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  return std::max(1, sms);
-}
-
-
 template <class F>
 void dispatch_act(const char* fn, int code, F&& f) {
   switch (code) {
@@ -225,7 +209,7 @@ void sws_linear_cuda(const ReconstructArgs& a, const LinearArgs& l, float* zbuf,
   (void)sm_count(fn);  // a device is current
 
   sample_components_cuda(a, zbuf, stream_ptr);
-  cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_ptr);
+  cudaStream_t stream = as_stream(stream_ptr);
 
   Params p;
   p.out_f = l.out_f;

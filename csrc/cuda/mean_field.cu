@@ -13,13 +13,10 @@
 #include <string>
 
 #include "../common.h"
-#include "cuda_check.cuh"
+#include "launch.cuh"
 
 namespace sws {
 namespace {
-
-
-constexpr int kThreads = 256;
 
 __global__ void k_mf_forward(const float* __restrict__ mu, const float* __restrict__ rho, int64_t n, int64_t S,
                              SeedRef seed_ref, uint32_t owner, uint32_t purpose, float* __restrict__ out) {
@@ -89,45 +86,31 @@ __global__ void k_mf_backward(const float* __restrict__ grad, const float* __res
   }
 }
 
-int sm_count(const char* fn) {
-  int dev = 0, sms = 0;
-  SWS_CUDA_CHECK(fn, cudaGetDevice(&dev));
-  SWS_CUDA_CHECK(fn, cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  return std::max(1, sms);
-}
-
-unsigned grid_for(int64_t work, int64_t cap) {
-  const int64_t b = (work + kThreads - 1) / kThreads;
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min(b, cap)));
-}
-
 }  // namespace
 
-void mean_field_reconstruct_cuda(const float* mu, const float* rho, int64_t n, uint64_t seed, const int64_t* seed_dev,
-                                 int64_t S, int64_t owner, int64_t purpose, float* out, uintptr_t stream_ptr) {
+void mean_field_reconstruct_cuda(const MeanFieldArgs& a, float* out, uintptr_t stream_ptr) {
   const char* fn = "mean_field_reconstruct_cuda";
-  validate_mean_field(fn, n, S, owner, purpose);
-  if (n == 0) return;
-  cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_ptr);
+  validate_mean_field(a, fn);
+  if (a.n == 0) return;
+  const int64_t n = a.n, S = a.S;
   const unsigned gy = static_cast<unsigned>(std::min<int64_t>(S, 65535));
   const int64_t cap = std::max<int64_t>(1, (static_cast<int64_t>(sm_count(fn)) * 16 + gy - 1) / gy);
   const dim3 grid(grid_for((n + 3) / 4, cap), gy);
-  k_mf_forward<<<grid, kThreads, 0, stream>>>(mu, rho, n, S, SeedRef{seed_dev, seed_key(seed)}, static_cast<uint32_t>(owner),
-                                              static_cast<uint32_t>(purpose), out);
+  k_mf_forward<<<grid, kThreads, 0, as_stream(stream_ptr)>>>(a.mu, a.rho, n, S, seed_ref_of(a),
+                                                             static_cast<uint32_t>(a.owner),
+                                                             static_cast<uint32_t>(a.purpose), out);
   SWS_CUDA_CHECK(fn, cudaGetLastError());
 }
 
-void mean_field_reconstruct_backward_cuda(const float* grad_w, const float* rho, int64_t n, uint64_t seed,
-                                          const int64_t* seed_dev, int64_t S, int64_t owner, int64_t purpose,
-                                          float* grad_mu, float* grad_rho, uintptr_t stream_ptr) {
+void mean_field_reconstruct_backward_cuda(const MeanFieldArgs& a, const float* grad_w, float* grad_mu, float* grad_rho,
+                                          uintptr_t stream_ptr) {
   const char* fn = "mean_field_reconstruct_backward_cuda";
-  validate_mean_field(fn, n, S, owner, purpose);
-  if (n == 0) return;
-  cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_ptr);
+  validate_mean_field(a, fn);
+  if (a.n == 0) return;
   const int64_t cap = static_cast<int64_t>(sm_count(fn)) * 16;
-  k_mf_backward<<<grid_for((n + 3) / 4, cap), kThreads, 0, stream>>>(grad_w, rho, n, S, SeedRef{seed_dev, seed_key(seed)},
-                                                                     static_cast<uint32_t>(owner),
-                                                                     static_cast<uint32_t>(purpose), grad_mu, grad_rho);
+  k_mf_backward<<<grid_for((a.n + 3) / 4, cap), kThreads, 0, as_stream(stream_ptr)>>>(
+      grad_w, a.rho, a.n, a.S, seed_ref_of(a), static_cast<uint32_t>(a.owner), static_cast<uint32_t>(a.purpose),
+      grad_mu, grad_rho);
   SWS_CUDA_CHECK(fn, cudaGetLastError());
 }
 

@@ -13,10 +13,11 @@
 //     it after k_forward. Positions are unique (validated on the Python side).
 //
 // Backward, deterministic (bit-identical run to run) without float atomics:
-//  The Python side (native.py) builds, with torch on the device, a label-sorted CSR of "entries": each
-//  inlier position (coef 1) under its label, and each ellipse weight twice, (pos, alpha) under a and
-//  (pos, 1 - alpha) under b, in a stable order (stable sort + bincount + cumsum: integer work only, so
-//  deterministic). Then:
+//  The Python side (sws_kernels/_segments.py, shared with the Triton backward and cached per labels version)
+//  builds, with torch on the device and no host sync, a label-sorted CSR of "entries": each inlier position
+//  (coef 1) under its label, and each ellipse weight twice, (pos, alpha) under a and (pos, 1 - alpha) under
+//  b, in a stable order (stable sort + searchsorted: integer work only, so deterministic). Only
+//  [seg_offsets[k], seg_offsets[k + 1]) of component k is read. Then:
 //  1. k_bwd_segments: one block per (component, sample); each thread strides over the segment in a fixed
 //     pattern, accumulating in double, then a fixed-shape shared-memory tree reduction -> dzbuf (float64
 //     [S, K, 2] = (dz_mu, dz_rho)); dz_rho already includes sigmoid(z_rho) (hierarchical only).
@@ -33,19 +34,10 @@
 #include <type_traits>
 
 #include "../common.h"
-#include "cuda_check.cuh"
+#include "launch.cuh"
 
 namespace sws {
 namespace {
-
-
-constexpr int kThreads = 256;
-constexpr int64_t kSmemFloats = 12288;  // 48 KB: the default dynamic shared memory limit, no opt-in needed
-
-template <class L>
-__device__ __forceinline__ uint64_t label_at(const L* lab, int64_t i) {
-  return static_cast<uint64_t>(static_cast<int64_t>(lab[i]));
-}
 
 __global__ void k_sample(const float* __restrict__ means, const float* __restrict__ chol, int64_t K, int64_t S,
                          int mode, SeedRef seed_ref, uint32_t cb_owner, float* __restrict__ zbuf) {
@@ -263,25 +255,12 @@ __global__ void k_bwd_outliers(const float* __restrict__ grad, int64_t n, int64_
   }
 }
 
-int sm_count(const char* fn) {
-  int dev = 0, sms = 0;
-  SWS_CUDA_CHECK(fn, cudaGetDevice(&dev));
-  SWS_CUDA_CHECK(fn, cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  return std::max(1, sms);
-}
-
-unsigned grid_for(int64_t work, int64_t cap) {
-  const int64_t b = (work + kThreads - 1) / kThreads;
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min(b, cap)));
-}
-
-
 }  // namespace
 
 void reconstruct_cuda(const ReconstructArgs& a, float* out, float* zbuf, uintptr_t stream_ptr) {
   const char* fn = "reconstruct_cuda";
   validate_sizes(a, fn);
-  cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_ptr);
+  cudaStream_t stream = as_stream(stream_ptr);
   const SeedRef key = seed_ref_of(a);
   const uint32_t owner = static_cast<uint32_t>(a.owner), cb_owner = static_cast<uint32_t>(a.codebook_owner);
   const int64_t K = a.K, S = a.S, n = a.n;
@@ -329,7 +308,7 @@ void reconstruct_backward_cuda(const ReconstructArgs& a, const float* grad_out, 
   validate_sizes(a, fn);
   if (n_entries < 0) throw std::invalid_argument(std::string(fn) + ": n_entries must be >= 0");
   if (a.K > 0x7fffffffll) throw std::invalid_argument(std::string(fn) + ": K must be < 2^31 (one block per component)");
-  cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_ptr);
+  cudaStream_t stream = as_stream(stream_ptr);
   const SeedRef key = seed_ref_of(a);
   const uint32_t owner = static_cast<uint32_t>(a.owner), cb_owner = static_cast<uint32_t>(a.codebook_owner);
   const int64_t K = a.K, S = a.S, n = a.n;
@@ -357,7 +336,7 @@ void reconstruct_backward_cuda(const ReconstructArgs& a, const float* grad_out, 
 void sample_components_cuda(const ReconstructArgs& a, float* zbuf, uintptr_t stream_ptr) {
   const char* fn = "sample_components_cuda";
   validate_sizes(a, fn);
-  cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_ptr);
+  cudaStream_t stream = as_stream(stream_ptr);
   const int64_t grid_cap = static_cast<int64_t>(sm_count(fn)) * 32;
   k_sample<<<grid_for(a.S * a.K, grid_cap), kThreads, 0, stream>>>(a.means, a.chol, a.K, a.S, a.mode,
                                                                    seed_ref_of(a),

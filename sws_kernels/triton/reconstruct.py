@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _segments
 from ._launch import GPU_TILES, empty, empty_like, launch
 from .philox import _counter_words, load_seed, normal4, normal_rows, seed_arg, stream_normal, u32_arg
 
@@ -252,42 +253,16 @@ def reconstruct(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rh
 # Backward
 # --------------------------------------------------------------------------------------------------
 
-class Segments:
-    """Label-sorted entries cut into pieces of <= chunk entries (built in torch; depends only on labels,
-    ellipse and outlier positions, so a layer could cache it between steps)."""
+class Segments(_segments.Pieces):
+    """Label-sorted entries cut into pieces of <= chunk entries: the Triton view of the one index builder
+    (sws_kernels/_segments.py, shared with the native CUDA backward). Constructed explicitly it is built
+    afresh (e.g. to pass as ``segments=``); reconstruct_backward itself takes the cached one, rebuilt only
+    when the labels, ellipse or outlier tensors change."""
+
+    __slots__ = ()
 
     def __init__(self, labels, e_pos, e_a, e_b, e_alpha, o_pos, K: int, chunk: int):
-        dev = labels.device
-        lab = labels.reshape(-1).long()
-        n = lab.numel()
-        inlier = torch.ones(n, dtype=torch.bool, device=dev)
-        inlier[e_pos] = False
-        inlier[o_pos] = False
-        pos_i = torch.nonzero(inlier).squeeze(1)
-        alpha = e_alpha.to(torch.float32)
-        comp = torch.cat([lab[pos_i], e_a.long(), e_b.long()])
-        pos = torch.cat([pos_i, e_pos, e_pos])
-        coef = torch.cat([torch.ones(pos_i.numel(), dtype=torch.float32, device=dev), alpha, 1.0 - alpha])
-        order = torch.sort(comp, stable=True).indices
-        self.pos = pos[order].contiguous()
-        self.coef = coef[order].contiguous()
-        counts = torch.bincount(comp, minlength=K)
-        seg_start = torch.cumsum(counts, 0) - counts
-        npieces = (counts + chunk - 1) // chunk
-        piece_off = torch.cumsum(npieces, 0) - npieces
-        P = int(npieces.sum())
-        piece_comp = torch.repeat_interleave(torch.arange(K, device=dev), npieces)
-        rank = torch.arange(P, device=dev) - piece_off[piece_comp]
-        self.piece_start = (seg_start[piece_comp] + rank * chunk).contiguous()
-        self.piece_len = torch.minimum(counts[piece_comp] - rank * chunk,
-                                       torch.full_like(rank, chunk)).to(torch.int32).contiguous()
-        self.piece_off = piece_off.contiguous()
-        self.npieces = npieces.to(torch.int32).contiguous()
-        # per component block, the most pieces any of its components has: stage 2's loop bound
-        pad = (-K) % BLOCK_K
-        self.block_max = torch.nn.functional.pad(self.npieces, (0, pad)).view(-1, BLOCK_K).amax(1).contiguous()
-        self.P = P
-        self.chunk = chunk
+        super().__init__(_segments.build(labels, e_pos, e_a, e_b, e_alpha, o_pos, K), chunk, BLOCK_K)
 
 
 @triton.jit(do_not_specialize=["n", "P", "nblk", "seed_ptr", "owner"])
@@ -393,7 +368,8 @@ def reconstruct_backward(grad_w, means, chol, labels, e_pos, e_a, e_b, e_alpha, 
     g_mu_o, g_rho_o), bit-identical run to run."""
     K, n, S, dev = means.shape[0], labels.numel(), samples, means.device
     g = grad_w.reshape(S, n).contiguous()
-    seg = segments or Segments(labels, e_pos, e_a, e_b, e_alpha, o_pos, K, CHUNK)
+    seg = segments if segments is not None else _segments.pieces(labels, e_pos, e_a, e_b, e_alpha, o_pos, K,
+                                                                   CHUNK, BLOCK_K)
     words = (seed_arg(seed, dev),)
     pmu = empty((S * max(seg.P, 1),), dtype=torch.float32, device=dev)
     prho = empty_like(pmu) if mode == HIER else pmu

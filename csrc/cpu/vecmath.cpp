@@ -236,12 +236,16 @@ SWS_AVX2 inline __m256 softplus8(__m256 x) {
   // log(u) * (t / d), with d replaced by t where it is 0 (the blend then picks t anyway)
   const __m256 l = _mm256_mul_ps(log_ps(u), _mm256_div_ps(t, _mm256_blendv_ps(d, t, one)));
   const __m256 sp = _mm256_blendv_ps(l, t, one);
-  return _mm256_blendv_ps(sp, x, _mm256_cmp_ps(x, set1(20.0f), _CMP_GT_OQ));
+  // x itself above 20, and where x is NaN: exp_ps's clamps (min/max return their second operand on NaN) would
+  // otherwise turn a NaN parameter into a finite weight; PyTorch's softplus gives NaN.
+  const __m256 pass = _mm256_or_ps(_mm256_cmp_ps(x, set1(20.0f), _CMP_GT_OQ), _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+  return _mm256_blendv_ps(sp, x, pass);
 }
 
 SWS_AVX2 inline __m256 softplus_grad8(__m256 x) {
   const __m256 sg = _mm256_div_ps(set1(1.0f), _mm256_add_ps(set1(1.0f), exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), x))));
-  return _mm256_blendv_ps(sg, set1(1.0f), _mm256_cmp_ps(x, set1(20.0f), _CMP_GT_OQ));
+  const __m256 g = _mm256_blendv_ps(sg, set1(1.0f), _mm256_cmp_ps(x, set1(20.0f), _CMP_GT_OQ));
+  return _mm256_blendv_ps(g, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));  // NaN in, NaN out (see softplus8)
 }
 
 SWS_AVX2 void softplus_avx2(const float* x, float* out, int64_t n) {

@@ -72,7 +72,9 @@ def _tiles(M: int, dtype: torch.dtype):
         # not the production dtype (bf16/fp16 are, all spill-free), and the goal for fp32 is tensor-core precision.
         return (16, 32, 32, 4, 2) if M <= 16 else (32, 64, 16, 8, 3)
     if M <= 16:
-        return 16, 32, 128, 4, 3
+        # the only one of 15 small-M tiles swept that is spill-free for every mode and orientation on both archs
+        # (16x32x128 with 4 warps spilled up to 832 B in the mean-field dx orientation on sm_80)
+        return 16, 32, 64, 8, 3
     if M <= 64:
         return 64, 64, 32, 8, 3
     return 128, 64, 32, 8, 3

@@ -28,6 +28,7 @@ CASES = [  # mode, label dtype, K, (out, in), lead, S, E, O, per_sample, fused
     ("hierarchical", torch.uint8, 5, (20, 17), (2, 3), 3, 2, 2, False, False),
     ("paper", torch.int64, 255, (21, 50), (3,), 8, 1, 6, True, False),
     ("mean", torch.uint8, 3, (16, 16), (1,), 1, 0, 0, True, False),
+    ("hierarchical", torch.int16, 9, (19, 23), (3,), 2, 2, 2, False, True),  # rows not a multiple of 4, fused
 ]
 
 
@@ -78,15 +79,17 @@ def test_sws_linear_forward_and_grads(rng, monkeypatch, mode, label_dtype, K, sh
 
 # Every production mode x low-precision dtype x tile class (M <= 16 and M <= 64 fused; unfused): the bf16/fp16
 # configurations benchmarks/triton_aot.py records and compiles come from these launches.
-LOW_PRECISION = [(mode, dtype, M, fused) for mode in ("paper", "hierarchical", "mean")
+# In = 63: weight rows not a multiple of 4 (the per-row shifted Philox quads).
+LOW_PRECISION = [(mode, dtype, M, fused, 64) for mode in ("paper", "hierarchical", "mean")
                  for dtype in (torch.bfloat16, torch.float16) for M, fused in ((3, True), (17, True), (17, False))]
+LOW_PRECISION += [("hierarchical", torch.bfloat16, 3, True, 63), ("hierarchical", torch.float16, 17, True, 63)]
 
 
-@pytest.mark.parametrize("mode,dtype,M,fused", LOW_PRECISION)
-def test_sws_linear_low_precision(rng, monkeypatch, mode, dtype, M, fused):
+@pytest.mark.parametrize("mode,dtype,M,fused,in_f", LOW_PRECISION)
+def test_sws_linear_low_precision(rng, monkeypatch, mode, dtype, M, fused, in_f):
     monkeypatch.setitem(_backend.LIMITS, "triton_fused_max_m", _backend.Limit(10**9 if fused else 0, "test"))
-    means, chol, labels, ell, outl = make_layer(rng, (40, 64), 31, 3, 4, torch.uint8)
-    x = torch.randn(M, 64, generator=rng).to(DEV)
+    means, chol, labels, ell, outl = make_layer(rng, (40, in_f), 31, 3, 4, torch.uint8)
+    x = torch.randn(M, in_f, generator=rng).to(DEV)
     bias = torch.randn(40, generator=rng).to(DEV)
     exact = R.sws_linear(x.double(), means.double(), chol.double(), labels, to64(ell), to64(outl), bias.double(),
                          seed=3, samples=3, mode=mode)
@@ -211,13 +214,14 @@ def test_mean_field_linear(rng, monkeypatch, shape, lead, S, per_sample, bias_ki
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=2e-5 * math.sqrt(rows + in_f), msg=f"grad {i}")
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("M", [3, 17])
-def test_mean_field_linear_low_precision(rng, dtype, M):
-    """Forward and dx in bf16/fp16 (the fused kernel at both small-M tiles) within 2x PyTorch's error."""
-    mu = torch.randn(40, 64, generator=rng).to(DEV) * 0.1
-    rho = torch.randn(40, 64, generator=rng).to(DEV) - 3
-    x = torch.randn(M, 64, generator=rng).to(DEV)
+@pytest.mark.parametrize("dtype,M,in_f", [(torch.bfloat16, 3, 64), (torch.bfloat16, 17, 64), (torch.float16, 3, 64),
+                                          (torch.float16, 17, 64), (torch.bfloat16, 3, 63), (torch.float16, 17, 63)])
+def test_mean_field_linear_low_precision(rng, dtype, M, in_f):
+    """Forward and dx in bf16/fp16 (the fused kernel at both small-M tiles, rows aligned to 4 or not) within 2x
+    PyTorch's error."""
+    mu = torch.randn(40, in_f, generator=rng).to(DEV) * 0.1
+    rho = torch.randn(40, in_f, generator=rng).to(DEV) - 3
+    x = torch.randn(M, in_f, generator=rng).to(DEV)
     g = torch.randn(2, M, 40, generator=rng).to(DEV)
 
     def run(xv, m, r, backend):

@@ -54,8 +54,9 @@ log = logging.getLogger("sws_kernels")
 BE = 16  # specials per epilogue step (the smallest tl.dot inner size)
 
 
-def _tiles(M: int, dtype: torch.dtype):
-    """(BM, BN, BR, num_warps, num_stages) for M rows per sample and activations of ``dtype``.
+def _tiles(M: int, dtype: torch.dtype, elem_noise: bool = False):
+    """(BM, BN, BR, num_warps, num_stages) for M rows per sample and activations of ``dtype``; ``elem_noise``:
+    noise drawn with a Philox call per weight (its row length is not a multiple of 4), the most live state.
 
     GPU: narrow N tiles at small M so a 4096-wide layer still fills ~130 SMs with S = 1. The weight tile
     [BN, BR] is generated in registers (labels -> z gather, or mu/rho + Philox) next to the accumulator, so
@@ -71,6 +72,8 @@ def _tiles(M: int, dtype: torch.dtype):
         # stages: spills at 128-170 registers, so not plain register pressure); this one spills least. fp32 is
         # not the production dtype (bf16/fp16 are, all spill-free), and the goal for fp32 is tensor-core precision.
         return (16, 32, 32, 4, 2) if M <= 16 else (32, 64, 16, 8, 3)
+    if elem_noise:  # half the weights per tile: 16x32x64 spilled up to 52 B, 64x64x32 up to 296 B on sm_80
+        return (16, 32, 32, 8, 3) if M <= 16 else (64, 32, 32, 8, 3)
     if M <= 16:
         # the only one of 15 small-M tiles swept that is spill-free for every mode and orientation on both archs
         # (16x32x128 with 4 warps spilled up to 832 B in the mean-field dx orientation on sm_80)
@@ -245,7 +248,7 @@ def _launch(a3, stride_as, T, S_out, M, N, R, lab_sr, lab_sc, out, *, labels=Non
     mf = mu is not None
     # the weight's row length (in) is lab_sr in the forward and lab_sc in dx
     row_len = lab_sr if lab_sc == 1 else lab_sc
-    BM, BN, BR, warps, stages = _tiles(M, a3.dtype)
+    BM, BN, BR, warps, stages = _tiles(M, a3.dtype, elem_noise=(mf or hier) and row_len % 4 != 0)
     n_m, n_n = triton.cdiv(M, BM), triton.cdiv(N, BN)
     dummy = out
     sp = specials is not None and specials.J > 0

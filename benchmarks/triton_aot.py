@@ -128,6 +128,12 @@ def _bind(rec, cc):
     target = GPUTarget("cuda", cc, 32)
     backend = make_backend(target)
     meta = dict(rec["meta"])
+    # the options JITFunction.run adds before binding, so a compile here has the JIT's cache key (gpu_check.sh
+    # warms the card's cache this way)
+    from triton import knobs
+    meta.setdefault("debug", getattr(fn, "debug", None) or knobs.runtime.debug)
+    if hasattr(knobs.compilation, "instrumentation_mode"):
+        meta.setdefault("instrumentation_mode", knobs.compilation.instrumentation_mode)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, spec, opts = binder(*_fake_args(rec), **meta)
     options, signature, constexprs, attrs = fn._pack_args(backend, meta, bound, spec, opts)

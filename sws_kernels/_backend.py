@@ -16,6 +16,8 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 
+from . import native  # importing it touches no CUDA runtime (its CUDA status is computed lazily)
+
 log = logging.getLogger("sws_kernels")
 
 BACKEND_NAMES = ("reference", "triton", "native_cpu", "native_cuda")
@@ -62,8 +64,6 @@ def backends() -> Dict[str, Tuple[bool, str]]:
     key = os.environ.get("TRITON_INTERPRET")
     out = _BACKENDS_CACHE.get(key)
     if out is None:
-        from . import native
-
         out = _BACKENDS_CACHE[key] = {
             "reference": (True, ""),
             "triton": _triton_status(),
@@ -161,10 +161,12 @@ LIMITS: Dict[str, Limit] = {
         "vendor GEMM (compute-bound). A default until benchmarks/gpu_bench.py measures the crossover on a card "
         "(env SWS_FUSED_MAX_M)"),
     "cuda_fused_max_m": Limit(
-        16, "native CUDA fused linear: csrc/common.h kLinearMaxM, the rows per sample its accumulators hold"),
+        native.LINEAR_MAX_M,
+        "native CUDA fused linear: csrc/common.h kLinearMaxM, the rows per sample its accumulators hold"),
     "cpu_fused_max_m": Limit(
-        32, "native CPU fused linear: csrc/common.h kLinearCpuMaxM (fp32 activations, paper/mean mode: a normal "
-            "per weight in hierarchical mode makes reconstruct + GEMM cheaper)"),
+        native.LINEAR_CPU_MAX_M,
+        "native CPU fused linear: csrc/common.h kLinearCpuMaxM (fp32 activations, paper/mean mode: a normal "
+        "per weight in hierarchical mode makes reconstruct + GEMM cheaper)"),
 }
 
 # (backend, op) pairs that have a fused path; every other pair reconstructs W then calls the vendor GEMM.

@@ -109,9 +109,10 @@ def _mma(acc, a, b):
 @triton.jit
 def _mma_specials(acc, ag, onehot, X_F32: tl.constexpr):
     """The specials epilogue's acc += x[:, r] (fp32) @ one-hot(delta) (fp32). With fp32 activations it needs
-    fp32 accuracy (tf32x3); with bf16/fp16 activations one TF32 product (10-bit mantissa, finer than the
-    weights the main loop rounds to bf16/fp16) is enough, and tf32x3 there was what made the bf16 tiles
-    spill (the three products' hi/lo splits next to a live 64x64 accumulator)."""
+    fp32 accuracy (tf32x3); with bf16/fp16 activations one TF32 product (10-bit mantissa: as fine as the fp16
+    and finer than the bf16 weights the main loop rounds to) is enough, and tf32x3 there was what made the bf16
+    tiles spill (the three products' hi/lo splits next to a live 64x64 accumulator). The interpreter runs this
+    dot in IEEE fp32, so the TF32 rounding is first exercised on a card (the GPU validation issue)."""
     if INTERPRET_C:
         return acc + tl.dot(ag, onehot, input_precision="ieee")
     elif X_F32:

@@ -61,15 +61,17 @@ def _rho_from_delta(w: torch.Tensor, delta: float) -> torch.Tensor:
 
 
 def to_mean_field(model: nn.Module, prior_mean: float = 0.0, prior_variance: float = 1.0,
-                  posterior_mu_init: float = 0.0, posterior_rho_init: float = -3.0, *, moped: bool = False,
+                  posterior_mu_init: float = 0.0, posterior_rho_init: float = -3.0, *, moped: bool = True,
                   moped_delta: float = 0.1):
     """Replace every nn.Linear / nn.Conv1d / nn.Conv2d by a mean-field layer, in place (like dnn_to_bnn).
 
     Hyper-parameters are kept exactly (stride, padding including 'same'/'valid', padding_mode, dilation,
     groups, bias presence), converted layers get ``dnn_to_bnn_flag = True`` (forward returns only the
-    output, so nn.Sequential keeps working) and live on the original weight's device. With ``moped=True``
-    (MOPED init) mu = the pretrained weight and sigma = moped_delta * |w|, for weights and biases; else
-    mu ~ N(posterior_mu_init, 0.1), rho ~ N(posterior_rho_init, 0.1) as in bayesian-torch.
+    output, so nn.Sequential keeps working) and live on the original weight's device. By default
+    (``moped=True``, MOPED init, SPEC.md section 8 step 0) mu = the pretrained weight and sigma =
+    moped_delta * |w|, for weights and biases, so converting a trained model keeps what it learned;
+    ``moped=False`` gives bayesian-torch's random init, mu ~ N(posterior_mu_init, 0.1),
+    rho ~ N(posterior_rho_init, 0.1) (posterior_mu_init / posterior_rho_init are used only then).
 
     Subclasses of Linear/Conv (their forward may read ``.weight``), transposed and 3D convolutions,
     recurrent layers, attention and other parametrised modules are kept and listed in

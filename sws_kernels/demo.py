@@ -423,7 +423,7 @@ def _run(cfg: DemoConfig, device: torch.device, log) -> Dict:
 
     # 2. mean-field from scratch, same architecture and init stream
     torch.manual_seed(cfg.seed)
-    mf, mf_report = to_mean_field(factory(), prior_mean=0.0, prior_variance=cfg.prior_sigma)
+    mf, mf_report = to_mean_field(factory(), prior_mean=0.0, prior_variance=cfg.prior_sigma, moped=False)
     if not mf_report["converted"]:
         raise DemoError("--model: the model has no nn.Linear/nn.Conv1d/nn.Conv2d layer to make Bayesian")
     mf = mf.to(device)

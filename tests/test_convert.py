@@ -61,6 +61,14 @@ def test_to_mean_field_moped_matches_deterministic(rng):
     torch.testing.assert_close(bnn[0].mu_kernel, w0, rtol=0, atol=0)
     torch.testing.assert_close(bnn[0].rho_kernel, torch.log(torch.expm1(1e-6 * w0.abs()) + 1e-20))
     torch.testing.assert_close(bnn(x), want, rtol=1e-4, atol=1e-4)
+    # MOPED is the default (SPEC.md section 8 step 0): a converted trained model keeps its weights
+    det2 = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    w2 = det2[0].weight.detach().clone()
+    mf2, _ = convert.to_mean_field(det2)
+    torch.testing.assert_close(mf2[0].mu_weight, w2, rtol=0, atol=0)
+    torch.testing.assert_close(mf2[0].rho_weight, torch.log(torch.expm1(0.1 * w2.abs()) + 1e-20))
+    rnd, _ = convert.to_mean_field(torch.nn.Sequential(torch.nn.Linear(40, 30)), moped=False)
+    assert abs(float(rnd[0].mu_weight.std()) - 0.1) < 0.02  # bayesian-torch's random init
     with pytest.raises(TypeError, match="model"):
         convert.to_mean_field(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="moped_delta"):

@@ -30,6 +30,20 @@ shards of the batch: DDP's averaged gradient then equals one process's gradient 
 (tests/test_integration.py). Seed ranks differently (e.g. ``torch.manual_seed(base + rank)``) to use one
 independent weight sample per rank instead (more samples per step, a different estimator).
 
+Forward contract and KL (SPEC.md sections 6 and 8.7)
+----------------------------------------------------
+Mean-field layers follow bayesian-torch: ``forward(x, return_kl=True)`` returns ``(out, kl)`` (kl in its
+per-tensor-mean convention), only ``out`` with ``return_kl=False`` or when ``dnn_to_bnn_flag`` is set.
+SWS layers built directly return a bare tensor; ``return_kl=True`` (constructor attribute or forward
+keyword) makes them return ``(out, kl)`` too, and ``to_sws`` sets it (and copies ``dnn_to_bnn_flag``) on
+every layer it puts in place of a mean-field layer, so the model's code keeps working unchanged. The KL
+an SWS layer returns is SPEC's summed KL of its outliers plus its share of its codebook's KL:
+``KL_layer = KL(outliers) + KL(codebook) * n_layer / n_codebook`` with ``n_layer`` the layer's weight
+count and ``n_codebook`` the weight count of every live SWS layer using that codebook. The shares sum to
+one, so the KLs the layers of a model return add up to :func:`sws_kernels.kl_loss` and to bayesian-torch's
+``get_kl_loss(model)`` (which sums ``kl_loss()``: each codebook once, each SWS layer's outliers), the
+codebook counted exactly once. (This holds when every layer using a codebook is in the model.)
+
 Codebook sharing and state_dict
 -------------------------------
 A layer registers its codebook as a submodule. When several layers share one codebook, PyTorch's
@@ -43,6 +57,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import weakref
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -57,6 +72,16 @@ __all__ = [
 ]
 
 _RNG_COUNTER = itertools.count(1)
+# codebook -> the SWS layers that use it (weak on both sides: a discarded layer or codebook drops out).
+# It gives each layer its share of the codebook's KL (see "Forward contract and KL" above).
+_CODEBOOK_USERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _register_user(codebook, layer) -> None:
+    users = _CODEBOOK_USERS.get(codebook)
+    if users is None:
+        users = _CODEBOOK_USERS[codebook] = weakref.WeakSet()
+    users.add(layer)
 # The active sample_mode as (samples, seed) or None. A plain module global rather than a ContextVar:
 # torch.compile reads (and guards on) a global without a graph break, ContextVar.get breaks the graph.
 _FOLD = None
@@ -299,6 +324,15 @@ class Codebook(_RngIdMixin, nn.Module):
         """z[s, k] = means[k] + L_k xi[s, k] -> [samples, K, 2]."""
         return SF.sample_components(self.means, self.chol, seed=seed, samples=samples, codebook_owner=self.owner)
 
+    def users(self) -> list:
+        """The live SWS layers whose ``codebook`` is this one (each once)."""
+        users = _CODEBOOK_USERS.get(self)
+        return [] if users is None else [m for m in list(users) if m.codebook is self]
+
+    def num_weights(self) -> int:
+        """Total weight count of :meth:`users`: the denominator of each layer's share of this KL."""
+        return sum(m.num_weights for m in self.users())
+
     def kl_loss(self) -> torch.Tensor:
         """sum_k KL(q_k || p_k) (SPEC.md section 6). Also picked up once by bayesian-torch's get_kl_loss."""
         return SF.kl_components(self.means, self.chol, self.means0, self.chol0)
@@ -338,7 +372,12 @@ class _SWSLayer(_RngIdMixin, nn.Module):
 
     MODES = _checks.MODES
 
-    def _init_sws(self, weight_shape, bias: bool, codebook, mode, labels, ellipse, outliers, rng_id, fan_in):
+    def _init_sws(self, weight_shape, bias: bool, codebook, mode, labels, ellipse, outliers, rng_id, fan_in,
+                  return_kl: bool = False, bias_size: Optional[int] = None):
+        if not isinstance(return_kl, bool):
+            raise TypeError(f"return_kl: expected a bool, got {_checks.describe(return_kl)}")
+        self.return_kl = return_kl
+        self._dnn_to_bnn_flag = False
         if not isinstance(codebook, Codebook):
             raise TypeError(f"codebook: expected a sws_kernels.nn.Codebook, got {_checks.describe(codebook)}")
         if not isinstance(bias, bool):
@@ -402,13 +441,60 @@ class _SWSLayer(_RngIdMixin, nn.Module):
         self.register_buffer("outlier_sigma0", s0)
         if bias:
             bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
-            self.bias = nn.Parameter(torch.empty(self.weight_shape[0], device=dev).uniform_(-bound, bound))
+            n_bias = self.weight_shape[0] if bias_size is None else bias_size
+            self.bias = nn.Parameter(torch.empty(n_bias, device=dev).uniform_(-bound, bound))
         else:
             self.register_parameter("bias", None)
         self._init_rng_id(rng_id)
         self._validate()
         self.register_load_state_dict_post_hook(_validate_after_load)
         self._entry_checks = True  # from now on an assigned buffer is checked when it is assigned
+        _register_user(codebook, self)
+
+    # -- forward contract (module docstring, "Forward contract and KL") ----------------------------
+    @property
+    def dnn_to_bnn_flag(self) -> bool:
+        """bayesian-torch's flag: when set, forward returns only ``out`` whatever ``return_kl`` says."""
+        return self._dnn_to_bnn_flag
+
+    @dnn_to_bnn_flag.setter
+    def dnn_to_bnn_flag(self, value: bool) -> None:
+        self._dnn_to_bnn_flag = bool(value)
+
+    def __setstate__(self, state):
+        # copy.deepcopy and pickle rebuild a layer without __init__: register it with its (copied) codebook.
+        super().__setstate__(state)
+        cb = self._modules.get("codebook")
+        if isinstance(cb, Codebook):
+            _register_user(cb, self)
+
+    def layer_kl(self) -> torch.Tensor:
+        """The KL this layer returns from forward (SPEC.md section 8, step 7), summed as in section 6:
+        KL(outliers) + KL(codebook) * num_weights / codebook.num_weights(), the codebook's KL attributed to
+        the layers sharing it in proportion to their weight counts (counted exactly once over all of them)."""
+        cb = self.codebook
+        users = _CODEBOOK_USERS.get(cb)
+        if users is None or self not in users:  # a codebook assigned by hand or a copied layer
+            _register_user(cb, self)
+        return self.kl_loss() + cb.kl_loss() * (self.num_weights / cb.num_weights())
+
+    def _contract(self, out, return_kl):
+        """``(out, layer_kl())`` or ``out`` per ``return_kl`` (None: the layer's ``return_kl`` attribute) and
+        ``dnn_to_bnn_flag``."""
+        if return_kl is None:
+            return_kl = self.return_kl
+        if return_kl and not self._dnn_to_bnn_flag:
+            return out, self.layer_kl()
+        return out
+
+    @staticmethod
+    def _split_samples(samples, return_kl):
+        """bayesian-torch calls ``layer(x, False)``: a bool in the second position is its ``return_kl``."""
+        if isinstance(samples, bool):
+            if return_kl is not None:
+                raise TypeError("return_kl: given twice (positionally as a bool and as a keyword)")
+            return None, samples
+        return samples, return_kl
 
     # -- validation -------------------------------------------------------------------------------
     # Data is checked when it enters: here at construction and after load_state_dict (a post-hook), and in
@@ -427,6 +513,8 @@ class _SWSLayer(_RngIdMixin, nn.Module):
         _checks.sws_buffer("outlier_sigma0", self.outlier_sigma0, **kw)
 
     def __setattr__(self, name, value):
+        if name == "codebook" and isinstance(value, Codebook) and self.__dict__.get("_entry_checks", False):
+            _register_user(value, self)
         if name in _checks.SWS_BUFFERS and self.__dict__.get("_entry_checks", False):
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"{name}: expected a torch.Tensor, got {_checks.describe(value)}")
@@ -466,7 +554,9 @@ class _SWSLayer(_RngIdMixin, nn.Module):
         return self.sample_weights(samples=1, seed=0, mode="mean")[0]
 
     def kl_loss(self) -> torch.Tensor:
-        """Summed KL of this layer's outliers (the codebook's KL is the Codebook's own, counted once)."""
+        """Summed KL of this layer's outliers (the codebook's KL is the Codebook's own ``kl_loss``, counted once
+        by bayesian-torch's ``get_kl_loss`` and :func:`sws_kernels.kl_loss`; forward returns
+        :meth:`layer_kl`, which adds this layer's share of it)."""
         if self.outlier_mu.numel() == 0:
             return self.outlier_mu.sum()
         return _ref.kl_gaussian(self.outlier_mu, self.outlier_rho, self.outlier_mu0, self.outlier_sigma0)
@@ -521,21 +611,26 @@ class SWSLinear(_SWSLayer):
     """Linear layer with stochastic weight sharing: y = x W_s^T + b, W_s reconstructed from the codebook."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, codebook: Codebook,
-                 mode: str = "paper", labels=None, ellipse=None, outliers=None, rng_id: Optional[int] = None):
+                 mode: str = "paper", labels=None, ellipse=None, outliers=None, rng_id: Optional[int] = None,
+                 return_kl: bool = False):
         super().__init__()
         self.in_features = _positive_int(in_features, "in_features")
         self.out_features = _positive_int(out_features, "out_features")
         self._init_sws((self.out_features, self.in_features), bias, codebook, mode, labels, ellipse, outliers,
-                       rng_id, self.in_features)
+                       rng_id, self.in_features, return_kl)
 
-    def forward(self, x: torch.Tensor, samples: Optional[int] = None, seed=None, *, per_sample: bool = False):
+    def forward(self, x: torch.Tensor, samples: Optional[int] = None, seed=None, *, per_sample: bool = False,
+                return_kl: Optional[bool] = None):
+        """``out`` [..., out] ([S, ..., out] with ``samples``), or ``(out, layer_kl())`` when ``return_kl``
+        (default: the layer's attribute) is true and ``dnn_to_bnn_flag`` is not set."""
+        samples, return_kl = self._split_samples(samples, return_kl)
         cb = self.codebook
 
         def call(xx, S, sd, ps):
             return SF.sws_linear(xx, cb.means, cb.chol, self.labels, self._ellipse(), self._outliers(), self.bias,
                                  seed=sd, samples=S, mode=self.mode, owner=self.owner, codebook_owner=cb.owner,
                                  per_sample=ps)
-        return _run_sampled(x, samples, seed, per_sample, call)
+        return self._contract(_run_sampled(x, samples, seed, per_sample, call), return_kl)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -547,15 +642,19 @@ class _SWSConvNd(_SWSLayer):
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  bias: bool = True, *, codebook: Codebook, mode: str = "paper", labels=None, ellipse=None,
-                 outliers=None, rng_id: Optional[int] = None, padding_mode: str = "zeros"):
+                 outliers=None, rng_id: Optional[int] = None, padding_mode: str = "zeros", return_kl: bool = False):
         super().__init__()
         _set_conv_hparams(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                           padding_mode)
         shape = (out_channels, in_channels // groups, *self.kernel_size)
         fan_in = (in_channels // groups) * math.prod(self.kernel_size)
-        self._init_sws(shape, bias, codebook, mode, labels, ellipse, outliers, rng_id, fan_in)
+        self._init_sws(shape, bias, codebook, mode, labels, ellipse, outliers, rng_id, fan_in, return_kl)
 
-    def forward(self, x: torch.Tensor, samples: Optional[int] = None, seed=None, *, per_sample: bool = False):
+    def forward(self, x: torch.Tensor, samples: Optional[int] = None, seed=None, *, per_sample: bool = False,
+                return_kl: Optional[bool] = None):
+        """``out`` ([S, ...] with ``samples``), or ``(out, layer_kl())`` when ``return_kl`` (default: the
+        layer's attribute) is true and ``dnn_to_bnn_flag`` is not set."""
+        samples, return_kl = self._split_samples(samples, return_kl)
         cb = self.codebook
         fn = SF.sws_conv2d if self._spatial == 2 else SF.sws_conv1d
 
@@ -566,7 +665,7 @@ class _SWSConvNd(_SWSLayer):
             return fn(xx, cb.means, cb.chol, self.labels, self._ellipse(), self._outliers(), self.bias,
                       self.stride, pad, self.dilation, self.groups, seed=sd, samples=S, mode=self.mode,
                       owner=self.owner, codebook_owner=cb.owner, per_sample=ps)
-        return _run_sampled(x, samples, seed, per_sample, call)
+        return self._contract(_run_sampled(x, samples, seed, per_sample, call), return_kl)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

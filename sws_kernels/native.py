@@ -6,9 +6,11 @@ device guard and the current stream. Checks here are the cheap ones a kernel nee
 (dtypes, shapes, devices); range validation of labels and finiteness is done by ``_checks``/``functional``.
 
 Every entry point takes one argument bundle, the C++ struct bound as a class: ``_C.ReconstructArgs``
-(reconstruct, its backward, the fused linear; built by ``_prep``), ``_C.MeanFieldArgs`` (``_mf_prep``) and
-``_C.LinearArgs`` for the fused linear's extras. The bundles hold raw addresses: the tensors they point at
-are returned next to them and must stay referenced until the kernel has run.
+(reconstruct, its backward, the fused linear), ``_C.MeanFieldArgs`` and ``_C.LinearArgs`` for the fused
+linear's extras. :func:`prepare` / :func:`prepare_mean_field` check the tensors once and wrap the bundle in a
+:class:`Prepared` / :class:`MFPrepared` that keeps the tensors it points into referenced; each entry point has
+a ``*_prepared`` form that launches such a bundle with a per-call seed and sample count, which is how layers
+skip the checks on their steady-state calls (sws_kernels/_bound.py).
 
 CUDA backward workspace: the label-sorted CSR of "entries" comes from sws_kernels/_segments.py (the builder
 the Triton backward shares; integer torch work on the device, no host sync, deterministic), cached per labels
@@ -395,19 +397,42 @@ def normal(seed, n: int, sample: int = 0, owner: int = 0, purpose: int = 0, offs
 # reconstruct
 # ------------------------------------------------------------------------------------------------------
 
-def _prep(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode, owner,
-          codebook_owner):
-    """Checks, contiguous tensors and the one argument bundle of the reconstruct family.
+class Prepared:
+    """A checked reconstruct-family argument bundle that can be launched many times.
 
-    Returns (args, tensors): ``args`` is the ``_C.ReconstructArgs`` every reconstruct/linear entry point takes,
-    ``tensors`` the (means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho) it points into; keep
-    them referenced until the kernel has run. On CUDA the bundle carries the seed's device address too.
+    ``args`` is the ``_C.ReconstructArgs`` every reconstruct/linear entry point takes, ``tensors`` the contiguous
+    (means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho) it points into (kept referenced here).
+    The per-call fields (seed, samples) are written by :meth:`call` right before each launch, so a layer can keep
+    one Prepared for as long as its tensors keep their addresses (sws_kernels/_bound.py) and skip
+    :func:`prepare`'s ~15 checks per call. ``aliases`` is True when every tensor is the caller's own (no contiguous copy): only
+    then does a Prepared follow in-place updates of the parameters.
     """
+
+    __slots__ = ("args", "tensors", "cuda", "device", "K", "shape", "aliases")
+
+    def __init__(self, args, tensors, cuda, device, K, shape, aliases):
+        self.args, self.tensors, self.cuda, self.device = args, tensors, cuda, device
+        self.K, self.shape, self.aliases = K, shape, aliases
+
+    def call(self, seed, samples: int):
+        """The bundle with this call's seed and sample count written in (CPU: the seed read from its memory)."""
+        a = self.args
+        a.seed = _seed(seed)
+        if self.cuda:
+            a.seed_dev = _seed_dev(seed, self.device)
+        a.S = samples
+        return a
+
+
+def prepare(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, mode, owner,
+            codebook_owner) -> Prepared:
+    """The checks every launch needs (dtypes, shapes, devices, contiguity) done once: a :class:`Prepared`."""
     dev = means.device
     cuda = _need_for(means)
     if means.dim() != 2 or means.shape[1] != 2:
         raise ValueError(f"means: expected shape [K, 2], got {tuple(means.shape)}")
     K = means.shape[0]
+    given = (means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho)
     means = _check(means, "means", torch.float32, dev)
     chol = _check(chol, "chol", torch.float32, dev, (K, 3))
     if labels.dtype not in _LABEL_CODES:
@@ -422,13 +447,13 @@ def _prep(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, see
     o_pos = _check(o_pos, "o_pos", torch.int64, dev, (O,))
     o_mu = _check(o_mu, "o_mu", torch.float32, dev, (O,))
     o_rho = _check(o_rho, "o_rho", torch.float32, dev, (O,))
+    tensors = (means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho)
     args = _C.ReconstructArgs(
         means.data_ptr(), chol.data_ptr(), K, labels.data_ptr(), _LABEL_CODES[labels.dtype], labels.numel(),
         e_pos.data_ptr(), e_a.data_ptr(), e_b.data_ptr(), e_alpha.data_ptr(), E,
-        o_pos.data_ptr(), o_mu.data_ptr(), o_rho.data_ptr(), O,
-        _seed(seed), _seed_dev(seed, dev) if cuda else 0,
-        int(samples), int(mode), int(owner), int(codebook_owner))
-    return args, (means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho)
+        o_pos.data_ptr(), o_mu.data_ptr(), o_rho.data_ptr(), O, 0, 0, 1, int(mode), int(owner), int(codebook_owner))
+    return Prepared(args, tensors, cuda, dev, K, tuple(labels.shape),
+                    all(a is b for a, b in zip(given, tensors)))
 
 
 def _stream(dev: torch.device) -> int:
@@ -438,15 +463,20 @@ def _stream(dev: torch.device) -> int:
 def reconstruct(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode, owner,
                 codebook_owner) -> torch.Tensor:
     """float32 [samples, *labels.shape]; mode is the int code (0 paper, 1 hierarchical, 2 mean)."""
-    args, keep = _prep(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode,
-                       owner, codebook_owner)
-    dev, cuda, S, K = means.device, means.is_cuda, int(samples), means.shape[0]
-    out = torch.empty((S, *labels.shape), dtype=torch.float32, device=dev)
-    if not cuda:
+    p = prepare(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, mode, owner, codebook_owner)
+    return reconstruct_prepared(p, seed, int(samples))
+
+
+def reconstruct_prepared(p: Prepared, seed, S: int) -> torch.Tensor:
+    """:func:`reconstruct` on a :class:`Prepared` bundle."""
+    args = p.call(seed, S)
+    dev = p.device
+    out = torch.empty((S, *p.shape), dtype=torch.float32, device=dev)
+    if not p.cuda:
         _C.reconstruct_cpu(args, out.data_ptr())
         return out
     with torch.cuda.device(dev):
-        zbuf = torch.empty(max(1, S * K * 2), dtype=torch.float32, device=dev)
+        zbuf = torch.empty(max(1, S * p.K * 2), dtype=torch.float32, device=dev)
         _C.reconstruct_cuda(args, out.data_ptr(), zbuf.data_ptr(), _stream(dev))
     return out
 
@@ -461,20 +491,28 @@ def _segments_csr(labels, e_pos, e_a, e_b, e_alpha, o_pos, K):
 def reconstruct_backward(grad_w, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples,
                          mode, owner, codebook_owner) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad means [K,2], grad chol [K,3], grad o_mu [O], grad o_rho [O]) from grad_w [samples, *labels.shape]."""
-    args, keep = _prep(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode,
-                       owner, codebook_owner)
-    dev, cuda, S, K, O = means.device, means.is_cuda, int(samples), means.shape[0], o_pos.numel()
-    grad_w = _check(grad_w, "grad_w", torch.float32, dev, (S, *labels.shape))
+    p = prepare(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, mode, owner, codebook_owner)
+    return reconstruct_backward_prepared(p, grad_w, seed, int(samples), (labels, e_pos, e_a, e_b, e_alpha, o_pos))
+
+
+def reconstruct_backward_prepared(p: Prepared, grad_w, seed, S: int, index=None):
+    """:func:`reconstruct_backward` on a :class:`Prepared` bundle. ``index``: the caller's (labels, e_pos, e_a,
+    e_b, e_alpha, o_pos), which key the CUDA backward's cached label index (default: the bundle's own)."""
+    args = p.call(seed, S)
+    dev, K = p.device, p.K
+    O = p.tensors[7].numel()
+    grad_w = _check(grad_w, "grad_w", torch.float32, dev, (S, *p.shape))
     g_means = torch.empty((K, 2), dtype=torch.float32, device=dev)
     g_chol = torch.empty((K, 3), dtype=torch.float32, device=dev)
     g_mu = torch.empty((O,), dtype=torch.float32, device=dev)
     g_rho = torch.empty((O,), dtype=torch.float32, device=dev)
     outs = (g_means.data_ptr(), g_chol.data_ptr(), g_mu.data_ptr(), g_rho.data_ptr())
-    if not cuda:
+    if not p.cuda:
         _C.reconstruct_backward_cpu(args, grad_w.data_ptr(), *outs)
         return g_means, g_chol, g_mu, g_rho
     with torch.cuda.device(dev):
-        # keyed by the caller's tensors (their identity and version), not by _prep's contiguous copies
+        # keyed by the caller's tensors (their identity and version), not by prepare's contiguous copies
+        labels, e_pos, e_a, e_b, e_alpha, o_pos = index if index is not None else p.tensors[2:8]
         offsets, pos, coef = _segments_csr(labels, e_pos, e_a, e_b, e_alpha, o_pos, K)
         dzbuf = torch.empty(max(1, S * K * 2), dtype=torch.float64, device=dev)
         _C.reconstruct_backward_cuda(args, grad_w.data_ptr(), *outs, offsets.data_ptr(), pos.data_ptr(),
@@ -486,23 +524,44 @@ def reconstruct_backward(grad_w, means, chol, labels, e_pos, e_a, e_b, e_alpha, 
 # mean-field reconstruct: w[s] = mu + softplus(rho) eps[s] (CPU: csrc/cpu/mean_field.cpp)
 # ------------------------------------------------------------------------------------------------------
 
-def _mf_prep(mu, rho, seed, samples, owner, purpose):
-    """(args, (mu, rho)): the ``_C.MeanFieldArgs`` bundle and the contiguous tensors it points into."""
+class MFPrepared:
+    """The mean-field counterpart of :class:`Prepared`: a checked ``_C.MeanFieldArgs`` bundle over contiguous
+    (mu, rho), launched many times with per-call seed and samples."""
+
+    __slots__ = ("args", "tensors", "cuda", "device", "shape", "aliases")
+
+    def __init__(self, args, tensors, cuda, device, shape, aliases):
+        self.args, self.tensors, self.cuda, self.device, self.shape, self.aliases = (args, tensors, cuda, device,
+                                                                                    shape, aliases)
+
+    def call(self, seed, samples: int):
+        a = self.args
+        a.seed = _seed(seed)
+        if self.cuda:
+            a.seed_dev = _seed_dev(seed, self.device)
+        a.S = samples
+        return a
+
+
+def prepare_mean_field(mu, rho, owner, purpose) -> MFPrepared:
     dev = mu.device
     cuda = _need_for(mu)
-    mu = _check(mu, "mu", torch.float32, dev)
-    rho = _check(rho, "rho", torch.float32, dev, mu.shape)
-    args = _C.MeanFieldArgs(mu.data_ptr(), rho.data_ptr(), mu.numel(), _seed(seed),
-                            _seed_dev(seed, dev) if cuda else 0, int(samples), int(owner), int(purpose))
-    return args, (mu, rho)
+    mu_c = _check(mu, "mu", torch.float32, dev)
+    rho_c = _check(rho, "rho", torch.float32, dev, mu.shape)
+    args = _C.MeanFieldArgs(mu_c.data_ptr(), rho_c.data_ptr(), mu_c.numel(), 0, 0, 1, int(owner), int(purpose))
+    return MFPrepared(args, (mu_c, rho_c), cuda, dev, tuple(mu.shape), mu_c is mu and rho_c is rho)
 
 
 def mean_field_reconstruct(mu, rho, seed, samples, owner, purpose) -> torch.Tensor:
     """float32 [samples, *mu.shape] = mu + softplus(rho) * eps[s], eps of stream (seed, s, owner, purpose)."""
-    args, keep = _mf_prep(mu, rho, seed, samples, owner, purpose)
-    dev, cuda = mu.device, mu.is_cuda
-    out = torch.empty((int(samples), *mu.shape), dtype=torch.float32, device=dev)
-    if not cuda:
+    return mean_field_reconstruct_prepared(prepare_mean_field(mu, rho, owner, purpose), seed, int(samples))
+
+
+def mean_field_reconstruct_prepared(p: MFPrepared, seed, S: int) -> torch.Tensor:
+    args = p.call(seed, S)
+    dev = p.device
+    out = torch.empty((S, *p.shape), dtype=torch.float32, device=dev)
+    if not p.cuda:
         _C.mean_field_reconstruct_cpu(args, out.data_ptr())
         return out
     with torch.cuda.device(dev):
@@ -513,13 +572,18 @@ def mean_field_reconstruct(mu, rho, seed, samples, owner, purpose) -> torch.Tens
 def mean_field_reconstruct_backward(grad_w, mu, rho, seed, samples, owner,
                                     purpose) -> Tuple[torch.Tensor, torch.Tensor]:
     """(d mu, d rho) from grad_w [samples, *mu.shape]; the noise regenerated from the seed. Deterministic."""
-    args, (mu, rho) = _mf_prep(mu, rho, seed, samples, owner, purpose)
-    dev, cuda = mu.device, mu.is_cuda
-    grad_w = _check(grad_w, "grad_w", torch.float32, dev, (int(samples), *mu.shape))
-    g_mu = torch.empty_like(mu)
-    g_rho = torch.empty_like(rho)
+    return mean_field_reconstruct_backward_prepared(prepare_mean_field(mu, rho, owner, purpose), grad_w, seed,
+                                                    int(samples))
+
+
+def mean_field_reconstruct_backward_prepared(p: MFPrepared, grad_w, seed, S: int):
+    args = p.call(seed, S)
+    dev = p.device
+    grad_w = _check(grad_w, "grad_w", torch.float32, dev, (S, *p.shape))
+    g_mu = torch.empty(p.shape, dtype=torch.float32, device=dev)
+    g_rho = torch.empty(p.shape, dtype=torch.float32, device=dev)
     outs = (grad_w.data_ptr(), g_mu.data_ptr(), g_rho.data_ptr())
-    if not cuda:
+    if not p.cuda:
         _C.mean_field_reconstruct_backward_cpu(args, *outs)
         return g_mu, g_rho
     with torch.cuda.device(dev):
@@ -588,20 +652,25 @@ def sws_linear_cuda(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_m
     """Fused forward for M <= 16 rows per sample: y [S, M, out] in x's dtype (x [M, in] or [S, M, in])."""
     if not means.is_cuda:
         raise ValueError(f"sws_linear_cuda: expected CUDA tensors, got {means.device}")
-    args, keep = _prep(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode,
-                       owner, codebook_owner)
-    dev, S, K = means.device, int(samples), means.shape[0]
+    p = prepare(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, mode, owner, codebook_owner)
+    return sws_linear_cuda_prepared(p, x, bias, seed, int(samples), per_sample)
+
+
+def sws_linear_cuda_prepared(p: Prepared, x, bias, seed, S: int, per_sample: bool) -> torch.Tensor:
+    """:func:`sws_linear_cuda` on a :class:`Prepared` bundle."""
+    args = p.call(seed, S)
+    dev, K = p.device, p.K
     if x.dtype not in _ACT_CODES:
         raise TypeError(f"x: expected one of {list(_ACT_CODES)}, got {x.dtype}")
-    out_f, in_f = labels.shape
+    out_f, in_f = p.shape
     x, M, b = _linear_x(x, bias, out_f, in_f, S, per_sample, x.dtype, dev)
     y = torch.empty((S, M, out_f), dtype=x.dtype, device=dev)
     lin = _C.LinearArgs(out_f, in_f, x.data_ptr(), _ACT_CODES[x.dtype], M, bool(per_sample),
                         0 if b is None else b.data_ptr(), b is not None and b.dim() == 2, y.data_ptr())
     with torch.cuda.device(dev):
-        if e_pos.numel() + o_pos.numel():
-            _, _, _, e_pos_c, _, _, _, o_pos_c, _, _ = keep
-            mask, rows, pos, idx = _overrides(labels.numel(), in_f, out_f, e_pos_c, o_pos_c)
+        e_pos_c, o_pos_c = p.tensors[3], p.tensors[7]
+        if e_pos_c.numel() + o_pos_c.numel():
+            mask, rows, pos, idx = _overrides(out_f * in_f, in_f, out_f, e_pos_c, o_pos_c)
             lin.ov_mask, lin.ov_rows, lin.ov_pos, lin.ov_idx = (mask.data_ptr(), rows.data_ptr(), pos.data_ptr(),
                                                                 idx.data_ptr())
         zbuf = torch.empty(max(1, S * K * 2), dtype=torch.float32, device=dev)
@@ -621,18 +690,22 @@ def sws_linear_cpu(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu
     """Fused forward, W never materialised: y float32 [S, M, out] (x float32 [M, in] or [S, M, in], M <= 32)."""
     if not means.is_cpu:
         raise ValueError(f"sws_linear_cpu: expected CPU tensors, got {means.device}")
-    args, keep = _prep(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode,
-                       owner, codebook_owner)
-    dev, S = means.device, int(samples)
     if int(mode) not in (0, 2):
         raise ValueError(f"sws_linear_cpu: mode must be 0 (paper) or 2 (mean), got {mode}")
     if labels.dim() != 2:
         raise ValueError(f"labels: expected [out, in], got {tuple(labels.shape)}")
-    out_f, in_f = labels.shape
-    x, M, b = _linear_x(x, bias, out_f, in_f, S, per_sample, torch.float32, dev)
+    p = prepare(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, mode, owner, codebook_owner)
+    return sws_linear_cpu_prepared(p, x, bias, seed, int(samples), per_sample)
+
+
+def sws_linear_cpu_prepared(p: Prepared, x, bias, seed, S: int, per_sample: bool) -> torch.Tensor:
+    """:func:`sws_linear_cpu` on a :class:`Prepared` bundle (of a 2-d labels tensor, paper or mean mode)."""
+    args = p.call(seed, S)
+    out_f, in_f = p.shape
+    x, M, b = _linear_x(x, bias, out_f, in_f, S, per_sample, torch.float32, p.device)
     if M > LINEAR_CPU_MAX_M:
         raise ValueError(f"sws_linear_cpu: at most {LINEAR_CPU_MAX_M} rows per sample, got {M}")
-    y = torch.empty((S, M, out_f), dtype=torch.float32, device=dev)
+    y = torch.empty((S, M, out_f), dtype=torch.float32)
     lin = _C.LinearArgs(out_f, in_f, x.data_ptr(), 0, M, bool(per_sample), 0 if b is None else b.data_ptr(),
                         b is not None and b.dim() == 2, y.data_ptr())
     _C.sws_linear_cpu(args, lin)

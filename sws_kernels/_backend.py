@@ -21,7 +21,7 @@ from . import native  # importing it touches no CUDA runtime (its CUDA status is
 log = logging.getLogger("sws_kernels")
 
 BACKEND_NAMES = ("reference", "triton", "native_cpu", "native_cuda")
-CHOICES = ("auto", "reference", "triton", "native")
+CHOICES = ("auto", "reference", "triton", "native", "native_cpu", "native_cuda")  # native_*: backends()' names
 
 _current = contextvars.ContextVar("sws_kernels_backend", default="auto")
 
@@ -115,6 +115,8 @@ def _select(op: str, device: torch.device, dtype: torch.dtype) -> Tuple[str, Cal
     avail = backends()
     if choice != "auto":
         name = _native_name(device) if choice == "native" else choice
+        if name.startswith("native_") and name != _native_name(device):
+            raise RuntimeError(f"backend {name!r} was forced for {op} on a {device.type} tensor: use 'native'")
         ok, reason = avail[name]
         if not ok:
             raise RuntimeError(f"backend {name!r} was forced for {op} but is unavailable: {reason}")

@@ -67,8 +67,10 @@ from . import _checks, functional as SF
 from . import reference as _ref
 
 __all__ = [
-    "Codebook", "SWSLinear", "SWSConv1d", "SWSConv2d", "MeanFieldLinear", "MeanFieldConv1d", "MeanFieldConv2d",
-    "sample_mode", "label_dtype", "softplus_inv",
+    "Codebook", "SWSLinear", "SWSConv1d", "SWSConv2d", "SWSConv3d", "SWSConvTranspose1d", "SWSConvTranspose2d",
+    "SWSConvTranspose3d", "MeanFieldLinear", "MeanFieldConv1d", "MeanFieldConv2d", "MeanFieldConv3d",
+    "MeanFieldConvTranspose1d", "MeanFieldConvTranspose2d", "MeanFieldConvTranspose3d",
+    "sample_mode", "label_dtype", "softplus_inv", "SWS_LAYERS", "MEAN_FIELD_LAYERS",
 ]
 
 _RNG_COUNTER = itertools.count(1)
@@ -203,6 +205,101 @@ def _explicit_pad(x, padding_mode, padding, kernel_size, dilation):
     xx = x.reshape(-1, *x.shape[-(n + 1):])
     xx = torch.nn.functional.pad(xx, flat, mode=padding_mode)
     return xx.reshape(*lead, *xx.shape[1:]), 0
+
+
+_CONV_OPS = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}
+_CONV_T_OPS = {1: torch.nn.functional.conv_transpose1d, 2: torch.nn.functional.conv_transpose2d,
+               3: torch.nn.functional.conv_transpose3d}
+
+
+def _vendor_conv_all_samples(transposed: bool, spatial: int, x, w, bias, stride, padding, dilation, groups,
+                             output_padding, per_sample: bool):
+    """S sampled kernels ``w`` [S, *weight_shape] applied by ONE vendor call (F.convNd / F.conv_transposeNd).
+
+    The grouped-conv trick: with x shared, the samples are stacked along each group's output channels (the
+    convolution's weight [S*out, in/g, ...] interleaved per group as [g, S, out/g]; the transposed one's
+    [in, S*out/g, ...]); with per-sample x [S, N, C, ...] the samples go to the channel axis and S*groups
+    groups pair every input slice with its own kernels. -> [S, N, out, *spatial_out].
+    """
+    S = w.shape[0]
+    _checks.activations(x, "x", w.device)
+    want = spatial + 2 + (1 if per_sample else 0)
+    if x.dim() != want:
+        what = "[samples, N, C, *spatial]" if per_sample else "[N, C, *spatial]"
+        raise ValueError(f"x: expected {want} dimensions {what}, got {_checks.describe(x)}")
+    if per_sample and x.shape[0] != S:
+        raise ValueError(f"x: expected a leading sample dimension of size {S} with per_sample=True, "
+                         f"got {_checks.describe(x)}")
+    w = w.to(x.dtype)
+    kshape = w.shape[3:]
+    g = groups
+    if transposed:
+        in_c, out_g = w.shape[1], w.shape[2]
+        out_c = out_g * g
+        op = _CONV_T_OPS[spatial]
+
+        def run(xx, ww, bb, groups_):
+            return op(xx, ww, bb, stride, padding, output_padding, groups_, dilation)
+    else:
+        out_c, in_g = w.shape[1], w.shape[2]
+        in_c, out_g = in_g * g, w.shape[1] // g
+        op = _CONV_OPS[spatial]
+
+        def run(xx, ww, bb, groups_):
+            return op(xx, ww, bb, stride, padding, dilation, groups_)
+    want_c = in_c
+    if x.shape[-spatial - 1] != want_c:
+        raise ValueError(f"x: expected {want_c} input channels, got {_checks.describe(x)}")
+    if bias is not None:
+        bias = bias.to(x.dtype)
+        bias = bias if bias.dim() == 2 else bias.expand(S, -1)
+    if per_sample:
+        N = x.shape[1]
+        xs = x.transpose(0, 1).reshape(N, S * in_c, *x.shape[3:])
+        y = run(xs, w.reshape(S * w.shape[1], *w.shape[2:]), None if bias is None else bias.reshape(-1), S * g)
+        return y.view(N, S, out_c, *y.shape[2:]).transpose(0, 1)
+    if transposed:  # [S, in, out/g, k] -> [in, S * out/g, k]: group j's rows still see group j's inputs
+        wg = w.transpose(0, 1).reshape(in_c, S * out_g, *kshape)
+    else:           # [S, out, in/g, k] -> [g, S, out/g, in/g, k] -> [S*out, in/g, k]
+        wg = w.reshape(S, g, out_g, *w.shape[2:]).transpose(0, 1).reshape(S * out_c, *w.shape[2:])
+    bg = None if bias is None else bias.reshape(S, g, out_g).transpose(0, 1).reshape(-1)
+    y = run(x, wg, bg, g)
+    N = x.shape[0]
+    return y.view(N, g, S, out_g, *y.shape[2:]).permute(2, 0, 1, 3, *range(4, 4 + spatial)).reshape(
+        S, N, out_c, *y.shape[2:])
+
+
+def _set_conv_t_hparams(mod, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                        output_padding) -> None:
+    """nn.ConvTransposeNd's hyper-parameters (integer padding only, zeros padding mode, as PyTorch's)."""
+    if isinstance(padding, str):
+        raise ValueError(f"padding: expected an int or a tuple for a transposed convolution, got {padding!r}")
+    _set_conv_hparams(mod, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, "zeros")
+    mod.output_padding = _tuple(output_padding, mod._spatial, "output_padding")
+    for op, st, dl in zip(mod.output_padding, mod.stride, mod.dilation):
+        if not 0 <= op < max(st, dl):
+            raise ValueError(f"output_padding: expected values in [0, max(stride, dilation)) per dimension, got "
+                             f"{mod.output_padding} with stride={mod.stride}, dilation={mod.dilation}")
+
+
+def _output_padding_for(mod, x, output_size, per_sample):
+    """nn.ConvTransposeNd's ``output_size=`` argument: the output_padding that gives that spatial size."""
+    if output_size is None:
+        return mod.output_padding
+    n = mod._spatial
+    size = list(output_size)[-n:]
+    if len(size) != n:
+        raise ValueError(f"output_size: expected at least {n} sizes, got {output_size!r}")
+    inp = x.shape[-n:]
+    pads = []
+    for d in range(n):
+        base = ((inp[d] - 1) * mod.stride[d] - 2 * mod.padding[d] + mod.dilation[d] * (mod.kernel_size[d] - 1) + 1)
+        op = int(size[d]) - base
+        if not 0 <= op < max(mod.stride[d], mod.dilation[d]):
+            raise ValueError(f"output_size: {tuple(size)} is not reachable from input size {tuple(inp)} "
+                             f"(output_padding would be {op} in dimension {d})")
+        pads.append(op)
+    return tuple(pads)
 
 
 class _RngIdMixin:
@@ -683,6 +780,79 @@ class SWSConv2d(_SWSConvNd):
     _spatial = 2
 
 
+class SWSConv3d(_SWSConvNd):
+    """Conv3d with stochastic weight sharing: the S sampled kernels are reconstructed by our kernels
+    (:func:`sws_kernels.functional.reconstruct`), then one F.conv3d call applies all of them."""
+    _spatial = 3
+
+    def forward(self, x: torch.Tensor, samples: Optional[int] = None, seed=None, *, per_sample: bool = False,
+                return_kl: Optional[bool] = None):
+        samples, return_kl = self._split_samples(samples, return_kl)
+
+        def call(xx, S, sd, ps):
+            pad = self.padding
+            if self.padding_mode != "zeros":
+                xx, pad = _explicit_pad(xx, self.padding_mode, self.padding, self.kernel_size, self.dilation)
+            w = self.sample_weights(samples=S, seed=sd)
+            return _vendor_conv_all_samples(False, 3, xx, w, self.bias, self.stride, pad, self.dilation, self.groups,
+                                            None, ps)
+        return self._contract(_run_sampled(x, samples, seed, per_sample, call), return_kl)
+
+
+class _SWSConvTransposeNd(_SWSLayer):
+    """Transposed convolution with stochastic weight sharing: nn.ConvTransposeNd's arguments (weight
+    [in, out/groups, *k], output_padding, ``output_size=`` in forward); S kernels reconstructed by our kernels,
+    then one F.conv_transposeNd call for all samples."""
+    _spatial = 2
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, output_padding=0, groups=1,
+                 bias: bool = True, dilation=1, *, codebook: Codebook, mode: str = "paper", labels=None, ellipse=None,
+                 outliers=None, rng_id: Optional[int] = None, padding_mode: str = "zeros", return_kl: bool = False):
+        super().__init__()
+        if padding_mode != "zeros":
+            raise ValueError(f"padding_mode: expected 'zeros' for a transposed convolution (as PyTorch), got "
+                             f"{padding_mode!r}")
+        _set_conv_t_hparams(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                            output_padding)
+        shape = (in_channels, out_channels // groups, *self.kernel_size)
+        fan_in = (out_channels // groups) * math.prod(self.kernel_size)  # nn.ConvTransposeNd's bias bound
+        self._init_sws(shape, bias, codebook, mode, labels, ellipse, outliers, rng_id, fan_in, return_kl,
+                       bias_size=out_channels)
+
+    def forward(self, x: torch.Tensor, samples: Optional[int] = None, seed=None, *, per_sample: bool = False,
+                return_kl: Optional[bool] = None, output_size=None):
+        if isinstance(samples, (list, tuple, torch.Size)):  # nn.ConvTransposeNd's positional output_size
+            samples, output_size = None, samples
+        samples, return_kl = self._split_samples(samples, return_kl)
+        opad = _output_padding_for(self, x, output_size, per_sample)
+
+        def call(xx, S, sd, ps):
+            w = self.sample_weights(samples=S, seed=sd)
+            return _vendor_conv_all_samples(True, self._spatial, xx, w, self.bias, self.stride, self.padding,
+                                            self.dilation, self.groups, opad, ps)
+        return self._contract(_run_sampled(x, samples, seed, per_sample, call), return_kl)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, output_padding={self.output_padding}, dilation={self.dilation}, "
+                f"groups={self.groups}, bias={self.bias is not None}, " + self._sws_extra_repr())
+
+
+class SWSConvTranspose1d(_SWSConvTransposeNd):
+    """ConvTranspose1d with stochastic weight sharing (F.conv_transpose1d semantics per sample)."""
+    _spatial = 1
+
+
+class SWSConvTranspose2d(_SWSConvTransposeNd):
+    """ConvTranspose2d with stochastic weight sharing (F.conv_transpose2d semantics per sample)."""
+    _spatial = 2
+
+
+class SWSConvTranspose3d(_SWSConvTransposeNd):
+    """ConvTranspose3d with stochastic weight sharing (F.conv_transpose3d semantics per sample)."""
+    _spatial = 3
+
+
 # --------------------------------------------------------------------------------------------------
 # Mean-field layers (bayesian-torch compatible)
 # --------------------------------------------------------------------------------------------------
@@ -861,5 +1031,86 @@ class MeanFieldConv2d(_MeanFieldConvNd):
     _spatial = 2
 
 
-SWS_LAYERS = (SWSLinear, SWSConv1d, SWSConv2d)
-MEAN_FIELD_LAYERS = (MeanFieldLinear, MeanFieldConv1d, MeanFieldConv2d)
+def _mf_weights(layer, S, sd):
+    """Sampled kernels (our mean-field reconstruct kernel) and biases (stream purpose 2) of a mean-field conv."""
+    w = SF.mean_field_reconstruct(layer.mu_kernel, layer.rho_kernel, seed=sd, samples=S, owner=layer.owner)
+    b = _ref.mean_field_bias(layer.mu_bias, layer.rho_bias, seed=sd, samples=S, owner=layer.owner)
+    return w, b
+
+
+class MeanFieldConv3d(_MeanFieldConvNd):
+    """bayesian-torch's Conv3dReparameterization: kernels sampled by our mean-field reconstruct kernel, then one
+    F.conv3d call for all S samples."""
+    _spatial = 3
+
+    def _call(self, xx, S, sd, ps):
+        pad = self.padding
+        if self.padding_mode != "zeros":
+            xx, pad = _explicit_pad(xx, self.padding_mode, self.padding, self.kernel_size, self.dilation)
+        w, b = _mf_weights(self, S, sd)
+        return _vendor_conv_all_samples(False, 3, xx, w, b, self.stride, pad, self.dilation, self.groups, None, ps)
+
+
+class _MeanFieldConvTransposeNd(_MeanFieldLayer):
+    """bayesian-torch's ConvTransposeNdReparameterization (its argument order: ..., dilation, groups,
+    output_padding, prior_mean, ...; kernel [in, out/groups, *k]): kernels sampled by our mean-field
+    reconstruct kernel, then one F.conv_transposeNd call for all S samples. ``output_size=`` as in
+    nn.ConvTransposeNd."""
+    _spatial = 2
+    _w_mu = "mu_kernel"
+    _w_rho = "rho_kernel"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, output_padding=0, prior_mean: float = 0, prior_variance: float = 1,
+                 posterior_mu_init: float = 0, posterior_rho_init: float = -3.0, bias: bool = True, *,
+                 rng_id: Optional[int] = None):
+        super().__init__()
+        _set_conv_t_hparams(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                            output_padding)
+        self._init_mf((in_channels, out_channels // groups, *self.kernel_size), out_channels, prior_mean,
+                      prior_variance, posterior_mu_init, posterior_rho_init, bias, rng_id)
+
+    def _conv(self, xx, S, sd, ps, opad):
+        w, b = _mf_weights(self, S, sd)
+        return _vendor_conv_all_samples(True, self._spatial, xx, w, b, self.stride, self.padding, self.dilation,
+                                        self.groups, opad, ps)
+
+    def _call(self, xx, S, sd, ps):
+        return self._conv(xx, S, sd, ps, self.output_padding)
+
+    def forward(self, x: torch.Tensor, return_kl: bool = True, *, samples: Optional[int] = None, seed=None,
+                per_sample: bool = False, output_size=None):
+        opad = _output_padding_for(self, x, output_size, per_sample)
+        out = _run_sampled(x, samples, seed, per_sample, lambda xx, S, sd, ps: self._conv(xx, S, sd, ps, opad))
+        if return_kl and not self._dnn_to_bnn_flag:
+            return out, self.kl_loss()
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, output_padding={self.output_padding}, dilation={self.dilation}, "
+                f"groups={self.groups}, bias={self.bias}, prior=N({self.prior_mean}, {self.prior_variance}^2), "
+                f"rng_id={self.owner}")
+
+
+class MeanFieldConvTranspose1d(_MeanFieldConvTransposeNd):
+    """bayesian-torch's ConvTranspose1dReparameterization, on sws_kernels' seeded kernels."""
+    _spatial = 1
+
+
+class MeanFieldConvTranspose2d(_MeanFieldConvTransposeNd):
+    """bayesian-torch's ConvTranspose2dReparameterization, on sws_kernels' seeded kernels."""
+    _spatial = 2
+
+
+class MeanFieldConvTranspose3d(_MeanFieldConvTransposeNd):
+    """bayesian-torch's ConvTranspose3dReparameterization, on sws_kernels' seeded kernels."""
+    _spatial = 3
+
+
+SWS_LAYERS = (SWSLinear, SWSConv1d, SWSConv2d, SWSConv3d, SWSConvTranspose1d, SWSConvTranspose2d,
+              SWSConvTranspose3d)
+MEAN_FIELD_LAYERS = (MeanFieldLinear, MeanFieldConv1d, MeanFieldConv2d, MeanFieldConv3d, MeanFieldConvTranspose1d,
+                     MeanFieldConvTranspose2d, MeanFieldConvTranspose3d)
+# mean-field class -> the SWS class to_sws puts in its place
+SWS_COUNTERPART = dict(zip(MEAN_FIELD_LAYERS, SWS_LAYERS))

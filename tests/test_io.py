@@ -1,6 +1,7 @@
 """sws_kernels.save / load / size_report: exact round trips, rebuilt architectures, corrupted files."""
 import json
 import struct
+import zlib
 
 import pytest
 import torch
@@ -28,6 +29,13 @@ def _sws_model(rng, K=300):
     return model
 
 
+def _reframe(hdr, data: bytes) -> bytes:
+    """A version-2 file of header ``hdr`` and ``data`` with a valid checksum."""
+    hb = json.dumps(hdr).encode()
+    body = struct.pack("<8sIQ", io.MAGIC, len(hb), len(data)) + hb + bytes(data)
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
 def _same_state(a, b):
     sa, sb = a.state_dict(), b.state_dict()
     assert list(sa) == list(sb)
@@ -52,7 +60,7 @@ def test_round_trip_rebuilds_sws_layers_into_fresh_architecture(rng, tmp_path):
     torch.testing.assert_close(sws.kl_loss(fresh), sws.kl_loss(model), rtol=0, atol=0)
     # the shared codebook is stored once
     hdr = io.read_header(f)
-    aliases = [k for k, e in hdr["tensors"].items() if "alias" in e]
+    aliases = [e["key"] for e in hdr["tensors"] if "alias" in e]
     assert "3.codebook.means" in aliases and "5.codebook.means" in aliases
     # load without a model: the state_dict
     sd = sws.load(f)
@@ -125,37 +133,43 @@ def test_corrupted_and_mismatched_files(rng, tmp_path):
     bad.write_bytes(b"\x80\x02}q\x00." + bytes(20))
     with pytest.raises(ValueError, match="not an sws_kernels file"):
         sws.load(bad)
-    # garbled header
-    (hlen,) = struct.unpack("<Q", blob[8:16])
+    (hlen,) = struct.unpack("<I", blob[8:12])
+    # garbled header (the whole-file checksum catches it)
     b3 = bytearray(blob)
-    b3[16:20] = b"!!!!"
+    b3[24:28] = b"!!!!"
     bad.write_bytes(bytes(b3))
-    with pytest.raises(ValueError, match="header"):
+    with pytest.raises(ValueError, match="corrupted"):
         sws.load(bad)
-    # a header whose offsets disagree with shapes (checksum recomputed: a well-formed but lying file)
-    hdr = json.loads(bytes(blob[16:16 + hlen]))
-    key = next(k for k, e in hdr["tensors"].items() if "offsets" in e and e["offsets"][1] > e["offsets"][0])
-    hdr["tensors"][key]["shape"] = [10**6]
-    hb = json.dumps(hdr).encode()
-    bad.write_bytes(blob[:8] + struct.pack("<Q", len(hb)) + hb + blob[16 + hlen:])
+    # a header whose sizes disagree with shapes, checksum recomputed (a well-formed but lying file)
+    hdr = json.loads(bytes(blob[20:20 + hlen]))
+    e = next(e for e in hdr["tensors"] if "offsets" in e and e["offsets"][1] > e["offsets"][0])
+    e["shape"] = [10**6]
+    bad.write_bytes(_reframe(hdr, blob[20 + hlen:-4]))
     with pytest.raises(ValueError, match="inconsistent"):
         sws.load(bad)
     # a model that does not match the file
     other = torch.nn.Sequential(torch.nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(ValueError, match="rebuild=True"):
         sws.load(f, other)
+    with pytest.raises(ValueError, match="does not match"):  # replaced, but BatchNorm's keys are missing
+        sws.load(f, other, rebuild=True)
     with pytest.raises(TypeError, match="model"):
         sws.save("not a model", f)
 
 
-def test_size_report(rng):
+def test_size_report(rng, tmp_path):
     model = _sws_model(rng)
     rep = io.size_report(model)
-    assert rep["labels"] == sum(m.labels.numel() * m.labels.element_size() for m in model.modules()
-                                if isinstance(m, snn.SWS_LAYERS))
+    mem, disk = rep["memory"], rep["disk"]
+    sws_layers = [m for m in model.modules() if isinstance(m, snn.SWS_LAYERS)]
+    assert mem["labels"] == sum(m.labels.numel() * m.labels.element_size() for m in sws_layers)
     K = model[0].codebook.num_components
-    assert rep["codebooks"] == K * (2 + 3) * 4 * 2 + 8  # means, chol, priors, rng_id: counted once
-    assert rep["total"] == sum(v for k, v in rep.items() if k != "total")
+    assert mem["codebook"] == K * (2 + 3) * 4 * 2 + 8  # means, chol, priors, rng_id: counted once
+    assert disk["labels"] == sum((m.labels.numel() * io.label_bits(K) + 7) // 8 for m in sws_layers)
+    assert disk["labels"] <= mem["labels"]  # ceil(log2 K) bits on disk, uint8 / int16 in memory
+    assert mem["total"] == sum(v for k, v in mem.items() if k != "total")
+    assert disk["total"] == sum(v for k, v in disk.items() if k != "total")
+    assert disk["total"] == sws.save(model, tmp_path / "m.sws") == (tmp_path / "m.sws").stat().st_size
     mf, _ = convert.to_mean_field(_arch())
-    mrep = io.size_report(mf)
-    assert mrep["mean_field"] > 0 and mrep["labels"] == 0
+    mrep = io.size_report(mf)["memory"]
+    assert mrep["mean_field"] > 0 and mrep["biases"] > 0 and mrep["labels"] == 0

@@ -326,7 +326,7 @@ def _load_model_file(path: str, option: str, arch: Optional[str] = None, allow_p
             factory = load_callable(arch, "--arch")
         except DemoError as e:
             raise CLIError(str(e)) from None
-    if magic == io.MAGIC:
+    if magic in io.MAGICS:  # format version 2, or 1
         try:
             if factory is not None:
                 return io.load(path, factory()), "sws_kernels file loaded into --arch"

@@ -16,6 +16,7 @@
 
 #include "common.h"
 #include "cpu/vecmath.h"
+#include "cpu/histogram.h"  // issue 14: the label-histogram linear forward
 
 namespace py = pybind11;
 using sws::LinearArgs;
@@ -298,6 +299,19 @@ PYBIND11_MODULE(_C, m) {
       py::arg("args"), py::arg("linear"), py::call_guard<py::gil_scoped_release>(),
       "Fused small-M SWS linear forward (paper/mean, float32 x, M <= 32): float32 y[S, M, out_f] = x W[s]^T "
       "(+ bias), W never materialised.");
+
+  // ---- issue 14: label-histogram SWS linear forward (csrc/cpu/histogram.cpp) ----
+  m.def(
+      "sws_linear_histogram_cpu",
+      [](const ReconstructArgs& a, const LinearArgs& l) {
+        check_ptr("sws_linear_histogram_cpu", "x", reinterpret_cast<uintptr_t>(l.x), l.M * l.in_f);
+        check_ptr("sws_linear_histogram_cpu", "y", reinterpret_cast<uintptr_t>(l.y), l.M * l.out_f);
+        sws::sws_linear_histogram_cpu(a, l);
+      },
+      py::arg("args"), py::arg("linear"), py::call_guard<py::gil_scoped_release>(),
+      "Label-histogram SWS linear forward (paper/mean, float32 x shared by all samples, inference): float32 "
+      "y[S, M, out_f] = sum_k z[s, k] h[m, j, k] + outliers (+ bias); one pass over the labels for all S samples.");
+  // ---- end issue 14 ----
 
   m.def(
       "mean_field_reconstruct_cpu",

@@ -214,3 +214,72 @@ def plan(op: str, device: torch.device, dtype: torch.dtype, *, rows: Optional[in
     if log.isEnabledFor(logging.DEBUG):
         log.debug("%s: backend %s (%s)", op, name, why)
     return Plan(name, kernel, fused, why)
+
+
+# ------------------------------------------------------------------------------------------------------
+# issue 14: the label-histogram inference path (csrc/cpu/histogram.cpp, sws_kernels/triton/histogram.py).
+# In paper/mean mode with one x shared by all samples and no autograd, y[s] = sum_k z[s, k] h[k] + outlier terms:
+# one pass over the labels per input row (S-independent) and a [out, K] x [K, S] product. It costs about M
+# label passes where the fused kernel costs S passes of ceil(M / 8) vector FMAs and reconstruct + GEMM writes
+# S weight matrices, so it pays for few rows and several samples. Measured: benchmarks/bench_predict.py.
+# ------------------------------------------------------------------------------------------------------
+
+LIMITS.update({
+    "cpu_histogram_max_m": Limit(
+        int(os.environ.get("SWS_HISTOGRAM_MAX_M", "32")),
+        "native CPU histogram path up to this many rows per sample: each row is its own pass over the labels "
+        "(benchmarks/bench_predict.py, RESULTS.md 'Prediction': at M = 64 reconstruct + GEMM is as fast at S = 16) "
+        "(env SWS_HISTOGRAM_MAX_M)"),
+    "triton_histogram_max_m": Limit(
+        int(os.environ.get("SWS_TRITON_HISTOGRAM_MAX_M", "16")),
+        "Triton histogram path up to this many rows per sample (a row block's histograms live in registers); a "
+        "default until benchmarks/gpu_bench.py measures it on a card (env SWS_TRITON_HISTOGRAM_MAX_M)"),
+    "histogram_rows_per_sample": Limit(
+        int(os.environ.get("SWS_HISTOGRAM_ROWS_PER_SAMPLE", "2")),
+        "histogram path only when rows <= this x samples: M label passes against the fused kernel's S passes "
+        "(benchmarks/bench_predict.py: at S = 1 the fused kernel wins from M = 4 on) "
+        "(env SWS_HISTOGRAM_ROWS_PER_SAMPLE)"),
+})
+
+
+def _histogram_native_cpu(*args):
+    return native.sws_linear_histogram_cpu(*args)
+
+
+def _histogram_triton(*args):
+    from .triton import histogram as _th  # lazy: `import sws_kernels` works without triton
+
+    return _th.sws_linear_histogram(*args)
+
+
+# backend -> kernel(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed, samples, mode,
+# owner, codebook_owner) -> y [S, M, out] in x's dtype
+HISTOGRAM_KERNELS: Dict[str, Callable] = {"native_cpu": _histogram_native_cpu}
+
+
+def histogram(backend: str, rows: int, samples: int, mode: int, act_dtype, per_sample: bool,
+              grad: bool) -> Tuple[Optional[Callable], str]:
+    """(kernel or None, why) for the label-histogram path of one sws_linear call on ``backend`` (what ``select``
+    chose): no autograd (``grad`` False), paper/mean mode (0/2), x shared by the samples, few rows per sample."""
+    kernel = HISTOGRAM_KERNELS.get(backend)
+    if kernel is None:
+        return None, f"histogram: no {backend} kernel"
+    if grad:
+        return None, "histogram: autograd needs the weights' gradient path"
+    if mode == 1:
+        return None, "histogram: hierarchical mode draws a normal per weight"
+    if per_sample:
+        return None, "histogram: a per-sample x needs one histogram per (sample, row): the fused kernel's cost"
+    if backend == "native_cpu":
+        if act_dtype != torch.float32:
+            return None, f"histogram: native CPU takes float32 x, got {act_dtype}"
+        lim = LIMITS["cpu_histogram_max_m"]
+    else:
+        lim = LIMITS["triton_histogram_max_m"]
+    ratio = LIMITS["histogram_rows_per_sample"]
+    if not 1 <= rows <= lim.value:
+        return None, f"histogram: {rows} rows per sample > {lim.value} ({lim.why})"
+    if rows > ratio.value * samples:
+        return None, f"histogram: {rows} rows > {ratio.value} x {samples} samples ({ratio.why})"
+    return kernel, f"histogram: {rows} rows, {samples} samples ({lim.why}; {ratio.why})"
+# ---- end issue 14 ----

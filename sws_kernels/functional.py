@@ -13,7 +13,7 @@ import logging
 import torch
 import torch.nn.functional as _F
 
-from . import _backend, _checks, _ops, reference
+from . import _backend, _checks, _ops, philox, reference
 from .reference import (  # noqa: F401  (re-exported: same definition on every backend)
     accuracy, brier, ece, elbo_loss, kl_gaussian, kl_gaussian_mean, mutual_information, nll, predictive_entropy)
 
@@ -96,6 +96,18 @@ def sws_linear(x, means, chol, labels, ellipse=None, outliers=None, bias=None, *
         return reference._linear(x, w, bias, per_sample)
     a = _checks.sws(means, chol, labels, ellipse, outliers, seed, samples, mode, owner, codebook_owner)
     _check_linear_input(x, a.samples, labels.shape[1], per_sample, means.device)
+    # ---- issue 14: inference (no autograd) in paper/mean mode with a shared x: the label-histogram path ----
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (x, means, chol, a.o_mu, a.o_rho, bias))
+    hk, hwhy = _backend.histogram(name, _ops._rows(x, 1), a.samples, _checks.MODE_CODES[a.mode], x.dtype,
+                                  per_sample, grad)
+    log.debug("sws_linear: %s", hwhy)
+    if hk is not None:
+        y = hk(x, a.means, a.chol, a.labels, a.e_pos, a.e_a, a.e_b, a.e_alpha, a.o_pos, a.o_mu, a.o_rho, bias,
+               philox.seed_tensor(a.seed, means.device), a.samples, _checks.MODE_CODES[a.mode], a.owner,
+               a.codebook_owner)
+        return y.reshape(a.samples, *x.shape[:-1], labels.shape[0])
+    # ---- end issue 14 ----
     return _ops.call_sws_linear(x, a, bias, per_sample)
 
 

@@ -710,3 +710,34 @@ def sws_linear_cpu_prepared(p: Prepared, x, bias, seed, S: int, per_sample: bool
                         b is not None and b.dim() == 2, y.data_ptr())
     _C.sws_linear_cpu(args, lin)
     return y
+
+
+# ------------------------------------------------------------------------------------------------------
+# issue 14: label-histogram SWS linear forward (CPU: csrc/cpu/histogram.cpp), inference in paper/mean mode,
+# float32 x shared by all samples. Chosen by _backend.histogram_plan (LIMITS "cpu_histogram_*").
+# ------------------------------------------------------------------------------------------------------
+
+def sws_linear_histogram_cpu(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed,
+                             samples, mode, owner, codebook_owner) -> torch.Tensor:
+    """y float32 [S, M, out] = sum_k z[s, k] h[m, j, k] + outlier terms (+ bias): one pass over the labels for all
+    S samples (x float32 [..., in], shared by the samples; no autograd)."""
+    if not means.is_cpu:
+        raise ValueError(f"sws_linear_histogram_cpu: expected CPU tensors, got {means.device}")
+    if int(mode) not in (0, 2):
+        raise ValueError(f"sws_linear_histogram_cpu: mode must be 0 (paper) or 2 (mean), got {mode}")
+    if labels.dim() != 2:
+        raise ValueError(f"labels: expected [out, in], got {tuple(labels.shape)}")
+    p = prepare(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, mode, owner, codebook_owner)
+    return sws_linear_histogram_cpu_prepared(p, x, bias, seed, int(samples))
+
+
+def sws_linear_histogram_cpu_prepared(p: Prepared, x, bias, seed, S: int) -> torch.Tensor:
+    """:func:`sws_linear_histogram_cpu` on a :class:`Prepared` bundle (2-d labels, paper or mean mode)."""
+    args = p.call(seed, S)
+    out_f, in_f = p.shape
+    x, M, b = _linear_x(x, bias, out_f, in_f, S, False, torch.float32, p.device)
+    y = torch.empty((S, M, out_f), dtype=torch.float32)
+    lin = _C.LinearArgs(out_f, in_f, x.data_ptr(), 0, M, False, 0 if b is None else b.data_ptr(),
+                        b is not None and b.dim() == 2, y.data_ptr())
+    _C.sws_linear_histogram_cpu(args, lin)
+    return y

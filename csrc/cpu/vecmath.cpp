@@ -286,6 +286,57 @@ SWS_AVX2 void gather1_avx2(const L* lab, int64_t n, const float* z, float* out, 
   for (; i < n; ++i) out[i] = z[static_cast<int64_t>(lab[i])];
 }
 
+// ---- issue 14 (histogram.cpp): normals at scattered elements, out[o * S + s] = element pos[o] of sample s ----
+// One Philox call per normal (scattered elements rarely share a counter): lanes are 8 (element, sample) pairs;
+// only the word pair the element needs goes through Box-Muller, and its cos or sin is kept.
+SWS_AVX2 void normals_at_avx2(Key key, const int64_t* pos, int64_t npos, int64_t S, uint32_t owner, uint32_t purpose,
+                              float* out) {
+  uint32_t ks0[10], ks1[10];
+  ks0[0] = key.k0;
+  ks1[0] = key.k1;
+  for (int r = 1; r < 10; ++r) {
+    ks0[r] = ks0[r - 1] + kPhiloxW0;
+    ks1[r] = ks1[r - 1] + kPhiloxW1;
+  }
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
+  const int64_t total = npos * S;
+  alignas(32) int32_t jv[8], sv[8], tv[8];
+  alignas(32) float res[8];
+  for (int64_t t0 = 0; t0 < total; t0 += 8) {
+    const int lanes = static_cast<int>(std::min<int64_t>(8, total - t0));
+    for (int l = 0; l < 8; ++l) {
+      const int64_t t = t0 + (l < lanes ? l : 0);
+      const int64_t o = t / S, s = t - o * S;
+      jv[l] = static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint64_t>(pos[o]) >> 2));
+      sv[l] = static_cast<int32_t>(s);
+      tv[l] = static_cast<int32_t>(pos[o] & 3);
+    }
+    __m256i c0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(jv));
+    __m256i c1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(sv));
+    __m256i c2 = _mm256_set1_epi32(static_cast<int>(owner)), c3 = _mm256_set1_epi32(static_cast<int>(purpose));
+    for (int r = 0; r < 10; ++r) {
+      __m256i hi0, lo0, hi1, lo1;
+      mulhilo8(m0, c0, hi0, lo0);
+      mulhilo8(m1, c2, hi1, lo1);
+      const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(ks0[r])));
+      const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(ks1[r])));
+      c0 = n0;
+      c1 = lo1;
+      c2 = n2;
+      c3 = lo0;
+    }
+    const __m256i tt = _mm256_load_si256(reinterpret_cast<const __m256i*>(tv));
+    const __m256i upper = _mm256_cmpgt_epi32(tt, _mm256_set1_epi32(1));  // t >= 2: words 2, 3
+    const __m256i odd = _mm256_cmpeq_epi32(_mm256_and_si256(tt, _mm256_set1_epi32(1)), _mm256_set1_epi32(1));
+    __m256 x, y;
+    box_muller8(_mm256_blendv_epi8(c0, c2, upper), _mm256_blendv_epi8(c1, c3, upper), x, y);
+    _mm256_store_ps(res, _mm256_blendv_ps(x, y, _mm256_castsi256_ps(odd)));
+    std::memcpy(out + t0, res, sizeof(float) * static_cast<size_t>(lanes));
+  }
+}
+// ---- end issue 14 ----
+
 bool cpu_has_avx2() {
   static const bool has = [] {
     __builtin_cpu_init();
@@ -327,6 +378,18 @@ void softplus_grad_fill(const float* x, float* out, int64_t n) {
   if (use_avx2()) return softplus_grad_avx2(x, out, n);
 #endif
   softplus_grad_scalar(x, out, n);
+}
+
+// issue 14: see vecmath.h
+void normals_at_fill(Key key, const int64_t* pos, int64_t npos, int64_t S, uint32_t owner, uint32_t purpose,
+                     float* out) {
+  if (npos <= 0 || S <= 0) return;
+#if SWS_X86_DISPATCH
+  if (use_avx2()) return normals_at_avx2(key, pos, npos, S, owner, purpose, out);
+#endif
+  for (int64_t o = 0; o < npos; ++o)
+    for (int64_t s = 0; s < S; ++s)
+      out[o * S + s] = normal_at(key, static_cast<uint64_t>(pos[o]), static_cast<uint32_t>(s), owner, purpose);
 }
 
 template <class L>

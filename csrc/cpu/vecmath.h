@@ -37,6 +37,11 @@ inline bool gather1(const L*, int64_t, const float*, float*, bool) {
   return false;
 }
 
+// issue 14: out[o * S + s] = the normal of element pos[o] of stream (key, s, owner, purpose), o < npos, s < S
+// (scattered elements: one Philox call each; AVX2 8 at a time, else normal_at). Positions < 2^34.
+void normals_at_fill(Key key, const int64_t* pos, int64_t npos, int64_t S, uint32_t owner, uint32_t purpose,
+                     float* out);
+
 // Transparent-huge-page hint for a fresh output of `bytes` (reconstruct.cpp): first-touch page faults of a
 // fresh 64 MB output cost several times its writes. Only a hint; harmless when refused.
 void advise_huge_pages(void* p, size_t bytes);

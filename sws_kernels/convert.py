@@ -19,6 +19,8 @@ from . import _checks, _gmm
 from . import reference as _ref
 from .nn import (MEAN_FIELD_LAYERS, SWS_LAYERS, Codebook, MeanFieldConv1d, MeanFieldConv2d, MeanFieldLinear,
                  SWSConv1d, SWSConv2d, SWSLinear, label_dtype, softplus_inv)
+from . import nn as _snn  # the layer-kind registry (SWS_COUNTERPART, the new conv kinds)
+from .attention import BayesianMultiheadAttention
 
 log = logging.getLogger("sws_kernels")
 
@@ -43,15 +45,17 @@ def _check_model(model) -> None:
 # --------------------------------------------------------------------------------------------------
 
 _SKIP_REASONS = {
-    nn.MultiheadAttention: "nn.MultiheadAttention reads its projection weights directly (F.multi_head_attention_forward); "
-                           "kept deterministic",
-    nn.Conv3d: "no mean-field Conv3d layer in sws_kernels; kept deterministic",
-    nn.ConvTranspose1d: "transposed convolutions are not supported; kept deterministic",
-    nn.ConvTranspose2d: "transposed convolutions are not supported; kept deterministic",
-    nn.ConvTranspose3d: "transposed convolutions are not supported; kept deterministic",
-    nn.RNNBase: "recurrent layers (RNN/LSTM/GRU) are not supported; kept deterministic",
+    nn.RNNBase: "recurrent layers (RNN/LSTM/GRU) are not supported (their fused kernels read the packed weights "
+                "directly and sws_kernels has no recurrent layer); kept deterministic",
     nn.Bilinear: "nn.Bilinear is not supported; kept deterministic",
     nn.Embedding: "embeddings are not converted; kept deterministic",
+}
+
+# plain PyTorch layer -> its mean-field counterpart (exact types: a subclass may have its own forward)
+_PLAIN_TO_MEAN_FIELD = {
+    nn.Linear: MeanFieldLinear, nn.Conv1d: MeanFieldConv1d, nn.Conv2d: MeanFieldConv2d, nn.Conv3d: _snn.MeanFieldConv3d,
+    nn.ConvTranspose1d: _snn.MeanFieldConvTranspose1d, nn.ConvTranspose2d: _snn.MeanFieldConvTranspose2d,
+    nn.ConvTranspose3d: _snn.MeanFieldConvTranspose3d,
 }
 
 
@@ -60,22 +64,54 @@ def _rho_from_delta(w: torch.Tensor, delta: float) -> torch.Tensor:
     return torch.log(torch.expm1(delta * w.abs()) + 1e-20)
 
 
+def _mean_field_like(m: nn.Module, args) -> nn.Module:
+    """The mean-field layer of plain layer ``m``'s kind and hyper-parameters (output_padding included)."""
+    cls = _PLAIN_TO_MEAN_FIELD[type(m)]
+    if isinstance(m, nn.Linear):
+        return cls(m.in_features, m.out_features, *args)
+    if isinstance(m, nn.modules.conv._ConvTransposeNd):
+        return cls(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
+                   m.output_padding, *args)
+    return cls(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups, *args,
+               padding_mode=m.padding_mode)
+
+
+def _disable_transformer_fast_path(model: nn.Module) -> List[str]:
+    """nn.TransformerEncoder decides at construction whether its eval-mode fast path (nested tensors, a fused
+    kernel reading ``self_attn.in_proj_weight`` etc. directly) may run: turn it off where its layers now hold
+    Bayesian attention. (The layers' own fast path is skipped by ``in_proj_bias is None``, see
+    sws_kernels.attention.) Returns the names of the encoders changed."""
+    changed = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.TransformerEncoder) and any(
+                isinstance(getattr(layer, "self_attn", None), BayesianMultiheadAttention) for layer in m.layers):
+            if getattr(m, "use_nested_tensor", False):
+                m.use_nested_tensor = False
+                changed.append(name)
+    return changed
+
+
 def to_mean_field(model: nn.Module, prior_mean: float = 0.0, prior_variance: float = 1.0,
                   posterior_mu_init: float = 0.0, posterior_rho_init: float = -3.0, *, moped: bool = True,
                   moped_delta: float = 0.1):
-    """Replace every nn.Linear / nn.Conv1d / nn.Conv2d by a mean-field layer, in place (like dnn_to_bnn).
+    """Replace every nn.Linear / Conv1d / Conv2d / Conv3d / ConvTranspose1d/2d/3d by a mean-field layer and
+    every nn.MultiheadAttention by a :class:`~sws_kernels.attention.BayesianMultiheadAttention` (whose q/k/v
+    and output projections are mean-field layers), in place (like dnn_to_bnn).
 
     Hyper-parameters are kept exactly (stride, padding including 'same'/'valid', padding_mode, dilation,
-    groups, bias presence), converted layers get ``dnn_to_bnn_flag = True`` (forward returns only the
-    output, so nn.Sequential keeps working) and live on the original weight's device. By default
-    (``moped=True``, MOPED init, SPEC.md section 8 step 0) mu = the pretrained weight and sigma =
-    moped_delta * |w|, for weights and biases, so converting a trained model keeps what it learned;
-    ``moped=False`` gives bayesian-torch's random init, mu ~ N(posterior_mu_init, 0.1),
-    rho ~ N(posterior_rho_init, 0.1) (posterior_mu_init / posterior_rho_init are used only then).
+    groups, output_padding, bias presence; attention's heads, dropout, batch_first, kdim/vdim, bias_k/bias_v,
+    add_zero_attn), converted layers get ``dnn_to_bnn_flag = True`` (forward returns only the output, so
+    nn.Sequential keeps working) and live on the original weight's device. By default (``moped=True``,
+    MOPED init, SPEC.md section 8 step 0) mu = the pretrained weight and sigma = moped_delta * |w|, for
+    weights and biases, so converting a trained model keeps what it learned; ``moped=False`` gives
+    bayesian-torch's random init, mu ~ N(posterior_mu_init, 0.1), rho ~ N(posterior_rho_init, 0.1)
+    (posterior_mu_init / posterior_rho_init are used only then). nn.TransformerEncoder(Layer) models keep
+    working: their fused eval-mode fast path is never taken (``report["fast_path_disabled"]`` lists the
+    encoders whose ``use_nested_tensor`` was turned off).
 
-    Subclasses of Linear/Conv (their forward may read ``.weight``), transposed and 3D convolutions,
-    recurrent layers, attention and other parametrised modules are kept and listed in
-    ``report["skipped"]`` with the reason. Returns ``(model, report)``.
+    Subclasses of those layers (their forward may read ``.weight``), recurrent layers and other
+    parametrised modules are kept and listed in ``report["skipped"]`` with the reason. Returns
+    ``(model, report)``.
     """
     _check_model(model)
     if isinstance(moped_delta, bool) or not isinstance(moped_delta, (int, float)) or moped_delta <= 0:
@@ -83,6 +119,7 @@ def to_mean_field(model: nn.Module, prior_mean: float = 0.0, prior_variance: flo
     converted, skipped = [], {}
     skip_prefixes = []
     targets = []
+    plain = tuple(_PLAIN_TO_MEAN_FIELD)
     for name, m in model.named_modules():
         if any(name.startswith(p + ".") for p in skip_prefixes):
             continue
@@ -91,12 +128,15 @@ def to_mean_field(model: nn.Module, prior_mean: float = 0.0, prior_variance: flo
             skipped[name] = reason
             skip_prefixes.append(name)
             continue
-        if type(m) in (nn.Linear, nn.Conv1d, nn.Conv2d):
+        if type(m) in _PLAIN_TO_MEAN_FIELD or type(m) is nn.MultiheadAttention:
             targets.append((name, m))
-        elif isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-            skipped[name] = (f"{type(m).__name__} subclasses {type(m).__mro__[1].__name__} with its own code "
-                             "that may read .weight; kept deterministic")
-        elif isinstance(m, (*MEAN_FIELD_LAYERS, *SWS_LAYERS, Codebook)):
+            skip_prefixes.append(name)  # attention's out_proj is converted with it
+        elif isinstance(m, (*plain, nn.MultiheadAttention)):
+            base = next(c for c in type(m).__mro__[1:] if c in _PLAIN_TO_MEAN_FIELD or c is nn.MultiheadAttention)
+            skipped[name] = (f"{type(m).__name__} subclasses {base.__name__} with its own code that may read "
+                             ".weight; kept deterministic")
+            skip_prefixes.append(name)
+        elif isinstance(m, (*MEAN_FIELD_LAYERS, *SWS_LAYERS, Codebook, BayesianMultiheadAttention)):
             continue
         elif any(True for _ in m.parameters(recurse=False)):
             skipped[name] = f"{type(m).__name__} has no Bayesian counterpart; kept deterministic"
@@ -104,14 +144,15 @@ def to_mean_field(model: nn.Module, prior_mean: float = 0.0, prior_variance: flo
         if name == "":
             raise TypeError(f"model: expected a container of layers, got a bare {type(m).__name__}; "
                             "wrap it (e.g. nn.Sequential(layer)) so it can be replaced")
+        if isinstance(m, nn.MultiheadAttention):
+            new = BayesianMultiheadAttention.from_torch(m, prior_mean, prior_variance, posterior_mu_init,
+                                                        posterior_rho_init, moped=moped, moped_delta=moped_delta,
+                                                        rho_from_delta=_rho_from_delta)
+            _set_module(model, name, new)
+            converted.append(name)
+            continue
         args = (prior_mean, prior_variance, posterior_mu_init, posterior_rho_init, m.bias is not None)
-        if isinstance(m, nn.Linear):
-            new = MeanFieldLinear(m.in_features, m.out_features, *args)
-        else:
-            cls = MeanFieldConv1d if isinstance(m, nn.Conv1d) else MeanFieldConv2d
-            new = cls(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups, *args,
-                      padding_mode=m.padding_mode)
-        new = new.to(m.weight.device)
+        new = _mean_field_like(m, args).to(m.weight.device)
         if moped:
             with torch.no_grad():
                 new.weight_mu.copy_(m.weight)
@@ -123,20 +164,26 @@ def to_mean_field(model: nn.Module, prior_mean: float = 0.0, prior_variance: flo
         new.train(m.training)
         _set_module(model, name, new)
         converted.append(name)
+    fast = _disable_transformer_fast_path(model)
     for name, why in skipped.items():
         log.info("to_mean_field: skipped %s: %s", name or "<model>", why)
-    return model, {"converted": converted, "skipped": skipped}
+    return model, {"converted": converted, "skipped": skipped, "fast_path_disabled": fast}
 
 
 # --------------------------------------------------------------------------------------------------
 # bayesian-torch -> ours
 # --------------------------------------------------------------------------------------------------
 
-_BT_CLASSES = {
-    "LinearReparameterization": MeanFieldLinear, "LinearFlipout": MeanFieldLinear,
-    "Conv1dReparameterization": MeanFieldConv1d, "Conv1dFlipout": MeanFieldConv1d,
-    "Conv2dReparameterization": MeanFieldConv2d, "Conv2dFlipout": MeanFieldConv2d,
+_BT_KINDS = {
+    "Linear": MeanFieldLinear, "Conv1d": MeanFieldConv1d, "Conv2d": MeanFieldConv2d, "Conv3d": _snn.MeanFieldConv3d,
+    "ConvTranspose1d": _snn.MeanFieldConvTranspose1d, "ConvTranspose2d": _snn.MeanFieldConvTranspose2d,
+    "ConvTranspose3d": _snn.MeanFieldConvTranspose3d,
 }
+_BT_CLASSES = {k + flavour: v for k, v in _BT_KINDS.items() for flavour in ("Reparameterization", "Flipout")}
+
+_BT_LSTM_REASON = ("bayesian-torch's LSTM is kept as it is, with its inner Linear layers: it draws new ih/hh "
+                   "weights at every time step and returns the KL summed over steps (its own estimator, which "
+                   "sws_kernels' layers would change), and sws_kernels has no recurrent layer")
 
 
 def _prior_value(t, name):
@@ -149,26 +196,33 @@ def _prior_value(t, name):
 
 
 def from_bayesian_torch(model: nn.Module):
-    """Replace bayesian-torch's Linear/Conv1d/Conv2d Reparameterization (and Flipout) layers by ours, in place.
+    """Replace bayesian-torch's Linear / Conv1d/2d/3d / ConvTranspose1d/2d/3d layers (Reparameterization and
+    Flipout) by ours, in place.
 
-    mu/rho, priors (including non-constant prior tensors), posterior inits, bias presence and
+    mu/rho, priors (including non-constant prior tensors), posterior inits, bias presence, output_padding and
     ``dnn_to_bnn_flag`` carry over, so the forward contract (``(out, kl)`` or ``out``) and bayesian-torch's
-    ``get_kl_loss`` keep working. Flipout layers become reparameterisation layers: the same posterior and
-    output distribution per input, another gradient estimator. Other bayesian-torch layers (Conv3d,
-    transposed convolutions, LSTM) are kept and listed in ``report["skipped"]``. bayesian-torch need not
-    be installed: layers are recognised by class name and module. Returns ``(model, report)``.
+    ``get_kl_loss`` keep working. Flipout layers become reparameterisation layers (listed in
+    ``report["flipout_as_reparameterization"]``): the same posterior and the same output distribution for
+    each example, another gradient estimator (flipout decorrelates the examples of a batch with random
+    signs; ours draws one weight sample per call, per sample with ``samples=``). LSTM layers are kept with
+    their inner layers (``report["skipped"]`` says why). bayesian-torch need not be installed: layers are
+    recognised by class name and module. Returns ``(model, report)``.
     """
     _check_model(model)
-    converted, skipped = [], {}
-    todo = []
+    converted, skipped, flipout = [], {}, []
+    todo, skip_prefixes = [], []
     for name, m in model.named_modules():
+        if any(name.startswith(p + ".") for p in skip_prefixes):
+            continue
         mod = type(m).__module__ or ""
         if not mod.startswith("bayesian_torch"):
             continue
         cls = _BT_CLASSES.get(type(m).__name__)
         if cls is None:
-            if "layers" in mod and type(m).__name__ != "BaseVariationalLayer_":
-                skipped[name] = f"{type(m).__name__} has no sws_kernels counterpart; kept"
+            if "layers" in mod and hasattr(m, "kl_loss") and type(m).__name__ != "BaseVariationalLayer_":
+                skipped[name] = (_BT_LSTM_REASON if "LSTM" in type(m).__name__ else
+                                 f"{type(m).__name__} has no sws_kernels counterpart; kept")
+                skip_prefixes.append(name)
             continue
         todo.append((name, m, cls))
     for name, m, cls in todo:
@@ -181,6 +235,10 @@ def from_bayesian_torch(model: nn.Module):
         if cls is MeanFieldLinear:
             new = cls(m.in_features, m.out_features, *pargs)
             mu, rho = m.mu_weight, m.rho_weight
+        elif issubclass(cls, _snn._MeanFieldConvTransposeNd):
+            new = cls(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
+                      m.output_padding, *pargs)
+            mu, rho = m.mu_kernel, m.rho_kernel
         else:
             new = cls(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups, *pargs)
             mu, rho = m.mu_kernel, m.rho_kernel
@@ -205,7 +263,33 @@ def from_bayesian_torch(model: nn.Module):
         new.train(m.training)
         _set_module(model, name, new)
         converted.append(name)
-    return model, {"converted": converted, "skipped": skipped}
+        if type(m).__name__.endswith("Flipout"):
+            flipout.append(name)
+    return model, {"converted": converted, "skipped": skipped, "flipout_as_reparameterization": flipout}
+
+
+def _sws_like(m: nn.Module, common: dict) -> nn.Module:
+    """The SWS layer to_sws puts in mean-field layer ``m``'s place (SPEC.md section 8, step 7): the same kind
+    and hyper-parameters, bias = mu_bias (deterministic), and m's forward contract: ``return_kl=True`` with
+    m's ``dnn_to_bnn_flag``, so it returns ``(out, kl)`` where m did and ``out`` where m did (its KL is
+    :meth:`~sws_kernels.nn._SWSLayer.layer_kl`)."""
+    has_bias = m.mu_bias is not None
+    cls = next(s for mf, s in _snn.SWS_COUNTERPART.items() if isinstance(m, mf))
+    if isinstance(m, MeanFieldLinear):
+        new = cls(m.in_features, m.out_features, has_bias, **common)
+    elif isinstance(m, _snn._MeanFieldConvTransposeNd):
+        new = cls(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.output_padding, m.groups,
+                  has_bias, m.dilation, **common)
+    else:
+        new = cls(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
+                  has_bias, padding_mode=m.padding_mode, **common)
+    new.return_kl = True
+    new.dnn_to_bnn_flag = m.dnn_to_bnn_flag
+    if has_bias:
+        with torch.no_grad():
+            new.bias.copy_(m.mu_bias.detach())
+    new.train(m.training)
+    return new
 
 
 # --------------------------------------------------------------------------------------------------
@@ -464,18 +548,7 @@ def _build_layers(model, g: _Gathered, outliers: _Outliers, a: _Assignment, merg
         outl = (o_loc.to(dev), g.mu[lo:hi][o_loc].float().to(dev), g.rho[lo:hi][o_loc].float().to(dev))
         common = dict(codebook=codebook, mode=mode, labels=lab.reshape(shape).to(dev), ellipse=ellipse,
                       outliers=outl, rng_id=m.owner)
-        has_bias = m.mu_bias is not None
-        if isinstance(m, MeanFieldLinear):
-            new = SWSLinear(m.in_features, m.out_features, has_bias, **common)
-        else:
-            cls = SWSConv1d if isinstance(m, MeanFieldConv1d) else SWSConv2d
-            new = cls(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
-                      has_bias, padding_mode=m.padding_mode, **common)
-        if has_bias:
-            with torch.no_grad():
-                new.bias.copy_(m.mu_bias.detach())
-        new.train(m.training)
-        _set_module(model, name, new)
+        _set_module(model, name, _sws_like(m, common))
     return out_all, ell_full, ldt
 
 

@@ -89,6 +89,11 @@ def current() -> str:
     return _current.get()
 
 
+def interpret():
+    """The TRITON_INTERPRET setting, part of every dispatch cache key (tests flip it within a process)."""
+    return os.environ.get("TRITON_INTERPRET")
+
+
 def _native_name(device: torch.device) -> str:
     return "native_cuda" if device.type == "cuda" else "native_cpu"
 

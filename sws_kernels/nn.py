@@ -63,7 +63,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from . import _checks, functional as SF
+from . import _bound, _checks, functional as SF
 from . import reference as _ref
 
 __all__ = [
@@ -724,6 +724,9 @@ class SWSLinear(_SWSLayer):
         cb = self.codebook
 
         def call(xx, S, sd, ps):
+            y = _bound.sws_linear(self, xx, S, sd, ps)  # the steady-state path (sws_kernels/_bound.py)
+            if y is not None:
+                return y
             return SF.sws_linear(xx, cb.means, cb.chol, self.labels, self._ellipse(), self._outliers(), self.bias,
                                  seed=sd, samples=S, mode=self.mode, owner=self.owner, codebook_owner=cb.owner,
                                  per_sample=ps)
@@ -759,6 +762,10 @@ class _SWSConvNd(_SWSLayer):
             pad = self.padding
             if self.padding_mode != "zeros":
                 xx, pad = _explicit_pad(xx, self.padding_mode, self.padding, self.kernel_size, self.dilation)
+            w = _bound.sws_weights(self, S, sd)  # the steady-state path (sws_kernels/_bound.py)
+            if w is not None:
+                return SF._conv_all_samples(SF._F.conv2d if self._spatial == 2 else SF._F.conv1d, xx, w, self.bias,
+                                            self.stride, pad, self.dilation, self.groups, ps, self._spatial)
             return fn(xx, cb.means, cb.chol, self.labels, self._ellipse(), self._outliers(), self.bias,
                       self.stride, pad, self.dilation, self.groups, seed=sd, samples=S, mode=self.mode,
                       owner=self.owner, codebook_owner=cb.owner, per_sample=ps)
@@ -933,7 +940,11 @@ class _MeanFieldLayer(_RngIdMixin, nn.Module):
         return getattr(self, self._w_rho)
 
     def kl_loss(self) -> torch.Tensor:
-        """bayesian-torch's convention: KL averaged over each tensor's elements, weight + bias."""
+        """bayesian-torch's convention: KL averaged over each tensor's elements, weight + bias. Without grad the
+        value is reused while parameters and priors are unchanged (sws_kernels/_bound.py, mean_field_kl)."""
+        return _bound.mean_field_kl(self, self._kl_loss)
+
+    def _kl_loss(self) -> torch.Tensor:
         kl = _ref.kl_gaussian_mean(self.weight_mu, self.weight_rho, self.prior_weight_mu, self.prior_weight_sigma)
         if self.mu_bias is not None:
             kl = kl + _ref.kl_gaussian_mean(self.mu_bias, self.rho_bias, self.prior_bias_mu, self.prior_bias_sigma)
@@ -983,6 +994,9 @@ class MeanFieldLinear(_MeanFieldLayer):
                       posterior_rho_init, bias, rng_id)
 
     def _call(self, xx, S, sd, ps):
+        y = _bound.mean_field_linear(self, xx, S, sd, ps)  # the steady-state path (sws_kernels/_bound.py)
+        if y is not None:
+            return y
         return SF.mean_field_linear(xx, self.mu_weight, self.rho_weight, self.mu_bias, self.rho_bias, seed=sd,
                                     samples=S, owner=self.owner, per_sample=ps)
 
@@ -1011,6 +1025,10 @@ class _MeanFieldConvNd(_MeanFieldLayer):
         pad = self.padding
         if self.padding_mode != "zeros":
             xx, pad = _explicit_pad(xx, self.padding_mode, self.padding, self.kernel_size, self.dilation)
+        wb = _bound.mean_field_weights(self, S, sd)  # the steady-state path (sws_kernels/_bound.py)
+        if wb is not None:
+            return SF._conv_all_samples(SF._F.conv2d if self._spatial == 2 else SF._F.conv1d, xx, wb[0], wb[1],
+                                        self.stride, pad, self.dilation, self.groups, ps, self._spatial)
         return fn(xx, self.mu_kernel, self.rho_kernel, self.mu_bias, self.rho_bias, self.stride, pad,
                   self.dilation, self.groups, seed=sd, samples=S, owner=self.owner, per_sample=ps)
 

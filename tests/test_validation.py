@@ -468,10 +468,10 @@ def test_sws_load_rejects_invalid_values(tmp_path):
         model[0].labels[1, 1] = K  # in place (not an assignment): save() writes whatever the model holds
     path = tmp_path / "bad.sws"
     sws.save(model, path)
-    with pytest.raises(ValueError, match=r"bad.sws' holds an invalid value: 0: labels: expected component"):
+    with pytest.raises(ValueError, match=r"bad.sws' holds an invalid value in module '0': labels: expected component"):
         sws.load(path, _model())
     rebuilt = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
-    with pytest.raises(ValueError, match="holds an invalid value: 0: labels"):
+    with pytest.raises(ValueError, match="holds an invalid value in module '0': labels"):
         sws.load(path, rebuilt)  # layers rebuilt from the file's configuration, then loaded: same check
     good = _model()
     sws.save(good, tmp_path / "good.sws")

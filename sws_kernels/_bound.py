@@ -1,0 +1,429 @@
+"""The layers' steady-state call: arguments bound once, launched with a fresh seed per call (issue 11).
+
+A layer's tensors are validated when they enter (construction, buffer assignment, ``load_state_dict``,
+``to_sws``, ``sws_kernels.load``: see ``_checks``), so its forward has nothing to re-check but its input. The
+public functional API still runs its structural checks, argument conversions (int64 copies of the ellipse
+components) and, for the native backends, ~15 tensor checks of ``native.prepare`` on every call: together
+more than a small layer's kernels cost (benchmarks/bench_overhead.py). Here a layer keeps a *binding*:
+
+- the converted, checked argument tuple of the reconstruct family (what ``_checks.sws`` returns minus the
+  per-call seed and sample count) and, for the native backends, a ``native.Prepared`` bundle whose per-call
+  fields (seed, samples) are written right before each launch;
+- valid while every tensor is the same object at the same address, the index tensors (labels, ellipse and
+  outlier positions/components/alpha) at the same ``_version``, and the mode and rng ids unchanged. An
+  optimiser step updates parameters in place (same object, same address): the binding stays valid and the
+  kernels read the new values. An in-place edit of an index tensor, a ``.data`` replacement, a new buffer or
+  a loaded state rebuilds it (and so re-runs the data checks on the new index values, once).
+
+The call then runs one small ``torch.autograd.Function`` per layer (forward and backward written out over
+the same kernels as the ops in ``_ops``) or, without grad, the kernel alone. Anything this path does not
+serve returns ``None`` and the layer takes the general functional path: torch.compile tracing (the
+registered custom ops stay the graph nodes), ``SWS_VALIDATE=1`` / ``sws_kernels.validate()`` (every check on
+every call), the reference backend (forced or the only one), non-contiguous or non-float32 parameters.
+
+Numerics are those of the general path: the same kernels with the same arguments (tests/test_bound.py
+compares outputs and every gradient bit for bit).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _backend, _checks, _ops, native, philox, reference
+
+__all__ = ["sws_linear", "sws_weights", "mean_field_linear", "mean_field_weights", "mean_field_kl", "clear"]
+
+_NATIVE = ("native_cpu", "native_cuda")
+
+
+def _usable() -> bool:
+    """False where the general path must run: tracing (custom ops), or every check on every call."""
+    return not (torch.compiler.is_compiling() or _checks.always())
+
+
+def _seed_for(seed, dev, backend):
+    """The seed as the backend wants it: native kernels take an int or a 0-dim int64 tensor (read from memory),
+    Triton a 0-dim int64 tensor on the parameters' device. Checked like the functional API checks it."""
+    if isinstance(seed, torch.Tensor) and seed.dtype is torch.int64 and seed.dim() == 0:
+        if backend in _NATIVE or seed.device == dev:
+            return seed
+        return seed.to(dev)
+    seed = philox.check_seed(seed)
+    return seed if backend in _NATIVE else philox.seed_tensor(seed, dev)
+
+
+# ------------------------------------------------------------------------------------------------------
+# SWS layers
+# ------------------------------------------------------------------------------------------------------
+
+class _SWSBinding:
+    __slots__ = ("ids", "ptrs", "versions", "meta", "tensors", "prep", "index", "plans", "__weakref__")
+
+
+def _sws_current(layer):
+    """The layer's tensors, read straight from the module dicts (nn.Module.__getattr__ costs ~0.3 us each)."""
+    buf = layer._buffers
+    par = layer._parameters
+    cb = layer._modules["codebook"]
+    cbp = cb._parameters
+    return (cbp["means"], cbp["chol"], buf["labels"], buf["ellipse_pos"], buf["ellipse_a"], buf["ellipse_b"],
+            buf["ellipse_alpha"], buf["outlier_pos"], par["outlier_mu"], par["outlier_rho"], par["bias"]), cb
+
+
+def _sws_binding(layer) -> Optional[_SWSBinding]:
+    cur, cb = _sws_current(layer)
+    meta = (layer.mode, layer._owner, cb._owner)
+    b = layer.__dict__.get("_sws_binding")
+    if b is not None:
+        try:
+            if (b.meta == meta and list(map(id, cur)) == b.ids
+                    and [t.data_ptr() for t in cur[:10]] == b.ptrs
+                    and [t._version for t in cur[2:8]] == b.versions):
+                return b
+        except RuntimeError:  # an inference tensor has no version counter: no binding
+            return None
+    return _sws_bind(layer, cur, cb, meta)
+
+
+def _sws_bind(layer, cur, cb, meta) -> Optional[_SWSBinding]:
+    means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias = cur
+    # the tuples even when empty, so the converted arguments alias the layer's own (empty) outlier parameters
+    a = _checks.sws(means, chol, labels, (e_pos, e_a, e_b, e_alpha), (o_pos, o_mu, o_rho), 0, 1, layer.mode,
+                    layer._owner, cb._owner)
+    b = _SWSBinding()
+    try:
+        b.versions = [t._version for t in cur[2:8]]
+    except RuntimeError:
+        return None
+    b.ids = list(map(id, cur))
+    b.ptrs = [t.data_ptr() for t in cur[:10]]
+    b.meta = meta
+    mode = _checks.MODE_CODES[a.mode]
+    b.tensors = (a.means, a.chol, a.labels, a.e_pos, a.e_a, a.e_b, a.e_alpha, a.o_pos, a.o_mu, a.o_rho)
+    b.index = (labels, e_pos, e_a, e_b, e_alpha, o_pos)
+    b.prep = None
+    if (means.dtype is torch.float32 and native.AVAILABLE_CPU
+            and (means.is_cpu or native.AVAILABLE_CUDA)):
+        p = native.prepare(*b.tensors, mode, a.owner, a.codebook_owner)
+        # a contiguous copy of a parameter would not follow its optimiser updates: only bind aliases
+        b.prep = p if all(x is y for x, y in zip(p.tensors[:2] + p.tensors[8:], (means, chol, o_mu, o_rho))) else None
+    b.plans = {}
+    layer.__dict__["_sws_binding"] = b
+    return b
+
+
+def _plan(b, op, dev, rows, act_dtype, mode):
+    key = (op, rows, act_dtype, _backend.current(), _backend.interpret())
+    pl = b.plans.get(key)
+    if pl is None:
+        pl = _backend.plan(op, dev, torch.float32, rows=rows, act_dtype=act_dtype, mode=mode)
+        if len(b.plans) > 64:
+            b.plans.clear()
+        b.plans[key] = pl
+    return pl
+
+
+def _sws_forward(b, pl, x, bias, seed, S, ps, lead):
+    t = b.tensors
+    mode, owner, cbo = b.meta[0], b.meta[1], b.meta[2]
+    mcode = _checks.MODE_CODES[mode]
+    if pl.backend in _NATIVE and b.prep is not None:
+        p = b.prep
+        if pl.fused:
+            run = native.sws_linear_cuda_prepared if p.cuda else native.sws_linear_cpu_prepared
+            return run(p, x, bias, seed, S, ps).reshape(S, *lead, p.shape[0])
+        w = native.reconstruct_prepared(p, seed, S)
+        return reference._linear(x, w, bias, ps).contiguous()
+    return pl.kernel(x, *t, bias, seed, S, mcode, owner, cbo, ps, fused=pl.fused)
+
+
+def _sws_reconstruct(b, backend, kernel, seed, S):
+    if backend in _NATIVE and b.prep is not None:
+        return native.reconstruct_prepared(b.prep, seed, S)
+    mode, owner, cbo = b.meta
+    return kernel(*b.tensors, seed, S, _checks.MODE_CODES[mode], owner, cbo)
+
+
+def _sws_reconstruct_backward(b, gw, seed, S):
+    """(g_means, g_chol, g_mu, g_rho) of dW [S, *shape]."""
+    if b.prep is not None and _backend.select("reconstruct_backward", b.prep.device, torch.float32)[0] in _NATIVE:
+        return native.reconstruct_backward_prepared(b.prep, gw, seed, S, b.index)
+    mode, owner, cbo = b.meta
+    if not isinstance(seed, torch.Tensor):
+        seed = philox.seed_tensor(seed, b.tensors[0].device)
+    return _ops._reconstruct_backward_impl(gw, *b.tensors, seed, S, _checks.MODE_CODES[mode], owner, cbo)
+
+
+class _SWSLinearFn(torch.autograd.Function):
+    """One SWS linear call: forward and backward of ``_ops.sws_linear`` over a binding."""
+
+    @staticmethod
+    def forward(ctx, x, means, chol, o_mu, o_rho, bias, b, pl, seed, S, ps, lead):
+        y = _sws_forward(b, pl, x, bias, seed, S, ps, lead)
+        ctx.save_for_backward(x, means, chol, o_mu, o_rho, bias)
+        ctx.b, ctx.pl, ctx.seed, ctx.S, ctx.ps = b, pl, seed, S, ps
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, means, chol, o_mu, o_rho, bias = ctx.saved_tensors
+        b, pl, seed, S, ps = ctx.b, ctx.pl, ctx.seed, ctx.S, ctx.ps
+        gy = gy.contiguous()
+        out_f, in_f = b.tensors[2].shape
+        mode, owner, cbo = b.meta
+        mcode = _checks.MODE_CODES[mode]
+        gx = None
+        if ctx.needs_input_grad[0]:
+            if pl.backend in _NATIVE and b.prep is not None:
+                w = native.reconstruct_prepared(b.prep, seed, S)
+                gx = _ops._dx_reference(gy, w, S, ps, in_f)
+            else:
+                dx_plan = _backend.plan("sws_linear_dx", means.device, means.dtype, rows=_ops._rows(gy, S),
+                                        act_dtype=gy.dtype, mode=mcode)
+                sd = seed if isinstance(seed, torch.Tensor) else philox.seed_tensor(seed, means.device)
+                if dx_plan.kernel is None:
+                    gx = _ops._sws_linear_dx_impl(gy, *b.tensors, sd, S, mcode, owner, cbo, ps)
+                else:
+                    gx = dx_plan.kernel(gy, *b.tensors, sd, S, mcode, owner, cbo, ps, fused=dx_plan.fused)
+        g_means = g_chol = g_mu = g_rho = None
+        if any(ctx.needs_input_grad[1:5]):
+            gw = _ops._grad_w(gy, x, S, ps, out_f, in_f, means.dtype, "reconstruct_backward").view(S, out_f, in_f)
+            g_means, g_chol, g_mu, g_rho = _sws_reconstruct_backward(b, gw, seed, S)
+        g_bias = _ops._grad_bias(gy, bias, S, out_f) if ctx.needs_input_grad[5] else None
+        return gx, g_means, g_chol, g_mu, g_rho, g_bias, None, None, None, None, None, None
+
+
+class _SWSReconstructFn(torch.autograd.Function):
+    """The sampled weights of an SWS layer over a binding (the conv layers' path)."""
+
+    @staticmethod
+    def forward(ctx, means, chol, o_mu, o_rho, b, backend, kernel, seed, S):
+        w = _sws_reconstruct(b, backend, kernel, seed, S)
+        ctx.save_for_backward(means, chol, o_mu, o_rho)
+        ctx.b, ctx.seed, ctx.S = b, seed, S
+        return w
+
+    @staticmethod
+    def backward(ctx, gw):
+        ctx.saved_tensors  # noqa: B018  (raises if a parameter was modified in place since forward)
+        g = _sws_reconstruct_backward(ctx.b, gw.contiguous().to(torch.float32), ctx.seed, ctx.S)
+        return (*g, None, None, None, None, None)
+
+
+def _grad_needed(tensors) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
+
+
+def sws_linear(layer, x, S: int, seed, ps: bool):
+    """The SWS linear layer's call over its binding, or None: take the general path (module docstring)."""
+    if not _usable() or not isinstance(x, torch.Tensor):
+        return None
+    b = _sws_binding(layer)
+    if b is None:
+        return None
+    t = b.tensors
+    means = t[0]
+    dev = means.device
+    out_f, in_f = t[2].shape
+    if (not x.dtype.is_floating_point or x.device != dev or x.dim() < 1 or x.shape[-1] != in_f
+            or (ps and (x.dim() < 2 or x.shape[0] != S))):
+        return None  # the general path raises the precise error
+    lead = x.shape[1:-1] if ps else x.shape[:-1]
+    pl = _plan(b, "sws_linear", dev, _ops._rows(x, S if ps else 1), x.dtype, _checks.MODE_CODES[b.meta[0]])
+    if pl.kernel is None:
+        return None
+    bias = layer._parameters["bias"]
+    if bias is not None and bias.device != dev:
+        return None
+    seed = _seed_for(seed, dev, pl.backend)
+    if _grad_needed((x, means, t[1], t[8], t[9], bias)):
+        return _SWSLinearFn.apply(x, means, t[1], t[8], t[9], bias, b, pl, seed, S, ps, lead)
+    return _sws_forward(b, pl, x, bias, seed, S, ps, lead)
+
+
+def sws_weights(layer, S: int, seed):
+    """Sampled weights [S, *shape] of an SWS layer over its binding, or None (general path)."""
+    if not _usable():
+        return None
+    b = _sws_binding(layer)
+    if b is None:
+        return None
+    t = b.tensors
+    dev = t[0].device
+    backend, kernel, _ = _backend.select("reconstruct", dev, t[0].dtype)
+    if kernel is None:
+        return None
+    seed = _seed_for(seed, dev, backend)
+    if _grad_needed((t[0], t[1], t[8], t[9])):
+        return _SWSReconstructFn.apply(t[0], t[1], t[8], t[9], b, backend, kernel, seed, S)
+    return _sws_reconstruct(b, backend, kernel, seed, S)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Mean-field layers
+# ------------------------------------------------------------------------------------------------------
+
+class _MFBinding:
+    __slots__ = ("ids", "ptrs", "owner", "prep_w", "prep_b", "kl_key", "kl_value", "__weakref__")
+
+
+def _mf_current(layer):
+    par = layer._parameters
+    return (par[layer._w_mu], par[layer._w_rho], par["mu_bias"], par["rho_bias"])
+
+
+def _mf_binding(layer) -> Optional[_MFBinding]:
+    cur = _mf_current(layer)
+    b = layer.__dict__.get("_mf_binding")
+    ptrs = [t.data_ptr() if t is not None else 0 for t in cur]
+    if b is not None and b.owner == layer._owner and list(map(id, cur)) == b.ids and ptrs == b.ptrs:
+        return b
+    mu, rho, bmu, brho = cur
+    b = _MFBinding()
+    b.ids, b.ptrs, b.owner = list(map(id, cur)), ptrs, layer._owner
+    b.prep_w = b.prep_b = None
+    b.kl_key = b.kl_value = None
+    if mu.dtype is torch.float32 and native.AVAILABLE_CPU and (mu.is_cpu or native.AVAILABLE_CUDA):
+        p = native.prepare_mean_field(mu, rho, layer._owner, 0)
+        b.prep_w = p if p.aliases else None
+        if bmu is not None and brho is not None and bmu.dtype is torch.float32:
+            pb = native.prepare_mean_field(bmu, brho, layer._owner, 2)
+            b.prep_b = pb if pb.aliases else None
+    layer.__dict__["_mf_binding"] = b
+    return b
+
+
+class _MFLinearFn(torch.autograd.Function):
+    """One mean-field linear call (weights and sampled bias) over native bundles."""
+
+    @staticmethod
+    def forward(ctx, x, mu, rho, bmu, brho, b, seed, S, ps):
+        w = native.mean_field_reconstruct_prepared(b.prep_w, seed, S)
+        bias = native.mean_field_reconstruct_prepared(b.prep_b, seed, S) if b.prep_b is not None else bmu
+        y = reference._linear(x, w, bias, ps).contiguous()
+        ctx.save_for_backward(x, mu, rho, bmu, brho)
+        ctx.b, ctx.seed, ctx.S, ctx.ps = b, seed, S, ps
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, mu, rho, bmu, brho = ctx.saved_tensors
+        b, seed, S, ps = ctx.b, ctx.seed, ctx.S, ctx.ps
+        gy = gy.contiguous()
+        out_f, in_f = mu.shape
+        gx = g_mu = g_rho = g_bmu = g_brho = None
+        if ctx.needs_input_grad[0]:
+            w = native.mean_field_reconstruct_prepared(b.prep_w, seed, S)
+            gx = _ops._dx_reference(gy, w, S, ps, in_f)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            gw = _ops._grad_w(gy, x, S, ps, out_f, in_f, mu.dtype, "mean_field_reconstruct_backward")
+            g_mu, g_rho = native.mean_field_reconstruct_backward_prepared(b.prep_w, gw.view(S, out_f, in_f), seed, S)
+        if bmu is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4]):
+            gb = gy.reshape(S, -1, out_f).sum(1, dtype=torch.float32)  # [S, out]
+            if b.prep_b is not None:
+                g_bmu, g_brho = native.mean_field_reconstruct_backward_prepared(b.prep_b, gb, seed, S)
+            else:
+                g_bmu = gb.sum(0).to(bmu.dtype)
+        return gx, g_mu, g_rho, g_bmu, g_brho, None, None, None, None
+
+
+def mean_field_linear(layer, x, S: int, seed, ps: bool):
+    """The mean-field linear layer's call over native bundles, or None (general path)."""
+    if not _usable() or not isinstance(x, torch.Tensor):
+        return None
+    b = _mf_binding(layer)
+    if b is None or b.prep_w is None:
+        return None
+    mu, rho, bmu, brho = _mf_current(layer)
+    if brho is not None and b.prep_b is None:
+        return None
+    dev = mu.device
+    out_f, in_f = mu.shape
+    if (not x.dtype.is_floating_point or x.device != dev or x.dim() < 1 or x.shape[-1] != in_f
+            or (ps and (x.dim() < 2 or x.shape[0] != S))):
+        return None  # the general path raises the precise error
+    backend = _backend.select("mean_field_linear", dev, mu.dtype)[0]
+    if backend not in _NATIVE:
+        return None
+    seed = _seed_for(seed, dev, backend)
+    if _grad_needed((x, mu, rho, bmu, brho)):
+        return _MFLinearFn.apply(x, mu, rho, bmu, brho, b, seed, S, ps)
+    w = native.mean_field_reconstruct_prepared(b.prep_w, seed, S)
+    bias = native.mean_field_reconstruct_prepared(b.prep_b, seed, S) if b.prep_b is not None else bmu
+    return reference._linear(x, w, bias, ps).contiguous()
+
+
+class _MFReconstructFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, mu, rho, p, seed, S):
+        ctx.save_for_backward(mu, rho)
+        ctx.p, ctx.seed, ctx.S = p, seed, S
+        return native.mean_field_reconstruct_prepared(p, seed, S)
+
+    @staticmethod
+    def backward(ctx, gw):
+        ctx.saved_tensors  # noqa: B018  (raises if mu/rho were modified in place since forward)
+        g_mu, g_rho = native.mean_field_reconstruct_backward_prepared(ctx.p, gw.contiguous().to(torch.float32),
+                                                                      ctx.seed, ctx.S)
+        return g_mu, g_rho, None, None, None
+
+
+def mean_field_weights(layer, S: int, seed):
+    """(sampled weights [S, *shape], sampled bias [S, out] or the bias mean or None) over native bundles, or
+    None (general path). The conv layers' path."""
+    if not _usable():
+        return None
+    b = _mf_binding(layer)
+    if b is None or b.prep_w is None:
+        return None
+    mu, rho, bmu, brho = _mf_current(layer)
+    if brho is not None and b.prep_b is None:
+        return None
+    backend = _backend.select("mean_field_reconstruct", mu.device, mu.dtype)[0]
+    if backend not in _NATIVE:
+        return None
+    seed = _seed_for(seed, mu.device, backend)
+    if _grad_needed((mu, rho, bmu, brho)):
+        w = _MFReconstructFn.apply(mu, rho, b.prep_w, seed, S)
+        bias = _MFReconstructFn.apply(bmu, brho, b.prep_b, seed, S) if b.prep_b is not None else bmu
+        return w, bias
+    w = native.mean_field_reconstruct_prepared(b.prep_w, seed, S)
+    bias = native.mean_field_reconstruct_prepared(b.prep_b, seed, S) if b.prep_b is not None else bmu
+    return w, bias
+
+
+def mean_field_kl(layer, compute):
+    """``compute()`` (the layer's KL), or its value kept from an earlier call.
+
+    Without grad, the value is kept with the binding and reused while the parameters and priors are unchanged
+    (same objects, addresses and versions): evaluation loops call forward many times between updates, and
+    bayesian-torch's default ``forward`` recomputes it on every call."""
+    cur = _mf_current(layer)
+    if not _usable() or _grad_needed(cur):
+        return compute()
+    b = _mf_binding(layer)
+    if b is None:
+        return compute()
+    buf = layer._buffers
+    priors = (buf["prior_weight_mu"], buf["prior_weight_sigma"], buf["prior_bias_mu"], buf["prior_bias_sigma"])
+    try:
+        key = tuple(t._version if t is not None else -1 for t in cur + priors) + tuple(
+            id(t) for t in priors) + tuple(t.data_ptr() if t is not None else 0 for t in priors)
+    except RuntimeError:  # inference tensors: no versions to key on
+        return compute()
+    if b.kl_key != key:
+        b.kl_key, b.kl_value = key, compute()
+    return b.kl_value.clone()  # a fresh tensor per call, as compute() gives: an in-place edit cannot reach the cache
+
+
+def clear(module) -> None:
+    """Drop the bindings of ``module`` and its children (they rebuild on the next call)."""
+    for m in module.modules():
+        m.__dict__.pop("_sws_binding", None)
+        m.__dict__.pop("_mf_binding", None)

@@ -1,0 +1,204 @@
+"""The layers' steady-state path (sws_kernels/_bound.py) against the general functional path.
+
+``sws_kernels.validate()`` makes every layer take the general path (every check on every call), so the same
+layer, seed and input run once each way: outputs and every gradient must be bit for bit the same (the same
+kernels with the same arguments), on every backend this machine has. Then the binding's invalidation: an
+in-place edit of an index tensor, a ``.data`` replacement, a new buffer and load_state_dict each rebuild it,
+and bad index data is still refused.
+"""
+import copy
+
+import pytest
+import torch
+
+import sws_kernels as sws
+from sws_kernels import _bound, native
+from sws_kernels import nn as snn
+
+BACKENDS = ["auto"] + (["triton"] if sws.backends()["triton"][0] else [])
+
+
+def _sws_layer(kind, rng, K=7, mode="paper", specials=True):
+    cb = snn.Codebook(K, means=torch.randn(K, 2, generator=rng) * torch.tensor([0.3, 0.5]) + torch.tensor([0, -4.0]))
+    if kind == "linear":
+        shape, layer_args = (5, 13), (13, 5)
+        make = lambda **kw: snn.SWSLinear(*layer_args, codebook=cb, mode=mode, **kw)  # noqa: E731
+    else:
+        shape = (4, 3, 3, 3) if kind == "conv2d" else (4, 3, 3)
+        make = lambda **kw: (snn.SWSConv2d if kind == "conv2d" else snn.SWSConv1d)(  # noqa: E731
+            3, 4, 3, padding=1, codebook=cb, mode=mode, **kw)
+    n = int(torch.tensor(shape).prod())
+    labels = torch.randint(0, K, shape, generator=rng)
+    kw = dict(labels=labels)
+    if specials:
+        perm = torch.randperm(n, generator=rng)
+        e_pos, o_pos = perm[:4].sort().values, perm[4:7].sort().values
+        kw["ellipse"] = (e_pos, torch.randint(0, K, (4,), generator=rng), torch.randint(0, K, (4,), generator=rng),
+                         torch.rand(4, generator=rng))
+        kw["outliers"] = (o_pos, torch.randn(3, generator=rng) * 0.3, torch.randn(3, generator=rng) - 4)
+    return make(**kw)
+
+
+def _x(kind, rng, M, S=1, per_sample=False):
+    lead = (S,) if per_sample else ()
+    if kind == "linear":
+        return torch.randn(*lead, M, 13, generator=rng)
+    spatial = (6, 5) if kind == "conv2d" else (7,)
+    return torch.randn(*lead, M, 3, *spatial, generator=rng)
+
+
+def _run(layer, x, S, seed, per_sample, grad):
+    params = [p for p in layer.parameters()]
+    for p in params:
+        p.grad = None
+    xx = x.clone().requires_grad_(grad)
+    kw = dict(samples=S, seed=seed, per_sample=per_sample) if S else dict(seed=seed)
+    if grad:
+        out = layer(xx, **kw)
+        out = out[0] if isinstance(out, tuple) else out
+        (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        return [out.detach(), xx.grad] + [p.grad for p in params]
+    with torch.no_grad():
+        out = layer(xx, **kw)
+        return [out[0] if isinstance(out, tuple) else out]
+
+
+def _same(fast, general):
+    assert len(fast) == len(general)
+    for a, b in zip(fast, general):
+        if a is None or b is None:
+            assert a is None and b is None
+        else:
+            assert torch.equal(a, b), (a - b).abs().max()
+
+
+def _both(layer, x, S, seed, per_sample, grad):
+    fast = _run(layer, x, S, seed, per_sample, grad)
+    with sws.validate():
+        general = _run(layer, x, S, seed, per_sample, grad)
+    return fast, general
+
+
+SHAPES = [(1, None, False), (3, 2, False), (2, 3, True), (40, 1, False)]  # M = 40: past the fused paths' limit
+SWS_CASES = ([("auto", "linear", mode, *shape) for mode in ("paper", "hierarchical", "mean") for shape in SHAPES]
+             + [("auto", kind, mode, *shape) for kind in ("conv1d", "conv2d") for mode in ("paper", "hierarchical")
+                for shape in SHAPES[:3]]
+             + [(b, "linear", "paper", *shape) for b in BACKENDS[1:] for shape in SHAPES]
+             + [(b, kind, "mean", 2, 3, True) for b in BACKENDS[1:] for kind in ("linear", "conv2d")])
+
+
+@pytest.mark.parametrize("backend,kind,mode,M,S,per_sample", SWS_CASES)
+def test_sws_layers_match_the_general_path(rng, backend, kind, mode, M, S, per_sample):
+    layer = _sws_layer(kind, rng, mode=mode)
+    x = _x(kind, rng, M, S or 1, per_sample)
+    seed = int(torch.randint(0, 2 ** 62, (), generator=rng))
+    with sws.backend(backend):
+        for grad in (False, True):
+            _same(*_both(layer, x, S, seed, per_sample, grad))
+        # a tensor seed (what seed=None draws) gives the same numbers as the int
+        _same(_run(layer, x, S, torch.tensor(seed), per_sample, True), _run(layer, x, S, seed, per_sample, True))
+    assert "_sws_binding" in layer.__dict__  # the fast path really ran
+
+
+MF_CASES = ([("auto", kind, *shape, bias) for kind in ("linear", "conv1d", "conv2d") for shape in SHAPES[:3]
+             for bias in (True, False)]
+            + [(b, "linear", *shape, True) for b in BACKENDS[1:] for shape in SHAPES[:3]])
+
+
+@pytest.mark.parametrize("backend,kind,M,S,per_sample,bias", MF_CASES)
+def test_mean_field_layers_match_the_general_path(rng, backend, kind, M, S, per_sample, bias):
+    if kind == "linear":
+        layer = snn.MeanFieldLinear(13, 5, bias=bias)
+    else:
+        layer = (snn.MeanFieldConv2d if kind == "conv2d" else snn.MeanFieldConv1d)(3, 4, 3, padding=1, bias=bias)
+    x = _x(kind, rng, M, S or 1, per_sample)
+    seed = int(torch.randint(0, 2 ** 62, (), generator=rng))
+    with sws.backend(backend):
+        for grad in (False, True):
+            _same(*_both(layer, x, S, seed, per_sample, grad))
+    if backend == "auto" and native.AVAILABLE_CPU:
+        assert "_mf_binding" in layer.__dict__
+
+
+def test_mean_field_kl_is_reused_only_while_unchanged():
+    layer = snn.MeanFieldLinear(6, 4)
+    x = torch.randn(2, 6)
+    with torch.no_grad():
+        _, k1 = layer(x)
+        _, k2 = layer(x)
+        assert torch.equal(k1, k2) and k1 is not k2
+        k2.add_(1)  # the caller's copy: the cache is untouched
+        assert torch.equal(layer(x)[1], k1)
+        layer.mu_weight.add_(0.5)  # an in-place update (what an optimiser does)
+        _, k3 = layer(x)
+        layer.prior_weight_sigma.fill_(0.5)
+        _, k4 = layer(x)
+    with sws.validate():
+        assert torch.equal(layer(x)[1].detach(), k4)
+    assert not torch.equal(k3, k1) and not torch.equal(k4, k3)
+
+
+def test_binding_follows_optimizer_steps_and_in_place_edits(rng):
+    layer = _sws_layer("linear", rng)
+    x = _x("linear", rng, 2)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    for _ in range(3):  # parameters updated in place: the binding stays, the kernels read the new values
+        out = layer(x, seed=11)
+        out.square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            fast = layer(x, seed=11)
+            with sws.validate():
+                assert torch.equal(fast, layer(x, seed=11))
+    b = layer.__dict__["_sws_binding"]
+    with torch.no_grad():
+        layer.labels[0, 0] = (int(layer.labels[0, 0]) + 1) % 7  # an in-place index edit: rebuilt
+        fast = layer(x, seed=11)
+        assert layer.__dict__["_sws_binding"] is not b
+        with sws.validate():
+            assert torch.equal(fast, layer(x, seed=11))
+        layer.labels[0, 1] = 99  # out of range: the rebuild's data check refuses it
+        with pytest.raises(ValueError, match="labels"):
+            layer(x, seed=11)
+        layer.labels[0, 1] = 0
+        # a .data replacement of a parameter (same object, new address) rebuilds the binding too
+        layer.codebook.means.data = layer.codebook.means.data.clone() + 0.01
+        fast = layer(x, seed=11)
+        with sws.validate():
+            assert torch.equal(fast, layer(x, seed=11))
+
+
+def test_binding_after_load_state_dict_and_deepcopy(rng):
+    a = _sws_layer("linear", rng)
+    b = copy.deepcopy(a)
+    x = _x("linear", rng, 3)
+    with torch.no_grad():
+        a(x, seed=2)
+        b(x, seed=2)
+        state = {k: v.clone() for k, v in a.state_dict().items()}
+        state["labels"] = torch.randint(0, 7, state["labels"].shape, generator=rng).to(state["labels"].dtype)
+        state["codebook.means"] = state["codebook.means"] + 0.1
+        a.load_state_dict(state)
+        fast = a(x, seed=2)
+        with sws.validate():
+            assert torch.equal(fast, a(x, seed=2))
+        assert not torch.equal(fast, b(x, seed=2))  # the copy kept its own binding and state
+
+
+def test_general_path_still_reports_bad_inputs(rng):
+    layer = _sws_layer("linear", rng)
+    with pytest.raises(ValueError, match="x"):
+        layer(torch.randn(2, 12))
+    with pytest.raises(TypeError, match="x"):
+        layer(torch.ones(2, 13, dtype=torch.int64))
+    mf = snn.MeanFieldLinear(13, 5)
+    with pytest.raises(ValueError, match="x"):
+        mf(torch.randn(2, 12))
+
+
+def test_clear_drops_bindings(rng):
+    layer = _sws_layer("linear", rng)
+    layer(_x("linear", rng, 1))
+    _bound.clear(layer)
+    assert "_sws_binding" not in layer.__dict__

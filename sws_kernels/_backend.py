@@ -259,7 +259,7 @@ def _histogram_triton(*args):
 
 # backend -> kernel(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed, samples, mode,
 # owner, codebook_owner) -> y [S, M, out] in x's dtype
-HISTOGRAM_KERNELS: Dict[str, Callable] = {"native_cpu": _histogram_native_cpu}
+HISTOGRAM_KERNELS: Dict[str, Callable] = {"native_cpu": _histogram_native_cpu, "triton": _histogram_triton}
 
 
 def histogram(backend: str, rows: int, samples: int, mode: int, act_dtype, per_sample: bool,

@@ -1,0 +1,181 @@
+"""The label-histogram inference path of sws_linear (issue 14): native CPU (csrc/cpu/histogram.cpp) and Triton
+(sws_kernels/triton/histogram.py, interpreter), against the reference in float64, and the dispatch choosing it
+only without autograd in paper/mean mode with a shared x."""
+import pytest
+import torch
+
+import sws_kernels as sws
+from sws_kernels import _backend, native, reference
+from sws_kernels import functional as F
+
+MODES = {"paper": 0, "mean": 2}
+needs_native = pytest.mark.skipif(not native.AVAILABLE_CPU, reason="native CPU module not built")
+
+
+def _layer(out_f, in_f, K, ldt, E, O, gen):
+    means = torch.stack([torch.randn(K, generator=gen) * 0.3, torch.randn(K, generator=gen) - 3], -1)
+    chol = torch.randn(K, 3, generator=gen) * 0.5
+    labels = torch.randint(0, K, (out_f, in_f), generator=gen).to(ldt)
+    perm = torch.randperm(out_f * in_f, generator=gen)
+    ell = (perm[:E], torch.randint(0, K, (E,), generator=gen), torch.randint(0, K, (E,), generator=gen),
+           torch.rand(E, generator=gen))
+    outl = (perm[E:E + O], torch.randn(O, generator=gen) * 0.5, torch.randn(O, generator=gen) - 2)
+    return means, chol, labels, ell, outl
+
+
+def _expected(x, means, chol, labels, ell, outl, bias, seed, S, mode):
+    """(y, bound): the reference in float64 and an fp32 summation-order bound per element."""
+    d = torch.float64
+    w = reference.reconstruct(means.to(d), chol.to(d), labels, (*ell[:3], ell[3].to(d)),
+                              (outl[0], outl[1].to(d), outl[2].to(d)), seed=seed, samples=S, mode=mode, owner=7,
+                              codebook_owner=3)
+    x2 = x.reshape(-1, labels.shape[1]).to(d)
+    y = torch.matmul(x2, w.transpose(1, 2))
+    mag = torch.matmul(x2.abs(), w.abs().transpose(1, 2))
+    if bias is not None:
+        b = bias.to(d)
+        y = y + (b[:, None, :] if b.dim() == 2 else b)
+        mag = mag + b.abs()[:, None, :] if b.dim() == 2 else mag + b.abs()
+    # fp32 rounding of a sum of `in` products, plus the normals' 1e-5 cross-backend allowance (SPEC.md s. 4)
+    return y, 1e-5 * mag + 1e-6
+
+
+def _case(gen, out_f, in_f, K, ldt, M, S, bias_kind):
+    means, chol, labels, ell, outl = _layer(out_f, in_f, K, ldt, max(1, out_f * in_f // 200),
+                                            max(1, out_f * in_f // 50), gen)
+    x = torch.randn(M, in_f, generator=gen)
+    bias = {"none": None, "shared": torch.randn(out_f, generator=gen),
+            "per_sample": torch.randn(S, out_f, generator=gen)}[bias_kind]
+    return x, means, chol, labels, ell, outl, bias
+
+
+CASES = [  # (out, in, K, label dtype, M, S, bias)
+    (37, 53, 5, torch.uint8, 3, 3, "shared"),
+    (17, 129, 256, torch.uint8, 1, 1, "none"),
+    (29, 31, 300, torch.int16, 2, 64, "per_sample"),
+    (5, 67, 1, torch.int32, 1, 3, "shared"),
+    (33, 9, 1500, torch.int32, 4, 3, "none"),
+]
+
+
+@needs_native
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("case", CASES)
+def test_native_matches_reference(case, mode):
+    gen = torch.Generator().manual_seed(hash((case[:4], mode)) % 2**31)
+    out_f, in_f, K, ldt, M, S, bk = case
+    x, means, chol, labels, ell, outl, bias = _case(gen, out_f, in_f, K, ldt, M, S, bk)
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+    y = native.sws_linear_histogram_cpu(x, means, chol, labels, *ell, *outl, bias, seed, S, MODES[mode], 7, 3)
+    assert y.shape == (S, M, out_f) and y.dtype == torch.float32
+    yr, bound = _expected(x, means, chol, labels, ell, outl, bias, seed, S, mode)
+    err = (y.double() - yr).abs()
+    assert bool((err <= bound).all()), f"max error {err.max().item():.3g}, worst ratio {(err / bound).max().item():.3g}"
+
+
+@needs_native
+def test_native_deterministic_across_runs_and_threads():
+    gen = torch.Generator().manual_seed(5)
+    x, means, chol, labels, ell, outl, bias = _case(gen, 70, 300, 64, torch.uint8, 3, 16, "shared")
+    run = lambda: native.sws_linear_histogram_cpu(x, means, chol, labels, *ell, *outl, bias, 11, 16, 0, 7, 3)
+    before = native.max_threads()
+    try:
+        a, b = run(), run()
+        native.set_num_threads(1)
+        c = run()
+    finally:
+        native.set_num_threads(before)
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@needs_native
+def test_native_rejects_what_it_cannot_do():
+    gen = torch.Generator().manual_seed(6)
+    x, means, chol, labels, ell, outl, bias = _case(gen, 6, 10, 4, torch.uint8, 2, 3, "none")
+    with pytest.raises(ValueError, match="mode"):
+        native.sws_linear_histogram_cpu(x, means, chol, labels, *ell, *outl, bias, 1, 3, 1, 7, 3)
+    bad = labels.clone()
+    bad[3, 4] = 4  # == K: outside [0, K)
+    with pytest.raises(ValueError, match="outside"):
+        native.sws_linear_histogram_cpu(x, means, chol, bad, *ell, *outl, bias, 1, 3, 0, 7, 3)
+
+
+TRITON_CASES = [  # small: the interpreter's cost grows with programs x loop iterations
+    (37, 53, 5, torch.uint8, 3, 3, "shared"),
+    (19, 17, 40, torch.int16, 1, 64, "per_sample"),
+    (5, 40, 1, torch.int32, 2, 1, "none"),
+]
+
+
+@pytest.mark.parametrize("case", TRITON_CASES)
+def test_triton_matches_reference(case):
+    if not sws.backends()["triton"][0]:
+        pytest.skip(sws.backends()["triton"][1])
+    from sws_kernels.triton import histogram as th
+
+    gen = torch.Generator().manual_seed(hash(case[:4]) % 2**31)
+    out_f, in_f, K, ldt, M, S, bk = case
+    x, means, chol, labels, ell, outl, bias = _case(gen, out_f, in_f, K, ldt, M, S, bk)
+    for mode in MODES:
+        y = th.sws_linear_histogram(x, means, chol, labels, *ell, *outl, bias, torch.tensor(99), S, MODES[mode], 7, 3)
+        yr, bound = _expected(x, means, chol, labels, ell, outl, bias, 99, S, mode)
+        err = (y.double() - yr).abs()
+        assert bool((err <= bound).all()), f"{mode}: max error {err.max().item():.3g}"
+
+
+# ---- dispatch ----------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Counts calls of the histogram kernels the dispatch hands out (the real kernels still run)."""
+    calls = []
+    for name, fn in list(_backend.HISTOGRAM_KERNELS.items()):
+        def wrapped(*args, _fn=fn, _name=name):
+            calls.append(_name)
+            return _fn(*args)
+        monkeypatch.setitem(_backend.HISTOGRAM_KERNELS, name, wrapped)
+    return calls
+
+
+def _backend_name():
+    return "native" if native.AVAILABLE_CPU else "triton"
+
+
+def test_dispatch_picks_histogram_only_without_autograd(spy):
+    if _backend_name() == "triton" and not sws.backends()["triton"][0]:
+        pytest.skip("no kernel backend")
+    gen = torch.Generator().manual_seed(8)
+    x, means, chol, labels, ell, outl, bias = _case(gen, 21, 35, 9, torch.uint8, 2, 4, "shared")
+    kw = dict(seed=1234, samples=4, owner=7, codebook_owner=3)
+    with sws.backend(_backend_name()):
+        with torch.no_grad():
+            y = F.sws_linear(x, means, chol, labels, ell, outl, bias, **kw)
+        assert len(spy) == 1
+        yr, bound = _expected(x, means, chol, labels, ell, outl, bias, 1234, 4, "paper")
+        assert bool(((y.double() - yr).abs() <= bound).all())
+        # training: the parameters need gradients -> today's path, and gradients flow
+        m = means.clone().requires_grad_()
+        y2 = F.sws_linear(x, m, chol, labels, ell, outl, bias, **kw)
+        y2.sum().backward()
+        assert len(spy) == 1 and m.grad is not None
+        with torch.no_grad():
+            F.sws_linear(x, means, chol, labels, ell, outl, bias, mode="hierarchical", **kw)  # a normal per weight
+            F.sws_linear(x.expand(4, 2, 35), means, chol, labels, ell, outl, bias, per_sample=True, **kw)
+            F.sws_linear(torch.randn(40, 35), means, chol, labels, ell, outl, bias, **kw)  # 40 rows > 2 x 4 samples
+            F.sws_linear(x, means, chol, labels, ell, outl, bias, mode="mean", **kw)
+        assert len(spy) == 2
+    with sws.backend("reference"), torch.no_grad():
+        F.sws_linear(x, means, chol, labels, ell, outl, bias, **kw)
+    assert len(spy) == 2
+
+
+def test_histogram_plan_reasons():
+    k, why = _backend.histogram("native_cpu", 1, 16, 0, torch.float32, False, False)
+    assert k is not None and "histogram" in why
+    assert _backend.histogram("native_cpu", 1, 16, 0, torch.float32, False, True)[0] is None
+    assert _backend.histogram("native_cpu", 1, 16, 1, torch.float32, False, False)[0] is None
+    assert _backend.histogram("native_cpu", 1, 16, 0, torch.float32, True, False)[0] is None
+    assert _backend.histogram("native_cpu", 1, 16, 0, torch.bfloat16, False, False)[0] is None
+    assert _backend.histogram("native_cuda", 1, 16, 0, torch.float32, False, False)[0] is None
+    big = _backend.LIMITS["cpu_histogram_max_m"].value + 1
+    assert _backend.histogram("native_cpu", big, 10**6, 0, torch.float32, False, False)[0] is None

@@ -31,8 +31,8 @@ import torch.nn.functional as TF
 
 METHODS = ("dense", "bt_mean_field", "mean_field", "reference", "sws")
 PASSES = ("forward", "forward+backward")
-FIELDS = ["device", "op", "in_features", "out_features", "M", "S", "pass", "method", "backend", "median_ms",
-          "min_ms", "iqr_ms", "rounds"]
+FIELDS = ["device", "op", "in_features", "out_features", "components", "mode", "threads", "M", "S", "pass", "method",
+          "backend", "median_ms", "min_ms", "iqr_ms", "rounds"]
 
 
 def device_name(device: torch.device) -> str:
@@ -186,7 +186,8 @@ def run_bench(*, in_features: int, out_features: int, Ms: Sequence[int], Ss: Seq
                             progress(f"  {method} M={M} S={S} {ps}: skipped ({e})")
                         continue
                     row = {"device": dname, "op": "linear", "in_features": in_features, "out_features": out_features,
-                           "M": M, "S": S, "pass": ps, "method": method, "backend": _backend_used(method, dev), **st}
+                           "components": components, "mode": mode,
+                           "threads": torch.get_num_threads() if dev.type == "cpu" else "", "M": M, "S": S, "pass": ps, "method": method, "backend": _backend_used(method, dev), **st}
                     rows.append(row)
                     if progress:
                         progress(f"  M={M:<5d} S={S:<3d} {ps:17s} {method:14s} {st['median_ms']:9.3f} ms")

@@ -8,17 +8,224 @@
 ``sws-kernels convert``  mean-field or bayesian-torch checkpoint -> compact SWS file + report.
 ``sws-kernels plot``     codebook / reliability pictures from a saved model, speed-up chart from a bench CSV.
 
-Every command exits 0 on success and 2 on a user error, printing ``error: <argument>: <what is wrong>``.
+Every command exits 0 on success and 2 on a user error, printing one line ``error: <argument>: <what is wrong
+and what to do>`` (no traceback; ``--debug`` shows it). Outputs (``--out``, ``--csv``, ``--report``, OUT) are
+checked for writability before any work. ``--arch``/``--model``/``--data`` take ``module:function`` and import
+from the current directory first, then the Python path; model factories have one form everywhere,
+``FN(input_shape=, num_classes=) -> nn.Module`` (arguments FN does not declare are not passed).
 """
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
+import os
 import platform
 import sys
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
+
+
+class CLIError(Exception):
+    """A user error: printed as ``error: ...`` (naming the argument) with exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: argument --x: ... (see `sws-kernels cmd --help`)``, exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+MODE_HELP = ("how weights are sampled (SPEC.md section 3): 'paper' (default) draws one value per codebook component "
+             "and MC sample, shared by all its weights; 'hierarchical' adds each weight's own noise around its "
+             "component's draw; 'mean' is deterministic (component means, outlier means)")
+FACTORY_FORM = "FN(input_shape=, num_classes=) -> torch.nn.Module (arguments FN does not declare are not passed)"
+
+
+# -- devices ----------------------------------------------------------------------------------------
+
+def cuda_state():
+    """(usable, why not) without torch's 'CUDA driver version is insufficient' warning on GPU-less machines."""
+    import warnings
+
+    if torch.version.cuda is None:
+        return False, (f"this torch ({torch.__version__}) is a CPU-only build; GPU users install the CUDA build "
+                       f"of torch (see the README)")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ok = torch.cuda.is_available()
+    if ok:
+        return True, ""
+    if not os.path.exists("/proc/driver/nvidia/version") and sys.platform.startswith("linux"):
+        return False, "no GPU (no NVIDIA driver is installed)"
+    text = " ".join(str(w.message) for w in caught)
+    if "insufficient" in text:
+        return False, f"the NVIDIA driver is too old for this torch's CUDA {torch.version.cuda}"
+    return False, "no GPU (torch.cuda.is_available() is False)"
+
+
+def parse_device(text: Optional[str], option: str = "--device") -> torch.device:
+    """A cpu/cuda device that exists here, or a CLIError saying what to pass instead."""
+    if text is None:
+        return torch.device("cuda" if cuda_state()[0] else "cpu")
+    low = text.strip().lower()
+    if low in ("gpu", "nvidia") or low.startswith("gpu:"):
+        ok, why = cuda_state()
+        raise CLIError(f"{option}: {text!r} is not a torch device name: an NVIDIA GPU is 'cuda' (or 'cuda:N')"
+                       + ("" if ok else f"; but here: {why}; use --device cpu"))
+    try:
+        dev = torch.device(low)
+    except (RuntimeError, ValueError, TypeError):
+        raise CLIError(f"{option}: expected 'cpu', 'cuda' or 'cuda:N', got {text!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        extra = " (Apple GPUs are not supported)" if dev.type == "mps" else ""
+        raise CLIError(f"{option}: sws_kernels runs on 'cpu' and 'cuda' (NVIDIA) devices, not {dev.type!r}{extra}; "
+                       f"use --device cpu")
+    if dev.type == "cuda":
+        ok, why = cuda_state()
+        if not ok:
+            raise CLIError(f"{option}: {text!r} requested but {why}; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CLIError(f"{option}: {text!r} requested but there are {torch.cuda.device_count()} CUDA devices "
+                           f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+    return dev
+
+
+# -- outputs ----------------------------------------------------------------------------------------
+
+def _probe_dir(d: str, option: str, what: str) -> None:
+    """Create and delete a temporary file in ``d`` (permissions, read-only file systems, quotas of 0)."""
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=d, prefix=".sws-write-test-"):
+            pass
+    except OSError as e:
+        raise CLIError(f"{option}: cannot write {what} in {d!r} ({e.strerror or e}); choose a writable "
+                       f"location") from None
+
+
+def _check_writable(path: str, option: str) -> None:
+    """``path`` can be written as a file: its directory exists and is writable, it is not a directory."""
+    if os.path.isdir(path):
+        raise CLIError(f"{option}: {path!r} is a directory, expected a file path")
+    parent = os.path.dirname(os.path.abspath(path)) or "."
+    if not os.path.exists(parent):
+        raise CLIError(f"{option}: directory {parent!r} does not exist; create it first or choose another path")
+    if not os.path.isdir(parent):
+        raise CLIError(f"{option}: {parent!r} is not a directory")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise CLIError(f"{option}: {path!r} exists and is not writable")
+    _probe_dir(parent, option, os.path.basename(path))
+
+
+def _check_out_dir(path: str, option: str) -> None:
+    """``path`` is (or can be created as) a writable directory; nothing is created."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CLIError(f"{option}: {path!r} exists and is not a directory")
+    d = os.path.abspath(path)
+    while not os.path.exists(d):
+        d = os.path.dirname(d)
+    if not os.path.isdir(d):
+        raise CLIError(f"{option}: cannot create directory {path!r}: {d!r} is not a directory")
+    _probe_dir(d, option, "files")
+
+
+def _check_readable(path: str, option: str) -> None:
+    if not os.path.exists(path):
+        raise CLIError(f"{option}: {path!r} does not exist")
+    if not os.path.isfile(path):
+        raise CLIError(f"{option}: {path!r} is not a file")
+    if not os.access(path, os.R_OK):
+        raise CLIError(f"{option}: {path!r} is not readable")
+
+
+# -- plug-ins: module:function ----------------------------------------------------------------------
+
+def _cwd_on_path() -> None:
+    """`python -m` puts the current directory on sys.path, the `sws-kernels` script does not: plug-ins in the
+    current directory import either way."""
+    cwd = os.getcwd()
+    if "" not in sys.path and cwd not in sys.path:
+        sys.path.insert(0, cwd)
+
+
+def load_callable(spec: str, option: str):
+    """``"module:function"`` (module importable from the current directory or the Python path) -> the callable."""
+    if not isinstance(spec, str) or spec.count(":") != 1 or not all(part.strip() for part in spec.split(":")):
+        raise CLIError(f"{option}: expected 'module:function' (e.g. mymodels:build for build() in ./mymodels.py), "
+                       f"got {spec!r}")
+    mod_name, attr = (part.strip() for part in spec.split(":"))
+    if mod_name.endswith(".py") or "/" in mod_name or os.sep in mod_name:
+        guess = mod_name[:-3] if mod_name.endswith(".py") else mod_name
+        raise CLIError(f"{option}: expected a module name, not a file path: {guess.replace(os.sep, '.').replace('/', '.')}"
+                       f":{attr} (run from the directory above it, or add that directory to PYTHONPATH)")
+    _cwd_on_path()
+    try:
+        mod = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        if e.name and (mod_name == e.name or mod_name.startswith(e.name + ".")):
+            raise CLIError(f"{option}: no module {e.name!r} in the current directory ({os.getcwd()}) or on the Python "
+                           f"path: run from the directory holding {e.name.replace('.', '/')}.py, or add its directory "
+                           f"to PYTHONPATH (PYTHONPATH=/path/to/dir sws-kernels ...)") from None
+        raise CLIError(f"{option}: importing {mod_name!r} failed: it imports {e.name!r}, which is not installed") from None
+    except Exception as e:  # noqa: BLE001 - the user's module failed to import: say so, in one line
+        raise CLIError(f"{option}: importing {mod_name!r} raised {type(e).__name__}: {e}") from None
+    fn = getattr(mod, attr, None)
+    if not callable(fn):
+        have = sorted(n for n, v in vars(mod).items() if callable(v) and not n.startswith("_")
+                      and getattr(v, "__module__", None) == mod.__name__)
+        raise CLIError(f"{option}: module {mod_name!r} has no {'callable ' if fn is not None else ''}{attr!r}"
+                       + (f"; it defines {', '.join(have[:8])}" if have else ""))
+    return fn
+
+
+def make_model(fn, spec: str, option: str, *, input_shape: Optional[Sequence[int]] = None,
+               num_classes: Optional[int] = None, how_to_give: str = ""):
+    """Call a model factory in the one form every option takes: ``FN(input_shape=, num_classes=)``, passing the
+    known values FN declares (all of them when it takes ``**kwargs``)."""
+    from torch import nn
+
+    known = {k: v for k, v in (("input_shape", tuple(input_shape) if input_shape is not None else None),
+                               ("num_classes", num_classes)) if v is not None}
+    kwargs = known
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        params = None
+    if params is not None:
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            kwargs = {k: v for k, v in known.items() if k in params}
+        required = [n for n, p in params.items() if p.default is p.empty
+                    and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in kwargs]
+        other = [n for n in required if n not in ("input_shape", "num_classes")]
+        if other:
+            raise CLIError(f"{option}: {spec} requires {', '.join(other)}; expected the form {FACTORY_FORM}")
+        if required:
+            raise CLIError(f"{option}: {spec} requires {' and '.join(required)}, unknown here"
+                           + (f": {how_to_give}" if how_to_give else ""))
+    try:
+        model = fn(**kwargs)
+    except Exception as e:  # noqa: BLE001 - the user's factory failed: name it and the arguments it got
+        args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        raise CLIError(f"{option}: {spec}({args}) raised {type(e).__name__}: {e}") from None
+    if not isinstance(model, nn.Module):
+        raise CLIError(f"{option}: {spec} returned a {type(model).__name__}, expected a torch.nn.Module "
+                       f"({FACTORY_FORM})")
+    return model
+
+
+def _shape_list(text: str):
+    try:
+        vals = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers such as 1,8,8, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers such as 1,8,8, got {text!r}")
+    return vals
 
 
 def _backends_table() -> str:
@@ -39,8 +246,8 @@ def cmd_info(args) -> int:
     except Exception as e:  # noqa: BLE001 - reported, not raised
         tv = f"not importable ({type(e).__name__})"
     print(f"sws_kernels {sws.__version__}  torch {torch.__version__}  triton {tv}  python {platform.python_version()}")
-    print(f"CPU threads: {torch.get_num_threads()}  CUDA: "
-          f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
+    ok, why = cuda_state()
+    print(f"CPU threads: {torch.get_num_threads()}  CUDA: {torch.cuda.get_device_name(0) if ok else 'none: ' + why}")
     print(_backends_table())
     from . import native
 
@@ -73,10 +280,7 @@ def cmd_quick(args) -> int:
     import sws_kernels as sws
     from sws_kernels import functional as F
 
-    if args.weights < 1 or args.components < 1 or args.samples < 1:
-        print("error: --weights, --components and --samples must be >= 1", file=sys.stderr)
-        return 2
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = parse_device(None)
     g = torch.Generator().manual_seed(0)
     K, n, S = args.components, args.weights, args.samples
     # a codebook spread over typical (mu, rho), labels for every weight, 0.1% ellipse and 1% outlier weights
@@ -141,15 +345,16 @@ def _add_demo(sub) -> None:
     d.add_argument("--prior-sigma", type=float, help="prior std of the mean-field weights (default 1, as bayesian-torch)")
     d.add_argument("--width", type=int, help="channels of the built-in CNN's first conv (default 16; --fast 8)")
     d.add_argument("--seed", type=int, help="seed of the split, inits and noise (default 0)")
-    d.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    d.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     d.add_argument("--threads", type=int, help="CPU threads during the demo (default 1: the model is tiny)")
     d.add_argument("--out", help="directory for pictures, results and models (default ./sws_demo)")
     d.add_argument("--no-out", action="store_true", help="save nothing")
-    d.add_argument("--data", metavar="PKG.MOD:FN",
-                   help="your data: FN(batch_size=, seed=) -> (train_loader, test_loader) of (x, y) batches")
-    d.add_argument("--model", metavar="PKG.MOD:FN",
-                   help="your deterministic model: FN(input_shape=, num_classes=) -> nn.Module "
-                        "(its Linear/Conv layers become Bayesian)")
+    d.add_argument("--data", metavar="MODULE:FN",
+                   help="your data: FN(batch_size=, seed=) -> (train_loader, test_loader) of (x, y) batches "
+                        "(MODULE is imported from the current directory or PYTHONPATH)")
+    d.add_argument("--model", metavar="MODULE:FN",
+                   help=f"your deterministic model: {FACTORY_FORM}; its Linear/Conv layers become Bayesian. The same "
+                        "FN works as --arch of convert and plot")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.set_defaults(fn=cmd_demo)
 
@@ -157,11 +362,45 @@ def _add_demo(sub) -> None:
 def cmd_demo(args) -> int:
     from . import demo
 
+    dev = parse_device(args.device)
+    args.device = str(dev)  # resolved here: the demo never asks torch.cuda (no driver warning without a GPU)
+    if args.out and not args.no_out:
+        _check_out_dir(args.out, "--out")
+    elif not args.no_out:
+        _check_out_dir("sws_demo", "--out")
+    for opt in ("data", "model"):
+        if getattr(args, opt):
+            load_callable(getattr(args, opt), f"--{opt}")  # import errors with the PYTHONPATH hint, first
+    if args.data or args.model:
+        _demo_preflight(args, demo)
     return demo.main(args)
 
 
-class CLIError(Exception):
-    """A user error: printed as ``error: ...`` (naming the argument) with exit status 2."""
+def _demo_preflight(args, demo) -> None:
+    """Before minutes of training: the plug-ins' model runs forward on one batch of the plug-ins' data."""
+    fields = {f for f in demo.DemoConfig.__dataclass_fields__}
+    given = {k: v for k, v in vars(args).items() if k in fields and v is not None and k != "fast"}
+    given.update(progress=False, out=None, device="cpu")
+    cfg = demo.DemoConfig.fast_config(**given) if args.fast else demo.DemoConfig(**given)
+    cfg.validate()
+    train, _, factory, data_desc, input_shape, num_classes = demo._build(cfg, torch.device("cpu"))
+    x, _ = demo._first_batch(train, "--data")
+    model = factory().eval()
+    who = f"--model {args.model}" if args.model else "the demo's digits CNN (no --model)"
+    try:
+        with torch.no_grad():
+            out = model(x[:2])
+    except Exception as e:  # noqa: BLE001 - the model does not take these inputs: say which option to change
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        fix = (f"make FN build a model for input_shape={input_shape} (it is passed when FN declares it)"
+               if args.model else "pass --model module:FN for these inputs")
+        raise CLIError(f"{'--model' if args.model else '--data'}: the forward of {who} failed on a batch of "
+                       f"{data_desc} (x of shape {tuple(x.shape)}): {type(e).__name__}: {first}; {fix}") from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape != (x[:2].shape[0], num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise CLIError(f"{'--model' if args.model else '--data'}: {who} returned {got} for a batch of "
+                       f"{x[:2].shape[0]} inputs; expected logits [batch, {num_classes}] ({num_classes} classes in "
+                       f"{data_desc}; num_classes= is passed when FN declares it)")
 
 
 def _int_list(name: str):
@@ -169,9 +408,9 @@ def _int_list(name: str):
         try:
             vals = [int(v) for v in text.split(",") if v.strip()]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name}: expected comma-separated integers, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
         if not vals or min(vals) < 1:
-            raise argparse.ArgumentTypeError(f"{name}: expected integers >= 1, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
         return vals
     return parse
 
@@ -181,9 +420,9 @@ def _positive(name: str, kind=int):
         try:
             v = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name}: expected a positive {kind.__name__}, got {text!r}") from None
-        if not v > 0:
-            raise argparse.ArgumentTypeError(f"{name}: expected a positive {kind.__name__}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
+        if not v > 0 or v != v or v == float("inf"):
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
         return v
     return parse
 
@@ -205,15 +444,16 @@ def _add_bench(sub) -> None:
     b.add_argument("--M", dest="Ms", type=_int_list("--M"), help="batch sizes, comma-separated (default 16,128)")
     b.add_argument("--S", dest="Ss", type=_int_list("--S"), help="MC samples per call, comma-separated (default 1,4,16)")
     b.add_argument("--components", type=_positive("--components"), help="codebook size K (default 256 CPU, 4096 GPU)")
-    b.add_argument("--mode", choices=("paper", "hierarchical", "mean"), default="paper")
+    b.add_argument("--mode", choices=("paper", "hierarchical", "mean"), default="paper", help=MODE_HELP)
     b.add_argument("--methods", type=lambda t: t.split(","), default=list(METHODS),
                    help=f"comma-separated subset of {','.join(METHODS)}")
     b.add_argument("--passes", type=lambda t: t.split(","), default=list(PASSES),
                    help=f"comma-separated subset of {','.join(PASSES)}")
     b.add_argument("--min-time", type=_positive("--min-time", float), help="CPU: seconds of timed rounds per "
                    "measurement (default 0.1; --quick 0.01)")
-    b.add_argument("--threads", type=_positive("--threads"), help="CPU threads (default: torch's default)")
-    b.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    b.add_argument("--threads", type=_positive("--threads"), help="CPU threads (default: torch's default, "
+                   "torch.get_num_threads())")
+    b.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     b.add_argument("--csv", metavar="PATH", help="also write the rows to this CSV (input of `sws-kernels plot --bench`)")
     b.set_defaults(fn=cmd_bench)
 
@@ -227,9 +467,7 @@ def cmd_bench(args) -> int:
     bad = [p for p in args.passes if p not in bench.PASSES]
     if bad:
         raise CLIError(f"--passes: unknown {bad}; expected a subset of {list(bench.PASSES)}")
-    dev = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device: {args.device!r} requested but CUDA is not available")
+    dev = parse_device(args.device)
     if args.csv:
         _check_writable(args.csv, "--csv")
     gpu = dev.type == "cuda"
@@ -245,31 +483,15 @@ def cmd_bench(args) -> int:
               min_time=args.min_time or d["t"], min_rounds=3 if args.quick else 5)
     print(f"linear {kw['in_features']}->{kw['out_features']}, K = {kw['components']}, mode = {args.mode}, "
           f"M in {kw['Ms']}, S in {kw['Ss']} on {bench.device_name(dev)}; torch {torch.__version__}")
+    if args.csv and "sws" in args.methods and len(args.methods) == 1:
+        print("note: --methods sws alone has no baseline: `sws-kernels plot --bench` needs one more method",
+              file=sys.stderr)
     rows = bench.run_bench(**kw, progress=lambda line: print(line, file=sys.stderr))
     print(bench.format_table(rows))
     if args.csv:
         bench.write_csv(rows, args.csv)
         print(f"wrote {args.csv}")
     return 0
-
-
-def _check_writable(path: str, option: str) -> None:
-    import os
-
-    parent = os.path.dirname(os.path.abspath(path)) or "."
-    if not os.path.isdir(parent):
-        raise CLIError(f"{option}: directory {parent!r} does not exist")
-    if os.path.isdir(path):
-        raise CLIError(f"{option}: {path!r} is a directory, expected a file path")
-
-
-def _check_readable(path: str, option: str) -> None:
-    import os
-
-    if not os.path.exists(path):
-        raise CLIError(f"{option}: {path!r} does not exist")
-    if not os.path.isfile(path):
-        raise CLIError(f"{option}: {path!r} is not a file")
 
 
 # -- model files ------------------------------------------------------------------------------------
@@ -301,7 +523,7 @@ def skeleton_from_file(path: str):
         if name == "":
             raise CLIError(f"{path}: holds a bare layer, not a model; nothing to rebuild around it")
         ensure(name.rpartition(".")[0])
-    model = io.load(path, root, strict=False)
+    model = io.load(path, root, strict=False, rebuild=True)  # the skeleton has no layers of its own to keep
     have = model.state_dict()
     for key, t in state.items():
         if key not in have:
@@ -310,9 +532,11 @@ def skeleton_from_file(path: str):
     return model
 
 
-def _load_model_file(path: str, option: str, arch: Optional[str] = None, allow_pickle: bool = False):
+def _load_model_file(path: str, option: str, arch: Optional[str] = None, allow_pickle: bool = False, *,
+                     arch_kwargs: Optional[dict] = None, how_to_give: str = ""):
     """(model, how) from an sws_kernels file, a torch.save'd state_dict/checkpoint (needs ``arch``) or, with
-    ``allow_pickle``, a torch.save'd whole module. ``arch`` is ``pkg.mod:fn`` returning the architecture."""
+    ``allow_pickle``, a torch.save'd whole module. ``arch`` is ``module:FN`` in the factory form (FACTORY_FORM),
+    called with ``arch_kwargs`` (input_shape=, num_classes=) as far as they are known."""
     from torch import nn
     from . import io
 
@@ -321,25 +545,30 @@ def _load_model_file(path: str, option: str, arch: Optional[str] = None, allow_p
         magic = f.read(8)
     factory = None
     if arch:
-        from .demo import DemoError, load_callable
-        try:
-            factory = load_callable(arch, "--arch")
-        except DemoError as e:
-            raise CLIError(str(e)) from None
-    if magic in io.MAGICS:  # format version 2, or 1
+        fn = load_callable(arch, "--arch")
+
+        def factory():
+            return make_model(fn, arch, "--arch", **(arch_kwargs or {}), how_to_give=how_to_give)
+    if magic == io.MAGIC:
         try:
             if factory is not None:
                 return io.load(path, factory()), "sws_kernels file loaded into --arch"
             return skeleton_from_file(path), "sws_kernels file"
         except ValueError as e:
             raise CLIError(f"{option}: {e}") from None
+    # torch.save writes a zip archive (torch >= 1.6) or, legacy, a pickle stream (first byte 0x80): anything
+    # else is not a checkpoint at all, and --allow-pickle would not help.
+    looks_torch = magic[:4] == b"PK\x03\x04" or magic[:1] == b"\x80"
+    if not looks_torch:
+        raise CLIError(f"{option}: {path!r} is neither an sws_kernels file nor a torch checkpoint (it starts with "
+                       f"{magic!r}); expected a file written by sws.save or torch.save")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling error: explain the choices
         if not allow_pickle:
-            raise CLIError(f"{option}: {path!r} is neither an sws_kernels file nor a plain torch checkpoint "
-                           f"(state_dict); if it is a torch.save'd whole module you trust, pass --allow-pickle "
-                           f"(unpickling runs code from the file). Loader said: {type(e).__name__}") from None
+            raise CLIError(f"{option}: {path!r} is a torch.save'd file that is not a plain checkpoint (state_dict): "
+                           f"if it is a whole module you trust, pass --allow-pickle (unpickling runs code from the "
+                           f"file). Loader said: {type(e).__name__}") from None
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e2:  # noqa: BLE001
@@ -352,16 +581,19 @@ def _load_model_file(path: str, option: str, arch: Optional[str] = None, allow_p
             if isinstance(obj.get(k), dict):
                 sd = obj[k]
                 break
-        if not all(isinstance(v, torch.Tensor) for v in sd.values()):
-            raise CLIError(f"{option}: {path!r} holds a dict that is not a state_dict")
+        if not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise CLIError(f"{option}: {path!r} holds a dict that is not a state_dict (keys: {list(obj)[:6]})")
         if factory is None:
             raise CLIError(f"{option}: {path!r} is a state_dict without the model's code: pass --arch "
-                           f"pkg.mod:fn returning the (bayesian-torch or sws_kernels mean-field) architecture")
+                           f"module:FN, {FACTORY_FORM}, returning the (bayesian-torch or sws_kernels mean-field) "
+                           f"architecture")
         model = factory()
         try:
             model.load_state_dict(sd)
         except RuntimeError as e:
-            raise CLIError(f"--arch: the model does not match the state_dict in {path!r}: {e}") from None
+            first = str(e).strip().splitlines()
+            detail = " ".join(line.strip() for line in first[:3])
+            raise CLIError(f"--arch: {arch} does not match the state_dict in {path!r}: {detail}") from None
         return model, "state_dict loaded into --arch"
     raise CLIError(f"{option}: {path!r} holds a {type(obj).__name__}, expected a model or a state_dict")
 
@@ -377,21 +609,50 @@ def _add_convert(sub) -> None:
                     "(loads back with sws.load(OUT, architecture)) and print the compression report.")
     c.add_argument("input", metavar="IN", help="the mean-field / bayesian-torch checkpoint")
     c.add_argument("output", metavar="OUT", help="the SWS file to write")
-    c.add_argument("--arch", metavar="PKG.MOD:FN", help="function returning the model architecture (needed for "
-                   "a state_dict checkpoint; optional for an sws_kernels file)")
+    c.add_argument("--arch", metavar="MODULE:FN", help=f"the model architecture, {FACTORY_FORM}; needed for a "
+                   "state_dict checkpoint, optional for an sws_kernels file")
+    c.add_argument("--input-shape", type=_shape_list, metavar="C,H,W",
+                   help="input_shape passed to --arch's FN when it takes one (e.g. 1,8,8 for the demo's digits)")
+    c.add_argument("--num-classes", type=_positive("--num-classes"), help="num_classes passed to --arch's FN")
     c.add_argument("--allow-pickle", action="store_true", help="allow IN to be a pickled module (runs its code)")
-    c.add_argument("--components", type=_positive("--components"), default=4096, help="codebook size K (default 4096)")
-    c.add_argument("--tau-w", type=float, default=0.2, help="|mu| >= tau_w makes an outlier (default 0.2)")
-    c.add_argument("--tau-d", type=float, default=1e-4, help="W2 merge threshold (default 1e-4)")
-    c.add_argument("--mode", choices=("paper", "hierarchical", "mean"), default="paper")
+    c.add_argument("--components", type=_auto_or(_positive("--components")), default=None,
+                   help="codebook size K, or 'auto' (default: to_sws's default)")
+    c.add_argument("--tau-w", type=_auto_or(_non_negative), default=None,
+                   help="|mu| >= tau_w makes an outlier, or 'auto' (default: to_sws's default)")
+    c.add_argument("--tau-d", type=_non_negative, default=1e-4, help="W2 merge threshold (default 1e-4)")
+    c.add_argument("--mode", choices=("paper", "hierarchical", "mean"), default="paper", help=MODE_HELP)
     c.add_argument("--seed", type=int, default=0, help="seed of the GMM fit (default 0)")
     c.add_argument("--report", metavar="PATH", help="also write the report as JSON")
     c.set_defaults(fn=cmd_convert)
 
 
+def _non_negative(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
+    return v
+
+
+def _auto_or(parse):
+    def p(text: str):
+        return "auto" if text.strip().lower() == "auto" else parse(text)
+    return p
+
+
+# to_sws errors name its keyword arguments; the CLI user needs the option that sets them (or that helps)
+_CONVERT_HINTS = (
+    ("min_component_size", "fewer components give each one more members: try a smaller --components (e.g. {k4})"),
+    ("num_components", "set it with --components"),
+    ("tau_w", "set it with --tau-w"),
+    ("tau_d", "set it with --tau-d"),
+)
+
+
 def cmd_convert(args) -> int:
     import json
-    import os
 
     from . import io
     from .convert import from_bayesian_torch, to_sws
@@ -399,22 +660,31 @@ def cmd_convert(args) -> int:
 
     if os.path.abspath(args.input) == os.path.abspath(args.output):
         raise CLIError("OUT: must differ from IN (the input would be overwritten)")
+    _check_readable(args.input, "IN")
     _check_writable(args.output, "OUT")
     if args.report:
         _check_writable(args.report, "--report")
-    if not args.tau_w >= 0:
-        raise CLIError(f"--tau-w: expected a non-negative number, got {args.tau_w}")
-    if not args.tau_d >= 0:
-        raise CLIError(f"--tau-d: expected a non-negative number, got {args.tau_d}")
-    model, how = _load_model_file(args.input, "IN", args.arch, args.allow_pickle)
+        if os.path.abspath(args.report) in (os.path.abspath(args.output), os.path.abspath(args.input)):
+            raise CLIError("--report: must differ from IN and OUT")
+    model, how = _load_model_file(
+        args.input, "IN", args.arch, args.allow_pickle,
+        arch_kwargs=dict(input_shape=args.input_shape, num_classes=args.num_classes),
+        how_to_give="pass --input-shape C,H,W and/or --num-classes N (what the model was built with)")
     model, bt = from_bayesian_torch(model)
     if bt["converted"]:
         print(f"bayesian-torch layers converted: {', '.join(bt['converted'])}")
+    kw = {k: v for k, v in (("num_components", args.components), ("tau_w", args.tau_w)) if v is not None}
     try:
-        model, rep = to_sws(model, num_components=args.components, tau_w=args.tau_w, tau_d=args.tau_d,
-                            mode=args.mode, seed=args.seed, progress=sys.stderr.isatty())
+        model, rep = to_sws(model, tau_d=args.tau_d, mode=args.mode, seed=args.seed, progress=sys.stderr.isatty(),
+                            **kw)
     except (TypeError, ValueError) as e:
-        raise CLIError(f"IN: cannot convert {args.input!r}: {e}") from None
+        msg = str(e)
+        k = args.components if isinstance(args.components, int) else None
+        for key, hint in _CONVERT_HINTS:
+            if msg.startswith(key) or f"{key}:" in msg or f"{key} " in msg:
+                msg += "; " + hint.format(k4=f"--components {max(1, k // 4)}" if k else "--components 64")
+                break
+        raise CLIError(f"IN: cannot convert {args.input!r}: {msg}") from None
     nbytes = io.save(model, args.output)
     in_bytes = os.path.getsize(args.input)
     print(f"{args.input} ({how}, {in_bytes:,} bytes) -> {args.output} ({nbytes:,} bytes, {in_bytes / nbytes:.1f}x)")
@@ -427,10 +697,20 @@ def cmd_convert(args) -> int:
           f"{rep['seconds']:.1f} s")
     for note in rep.get("notes", []):
         print(f"note: {note}")
+    warnings = []
+    if nbytes >= in_bytes:
+        warnings.append(
+            f"the SWS file ({nbytes:,} bytes) is not smaller than IN ({in_bytes:,} bytes): {rep['outliers']:,} of "
+            f"{rep['num_weights']:,} weights are outliers (stored with their own mu and rho) and the codebook has "
+            f"{rep['gaussians']} Gaussians; try a smaller --components"
+            + (f" (K = {args.components} asked)" if isinstance(args.components, int) else "")
+            + " or a larger --tau-w")
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
     if args.report:
         with open(args.report, "w") as f:
             json.dump(_jsonable({**rep, "input": args.input, "output": args.output, "input_bytes": in_bytes,
-                                 "output_bytes": nbytes}), f, indent=1)
+                                 "output_bytes": nbytes, "warnings": warnings}), f, indent=1)
         print(f"wrote {args.report}")
     return 0
 
@@ -440,14 +720,15 @@ def cmd_convert(args) -> int:
 def _add_plot(sub) -> None:
     p = sub.add_parser(
         "plot", help="pictures from a saved SWS model (codebook, reliability) or a bench CSV (speed-up chart)",
-        description="--model FILE: the codebook in (mu, rho) space with 95%% ellipses and weights coloured "
+        description="--model FILE: the codebook in (mu, rho) space with 95% ellipses and weights coloured "
                     "inlier/ellipse/outlier (--mean-field FILE: the weights' own mean-field (mu, rho)); with an "
                     "architecture (--arch, or the demo's digits CNN when the file matches it) also a reliability "
                     "diagram on the test split of --data (default: digits). --bench CSV: speed-up chart.")
     p.add_argument("--model", metavar="FILE", help="an SWS model saved by sws.save (e.g. sws_demo/sws_model.sws)")
     p.add_argument("--mean-field", metavar="FILE", help="the mean-field model it was converted from (sws.save)")
-    p.add_argument("--arch", metavar="PKG.MOD:FN", help="architecture for the reliability diagram")
-    p.add_argument("--data", metavar="PKG.MOD:FN", help="FN(batch_size=, seed=) -> (train, test) loaders "
+    p.add_argument("--arch", metavar="MODULE:FN", help=f"architecture for the reliability diagram, {FACTORY_FORM}; "
+                   "input_shape and num_classes come from --data")
+    p.add_argument("--data", metavar="MODULE:FN", help="FN(batch_size=, seed=) -> (train, test) loaders "
                    "(default: the demo's digits split)")
     p.add_argument("--samples", type=_positive("--samples"), default=16, help="MC samples for the reliability diagram")
     p.add_argument("--seed", type=int, default=0, help="seed of the digits split (must match the demo's)")
@@ -472,25 +753,30 @@ def _demo_arch_for(path: str):
 
 
 def cmd_plot(args) -> int:
-    import os
-
     from . import plots
 
     if args.mean_field and not args.model:
         raise CLIError("--mean-field: needs --model (the SWS model converted from it)")
     if not args.model and not args.bench:
         raise CLIError("nothing to plot: pass --model FILE and/or --bench CSV")
+    _check_out_dir(args.out, "--out")
+    for path, opt in ((args.bench, "--bench"), (args.model, "--model"), (args.mean_field, "--mean-field")):
+        if path:
+            _check_readable(path, opt)
+    arch_fn = load_callable(args.arch, "--arch") if args.arch else None
+    data_fn = load_callable(args.data, "--data") if args.data else None
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:
         raise CLIError(f"--out: cannot create directory {args.out!r} ({e.strerror})") from None
     written = []
     if args.bench:
-        _check_readable(args.bench, "--bench")
         try:
             written.append(plots.plot_bench(args.bench, os.path.join(args.out, "bench.png")))
         except (ValueError, KeyError) as e:
             raise CLIError(f"--bench: {e}") from None
+        except (UnicodeDecodeError, csv_error()) as e:
+            raise CLIError(f"--bench: {args.bench!r} is not a `sws-kernels bench --csv` file ({e})") from None
     if args.model:
         from .nn import SWS_LAYERS
 
@@ -499,74 +785,121 @@ def cmd_plot(args) -> int:
             raise CLIError(f"--model: {args.model!r} has no SWS layer (convert it first: sws-kernels convert)")
         mf = _load_model_file(args.mean_field, "--mean-field")[0] if args.mean_field else None
         written.append(plots.plot_codebook(sws_model, os.path.join(args.out, "codebook.png"), mean_field=mf))
-        factory = None
-        if args.arch:
-            from .demo import DemoError, load_callable
-            try:
-                factory = load_callable(args.arch, "--arch")
-            except DemoError as e:
-                raise CLIError(str(e)) from None
-        elif args.data is None:
-            factory = _demo_arch_for(args.model)
-        if factory is not None:
-            written.append(_reliability_from_file(args, factory))
+        if arch_fn is not None or args.data is None:
+            factory = None if arch_fn is not None else _demo_arch_for(args.model)
+            if arch_fn is not None or factory is not None:
+                written.append(_reliability_from_file(args, arch_fn, factory, data_fn))
+            else:
+                print("reliability diagram skipped: pass --arch module:FN (the model's architecture) to evaluate it")
         else:
-            print("reliability diagram skipped: pass --arch pkg.mod:fn (the model's architecture) to evaluate it")
+            print("reliability diagram skipped: --data needs --arch module:FN (the model's architecture)")
     for w in written:
         print(f"wrote {w}")
     return 0
 
 
-def _reliability_from_file(args, factory):
-    import os
+def csv_error():
+    import csv
 
+    return csv.Error
+
+
+def _reliability_from_file(args, arch_fn, factory, data_fn):
     from . import io, plots
     from .bayes import predict
-    from .demo import DemoError, _call_with_supported, digits_loaders, load_callable
+    from .demo import DemoError, _call_with_supported, _first_batch, digits_loaders
 
-    try:
-        model = io.load(args.model, factory())
-    except ValueError as e:
-        raise CLIError(f"--arch: {e}") from None
-    if args.data:
+    data_desc = args.data or "the demo's digits split"
+    if data_fn is not None:
         try:
-            _, test = _call_with_supported(load_callable(args.data, "--data"), batch_size=256, seed=args.seed)
-        except DemoError as e:
-            raise CLIError(str(e)) from None
+            loaders = _call_with_supported(data_fn, batch_size=256, seed=args.seed)
+        except Exception as e:  # noqa: BLE001 - the user's loader failed: name it
+            raise CLIError(f"--data: {args.data} raised {type(e).__name__}: {e}") from None
+        if not (isinstance(loaders, (tuple, list)) and len(loaders) == 2):
+            raise CLIError(f"--data: {args.data} must return (train_loader, test_loader), got {type(loaders).__name__}")
+        test = loaders[1]
     else:
         _, test = digits_loaders(256, args.seed)
+    try:
+        x0, _ = _first_batch(test, "--data")
+    except DemoError as e:
+        raise CLIError(str(e)) from None
+    num_classes = 1 + max(int(y.max()) for _, y in test)
+    if arch_fn is not None:
+        model = make_model(arch_fn, args.arch, "--arch", input_shape=tuple(x0.shape[1:]), num_classes=num_classes)
+    else:
+        model = factory()
+    try:
+        model = io.load(args.model, model)
+    except ValueError as e:
+        raise CLIError(f"--arch: {e}") from None
     model.eval()
     probs, ys = [], []
-    for x, y in test:
-        probs.append(predict(model, x, args.samples))
-        ys.append(y)
+    try:
+        for x, y in test:
+            probs.append(predict(model, x, args.samples))
+            ys.append(y)
+    except Exception as e:  # noqa: BLE001 - a model whose inputs are not these: say which option to change
+        raise CLIError(f"--arch: the model's forward failed on {data_desc} (inputs of shape {tuple(x0.shape[1:])}): "
+                       f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; pass --data module:FN giving "
+                       f"the inputs the model was trained on") from None
+    p = torch.cat(probs, 1)
+    if p.dim() != 3 or p.shape[-1] < 2:
+        raise CLIError(f"--arch: expected the model to return class logits [batch, classes], got predictions of "
+                       f"shape {tuple(p.shape[1:])} per sample")
     name = os.path.basename(args.model)
-    return plots.plot_reliability({name: (torch.cat(probs, 1), torch.cat(ys))}, os.path.join(args.out, "reliability.png"))
+    return plots.plot_reliability({name: (p, torch.cat(ys))}, os.path.join(args.out, "reliability.png"))
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="sws-kernels", description="Fused kernels for stochastic weight sharing BNNs.")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = _Parser(prog="sws-kernels", description="Fused kernels for stochastic weight sharing BNNs.")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = p.add_subparsers(dest="cmd")
     sub.add_parser("info", help="backends, versions and why a backend is unavailable").set_defaults(fn=cmd_info)
     q = sub.add_parser("quick", help="reconstruct a sampled layer on every backend and time it (default)")
-    q.add_argument("--weights", type=int, default=4 * 1024 * 1024, help="weights in the layer (default 4M)")
-    q.add_argument("--components", type=int, default=4096, help="codebook components K (default 4096)")
-    q.add_argument("--samples", type=int, default=4, help="Monte Carlo samples S (default 4)")
-    q.add_argument("--mode", choices=("paper", "hierarchical", "mean"), default="paper")
-    q.add_argument("--repeat", type=int, default=3, help="timed repetitions (best is reported)")
+    q.add_argument("--weights", type=_positive("--weights"), default=4 * 1024 * 1024,
+                   help="weights in the layer (default 4M)")
+    q.add_argument("--components", type=_positive("--components"), default=4096,
+                   help="codebook components K (default 4096)")
+    q.add_argument("--samples", type=_positive("--samples"), default=4, help="Monte Carlo samples S (default 4)")
+    q.add_argument("--mode", choices=("paper", "hierarchical", "mean"), default="paper", help=MODE_HELP)
+    q.add_argument("--repeat", type=_positive("--repeat"), default=3,
+                   help="timed repetitions after one warm-up (the best is reported; default 3)")
     q.set_defaults(fn=cmd_quick)
     _add_demo(sub)
     _add_bench(sub)
     _add_convert(sub)
     _add_plot(sub)
+    for sp in sub.choices.values():  # `sws-kernels CMD ... --debug` works too
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.cmd is None:
-        args = p.parse_args(["quick", *(argv or [])])
+        args = p.parse_args(["quick", *[a for a in argv if a != "--debug"]] + (["--debug"] if "--debug" in argv else []))
     try:
         return args.fn(args)
     except CLIError as e:
+        if args.debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - not a known user mistake: one line, the traceback on request
+        from .demo import DemoError
+
+        if args.debug:
+            raise
+        if isinstance(e, DemoError):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"error: {type(e).__name__}: {msg} (unexpected; rerun with --debug for the traceback and report it)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

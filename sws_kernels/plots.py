@@ -145,6 +145,7 @@ def plot_codebook(sws_model: nn.Module, path, *, mean_field: Optional[nn.Module]
     return _save(fig, plt, path)
 
 
+
 def _save(fig, plt, path) -> Path:
     import io
 
@@ -215,6 +216,7 @@ def plot_reliability(results: Dict[str, Tuple[torch.Tensor, torch.Tensor]], path
     return _save(fig, plt, path)
 
 
+
 # --------------------------------------------------------------------------------------------------
 # benchmark chart
 # --------------------------------------------------------------------------------------------------
@@ -246,23 +248,31 @@ def read_bench_csv(path) -> list:
     return rows
 
 
-def plot_bench(csv_path, path, *, method: str = "sws", baselines: Sequence[str] = ("dense", "bt_mean_field")) -> Path:
+BENCH_BASELINES = ("dense", "bt_mean_field", "mean_field", "reference")
+
+
+def plot_bench(csv_path, path, *, method: str = "sws", baselines: Optional[Sequence[str]] = None) -> Path:
     """Speed-up of ``method`` against each baseline (median time ratio), by M (one line each) and S (x axis);
-    one row of panels per pass (forward, forward+backward). > 1 means the fused SWS layer is faster."""
+    one row of panels per pass (forward, forward+backward). > 1 means the fused SWS layer is faster.
+    ``baselines`` default: every other method the CSV holds (``bench --methods sws,reference`` plots one panel)."""
     plt = _plt()
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     rows = read_bench_csv(csv_path)
     passes = sorted({r["pass"] for r in rows}, key=lambda p: (p != "forward", p))
     present = {r["method"] for r in rows}
     if method not in present:
-        raise ValueError(f"csv: no rows for method {method!r} (found {sorted(present)})")
-    bases = [b for b in baselines if b in present]
+        raise ValueError(f"csv: no rows for method {method!r} (found {sorted(present)}); run bench with "
+                         f"--methods including {method}")
+    if baselines is None:
+        baselines = [b for b in BENCH_BASELINES if b in present] + sorted(present - set(BENCH_BASELINES) - {method})
+    bases = [b for b in baselines if b in present and b != method]
     if not bases:
-        raise ValueError(f"csv: none of the baselines {list(baselines)} present (found {sorted(present)})")
+        raise ValueError(f"csv: nothing to compare {method!r} with: the CSV holds only {sorted(present)}; run bench "
+                         f"with --methods {method} and at least one of {','.join(BENCH_BASELINES)}")
     labels = {"dense": "dense (materialised W)", "bt_mean_field": "mean-field (bayesian-torch)",
               "mean_field": "mean-field (sws_kernels)", "reference": "SWS reference (PyTorch)"}
-    fig, axes = plt.subplots(len(passes), len(bases), figsize=(4.2 * len(bases), 3.3 * len(passes)), dpi=110,
+    fig, axes = plt.subplots(len(passes), len(bases), figsize=(4.2 * len(bases), 3.3 * len(passes) + 0.4), dpi=110,
                              squeeze=False)
     key = lambda r: (r.get("op"), r.get("in_features"), r.get("out_features"), r["M"], r["S"], r["pass"])  # noqa: E731
     t = {(key(r), r["method"]): r["median_ms"] for r in rows}
@@ -271,9 +281,11 @@ def plot_bench(csv_path, path, *, method: str = "sws", baselines: Sequence[str] 
             ax = axes[i][j]
             shapes = sorted({(k[0], k[1], k[2], k[3]) for (k, m) in t if m == method and k[5] == ps},
                             key=lambda s: (str(s[0]), s[1] or 0, s[2] or 0, s[3]))
+            ratios = []
             for op, fi, fo, M in shapes:
                 pts = sorted((k[4], t[(k, b)] / t[(k, method)]) for (k, m) in t
                              if m == method and k[:4] == (op, fi, fo, M) and k[5] == ps and (k, b) in t)
+                ratios += [p[1] for p in pts]
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"M={M}" + (
                         f" ({fi}->{fo})" if len({s[1:3] for s in shapes}) > 1 else ""))
@@ -281,16 +293,41 @@ def plot_bench(csv_path, path, *, method: str = "sws", baselines: Sequence[str] 
             ax.set_xscale("log", base=2)
             s_vals = sorted({k[4] for (k, m) in t if m == method and k[5] == ps})
             ax.set_xticks(s_vals, [str(v) for v in s_vals])
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_yscale("log")
+            # Labels on 1-2-5 steps only, never on every minor tick (they piled up over wide ranges); a range
+            # within one decade keeps a few minor labels so the axis is never unlabelled.
             fmt = FuncFormatter(lambda v, _: f"{v:g}x")  # "0.5x", "2x": not 5 x 10^-1
+            ax.yaxis.set_major_locator(LogLocator(base=10, numticks=6))
             ax.yaxis.set_major_formatter(fmt)
-            ax.yaxis.set_minor_formatter(fmt)
-            ax.tick_params(axis="y", which="minor", labelsize=7)
+            lo, hi = (min(ratios + [1.0]), max(ratios + [1.0]))
+            if hi / lo < 10:
+                ax.yaxis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0), numticks=6))
+                ax.yaxis.set_minor_formatter(fmt)
+                ax.tick_params(axis="y", which="minor", labelsize=7)
+            else:
+                ax.yaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel("S (Monte Carlo samples per call)")
             ax.set_ylabel(f"speed-up of {method}")
             ax.set_title(f"{ps}: vs {labels.get(b, b)}", fontsize=9)
             ax.legend(fontsize=7)
-    dev = rows[0].get("device", "")
-    fig.suptitle(f"sws-kernels bench on {dev}" if dev else "sws-kernels bench", fontsize=10)
+    fig.suptitle(_bench_title(rows), fontsize=10)
     fig.tight_layout()
     return _save(fig, plt, path)
+
+
+def _bench_title(rows) -> str:
+    """"sws-kernels bench: linear 128->128, K = 64, mode paper on <device>" (what was measured, from the CSV)."""
+    def one(k):
+        vals = sorted({str(r.get(k)) for r in rows if r.get(k) not in (None, "")})
+        return ",".join(vals) if vals else None
+    parts = []
+    fi, fo = one("in_features"), one("out_features")
+    if fi and fo:
+        parts.append(f"{one('op') or 'linear'} {fi}->{fo}")
+    if one("components"):
+        parts.append(f"K = {one('components')}")
+    if one("mode"):
+        parts.append(f"mode {one('mode')}")
+    dev = one("device")
+    return "sws-kernels bench" + (": " + ", ".join(parts) if parts else "") + (f" on {dev}" if dev else "")

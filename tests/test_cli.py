@@ -7,6 +7,14 @@ import pytest
 from sws_kernels import cli
 
 
+def _rc(argv):
+    """Exit status of `sws-kernels ARGV` in-process (argparse's own errors exit through SystemExit)."""
+    try:
+        return cli.main(argv)
+    except SystemExit as e:
+        return e.code
+
+
 def test_info(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
@@ -149,7 +157,7 @@ def test_convert_bad_inputs_fail_cleanly(mf_files, capsys):
         (["convert", str(d / "mf.sws"), str(d / "o.sws"), "--tau-w", "-1"], "--tau-w"),
     ]
     for argv, option in cases:
-        assert cli.main(argv) == 2, argv
+        assert _rc(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error: ") and option in err, (argv, err)
     (d / "junk.sws").write_bytes(b"SWSKRNL1garbage")
@@ -211,6 +219,7 @@ def test_convert_bayesian_torch_checkpoint(tmp_path, monkeypatch, capsys):
     assert cli.main(["convert", str(tmp_path / "bt.pth"), str(out), "--arch", "bt_arch:bt_model",
                      "--components", "8"]) == 0
     assert "bayesian-torch layers converted: 0, 3" in capsys.readouterr().out
-    model = sws.load(out, bt_arch.bt_model())  # the user's bayesian-torch architecture: layers swapped in
+    # the user's bayesian-torch architecture: its layers are not SWS layers, so they are swapped in on request
+    model = sws.load(out, bt_arch.bt_model(), rebuild=True)
     assert isinstance(model[0], SWSConv2d) and isinstance(model[3], SWSLinear)
     assert sws.predict(model, torch.randn(3, 1, 6, 6), 2).shape == (2, 3, 5)

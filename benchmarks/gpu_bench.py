@@ -296,6 +296,30 @@ def run_conv(dev, smoke, bw, peak, xdt):
                 traceback.print_exc()
 
 
+# ---- issue 14: the label-histogram inference path (sws_kernels/triton/histogram.py) ----
+def run_histogram(dev, smoke, bw, peak, xdt):
+    """S = 16 samples of one input row through the histogram path (torch.no_grad, paper mode, K = 256 uint8 labels)
+    against one dense bf16 F.linear on a materialised weight; goal <= 0.6x. Floor: label bytes / copy bandwidth."""
+    in_f = out_f = 64 if smoke else 4096
+    K, S, M = 256, 16, 1
+    means, chol, labels, ell, outl, E, O = layer(out_f, in_f, K, dev, dtype_lab=torch.uint8)
+    w_dense = R.reconstruct(means, chol, labels, ell, outl, seed=1).to(xdt)[0]
+    x = torch.randn(M, in_f, device=dev, dtype=xdt)
+    say(f"\n== histogram inference path, paper mode, in = out = {in_f}, K = {K} uint8, M = {M}, S = {S} ==")
+    try:
+        with sws_kernels.backend("triton"), torch.no_grad():
+            ours = bench(lambda: F.sws_linear(x, means, chol, labels, ell, outl, seed=3, samples=S), smoke)
+        dense = bench(lambda: Fnn.linear(x, w_dense), smoke)
+        floor = out_f * in_f / bw * 1e3  # the labels, 1 byte per weight
+        add_row(bench="histogram_fwd", mode="paper", M=M, S=S, ours_ms=ours, per_sample_ms=ours / S, dense_ms=dense,
+                ratio_dense=ours / dense, floor_ms=floor, floor_kind="mem", vs_floor=ours / floor,
+                goal=ours <= 0.6 * dense, note="issue 14: all S samples <= 0.6x one dense bf16 F.linear")
+    except Exception as e:
+        say(f"histogram M={M} S={S}: FAILED {type(e).__name__}: {e}")
+        traceback.print_exc()
+# ---- end issue 14 ----
+
+
 def check_correctness(dev, smoke):
     """The fused kernel against the float64 reference on this card (a quick guard before any timing)."""
     means, chol, labels, ell, outl, E, O = layer(96, 80, 37, dev)
@@ -329,7 +353,7 @@ def main():
     bw, peak = measure_hw(dev, args.smoke)
     say(f"measured copy bandwidth {bw / 1e12:.3g} TB/s, {xdt} matmul {peak / 1e12:.3g} TFLOP/s")
     t0 = time.time()
-    for fn in (run_linear_rows, run_other_modes, run_training):
+    for fn in (run_linear_rows, run_other_modes, run_training, run_histogram):  # run_histogram: issue 14
         fn(dev, args.smoke, bw, peak, xdt)
         say(f"  [{time.time() - t0:.0f} s]")
     run_reconstruct(dev, args.smoke, bw)

@@ -270,7 +270,7 @@ def histogram(backend: str, rows: int, samples: int, mode: int, act_dtype, per_s
     if kernel is None:
         return None, f"histogram: no {backend} kernel"
     if grad:
-        return None, "histogram: autograd needs the weights' gradient path"
+        return None, "histogram: grad enabled (training keeps the paths with a backward; use torch.no_grad())"
     if mode == 1:
         return None, "histogram: hierarchical mode draws a normal per weight"
     if per_sample:

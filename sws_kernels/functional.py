@@ -96,11 +96,9 @@ def sws_linear(x, means, chol, labels, ellipse=None, outliers=None, bias=None, *
         return reference._linear(x, w, bias, per_sample)
     a = _checks.sws(means, chol, labels, ellipse, outliers, seed, samples, mode, owner, codebook_owner)
     _check_linear_input(x, a.samples, labels.shape[1], per_sample, means.device)
-    # ---- issue 14: inference (no autograd) in paper/mean mode with a shared x: the label-histogram path ----
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                           for t in (x, means, chol, a.o_mu, a.o_rho, bias))
+    # ---- issue 14: inference (torch.no_grad) in paper/mean mode with a shared x: the label-histogram path ----
     hk, hwhy = _backend.histogram(name, _ops._rows(x, 1), a.samples, _checks.MODE_CODES[a.mode], x.dtype,
-                                  per_sample, grad)
+                                  per_sample, torch.is_grad_enabled())
     log.debug("sws_linear: %s", hwhy)
     if hk is not None:
         y = hk(x, a.means, a.chol, a.labels, a.e_pos, a.e_a, a.e_b, a.e_alpha, a.o_pos, a.o_mu, a.o_rho, bias,

@@ -153,7 +153,7 @@ def test_dispatch_picks_histogram_only_without_autograd(spy):
         assert len(spy) == 1
         yr, bound = _expected(x, means, chol, labels, ell, outl, bias, 1234, 4, "paper")
         assert bool(((y.double() - yr).abs() <= bound).all())
-        # training: the parameters need gradients -> today's path, and gradients flow
+        # grad enabled (training): today's path, and gradients flow
         m = means.clone().requires_grad_()
         y2 = F.sws_linear(x, m, chol, labels, ell, outl, bias, **kw)
         y2.sum().backward()

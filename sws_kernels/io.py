@@ -739,7 +739,7 @@ def _modules_table(name, header, version):
         parent = path.rpartition(".")[0]
         if path and parent in out:
             pcls, pcfg = out[parent]
-            if not (cls is Codebook and _kind(pcls) == "sws" and path == f"{parent}.codebook"
+            if not (cls is Codebook and _kind(pcls) == "sws" and path == (f"{parent}.codebook" if parent else "codebook")
                     and pcfg["codebook"] == path):
                 raise _bad(name, f"module {path!r} is nested in the file's module {parent!r}, which has no such child")
     return out

@@ -313,6 +313,14 @@ class _RngIdMixin:
     def owner(self) -> int:
         return self._owner
 
+    def __getstate__(self):
+        # copy.deepcopy / pickle: leave out the per-layer steady-state bindings of sws_kernels._bound (native
+        # argument bundles that cannot be pickled and point at the original's tensors); the copy rebinds.
+        state = dict(super().__getstate__())
+        state.pop("_sws_binding", None)
+        state.pop("_mf_binding", None)
+        return state
+
     def _load_rng_id(self, state_dict, prefix) -> None:
         key = prefix + "rng_id"
         if key in state_dict:

@@ -119,11 +119,12 @@ def build(labels, e_pos, e_a, e_b, e_alpha, o_pos, K: int) -> LabelIndex:
     key[:n].copy_(lab)
     # Special positions sort past every component (key K) instead of being compacted away (nonzero syncs).
     if E:
-        key[:n].index_fill_(0, e_pos, K)
+        if n:  # clamped: an (unvalidated) position outside the weight never indexes outside key
+            key[:n].index_fill_(0, e_pos.clamp(0, n - 1), K)
         key[n:n + E].copy_(e_a.reshape(-1))
         key[n + E:].copy_(e_b.reshape(-1))
-    if o_pos.numel():
-        key[:n].index_fill_(0, o_pos.reshape(-1).to(torch.int64), K)
+    if o_pos.numel() and n:
+        key[:n].index_fill_(0, o_pos.reshape(-1).to(torch.int64).clamp(0, n - 1), K)
     pos = torch.cat([torch.arange(n, dtype=torch.int64, device=dev), e_pos, e_pos])
     alpha = e_alpha.reshape(-1).to(torch.float32)
     coef = torch.cat([torch.ones(n, dtype=torch.float32, device=dev), alpha, 1.0 - alpha])

@@ -626,7 +626,10 @@ def _overrides(n, in_f, out_f, e_pos, o_pos):
     rows = torch.searchsorted(pos // in_f, torch.arange(out_f + 1, dtype=torch.int64, device=dev))
     words = torch.zeros((n + 31) // 32, dtype=torch.int64, device=dev)
     # one bit per position; positions are unique, so a scatter-add of distinct powers of two is an OR
-    words.index_add_(0, pos >> 5, torch.ones_like(pos) << (pos & 31))
+    # a position outside [0, n) (unvalidated data) sets no bit and lies in no row's range: never an index outside
+    inside = (pos >= 0) & (pos < n)
+    pos_in = torch.where(inside, pos, torch.zeros_like(pos))
+    words.index_add_(0, pos_in >> 5, torch.where(inside, torch.ones_like(pos) << (pos_in & 31), 0))
     mask = torch.where(words >= (1 << 31), words - (1 << 32), words).to(torch.int32).contiguous()
     return mask, rows, pos, idx
 

@@ -59,8 +59,10 @@ __global__ void k_sample(const float* __restrict__ means, const float* __restric
   }
 }
 
-// Out-of-range labels write NaN instead of reading out of bounds (the Python layer validates labels;
-// this only keeps a bad call from faulting the context).
+// Memory safety whatever the data (the Python layer validates it on entry; a direct call may not):
+// out-of-range labels write NaN instead of reading out of bounds; in k_overrides an ellipse/outlier position
+// outside [0, n) writes nothing and out-of-range component ids give NaN; the backward skips such positions
+// (zero contribution). Sizes (chol [K, 3], E/O-long arrays) are checked on the host (sws_kernels/native.py).
 template <class L, bool kHier, bool kSmem>
 __global__ void k_forward(const L* __restrict__ lab, int64_t n, int64_t K, int64_t S, const float* __restrict__ zbuf,
                           SeedRef seed_ref, uint32_t owner, float* __restrict__ out) {
@@ -175,7 +177,8 @@ __global__ void k_bwd_segments(const float* __restrict__ grad, int64_t n, int64_
     double acc_mu = 0.0, acc_rho = 0.0;
     for (int64_t t = lo + threadIdx.x; t < hi; t += kThreads) {
       const int64_t p = seg_pos[t];
-      const double gc = static_cast<double>(seg_coef[t]) * static_cast<double>(g[p]);
+      // an ellipse position outside [0, n) (unvalidated data) contributes nothing: never a read outside grad
+      const double gc = (p >= 0 && p < n) ? static_cast<double>(seg_coef[t]) * static_cast<double>(g[p]) : 0.0;
       acc_mu += gc;
       if (kHier)
         acc_rho += gc * static_cast<double>(normal_at(key, static_cast<uint64_t>(p), static_cast<uint32_t>(s), owner, kPurposeWeight));

@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import logging
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -231,16 +233,26 @@ class _Specials:
     """Ellipse then outlier positions as a CSR by the program's n index (forward: output row; dx: input
     column). sp_j packs (n << 32) | j, j indexing delta's second axis."""
 
-    def __init__(self, e_pos, o_pos, in_f: int, N: int, by_row: bool):
+    def __init__(self, e_pos, o_pos, in_f: int, N: int, by_row: bool, numel: Optional[int] = None):
+        if numel is None:
+            if not by_row:
+                raise ValueError("numel: required with by_row=False (the weight's element count)")
+            numel = N * in_f  # forward: N = out_features rows of in_f
         pos = torch.cat([e_pos, o_pos])
         self.J = pos.numel()
+        # A position outside the weight's ``numel`` elements (unvalidated data) goes to n = N, past every
+        # tile, so no program visits it and its r never indexes A: that correction is lost, nothing is read or
+        # written outside a buffer (tensor ops, no host sync).
+        inside = (pos >= 0) & (pos < numel)
+        pos = torch.where(inside, pos, torch.zeros_like(pos))
         n = pos // in_f if by_row else pos % in_f
         r = pos % in_f if by_row else pos // in_f
+        n = torch.where(inside, n, torch.full_like(n, N))
         order = torch.sort(n, stable=True).indices
         j = torch.arange(self.J, dtype=torch.int64, device=pos.device)
         self.j = ((n[order] << 32) | j[order]).contiguous()
         self.r = r[order].contiguous()
-        counts = torch.bincount(n, minlength=N)
+        counts = torch.bincount(n, minlength=N + 1)[:N]  # n <= N: bounded size; bin N (outside) is dropped
         self.ptr = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]).contiguous()
 
 
@@ -265,6 +277,17 @@ def _launch(a3, stride_as, T, S_out, M, N, R, lab_sr, lab_sc, out, *, labels=Non
     return out
 
 
+def _check_bias(bias, S: int, out_f: int) -> None:
+    """Size check (metadata only) so the epilogue never reads past the bias."""
+    if bias is not None and tuple(bias.shape) not in ((out_f,), (S, out_f)):
+        raise ValueError(f"bias: expected shape ({out_f},) or ({S}, {out_f}), got {tuple(bias.shape)}")
+
+
+def _check_mf(mu, rho) -> None:
+    if mu.dim() != 2 or rho.shape != mu.shape:
+        raise ValueError(f"rho: expected the shape of mu {tuple(mu.shape)} (a 2-d weight), got {tuple(rho.shape)}")
+
+
 def _as3(x, S: int, per_sample: bool, in_f: int):
     """x -> ([S or 1, M, in] view, sample stride, M)."""
     x3 = x.reshape(S if per_sample else 1, -1, in_f)
@@ -278,8 +301,14 @@ def _as3(x, S: int, per_sample: bool, in_f: int):
 def sws_linear(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed: int,
                samples: int, mode: int, owner: int, codebook_owner: int, per_sample: bool,
                fused: bool):
-    """Backend kernel of ``sws_kernels::sws_linear``: y [S, ..., out] in x's dtype."""
+    """Backend kernel of ``sws_kernels::sws_linear``: y [S, ..., out] in x's dtype.
+
+    Memory safety whatever the data (the functional API validates it on entry; called directly it may not
+    be): labels and ellipse components are clamped into [0, K) in the kernels (a wrong weight), positions
+    outside the weight are dropped (triton/reconstruct.py, _Specials), sizes are checked here (ValueError)."""
     S, (out_f, in_f) = samples, labels.shape
+    _rc.check_sizes(means, chol, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho)
+    _check_bias(bias, S, out_f)
     lead = x.shape[1:-1] if per_sample else x.shape[:-1]
     x3, sas, M = _as3(x, S, per_sample, in_f)
     if not fused:
@@ -292,7 +321,7 @@ def sws_linear(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_
     lab = labels.reshape(-1).contiguous()
     z = _rc.sample_codebook(means, chol, seed, S, mode, codebook_owner)
     delta = _rc.special_values(z, lab, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, S, mode, owner)
-    specials = _Specials(e_pos, o_pos, in_f, out_f, by_row=True)
+    specials = _Specials(e_pos, o_pos, in_f, out_f, by_row=True, numel=out_f * in_f)
     y = empty((S, M, out_f), dtype=x.dtype, device=x.device)
     _launch(x3, sas, 1, S, M, out_f, in_f, in_f, 1, y, labels=lab, z=z, delta=delta, specials=specials,
             bias=bias, seed=seed, owner=owner, hier=(mode == _rc.HIER))
@@ -303,8 +332,10 @@ def sws_linear_dx(grad_y, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, 
                   samples: int, mode: int, owner: int, codebook_owner: int, per_sample: bool,
                   fused: bool):
     """Backend kernel of ``sws_kernels::sws_linear_dx``: grad_y [S, ..., out] -> dx in the shape of x
-    ([S, ..., in] with per_sample, else [..., in] summed over samples in a fixed order)."""
+    ([S, ..., in] with per_sample, else [..., in] summed over samples in a fixed order). Memory-safe whatever
+    the data, as :func:`sws_linear`."""
     S, (out_f, in_f) = samples, labels.shape
+    _rc.check_sizes(means, chol, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho)
     lead = grad_y.shape[1:-1]
     g3 = grad_y.reshape(S, -1, out_f)
     M = g3.shape[1]
@@ -317,7 +348,7 @@ def sws_linear_dx(grad_y, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, 
     lab = labels.reshape(-1).contiguous()
     z = _rc.sample_codebook(means, chol, seed, S, mode, codebook_owner)
     delta = _rc.special_values(z, lab, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, S, mode, owner)
-    specials = _Specials(e_pos, o_pos, in_f, in_f, by_row=False)
+    specials = _Specials(e_pos, o_pos, in_f, in_f, by_row=False, numel=out_f * in_f)
     S_out = S if per_sample else 1
     dx = empty((S_out, M, in_f), dtype=grad_y.dtype, device=grad_y.device)
     _launch(g3, g3.stride(0), 1 if per_sample else S, S_out, M, in_f, out_f, 1, in_f, dx, labels=lab, z=z,
@@ -331,8 +362,11 @@ def sws_linear_dx(grad_y, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, 
 
 def mean_field_linear(x, mu, rho, bias, seed: int, samples: int, owner: int, per_sample: bool,
                       fused: bool):
-    """Backend kernel of ``sws_kernels::mean_field_linear``; ``bias`` None, [out] or per-sample [S, out]."""
+    """Backend kernel of ``sws_kernels::mean_field_linear``; ``bias`` None, [out] or per-sample [S, out].
+    Sizes are checked here (ValueError), so the kernel never reads past mu, rho or the bias."""
     S, (out_f, in_f) = samples, mu.shape
+    _check_mf(mu, rho)
+    _check_bias(bias, S, out_f)
     lead = x.shape[1:-1] if per_sample else x.shape[:-1]
     x3, sas, M = _as3(x, S, per_sample, in_f)
     if not fused:
@@ -352,6 +386,7 @@ def mean_field_linear(x, mu, rho, bias, seed: int, samples: int, owner: int, per
 def mean_field_linear_dx(grad_y, mu, rho, seed: int, samples: int, owner: int, per_sample: bool,
                          fused: bool):
     S, (out_f, in_f) = samples, mu.shape
+    _check_mf(mu, rho)
     lead = grad_y.shape[1:-1]
     g3 = grad_y.reshape(S, -1, out_f)
     M = g3.shape[1]

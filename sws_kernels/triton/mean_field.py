@@ -50,7 +50,10 @@ def _mf_bwd_kernel(g_ptr, rho_ptr, gmu_ptr, grho_ptr, n, S, seed_ptr, owner, pur
 
 
 def mean_field_reconstruct(mu, rho, seed: int, samples: int, owner: int, purpose: int) -> torch.Tensor:
-    """Backend kernel of ``sws_kernels::mean_field_reconstruct``: [S, *mu.shape] in mu's dtype."""
+    """Backend kernel of ``sws_kernels::mean_field_reconstruct``: [S, *mu.shape] in mu's dtype. No index data;
+    rho must have mu's shape (checked: ValueError), so the kernel stays inside its buffers."""
+    if rho.shape != mu.shape:
+        raise ValueError(f"rho: expected the shape of mu {tuple(mu.shape)}, got {tuple(rho.shape)}")
     n = mu.numel()
     w = empty((samples, n), dtype=mu.dtype, device=mu.device)
     if n:
@@ -61,8 +64,12 @@ def mean_field_reconstruct(mu, rho, seed: int, samples: int, owner: int, purpose
 
 
 def mean_field_reconstruct_backward(grad_w, mu, rho, seed: int, samples: int, owner: int, purpose: int):
-    """Backend kernel of ``sws_kernels::mean_field_reconstruct_backward`` -> (g_mu, g_rho)."""
+    """Backend kernel of ``sws_kernels::mean_field_reconstruct_backward`` -> (g_mu, g_rho). Sizes checked
+    (ValueError), so the kernel stays inside its buffers."""
     n = mu.numel()
+    if rho.shape != mu.shape or grad_w.numel() != samples * n:
+        raise ValueError(f"rho / grad_w: expected rho of shape {tuple(mu.shape)} and grad_w of {samples} x {n} "
+                         f"elements, got {tuple(rho.shape)} and {tuple(grad_w.shape)}")
     g_mu = empty(mu.shape, dtype=mu.dtype, device=mu.device)
     g_rho = empty(rho.shape, dtype=rho.dtype, device=rho.device)
     if n:

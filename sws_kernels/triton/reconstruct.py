@@ -171,6 +171,10 @@ def _special_kernel(z_ptr, labels_ptr, e_pos_ptr, e_a_ptr, e_b_ptr, e_alpha_ptr,
     pe = tl.load(e_pos_ptr + j, mask=me, other=0)
     po = tl.load(o_pos_ptr + jo, mask=mo, other=0)
     pos = tl.where(is_e, pe, po)
+    # positions are validated when they enter a layer; here a position outside [0, n) writes nothing and
+    # reads label 0's slot (its noise is still keyed by the raw position): a lost value, never a wild access
+    inb = (pos >= 0) & (pos < n)
+    pos_c = tl.where(inb, pos, 0)
     # component ids clamped into [0, K): a bad id gives a wrong value, never a read outside z
     ca = tl.minimum(tl.maximum(tl.load(e_a_ptr + j, mask=me, other=0), 0), K - 1)
     cb = tl.minimum(tl.maximum(tl.load(e_b_ptr + j, mask=me, other=0), 0), K - 1)
@@ -193,18 +197,42 @@ def _special_kernel(z_ptr, labels_ptr, e_pos_ptr, e_a_ptr, e_b_ptr, e_alpha_ptr,
     val = tl.where(is_e, e_val, o_val)
     if DELTA:
         # what stage 1 (or the fused GEMM's tile loop) produces at this position from its label
-        lab = tl.load(labels_ptr + pos, mask=m, other=0).to(tl.int32)
+        lab = tl.load(labels_ptr + pos_c, mask=m, other=0).to(tl.int32)
         lab = tl.minimum(tl.maximum(lab, 0), K - 1)
         dense = tl.load(zrow + 2 * lab, mask=m, other=0.0)
         if MODE == 1:
             dense = dense + softplus(tl.load(zrow + 2 * lab + 1, mask=m, other=0.0)) * eps
         tl.store(out_ptr + s.to(tl.int64) * (E + O) + j, val - dense, mask=m)
     else:
-        tl.store(out_ptr + s.to(tl.int64) * n + pos, val.to(out_ptr.dtype.element_ty), mask=m)
+        tl.store(out_ptr + s.to(tl.int64) * n + pos_c, val.to(out_ptr.dtype.element_ty), mask=m & inb)
+
+
+def check_sizes(means, chol, e_pos=None, e_a=None, e_b=None, e_alpha=None, o_pos=None, o_mu=None, o_rho=None):
+    """The size checks every launcher runs (metadata only: no host sync). With them, and the in-kernel clamps
+    and masks of label / component / position values, no kernel reads or writes outside its buffers
+    whatever the data: a short chol or ellipse/outlier array raises here instead of being read past its end."""
+    if means is not None:
+        if means.dim() != 2 or means.shape[1] != 2 or means.shape[0] < 1:
+            raise ValueError(f"means: expected [K, 2] with K >= 1, got shape {tuple(means.shape)}")
+        K = means.shape[0]
+        if tuple(chol.shape) != (K, 3):
+            raise ValueError(f"chol: expected shape ({K}, 3) (one row per component of means), got "
+                             f"{tuple(chol.shape)}")
+    if e_pos is not None:
+        E = e_pos.numel()
+        for name, t in (("e_a", e_a), ("e_b", e_b), ("e_alpha", e_alpha)):
+            if t.numel() != E:
+                raise ValueError(f"{name}: expected {E} entries (one per ellipse position), got {t.numel()}")
+    if o_pos is not None:
+        O = o_pos.numel()
+        for name, t in (("o_mu", o_mu), ("o_rho", o_rho)):
+            if t.numel() != O:
+                raise ValueError(f"{name}: expected {O} entries (one per outlier position), got {t.numel()}")
 
 
 def sample_codebook(means, chol, seed: int, samples: int, mode: int, codebook_owner: int) -> torch.Tensor:
     """Stage 0 alone: z [S, K, 2] float32 (in ``mean`` mode every sample is the means)."""
+    check_sizes(means, chol)
     K = means.shape[0]
     z = empty((samples, K, 2), dtype=torch.float32, device=means.device)
     nblk = triton.cdiv(K, BLOCK_K)
@@ -220,6 +248,7 @@ def special_values(z, labels_flat, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho,
     delta [S, E + O] (ellipses then outliers) = true value - label value, float32."""
     E, O = e_pos.numel(), o_pos.numel()
     K, n = z.shape[1], labels_flat.numel()
+    check_sizes(None, None, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho)
     delta = out is None
     if delta:
         out = empty((samples, E + O), dtype=torch.float32, device=z.device)
@@ -282,7 +311,8 @@ def _piece_kernel(g_ptr, pos_ptr, coef_ptr, start_ptr, len_ptr, pmu_ptr, prho_pt
     e = start[:, None] + r[None, :]
     pos = tl.load(pos_ptr + e, mask=m, other=0)
     coef = tl.load(coef_ptr + e, mask=m, other=0.0)
-    g = tl.load(g_ptr + s.to(tl.int64) * n + pos, mask=m, other=0.0).to(tl.float32)
+    # an (unvalidated) ellipse position outside [0, n) contributes nothing: never a read outside dW
+    g = tl.load(g_ptr + s.to(tl.int64) * n + pos, mask=m & (pos >= 0) & (pos < n), other=0.0).to(tl.float32)
     v = coef * g
     out = s.to(tl.int64) * P + p
     tl.store(pmu_ptr + out, tl.sum(v, axis=1), mask=mp)
@@ -349,11 +379,12 @@ def _outlier_kernel(g_ptr, pos_ptr, rho_ptr, gmu_ptr, grho_ptr, O, n, S, seed_pt
     m = j < O
     pos = tl.load(pos_ptr + j, mask=m, other=0)
     rho = tl.load(rho_ptr + j, mask=m, other=0.0).to(tl.float32)
+    mg = m & (pos >= 0) & (pos < n)  # a position outside [0, n) gets a zero gradient, never a wild read
     gmu = tl.zeros([BLOCK], tl.float32)
     grho = tl.zeros([BLOCK], tl.float32)
     for s_ in range(S):
         s = tl.zeros([], tl.int64) + s_
-        g = tl.load(g_ptr + s.to(tl.int64) * n + pos, mask=m, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + s.to(tl.int64) * n + pos, mask=mg, other=0.0).to(tl.float32)
         gmu += g
         if MODE != 2:
             grho += g * stream_normal(pos, seed_lo, seed_hi, s, owner, _purpose(0))
@@ -367,6 +398,9 @@ def reconstruct_backward(grad_w, means, chol, labels, e_pos, e_a, e_b, e_alpha, 
     """The backend kernel of ``sws_kernels::reconstruct_backward``: dW [S, *shape] -> (g_means, g_chol,
     g_mu_o, g_rho_o), bit-identical run to run."""
     K, n, S, dev = means.shape[0], labels.numel(), samples, means.device
+    check_sizes(means, chol, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho)
+    if grad_w.numel() != S * n:
+        raise ValueError(f"grad_w: expected {S} x {n} elements (samples x weights), got shape {tuple(grad_w.shape)}")
     g = grad_w.reshape(S, n).contiguous()
     seg = segments if segments is not None else _segments.pieces(labels, e_pos, e_a, e_b, e_alpha, o_pos, K,
                                                                    CHUNK, BLOCK_K)

@@ -26,6 +26,7 @@ compares outputs and every gradient bit for bit).
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -35,6 +36,9 @@ from . import _backend, _checks, _ops, native, philox, reference
 __all__ = ["sws_linear", "sws_weights", "mean_field_linear", "mean_field_weights", "mean_field_kl", "clear"]
 
 _NATIVE = ("native_cpu", "native_cuda")
+# map() over these runs in C: the validity checks below are on every call
+_PTR = torch.Tensor.data_ptr
+_VERSION = operator.attrgetter("_version")
 
 
 def _usable() -> bool:
@@ -77,9 +81,8 @@ def _sws_binding(layer) -> Optional[_SWSBinding]:
     b = layer.__dict__.get("_sws_binding")
     if b is not None:
         try:
-            if (b.meta == meta and list(map(id, cur)) == b.ids
-                    and [t.data_ptr() for t in cur[:10]] == b.ptrs
-                    and [t._version for t in cur[2:8]] == b.versions):
+            if (b.meta == meta and list(map(id, cur)) == b.ids and list(map(_PTR, cur[:10])) == b.ptrs
+                    and list(map(_VERSION, cur[2:8])) == b.versions):
                 return b
         except RuntimeError:  # an inference tensor has no version counter: no binding
             return None
@@ -93,11 +96,11 @@ def _sws_bind(layer, cur, cb, meta) -> Optional[_SWSBinding]:
                     layer._owner, cb._owner)
     b = _SWSBinding()
     try:
-        b.versions = [t._version for t in cur[2:8]]
+        b.versions = list(map(_VERSION, cur[2:8]))
     except RuntimeError:
         return None
     b.ids = list(map(id, cur))
-    b.ptrs = [t.data_ptr() for t in cur[:10]]
+    b.ptrs = list(map(_PTR, cur[:10]))
     b.meta = meta
     mode = _checks.MODE_CODES[a.mode]
     b.tensors = (a.means, a.chol, a.labels, a.e_pos, a.e_a, a.e_b, a.e_alpha, a.o_pos, a.o_mu, a.o_rho)
@@ -113,17 +116,6 @@ def _sws_bind(layer, cur, cb, meta) -> Optional[_SWSBinding]:
     return b
 
 
-def _plan(b, op, dev, rows, act_dtype, mode):
-    key = (op, rows, act_dtype, _backend.current(), _backend.interpret())
-    pl = b.plans.get(key)
-    if pl is None:
-        pl = _backend.plan(op, dev, torch.float32, rows=rows, act_dtype=act_dtype, mode=mode)
-        if len(b.plans) > 64:
-            b.plans.clear()
-        b.plans[key] = pl
-    return pl
-
-
 def _sws_forward(b, pl, x, bias, seed, S, ps, lead):
     t = b.tensors
     mode, owner, cbo = b.meta[0], b.meta[1], b.meta[2]
@@ -134,7 +126,7 @@ def _sws_forward(b, pl, x, bias, seed, S, ps, lead):
             run = native.sws_linear_cuda_prepared if p.cuda else native.sws_linear_cpu_prepared
             return run(p, x, bias, seed, S, ps).reshape(S, *lead, p.shape[0])
         w = native.reconstruct_prepared(p, seed, S)
-        return reference._linear(x, w, bias, ps).contiguous()
+        return _ops._vendor_linear(x, w, bias, ps)
     return pl.kernel(x, *t, bias, seed, S, mcode, owner, cbo, ps, fused=pl.fused)
 
 
@@ -159,16 +151,18 @@ class _SWSLinearFn(torch.autograd.Function):
     """One SWS linear call: forward and backward of ``_ops.sws_linear`` over a binding."""
 
     @staticmethod
-    def forward(ctx, x, means, chol, o_mu, o_rho, bias, b, pl, seed, S, ps, lead):
+    def forward(ctx, x, means, chol, o_mu, o_rho, bias, call):
+        # call = (binding, plan, seed, S, per_sample, lead): one argument, as apply's per-argument work is costly
+        b, pl, seed, S, ps, lead = call
         y = _sws_forward(b, pl, x, bias, seed, S, ps, lead)
         ctx.save_for_backward(x, means, chol, o_mu, o_rho, bias)
-        ctx.b, ctx.pl, ctx.seed, ctx.S, ctx.ps = b, pl, seed, S, ps
+        ctx.call = call
         return y
 
     @staticmethod
     def backward(ctx, gy):
         x, means, chol, o_mu, o_rho, bias = ctx.saved_tensors
-        b, pl, seed, S, ps = ctx.b, ctx.pl, ctx.seed, ctx.S, ctx.ps
+        b, pl, seed, S, ps, _ = ctx.call
         gy = gy.contiguous()
         out_f, in_f = b.tensors[2].shape
         mode, owner, cbo = b.meta
@@ -191,7 +185,7 @@ class _SWSLinearFn(torch.autograd.Function):
             gw = _ops._grad_w(gy, x, S, ps, out_f, in_f, means.dtype, "reconstruct_backward").view(S, out_f, in_f)
             g_means, g_chol, g_mu, g_rho = _sws_reconstruct_backward(b, gw, seed, S)
         g_bias = _ops._grad_bias(gy, bias, S, out_f) if ctx.needs_input_grad[5] else None
-        return gx, g_means, g_chol, g_mu, g_rho, g_bias, None, None, None, None, None, None
+        return gx, g_means, g_chol, g_mu, g_rho, g_bias, None
 
 
 class _SWSReconstructFn(torch.autograd.Function):
@@ -235,7 +229,12 @@ def sws_linear(layer, x, S: int, seed, ps: bool):
             or (ps and (x.dim() < 2 or x.shape[0] != S))):
         return None  # the general path raises the precise error
     lead = x.shape[1:-1] if ps else x.shape[:-1]
-    pl = _plan(b, "sws_linear", dev, _ops._rows(x, S if ps else 1), x.dtype, _checks.MODE_CODES[b.meta[0]])
+    rows = x.numel() // (in_f * S) if ps else x.numel() // in_f
+    key = (rows, S, ps, x.dtype, _backend.current(), _backend.interpret())
+    hit = b.plans.get(key)
+    if hit is None:
+        hit = b.plans[key] = _dispatch(b, dev, rows, S, ps, x.dtype)
+    pl, hk = hit
     if pl.kernel is None:
         return None
     bias = layer._parameters["bias"]
@@ -243,8 +242,28 @@ def sws_linear(layer, x, S: int, seed, ps: bool):
         return None
     seed = _seed_for(seed, dev, pl.backend)
     if _grad_needed((x, means, t[1], t[8], t[9], bias)):
-        return _SWSLinearFn.apply(x, means, t[1], t[8], t[9], bias, b, pl, seed, S, ps, lead)
+        return _SWSLinearFn.apply(x, means, t[1], t[8], t[9], bias, (b, pl, seed, S, ps, lead))
+    if hk is not None:  # inference: the label-histogram path where the dispatch table says it pays (issue 14)
+        if pl.backend == "native_cpu" and b.prep is not None:
+            y = native.sws_linear_histogram_cpu_prepared(b.prep, x, bias, seed, S)
+        else:
+            mode, owner, cbo = b.meta
+            y = hk(x, *t, bias, _seed_for(seed, dev, "triton"), S, _checks.MODE_CODES[mode], owner, cbo)
+        return y.reshape(S, *lead, out_f)
     return _sws_forward(b, pl, x, bias, seed, S, ps, lead)
+
+
+def _dispatch(b, dev, rows, S, ps, act_dtype):
+    """(plan, label-histogram kernel for a no-grad call or None): ``_backend.plan`` and ``_backend.histogram``
+    for one call shape, cached in the binding (the key holds everything they depend on)."""
+    if len(b.plans) > 64:
+        b.plans.clear()
+    mode = _checks.MODE_CODES[b.meta[0]]
+    pl = _backend.plan("sws_linear", dev, torch.float32, rows=rows, act_dtype=act_dtype, mode=mode)
+    hk = None
+    if pl.kernel is not None and not ps:
+        hk = _backend.histogram(pl.backend, rows, S, mode, act_dtype, ps, False)[0]
+    return pl, hk
 
 
 def sws_weights(layer, S: int, seed):
@@ -303,18 +322,19 @@ class _MFLinearFn(torch.autograd.Function):
     """One mean-field linear call (weights and sampled bias) over native bundles."""
 
     @staticmethod
-    def forward(ctx, x, mu, rho, bmu, brho, b, seed, S, ps):
+    def forward(ctx, x, mu, rho, bmu, brho, call):
+        b, seed, S, ps = call
         w = native.mean_field_reconstruct_prepared(b.prep_w, seed, S)
         bias = native.mean_field_reconstruct_prepared(b.prep_b, seed, S) if b.prep_b is not None else bmu
-        y = reference._linear(x, w, bias, ps).contiguous()
+        y = _ops._vendor_linear(x, w, bias, ps)
         ctx.save_for_backward(x, mu, rho, bmu, brho)
-        ctx.b, ctx.seed, ctx.S, ctx.ps = b, seed, S, ps
+        ctx.call = call
         return y
 
     @staticmethod
     def backward(ctx, gy):
         x, mu, rho, bmu, brho = ctx.saved_tensors
-        b, seed, S, ps = ctx.b, ctx.seed, ctx.S, ctx.ps
+        b, seed, S, ps = ctx.call
         gy = gy.contiguous()
         out_f, in_f = mu.shape
         gx = g_mu = g_rho = g_bmu = g_brho = None
@@ -330,7 +350,7 @@ class _MFLinearFn(torch.autograd.Function):
                 g_bmu, g_brho = native.mean_field_reconstruct_backward_prepared(b.prep_b, gb, seed, S)
             else:
                 g_bmu = gb.sum(0).to(bmu.dtype)
-        return gx, g_mu, g_rho, g_bmu, g_brho, None, None, None, None
+        return gx, g_mu, g_rho, g_bmu, g_brho, None
 
 
 def mean_field_linear(layer, x, S: int, seed, ps: bool):
@@ -353,10 +373,10 @@ def mean_field_linear(layer, x, S: int, seed, ps: bool):
         return None
     seed = _seed_for(seed, dev, backend)
     if _grad_needed((x, mu, rho, bmu, brho)):
-        return _MFLinearFn.apply(x, mu, rho, bmu, brho, b, seed, S, ps)
+        return _MFLinearFn.apply(x, mu, rho, bmu, brho, (b, seed, S, ps))
     w = native.mean_field_reconstruct_prepared(b.prep_w, seed, S)
     bias = native.mean_field_reconstruct_prepared(b.prep_b, seed, S) if b.prep_b is not None else bmu
-    return reference._linear(x, w, bias, ps).contiguous()
+    return _ops._vendor_linear(x, w, bias, ps)
 
 
 class _MFReconstructFn(torch.autograd.Function):

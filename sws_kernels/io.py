@@ -932,7 +932,11 @@ def _arch_of(m) -> Optional[dict]:
 def _same_arch(m, cfg) -> bool:
     a = _arch_of(m)
     want = {k: v for k, v in cfg.items() if k in _ARCH_KEYS}
-    return a is not None and a == want
+    if a is None or ("output_padding" in a) != ("output_padding" in want):  # transposed or not
+        return False
+    extra = {k: v for k, v in a.items() if k not in want}  # e.g. torch's ConvTranspose has padding_mode "zeros"
+    return all(a.get(k) == v for k, v in want.items()) and all(
+        k == "padding_mode" and v == "zeros" for k, v in extra.items())
 
 
 def _describe_module(m) -> str:

@@ -601,3 +601,24 @@ def test_concurrent_saves_threads_and_processes(tmp_path):
     got = sws.load(f, _plain_bn())
     assert _same(got, _variant(10)) or _same(got, _variant(11))
     assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("cls", [*snn.SWS_LAYERS, *snn.MEAN_FIELD_LAYERS], ids=lambda c: c.__name__)
+def test_every_layer_class_round_trips_into_its_torch_counterpart(cls, tmp_path):
+    """io's class table follows nn's layer tuples: each class saves, replaces the torch layer of the same
+    architecture, and is refused (without rebuild=True) where the sizes differ."""
+    nd = getattr(cls, "_spatial", None)
+    transposed = "Transpose" in cls.__name__
+    kw = {"codebook": snn.Codebook(20)} if cls in snn.SWS_LAYERS else {}
+    if nd is None:
+        layer, plain, other = cls(6, 4, **kw), torch.nn.Linear(6, 4), torch.nn.Linear(6, 5)
+    else:
+        tcls = getattr(torch.nn, f"Conv{'Transpose' if transposed else ''}{nd}d")
+        layer, plain, other = cls(4, 6, 3, stride=2, **kw), tcls(4, 6, 3, stride=2), tcls(4, 6, 3, stride=1)
+    f = tmp_path / "l.sws"
+    sws.save(torch.nn.Sequential(layer), f)
+    got = sws.load(f, torch.nn.Sequential(plain))
+    assert type(got[0]) is cls and _same(got, torch.nn.Sequential(layer))
+    with pytest.raises(ValueError, match="rebuild=True"):
+        sws.load(f, torch.nn.Sequential(other))
+    assert type(sws.load(f, torch.nn.Sequential(other), rebuild=True)[0]) is cls

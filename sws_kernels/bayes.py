@@ -99,7 +99,7 @@ def predict(model: nn.Module, x: torch.Tensor, samples: int = 30, *, seed=None, 
         if (type(m).__module__ or "").startswith("bayesian_torch") and hasattr(m, "kl_loss"):
             raise TypeError(f"model: module {name!r} is a bayesian-torch {type(m).__name__}, which cannot draw "
                             "one weight sample per slice; convert it with sws_kernels.convert.from_bayesian_torch")
-    with torch.no_grad(), sample_mode(S, seed):
+    with torch.no_grad(), sample_mode(S, seed, batch=B):
         out = model(x.repeat(S, *([1] * (x.dim() - 1))))
     if isinstance(out, tuple):  # bayesian-torch-style (out, kl)
         out = out[0]

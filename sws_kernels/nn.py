@@ -124,17 +124,23 @@ def label_dtype(num_components: int) -> torch.dtype:
 
 
 @contextlib.contextmanager
-def sample_mode(samples: int, seed=None):
+def sample_mode(samples: int, seed=None, *, batch: Optional[int] = None):
     """Run a model with S weight samples in one pass: inputs to every Bayesian layer are ``[S*N, ...]``.
 
     The caller repeats the model input S times along the batch dimension (``x.repeat(S, 1, ...)``) and
     unfolds the output with ``y.view(S, N, ...)``; :func:`sws_kernels.predict` does both. The mode is a
     process-wide setting (not per thread): do not run predictions from several threads at once.
+
+    ``batch`` (N, optional; :func:`sws_kernels.predict` passes it) lets sequence-first models work: a linear
+    layer whose input's dim 0 is not S*N but whose dim 1 is (e.g. an FFN inside a ``batch_first=False``
+    transformer, [L, S*N, E]) unfolds the samples from dim 1. Without it the samples are always on dim 0.
     """
     global _FOLD
     samples = _checks.samples(samples)
+    if batch is not None:
+        batch = samples * _positive_int(batch, "batch")
     seed = draw_seed() if seed is None else seed
-    previous, _FOLD = _FOLD, (samples, seed)
+    previous, _FOLD = _FOLD, (samples, seed, batch)
     try:
         yield seed
     finally:
@@ -341,13 +347,17 @@ def _run_sampled(x, samples, seed, per_sample, call):
     """The sampling protocol shared by every layer (see the module docstring)."""
     fold = _FOLD
     if fold is not None and samples is None:
-        S, fseed = fold
+        S, fseed, folded = fold
+        seq_first = folded is not None and x.dim() >= 3 and x.shape[0] != folded and x.shape[1] == folded
+        if seq_first:  # [L, S*N, ...]: a sequence-first model (see sample_mode)
+            x = x.transpose(0, 1)
         if x.dim() < 1 or x.shape[0] % S:
             raise ValueError(f"x: inside sample_mode({S}) expected a batch dimension divisible by {S} "
                              f"(samples folded into the batch), got {_checks.describe(x)}")
         xs = x.reshape(S, x.shape[0] // S, *x.shape[1:])
         y = call(xs, S, fseed, True)
-        return y.reshape(S * y.shape[1], *y.shape[2:])
+        y = y.reshape(S * y.shape[1], *y.shape[2:])
+        return y.transpose(0, 1) if seq_first else y
     if samples is None:
         if per_sample:
             raise ValueError("per_sample: expected False when samples is None (one sample, no sample dimension)")

@@ -238,13 +238,15 @@ def test_bad_inputs():
 # --------------------------------------------------------------------------------------------------
 
 class TinyViT(nn.Module):
-    def __init__(self, img=8, patch=4, channels=3, dim=16, heads=2, depth=2, classes=4):
+    def __init__(self, img=8, patch=4, channels=3, dim=16, heads=2, depth=2, classes=4, batch_first=True):
         super().__init__()
+        self.batch_first = batch_first
         self.patch = nn.Conv2d(channels, dim, patch, stride=patch)  # patch embedding
         n = (img // patch) ** 2
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos = nn.Parameter(0.02 * torch.randn(1, n + 1, dim))
-        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=batch_first,
+                                           norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, classes)
@@ -252,7 +254,9 @@ class TinyViT(nn.Module):
     def forward(self, x):
         t = self.patch(x).flatten(2).transpose(1, 2)
         t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], 1) + self.pos
-        return self.head(self.norm(self.encoder(t)[:, 0]))
+        if self.batch_first:
+            return self.head(self.norm(self.encoder(t)[:, 0]))
+        return self.head(self.norm(self.encoder(t.transpose(0, 1))[0]))  # a sequence-first encoder
 
 
 @pytest.mark.parametrize("mode", ["paper", "hierarchical"])
@@ -294,3 +298,24 @@ def test_vit_deterministic_to_mean_field_to_sws_trains(rng, mode):
     vit.eval()
     probs = sws.predict(vit, x[:4], samples=3)  # sample folding through attention
     assert probs.shape == (3, 4, 4) and torch.allclose(probs.sum(-1), torch.ones(3, 4))
+
+
+def test_predict_through_a_sequence_first_encoder(rng):
+    """predict folds the samples into the batch; in a batch_first=False encoder the batch is dim 1, for the
+    attention (which works batch-first inside) and for the feed-forward layers (sample_mode(batch=N)). Same
+    weights and noise streams as its batch-first twin: the same predictions."""
+    torch.manual_seed(5)
+    seq = TinyViT(batch_first=False)
+    convert.to_mean_field(seq, moped=True, moped_delta=0.2)
+    convert.to_sws(seq, num_components=4, progress=False)
+    twin = copy.deepcopy(seq)  # same rng ids, so the same noise
+    twin.batch_first = True
+    for layer in twin.encoder.layers:
+        layer.self_attn.batch_first = True
+    x = torch.randn(3, 3, 8, 8, generator=rng)
+    seq.eval()
+    twin.eval()
+    a = sws.predict(seq, x, samples=4, seed=99)
+    b = sws.predict(twin, x, samples=4, seed=99)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert float((a[0] - a[1]).abs().max()) > 1e-4  # the samples differ

@@ -309,11 +309,34 @@ def _output_padding_for(mod, x, output_size, per_sample):
 
 
 class _RngIdMixin:
-    """An int64 buffer ``rng_id`` (saved) with a Python-int mirror so forward never reads the tensor."""
+    """An int64 buffer ``rng_id`` (saved): the one source of truth for the module's Philox owner word.
+
+    ``_owner``/``owner`` mirror it as a Python int so forward never reads the tensor; the mirror is refreshed
+    whenever the buffer is replaced or written in place (its ``_version`` moves: load_state_dict, DDP's buffer
+    broadcast, ``sws_kernels.distributed``'s sync, a user's ``fill_``), so the kernels always use the value
+    the buffer holds (issue 18: ranks whose counters differed follow rank 0's broadcast ids)."""
 
     def _init_rng_id(self, rng_id) -> None:
-        self._owner = _check_rng_id(rng_id)
-        self.register_buffer("rng_id", torch.tensor(self._owner, dtype=torch.int64))
+        owner = _check_rng_id(rng_id)
+        self.register_buffer("rng_id", torch.tensor(owner, dtype=torch.int64))
+        t = self._buffers["rng_id"]
+        self.__dict__["_owner_cache"] = (t, t._version, owner)
+
+    @property
+    def _owner(self) -> int:
+        t = self._buffers["rng_id"]
+        c = self._owner_cache
+        if c[0] is t and c[1] == t._version:
+            return c[2]
+        owner = _checks.word(int(t), "rng_id")  # one host read each time the buffer changes
+        self.__dict__["_owner_cache"] = (t, t._version, owner)
+        return owner
+
+    @_owner.setter
+    def _owner(self, value) -> None:
+        value = _checks.word(value, "rng_id")
+        with torch.no_grad():
+            self._buffers["rng_id"].fill_(value)
 
     @property
     def owner(self) -> int:
@@ -329,8 +352,8 @@ class _RngIdMixin:
 
     def _load_rng_id(self, state_dict, prefix) -> None:
         key = prefix + "rng_id"
-        if key in state_dict:
-            self._owner = _checks.word(int(state_dict[key]), key)
+        if key in state_dict:  # checked before loading; the mirror follows the loaded buffer
+            _checks.word(int(state_dict[key]), key)
 
 
 def _validate_after_load(module, incompatible_keys) -> None:

@@ -5,6 +5,8 @@ Metadata lives in pyproject.toml; this file only adds the CMake-built extension.
   SWS_CUDA_ARCHS="80;90"    CMAKE_CUDA_ARCHITECTURES (default 80;90)
   CMAKE_BUILD_PARALLEL_LEVEL  parallel build jobs (default: the number of CPUs)
   SWS_CMAKE_ARGS            extra arguments for the CMake configure step (space separated)
+  SWS_OPENMP_LIBRARY        OpenMP runtime to link (default: torch's bundled libgomp when torch is installed in
+                            the build environment, found without importing torch; "compiler": the compiler's)
 Works with `pip install .`, `pip install -e .` and `pip install --no-build-isolation --no-deps -e .`.
 """
 from __future__ import annotations
@@ -35,6 +37,32 @@ def _pybind11_cmake_dir() -> str:
     return pybind11.get_cmake_dir()
 
 
+def _torch_openmp() -> str:
+    """torch's bundled OpenMP runtime (libgomp*.so* in torch/lib or torch.libs), without importing torch.
+
+    Linking it (not the system libgomp) keeps one OpenMP runtime in the process: torch.set_num_threads then sets
+    the kernels' threads too (CMakeLists.txt). Empty when torch is not installed where the build runs."""
+    env = os.environ.get("SWS_OPENMP_LIBRARY")
+    if env is not None:
+        return "" if env.strip().lower() in ("", "compiler", "system") else env
+    if not sys.platform.startswith("linux"):
+        return ""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("torch")
+    except (ImportError, ValueError):
+        return ""
+    if spec is None or not spec.submodule_search_locations:
+        return ""
+    root = Path(list(spec.submodule_search_locations)[0])
+    for d in (root / "lib", root.parent / "torch.libs"):
+        libs = sorted(d.glob("libgomp*.so*")) if d.is_dir() else []
+        if libs:
+            return os.fspath(libs[0])
+    return ""
+
+
 class CMakeBuild(build_ext):
     def build_extension(self, ext: CMakeExtension) -> None:
         if not isinstance(ext, CMakeExtension):
@@ -55,6 +83,7 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_BUILD_TYPE={cfg}",
             f"-DSWS_CUDA={sws_cuda}",
             f"-DCMAKE_CUDA_ARCHITECTURES={archs}",
+            f"-DSWS_OPENMP_LIBRARY={_torch_openmp()}",
         ]
         cmake_args += shlex.split(os.environ.get("SWS_CMAKE_ARGS", ""))
         if "CMAKE_GENERATOR" not in os.environ:

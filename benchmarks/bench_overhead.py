@@ -650,10 +650,17 @@ def threading_cells(samples=(1, 4)) -> Dict[str, Callable]:
                          (L["o_pos"], L["o_mu"], L["o_rho"]), L["bias"], seed=7, samples=1)
         y.sum().backward()
     cells["S=1 forward+backward"] = fb
+    # torch's own backward matmuls (MKL/oneDNN on torch's OpenMP threads) for comparison: sws_linear's backward
+    # runs the same aten::mm calls, which no grain of ours governs
+    w = torch.randn(sh["out_f"], sh["in_f"], generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+
+    def dense_fb():
+        TF.linear(x, w, L["bias"]).sum().backward()
+    cells["F.linear forward+backward (torch's mm, reference point)"] = dense_fb
     return cells
 
 
-def run_threading(threads=(1, 2), rounds: int = 30, block_ms: float = 10.0, load: bool = True) -> dict:
+def run_threading(threads=(1, 2), rounds: int = 60, block_ms: float = 5.0, load: bool = True) -> dict:
     """{"load": bool, "rows": {cell: {threads: {median_us, min_us}}}, "ratio": {cell: t_N / t_1}}."""
     cells = threading_cells()
     old = torch.get_num_threads()
@@ -736,7 +743,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads-under-load", metavar="N,...", nargs="?", const="2",
                     help="instead of the table: sws_linear 128x128, M=8 with 1 and N threads, without and under a "
                          "busy-loop process per core (default N = 2)")
-    ap.add_argument("--thread-rounds", type=int, default=30, help="rounds per thread count (default 30)")
+    ap.add_argument("--thread-rounds", type=int, default=60, help="rounds per thread count (default 60)")
     args = ap.parse_args(argv)
     if args.threads_under_load:
         return threading_main(args)

@@ -23,6 +23,7 @@
 // Shared x only: with a per-sample x every (s, m) would need its own histogram, which is what the fused kernel's
 // FMA already is, so per_sample calls keep the fused / reconstruct + GEMM paths (the dispatch in _backend.py).
 #include "histogram.h"
+#include "parallel.h"  // issue 17: no parallel region below a grain (CLI helper)
 
 #include <algorithm>
 #include <cmath>
@@ -185,7 +186,8 @@ void sws_linear_histogram_cpu(const ReconstructArgs& a, const LinearArgs& l) {
   std::vector<float> wo(static_cast<size_t>(a.O * SZ));
   constexpr int64_t kOutChunk = 512;
   const int64_t nchunk = (a.O + kOutChunk - 1) / kOutChunk;
-#pragma omp parallel for schedule(static)
+  const int nto = parallel_threads(kNsScalarNormal * static_cast<double>(a.O * SZ));
+#pragma omp parallel for schedule(static) num_threads(nto) if (nto > 1)
   for (int64_t c = 0; c < nchunk; ++c) {
     const int64_t o0 = c * kOutChunk, o1 = std::min(a.O, o0 + kOutChunk);
     if (mean) {
@@ -194,9 +196,11 @@ void sws_linear_histogram_cpu(const ReconstructArgs& a, const LinearArgs& l) {
     }
     float* w = wo.data() + o0 * S;
     normals_at_fill(key, a.o_pos + o0, o1 - o0, S, owner, kPurposeWeight, w);
+    float sd[kOutChunk];
+    softplus_fill(a.o_rho + o0, sd, o1 - o0);
     for (int64_t o = o0; o < o1; ++o) {
-      const float mu = a.o_mu[o], sd = softplus(a.o_rho[o]);
-      for (int64_t s = 0; s < S; ++s) w[(o - o0) * S + s] = mu + sd * w[(o - o0) * S + s];
+      const float mu = a.o_mu[o], so = sd[o - o0];
+      for (int64_t s = 0; s < S; ++s) w[(o - o0) * S + s] = mu + so * w[(o - o0) * S + s];
     }
   }
 
@@ -204,8 +208,11 @@ void sws_linear_histogram_cpu(const ReconstructArgs& a, const LinearArgs& l) {
   const bool avx2 = SWS_HIST_X86 && std::strcmp(simd_level(), "avx2") == 0;
   const int64_t nb = (out_f + kRows - 1) / kRows;
   int bad = 0;
+  // histograms (M passes over the labels) plus the [rows, K] x [K, Sp] products
+  const int nt = parallel_threads(kNsGather * static_cast<double>(M * out_f * in_f) +
+                                  kNsLinearMac * static_cast<double>(M * out_f * K * Sp));
   dispatch_labels(fn, a.labels_dtype, a.labels, [&](auto lab) {
-#pragma omp parallel reduction(| : bad)
+#pragma omp parallel reduction(| : bad) num_threads(nt) if (nt > 1)
     {
       std::vector<float> bins(static_cast<size_t>(copies * K));
       std::vector<float> h(static_cast<size_t>(kRows * K), 0.0f);  // rows >= nr: computed, never stored

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "parallel.h"
 #include "codebook.h"
 #include "vecmath.h"
 
@@ -146,8 +147,9 @@ void sws_linear_cpu(const ReconstructArgs& a, const LinearArgs& l) {
   constexpr int64_t kRB = 24;  // rows per work item (a multiple of every rows_for<MV>)
   const int64_t nb = (out_f + kRB - 1) / kRB;
   int bad = 0;
+  const int nt = parallel_threads(kNsLinearMac * static_cast<double>(S * out_f * in_f * Mp));
   dispatch_labels(fn, a.labels_dtype, a.labels, [&](auto lab) {
-#pragma omp parallel for schedule(static) reduction(| : bad)
+#pragma omp parallel for schedule(static) reduction(| : bad) num_threads(nt) if (nt > 1)
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t j0 = b * kRB, nr = std::min(kRB, out_f - j0);
       const auto* lb = lab + j0 * in_f;

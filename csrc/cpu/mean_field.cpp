@@ -15,6 +15,7 @@
 #include <string>
 
 #include "../common.h"
+#include "parallel.h"
 #include "vecmath.h"
 
 namespace sws {
@@ -36,7 +37,8 @@ void mean_field_reconstruct_cpu(const MeanFieldArgs& a, float* out) {
   const Key key = seed_key(a.seed);
   const uint32_t own = static_cast<uint32_t>(a.owner), pur = static_cast<uint32_t>(a.purpose);
   const int64_t nb = (n + kBlock - 1) / kBlock;
-#pragma omp parallel for schedule(static)
+  const int nt = parallel_threads(kNsNormal * static_cast<double>(S * n));
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
   for (int64_t b = 0; b < nb; ++b) {
     alignas(64) float sp[kBlock];
     alignas(64) float eps[kBlock];
@@ -65,7 +67,8 @@ void mean_field_reconstruct_backward_cpu(const MeanFieldArgs& a, const float* gr
   const Key key = seed_key(a.seed);
   const uint32_t own = static_cast<uint32_t>(a.owner), pur = static_cast<uint32_t>(a.purpose);
   const int64_t nb = (n + kBlock - 1) / kBlock;
-#pragma omp parallel for schedule(static)
+  const int nt = parallel_threads((kNsNormal + kNsGather) * static_cast<double>(S * n));
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
   for (int64_t b = 0; b < nb; ++b) {
     alignas(64) float eps[kBlock];
     alignas(64) double acc_mu[kBlock];

@@ -1,10 +1,12 @@
 // Raw Philox words and uniform/normal streams on the CPU: the test surface of the RNG contract (the fused
 // kernels call the same inline functions from philox.h, so checking these checks theirs).
 #include <algorithm>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
 #include "../common.h"
+#include "parallel.h"
 #include "vecmath.h"
 
 #ifdef _OPENMP
@@ -28,9 +30,37 @@ void omp_set_threads(int n) {
 #endif
 }
 
+namespace {
+int64_t grain_ns() {
+  static const int64_t g = [] {
+    const char* e = std::getenv("SWS_CPU_GRAIN_US");
+    if (e == nullptr || *e == '\0') return kParallelGrainNs;
+    char* end = nullptr;
+    const double us = std::strtod(e, &end);
+    return (end != e && us >= 0) ? static_cast<int64_t>(us * 1000.0) : kParallelGrainNs;
+  }();
+  return g;
+}
+}  // namespace
+
+int parallel_threads(double work_ns) {
+#ifdef _OPENMP
+  const int64_t g = grain_ns();
+  const int max_t = omp_get_max_threads();  // the calling thread's nthreads-var: torch.get_num_threads()
+  if (max_t <= 1 || work_ns < static_cast<double>(g)) return 1;
+  if (g == 0) return max_t;
+  const double per = work_ns / static_cast<double>(g);  // grains of work: at least one per thread
+  return per >= max_t ? max_t : std::max(1, static_cast<int>(per));
+#else
+  (void)work_ns;
+  return 1;
+#endif
+}
+
 void philox4x32_cpu(const int64_t* counter, const int64_t* key, int64_t* out, int64_t n) {
   if (n < 0) throw std::invalid_argument("philox4x32: n must be >= 0, got " + std::to_string(n));
-#pragma omp parallel for schedule(static)
+  const int nt = parallel_threads(kNsPhilox * static_cast<double>(n));
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
   for (int64_t i = 0; i < n; ++i) {
     const int64_t* c = counter + 4 * i;
     const int64_t* k = key + 2 * i;
@@ -67,7 +97,8 @@ void stream_cpu(const char* fn, float* out, int64_t n, uint64_t offset, uint64_t
     // the window [offset, end) copied out: same values as the fused kernels draw for these elements.
     constexpr int64_t kJ = 512;
     const int64_t nblk = (nj + kJ - 1) / kJ;
-#pragma omp parallel for schedule(static)
+    const int nt = parallel_threads(kNsNormal * 4.0 * static_cast<double>(nj));
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
     for (int64_t b = 0; b < nblk; ++b) {
       alignas(64) float v[4 * kJ];
       const uint64_t jb = j0 + static_cast<uint64_t>(b * kJ);
@@ -79,7 +110,8 @@ void stream_cpu(const char* fn, float* out, int64_t n, uint64_t offset, uint64_t
     }
     return;
   }
-#pragma omp parallel for schedule(static)
+  const int nt = parallel_threads(kNsPhilox * static_cast<double>(nj));
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
   for (int64_t jj = 0; jj < nj; ++jj) {
     const uint64_t j = j0 + static_cast<uint64_t>(jj);
     const Words4 w = stream_words(key, static_cast<uint32_t>(j), static_cast<uint32_t>(sample),

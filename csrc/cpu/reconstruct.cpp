@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "parallel.h"
 #include "codebook.h"
 #include "vecmath.h"
 
@@ -169,7 +170,8 @@ void sample_codebook_cpu(const ReconstructArgs& a, int64_t S, const CodebookOut&
     softplus_fill(sp_c.data(), sp_c.data(), K);
   }
   const int64_t nck = (K + kCB - 1) / kCB;
-#pragma omp parallel for schedule(static)
+  const int nt = parallel_threads(kNsNormal * 2.0 * static_cast<double>(S * K));
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
   for (int64_t t = 0; t < S * nck; ++t) {
     const int64_t s = t / nck, k0 = (t % nck) * kCB, cnt = std::min(kCB, K - k0);
     alignas(64) float xi[2 * kCB + 4];  // +4: the last counter of an odd chunk writes 2 extra floats
@@ -229,9 +231,10 @@ void reconstruct_cpu(const ReconstructArgs& a, float* out) {
   // back from cache anyway; small outputs stay cached for the matmul that consumes them.
   const bool stream = S * n * static_cast<int64_t>(sizeof(float)) >= kStreamBytes && n % 4 == 0 &&
                       (reinterpret_cast<uintptr_t>(out) & 15) == 0;
+  const int nt = parallel_threads((hier ? kNsNormal : kNsGather) * static_cast<double>(S * n));
   dispatch_labels(fn, a.labels_dtype, a.labels, [&](auto lab) {
     if (!hier) {
-#pragma omp parallel for schedule(static) reduction(| : bad)
+#pragma omp parallel for schedule(static) reduction(| : bad) num_threads(nt) if (nt > 1)
       for (int64_t b = 0; b < nb; ++b) {
         const int64_t i0 = b * kFwdBlock, i1 = std::min(n, i0 + kFwdBlock);
         if (!labels_in_range(lab, i0, i1, K)) {
@@ -245,7 +248,7 @@ void reconstruct_cpu(const ReconstructArgs& a, float* out) {
       if (stream) _mm_sfence();
 #endif
     } else {
-#pragma omp parallel for schedule(static) reduction(| : bad)
+#pragma omp parallel for schedule(static) reduction(| : bad) num_threads(nt) if (nt > 1)
       for (int64_t b = 0; b < nb; ++b) {
         const int64_t i0 = b * kFwdBlock, i1 = std::min(n, i0 + kFwdBlock);
         if (!labels_in_range(lab, i0, i1, K)) {
@@ -269,7 +272,8 @@ void reconstruct_cpu(const ReconstructArgs& a, float* out) {
   if (bad) bad_labels(fn, K);
 
   // Ellipses: the alpha-blend of two sampled components (plus blended noise in hierarchical mode).
-#pragma omp parallel for schedule(static)
+  const int nte = parallel_threads((hier ? kNsScalarNormal : kNsGather) * static_cast<double>(S * a.E));
+#pragma omp parallel for schedule(static) num_threads(nte) if (nte > 1)
   for (int64_t e = 0; e < a.E; ++e) {
     const int64_t p = a.e_pos[e], ca = a.e_a[e], cb = a.e_b[e];
     const float al = a.e_alpha[e], bl = 1.0f - al;
@@ -289,7 +293,8 @@ void reconstruct_cpu(const ReconstructArgs& a, float* out) {
     }
   }
   // Outliers: their own (mu, rho).
-#pragma omp parallel for schedule(static)
+  const int nto = parallel_threads(kNsScalarNormal * static_cast<double>(S * a.O));
+#pragma omp parallel for schedule(static) num_threads(nto) if (nto > 1)
   for (int64_t o = 0; o < a.O; ++o) {
     const int64_t p = a.o_pos[o];
     const float mu = a.o_mu[o];
@@ -325,8 +330,9 @@ void reconstruct_backward_cpu(const ReconstructArgs& a, const float* grad_out, f
   std::unique_ptr<double[]> partial(new double[static_cast<size_t>(std::max<int64_t>(1, nchunks) * width)]);
 
   int bad = 0;
+  const int nt = parallel_threads(kNsBackward * (hier ? 2.0 : 1.0) * static_cast<double>(S * n));
   dispatch_labels(fn, a.labels_dtype, a.labels, [&](auto lab) {
-#pragma omp parallel for schedule(static) reduction(| : bad)
+#pragma omp parallel for schedule(static) reduction(| : bad) num_threads(nt) if (nt > 1)
     for (int64_t ci = 0; ci < nchunks; ++ci) {
       double* acc = partial.get() + ci * width;
       std::fill(acc, acc + width, 0.0);
@@ -365,7 +371,8 @@ void reconstruct_backward_cpu(const ReconstructArgs& a, const float* grad_out, f
 
   // Reduce chunk partials in chunk order.
   std::vector<double> dz(static_cast<size_t>(width), 0.0);
-#pragma omp parallel for schedule(static)
+  const int ntr = parallel_threads(kNsGather * static_cast<double>(width * nchunks));
+#pragma omp parallel for schedule(static) num_threads(ntr) if (ntr > 1)
   for (int64_t x = 0; x < width; ++x) {
     double v = 0.0;
     for (int64_t ci = 0; ci < nchunks; ++ci) v += partial[ci * width + x];
@@ -379,7 +386,8 @@ void reconstruct_backward_cpu(const ReconstructArgs& a, const float* grad_out, f
     std::vector<float> eps_e;
     if (hier) {
       eps_e.resize(static_cast<size_t>(S * a.E));
-#pragma omp parallel for schedule(static)
+      const int nte = parallel_threads(kNsScalarNormal * static_cast<double>(S * a.E));
+#pragma omp parallel for schedule(static) num_threads(nte) if (nte > 1)
       for (int64_t e = 0; e < a.E; ++e)
         for (int64_t s = 0; s < S; ++s)
           eps_e[s * a.E + e] = normal_at(key, static_cast<uint64_t>(a.e_pos[e]), static_cast<uint32_t>(s), owner, kPurposeWeight);
@@ -421,7 +429,8 @@ void reconstruct_backward_cpu(const ReconstructArgs& a, const float* grad_out, f
     xo.xi_ss = xrow;
     sample_codebook_cpu(a, S, xo);
   }
-#pragma omp parallel for schedule(static)
+  const int ntk = parallel_threads(kNsScalarNormal * static_cast<double>(S * K));
+#pragma omp parallel for schedule(static) num_threads(ntk) if (ntk > 1)
   for (int64_t k = 0; k < K; ++k) {
     double g_mmu = 0, g_mrho = 0, g_a = 0, g_b = 0, g_c = 0;
     for (int64_t s = 0; s < S; ++s) {
@@ -447,7 +456,8 @@ void reconstruct_backward_cpu(const ReconstructArgs& a, const float* grad_out, f
   }
 
   // Outliers: independent per entry, samples summed in order.
-#pragma omp parallel for schedule(static)
+  const int nto = parallel_threads(kNsScalarNormal * static_cast<double>(S * a.O));
+#pragma omp parallel for schedule(static) num_threads(nto) if (nto > 1)
   for (int64_t o = 0; o < a.O; ++o) {
     const int64_t p = a.o_pos[o];
     double g_mu = 0, g_rho = 0;

@@ -1,0 +1,108 @@
+"""Native CPU threading (issue 17, item 2): one OpenMP runtime, threads = torch.get_num_threads(), no parallel
+region below the grain (csrc/cpu/parallel.h), and results that do not depend on the thread count."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import sws_kernels as sws
+from sws_kernels import functional as F
+from sws_kernels import native
+
+pytestmark = pytest.mark.skipif(not native.AVAILABLE_CPU, reason="native CPU backend not built")
+LINUX = sys.platform.startswith("linux")
+
+
+@pytest.fixture
+def threads():
+    old = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(old)
+
+
+@pytest.mark.skipif(not LINUX, reason="reads /proc/self/maps")
+def test_one_openmp_runtime_and_it_is_torchs():
+    torch.ones(4).sum()
+    with sws.backend("native"):  # make sure the module ran a kernel
+        F.reconstruct(torch.randn(3, 2), torch.zeros(3, 3), torch.zeros(4, 4, dtype=torch.uint8), seed=1)
+    maps = {line.split()[-1] for line in open("/proc/self/maps") if "/libgomp" in line or "/libiomp" in line}
+    assert len(maps) <= 1, f"more than one OpenMP runtime loaded: {sorted(maps)}"
+    torch_dir = os.path.dirname(torch.__file__)
+    bundled = [f for d in ("lib", "../torch.libs") if os.path.isdir(os.path.join(torch_dir, d))
+               for f in os.listdir(os.path.join(torch_dir, d)) if f.startswith("libgomp")]
+    if bundled and maps:
+        assert os.path.realpath(next(iter(maps))).startswith(os.path.realpath(os.path.dirname(torch_dir))), maps
+
+
+def test_threads_follow_torch(threads):
+    for n in (1, 2, 3):
+        threads(n)
+        assert native.max_threads() == torch.get_num_threads() == n
+
+
+@pytest.mark.skipif(not LINUX, reason="counts /proc/self/task")
+def test_no_thread_started_below_the_grain_and_started_above():
+    # a fresh process (no OpenMP pool yet): a 128x128, M = 8 sws_linear at 2 threads wakes no other thread;
+    # a reconstruct of 2 x 512 x 512 weights (~0.5 ms of work) does open a 2-thread region
+    code = textwrap.dedent("""
+        import os, torch, sws_kernels as sws
+        from sws_kernels import bench, functional as F
+        torch.set_num_threads(2)
+        tasks = lambda: len(os.listdir("/proc/self/task"))
+        L = bench._layer(128, 128, 64, "cpu")
+        e, o = (L["e_pos"], L["e_a"], L["e_b"], L["e_alpha"]), (L["o_pos"], L["o_mu"], L["o_rho"])
+        x = torch.randn(8, 128)
+        before = tasks()
+        with sws.backend("native"), torch.no_grad():
+            for S in (1, 4):
+                F.sws_linear(x, L["means"], L["chol"], L["labels"], e, o, L["bias"], seed=7, samples=S)
+        small = tasks()
+        B = bench._layer(512, 512, 64, "cpu")
+        with sws.backend("native"), torch.no_grad():
+            F.reconstruct(B["means"], B["chol"], B["labels"], seed=7, samples=2)
+        print(before, small, tasks())
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("SWS_CPU_GRAIN_US", "OMP_NUM_THREADS")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    before, small, big = map(int, r.stdout.split())
+    assert small == before, "a parallel region opened below the grain"
+    assert big > before, "no parallel region above the grain: the kernels never use a second thread"
+
+
+def _ops(size, S):
+    from sws_kernels import bench
+
+    L = bench._layer(size, size, 64, "cpu", seed=size)
+    e, o = (L["e_pos"], L["e_a"], L["e_b"], L["e_alpha"]), (L["o_pos"], L["o_mu"], L["o_rho"])
+    x = torch.randn(8, size, generator=torch.Generator().manual_seed(3))
+    out = {}
+    with sws.backend("native"):
+        for mode in ("paper", "hierarchical", "mean"):
+            means = L["means"].clone().requires_grad_(True)
+            o_mu = L["o_mu"].clone().requires_grad_(True)
+            w = F.reconstruct(means, L["chol"], L["labels"], e, (o[0], o_mu, o[2]), seed=5, samples=S, mode=mode)
+            w.backward(torch.cos(w.detach()))
+            out[f"reconstruct {mode}"] = (w.detach(), means.grad, o_mu.grad)
+        with torch.no_grad():
+            out["sws_linear"] = F.sws_linear(x, L["means"], L["chol"], L["labels"], e, o, L["bias"], seed=7, samples=S)
+        mu = L["mu"].clone().requires_grad_(True)
+        w = F.mean_field_reconstruct(mu, L["rho"], seed=9, samples=S)
+        w.backward(torch.sin(w.detach()))
+        out["mean_field"] = (w.detach(), mu.grad)
+    return out
+
+
+@pytest.mark.parametrize("size, S", [(96, 2), (512, 2)])  # below the grain, and above it (2-thread regions)
+def test_bit_identical_run_to_run_and_across_thread_counts(threads, size, S):
+    threads(1)
+    one = _ops(size, S)
+    threads(2)
+    two, again = _ops(size, S), _ops(size, S)
+    for k in one:
+        for a, b, c in zip(*(v[k] if isinstance(v[k], tuple) else (v[k],) for v in (one, two, again))):
+            assert torch.equal(b, c), f"{k}: 2 threads, run to run"
+            assert torch.equal(a, b), f"{k}: 1 vs 2 threads"

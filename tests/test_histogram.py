@@ -89,6 +89,21 @@ def test_native_deterministic_across_runs_and_threads():
 
 
 @needs_native
+@pytest.mark.parametrize("S", [3, 11])
+def test_native_scalar_fallback_matches_reference(S):
+    """The portable path (no AVX2: scalar normals, product loop) against the reference too."""
+    gen = torch.Generator().manual_seed(S)
+    x, means, chol, labels, ell, outl, bias = _case(gen, 13, 41, 20, torch.uint8, 2, S, "shared")
+    native.set_simd(False)
+    try:
+        y = native.sws_linear_histogram_cpu(x, means, chol, labels, *ell, *outl, bias, 21, S, 0, 7, 3)
+    finally:
+        native.set_simd(True)
+    yr, bound = _expected(x, means, chol, labels, ell, outl, bias, 21, S, "paper")
+    assert bool(((y.double() - yr).abs() <= bound).all())
+
+
+@needs_native
 def test_native_rejects_what_it_cannot_do():
     gen = torch.Generator().manual_seed(6)
     x, means, chol, labels, ell, outl, bias = _case(gen, 6, 10, 4, torch.uint8, 2, 3, "none")

@@ -287,8 +287,32 @@ SWS_AVX2 void gather1_avx2(const L* lab, int64_t n, const float* z, float* out, 
 }
 
 // ---- issue 14 (histogram.cpp): normals at scattered elements, out[o * S + s] = element pos[o] of sample s ----
-// One Philox call per normal (scattered elements rarely share a counter): lanes are 8 (element, sample) pairs;
-// only the word pair the element needs goes through Box-Muller, and its cos or sin is kept.
+// One Philox call per normal (scattered elements rarely share a counter), 8 lanes per call; only the word pair an
+// element needs goes through Box-Muller, and its cos or sin is kept. S >= 8: the lanes are 8 samples of one
+// element (counter words 0 and 1 from registers); S < 8: 8 (element, sample) pairs. Lanes past the end are
+// computed and dropped.
+SWS_AVX2 inline __m256 normal8_at(const uint32_t* ks0, const uint32_t* ks1, __m256i c0, __m256i c1, __m256i c2,
+                                  __m256i c3, __m256i t) {
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
+  for (int r = 0; r < 10; ++r) {
+    __m256i hi0, lo0, hi1, lo1;
+    mulhilo8(m0, c0, hi0, lo0);
+    mulhilo8(m1, c2, hi1, lo1);
+    const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(ks0[r])));
+    const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(ks1[r])));
+    c0 = n0;
+    c1 = lo1;
+    c2 = n2;
+    c3 = lo0;
+  }
+  const __m256i upper = _mm256_cmpgt_epi32(t, _mm256_set1_epi32(1));  // element % 4 >= 2: words 2, 3
+  const __m256i odd = _mm256_cmpeq_epi32(_mm256_and_si256(t, _mm256_set1_epi32(1)), _mm256_set1_epi32(1));
+  __m256 x, y;
+  box_muller8(_mm256_blendv_epi8(c0, c2, upper), _mm256_blendv_epi8(c1, c3, upper), x, y);
+  return _mm256_blendv_ps(x, y, _mm256_castsi256_ps(odd));
+}
+
 SWS_AVX2 void normals_at_avx2(Key key, const int64_t* pos, int64_t npos, int64_t S, uint32_t owner, uint32_t purpose,
                               float* out) {
   uint32_t ks0[10], ks1[10];
@@ -298,40 +322,46 @@ SWS_AVX2 void normals_at_avx2(Key key, const int64_t* pos, int64_t npos, int64_t
     ks0[r] = ks0[r - 1] + kPhiloxW0;
     ks1[r] = ks1[r - 1] + kPhiloxW1;
   }
-  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0));
-  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
-  const int64_t total = npos * S;
-  alignas(32) int32_t jv[8], sv[8], tv[8];
+  const __m256i c2 = _mm256_set1_epi32(static_cast<int>(owner)), c3 = _mm256_set1_epi32(static_cast<int>(purpose));
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   alignas(32) float res[8];
+  if (S >= 8) {
+    for (int64_t o = 0; o < npos; ++o) {
+      const uint64_t p = static_cast<uint64_t>(pos[o]);
+      const __m256i c0 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(p >> 2)));
+      const __m256i t = _mm256_set1_epi32(static_cast<int>(p & 3));
+      float* dst = out + o * S;
+      int64_t s0 = 0;
+      for (; s0 + 8 <= S; s0 += 8)
+        _mm256_storeu_ps(dst + s0, normal8_at(ks0, ks1, c0, _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(s0)),
+                                                                              lane), c2, c3, t));
+      if (s0 < S) {
+        _mm256_store_ps(res, normal8_at(ks0, ks1, c0, _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(s0)), lane),
+                                        c2, c3, t));
+        std::memcpy(dst + s0, res, sizeof(float) * static_cast<size_t>(S - s0));
+      }
+    }
+    return;
+  }
+  const int64_t total = npos * S;
+  int64_t o = 0, s = 0;  // the (element, sample) pair of the next lane: no divisions
+  int32_t jv[8], sv[8], tv[8];
   for (int64_t t0 = 0; t0 < total; t0 += 8) {
     const int lanes = static_cast<int>(std::min<int64_t>(8, total - t0));
     for (int l = 0; l < 8; ++l) {
-      const int64_t t = t0 + (l < lanes ? l : 0);
-      const int64_t o = t / S, s = t - o * S;
-      jv[l] = static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint64_t>(pos[o]) >> 2));
-      sv[l] = static_cast<int32_t>(s);
-      tv[l] = static_cast<int32_t>(pos[o] & 3);
+      if (l < lanes) {
+        jv[l] = static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint64_t>(pos[o]) >> 2));
+        sv[l] = static_cast<int32_t>(s);
+        tv[l] = static_cast<int32_t>(pos[o] & 3);
+        if (++s == S) s = 0, ++o;
+      } else {
+        jv[l] = jv[0], sv[l] = sv[0], tv[l] = tv[0];
+      }
     }
-    __m256i c0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(jv));
-    __m256i c1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(sv));
-    __m256i c2 = _mm256_set1_epi32(static_cast<int>(owner)), c3 = _mm256_set1_epi32(static_cast<int>(purpose));
-    for (int r = 0; r < 10; ++r) {
-      __m256i hi0, lo0, hi1, lo1;
-      mulhilo8(m0, c0, hi0, lo0);
-      mulhilo8(m1, c2, hi1, lo1);
-      const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(ks0[r])));
-      const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(ks1[r])));
-      c0 = n0;
-      c1 = lo1;
-      c2 = n2;
-      c3 = lo0;
-    }
-    const __m256i tt = _mm256_load_si256(reinterpret_cast<const __m256i*>(tv));
-    const __m256i upper = _mm256_cmpgt_epi32(tt, _mm256_set1_epi32(1));  // t >= 2: words 2, 3
-    const __m256i odd = _mm256_cmpeq_epi32(_mm256_and_si256(tt, _mm256_set1_epi32(1)), _mm256_set1_epi32(1));
-    __m256 x, y;
-    box_muller8(_mm256_blendv_epi8(c0, c2, upper), _mm256_blendv_epi8(c1, c3, upper), x, y);
-    _mm256_store_ps(res, _mm256_blendv_ps(x, y, _mm256_castsi256_ps(odd)));
+    const __m256i c0 = _mm256_setr_epi32(jv[0], jv[1], jv[2], jv[3], jv[4], jv[5], jv[6], jv[7]);
+    const __m256i c1 = _mm256_setr_epi32(sv[0], sv[1], sv[2], sv[3], sv[4], sv[5], sv[6], sv[7]);
+    const __m256i t = _mm256_setr_epi32(tv[0], tv[1], tv[2], tv[3], tv[4], tv[5], tv[6], tv[7]);
+    _mm256_store_ps(res, normal8_at(ks0, ks1, c0, c1, c2, c3, t));
     std::memcpy(out + t0, res, sizeof(float) * static_cast<size_t>(lanes));
   }
 }

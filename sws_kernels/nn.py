@@ -348,6 +348,8 @@ class _RngIdMixin:
         state = dict(super().__getstate__())
         state.pop("_sws_binding", None)
         state.pop("_mf_binding", None)
+        state.pop("_kl_cache", None)  # a codebook's kept KL (_codebook_kl_share) and weight count
+        state.pop("_nw_cache", None)
         return state
 
     def _load_rng_id(self, state_dict, prefix) -> None:
@@ -468,8 +470,19 @@ class Codebook(_RngIdMixin, nn.Module):
         return [] if users is None else [m for m in list(users) if m.codebook is self]
 
     def num_weights(self) -> int:
-        """Total weight count of :meth:`users`: the denominator of each layer's share of this KL."""
-        return sum(m.num_weights for m in self.users())
+        """Total weight count of :meth:`users`: the denominator of each layer's share of this KL. Kept while the
+        set of users has the same size (a layer joining or collected changes it; a layer's codebook reassigned
+        clears it)."""
+        users = _CODEBOOK_USERS.get(self)
+        if users is None:
+            return 0
+        n = len(users)
+        kept = self.__dict__.get("_nw_cache")
+        if kept is not None and kept[0] == n:
+            return kept[1]
+        total = sum(m.num_weights for m in self.users())
+        self.__dict__["_nw_cache"] = (n, total)
+        return total
 
     def kl_loss(self) -> torch.Tensor:
         """sum_k KL(q_k || p_k) (SPEC.md section 6). Also picked up once by bayesian-torch's get_kl_loss."""
@@ -493,6 +506,49 @@ class Codebook(_RngIdMixin, nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_components={self.num_components}, rng_id={self.owner}"
+
+
+class _SharedKL(torch.autograd.Function):
+    """``share * KL(codebook)`` from a value and gradient computed once per codebook state: every call is its own
+    graph node (so separate forwards and backwards stay independent), its backward scales the kept gradient."""
+
+    @staticmethod
+    def forward(ctx, means, chol, share, value, g_means, g_chol):
+        ctx.share, ctx.g_means, ctx.g_chol = share, g_means, g_chol
+        return value * share
+
+    @staticmethod
+    def backward(ctx, g):
+        s = g * ctx.share
+        return s * ctx.g_means, s * ctx.g_chol, None, None, None, None
+
+
+def _codebook_kl_share(cb, share: float) -> torch.Tensor:
+    """``cb.kl_loss() * share``, with the codebook KL (and, when a gradient is needed, its gradient with respect
+    to means and chol) kept on the codebook and reused while means, chol and the prior are the same tensors
+    with the same versions and addresses (an optimizer step or load_state_dict changes them; an edit through
+    ``.data`` does not bump a version: call ``cb.__dict__.pop("_kl_cache", None)`` after one). A trainable
+    prior, torch.compile and inference tensors take the plain path."""
+    m, c, m0, c0 = cb.means, cb.chol, cb.means0, cb.chol0
+    if m0.requires_grad or c0.requires_grad or torch.compiler.is_compiling():
+        return cb.kl_loss() * share
+    need_grad = torch.is_grad_enabled() and (m.requires_grad or c.requires_grad)
+    try:
+        key = (id(m), id(c), id(m0), id(c0), m._version, c._version, m0._version, c0._version,
+               m.data_ptr(), c.data_ptr(), m0.data_ptr(), c0.data_ptr())
+    except RuntimeError:  # inference tensors have no version counter
+        return cb.kl_loss() * share
+    cache = cb.__dict__.get("_kl_cache")
+    if cache is None or cache[0] != key or (need_grad and cache[2] is None):
+        with torch.enable_grad():
+            mm, cc = m.detach().requires_grad_(need_grad), c.detach().requires_grad_(need_grad)
+            value = SF.kl_components(mm, cc, m0, c0)
+            grads = torch.autograd.grad(value, (mm, cc)) if need_grad else (None, None)
+        cache = (key, value.detach(), *grads)
+        cb.__dict__["_kl_cache"] = cache
+    if need_grad:
+        return _SharedKL.apply(m, c, share, cache[1], cache[2], cache[3])
+    return cache[1] * share
 
 
 # --------------------------------------------------------------------------------------------------
@@ -609,12 +665,15 @@ class _SWSLayer(_RngIdMixin, nn.Module):
     def layer_kl(self) -> torch.Tensor:
         """The KL this layer returns from forward (SPEC.md section 8, step 7), summed as in section 6:
         KL(outliers) + KL(codebook) * num_weights / codebook.num_weights(), the codebook's KL attributed to
-        the layers sharing it in proportion to their weight counts (counted exactly once over all of them)."""
+        the layers sharing it in proportion to their weight counts (counted exactly once over all of them).
+
+        The codebook's KL and its gradient are computed once per codebook state and reused by every layer
+        sharing it (:func:`_codebook_kl_share`): 20 layers sharing K = 4096 components cost one KL, not 20."""
         cb = self.codebook
         users = _CODEBOOK_USERS.get(cb)
         if users is None or self not in users:  # a codebook assigned by hand or a copied layer
             _register_user(cb, self)
-        return self.kl_loss() + cb.kl_loss() * (self.num_weights / cb.num_weights())
+        return self.kl_loss() + _codebook_kl_share(cb, self.num_weights / cb.num_weights())
 
     def _contract(self, out, return_kl):
         """``(out, layer_kl())`` or ``out`` per ``return_kl`` (None: the layer's ``return_kl`` attribute) and
@@ -652,6 +711,10 @@ class _SWSLayer(_RngIdMixin, nn.Module):
 
     def __setattr__(self, name, value):
         if name == "codebook" and isinstance(value, Codebook) and self.__dict__.get("_entry_checks", False):
+            old = self._modules.get("codebook")
+            if old is not None:
+                old.__dict__.pop("_nw_cache", None)
+            value.__dict__.pop("_nw_cache", None)
             _register_user(value, self)
         if name in _checks.SWS_BUFFERS and self.__dict__.get("_entry_checks", False):
             if not isinstance(value, torch.Tensor):

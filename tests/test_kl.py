@@ -51,3 +51,66 @@ def test_zero_at_prior_and_bad_inputs(rng):
     with sws.validate(), pytest.raises(ValueError, match="chol.*non-finite"):  # per call: on request only
         F.kl_components(m, c * float("inf"), m, c)
     assert not torch.isfinite(F.kl_components(m, c * float("inf"), m, c))  # never a crash
+
+
+# --------------------------------------------------------------------------------------------------
+# SWS layers' KL shares (the forward contract of issue 12): kept codebook KL, exact values and gradients
+# --------------------------------------------------------------------------------------------------
+
+def _shared_layers(rng):
+    import sws_kernels.nn as snn
+
+    cb = snn.Codebook(16)
+    with torch.no_grad():
+        cb.means.add_(0.05 * torch.randn(cb.means.shape, generator=rng))
+        cb.chol.add_(0.05 * torch.randn(cb.chol.shape, generator=rng))
+    layers = [snn.SWSLinear(4, 3, codebook=cb, return_kl=True), snn.SWSConv1d(2, 3, 3, codebook=cb, return_kl=True),
+              snn.SWSLinear(5, 2, codebook=cb, return_kl=True,
+                            outliers=(torch.tensor([1]), torch.tensor([0.4]), torch.tensor([-3.0])))]
+    return cb, torch.nn.ModuleList(layers)
+
+
+def _plain_total(cb, layers):
+    n = sum(m.num_weights for m in layers)
+    return sum(m.kl_loss() + R.kl_components(cb.means, cb.chol, cb.means0, cb.chol0) * (m.num_weights / n)
+               for m in layers)
+
+
+def test_layer_kl_shares_match_the_plain_formula_through_training(rng):
+    cb, layers = _shared_layers(rng)
+    opt = torch.optim.Adam(layers.parameters(), lr=0.05)
+    for step in range(3):  # the kept KL follows every optimizer step
+        opt.zero_grad()
+        got = sum(m.layer_kl() for m in layers)
+        want = _plain_total(cb, layers)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(got, sws.kl_loss(layers))
+        g_got = torch.autograd.grad(got, [cb.means, cb.chol, layers[2].outlier_mu], retain_graph=True)
+        g_want = torch.autograd.grad(want, [cb.means, cb.chol, layers[2].outlier_mu])
+        for a, b in zip(g_got, g_want):
+            torch.testing.assert_close(a, b)
+        got.backward()
+        opt.step()
+    # gradient accumulation: two forwards and two backwards before a step, each its own graph
+    opt.zero_grad()
+    layers[0].layer_kl().backward()
+    layers[0].layer_kl().backward()
+    acc = cb.means.grad.clone()
+    cb.means.grad = None
+    (2 * layers[0].layer_kl()).backward()
+    torch.testing.assert_close(acc, cb.means.grad)
+    # without grad, and after load_state_dict, the values stay exact
+    with torch.no_grad():
+        torch.testing.assert_close(sum(m.layer_kl() for m in layers), _plain_total(cb, layers))
+    sd = {k: v + 0.01 if k.endswith("means") else v for k, v in layers.state_dict().items()}
+    layers.load_state_dict(sd)
+    torch.testing.assert_close(sum(m.layer_kl() for m in layers), _plain_total(cb, layers))
+
+
+def test_layer_kl_with_a_trainable_prior(rng):
+    cb, layers = _shared_layers(rng)
+    cb.means0.requires_grad_()  # the plain path: the prior gets its gradient too
+    got = sum(m.layer_kl() for m in layers)
+    torch.testing.assert_close(got, _plain_total(cb, layers))
+    got.backward()
+    assert cb.means0.grad is not None and float(cb.means0.grad.abs().sum()) > 0

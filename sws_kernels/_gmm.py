@@ -17,11 +17,19 @@ from typing import Callable, Optional, Tuple
 import torch
 
 LOG_2PI = math.log(2 * math.pi)
-_STATS: dict = {}  # diagnostics of the last assign_top2_grid call (mean candidates per cell)
+_STATS: dict = {}  # diagnostics of the last assign_top2_grid call (candidates per cell, points scored)
 
 
-def _progress(iterable, total: int, desc: str, enabled: bool):
-    if not enabled:
+def progress_enabled(progress) -> bool:
+    """``progress`` True/False as given; None: bars only when stderr is a terminal (never in logs or CI)."""
+    if progress is None:
+        import sys
+        return bool(getattr(sys.stderr, "isatty", lambda: False)())
+    return bool(progress)
+
+
+def _progress(iterable, total: int, desc: str, enabled):
+    if not progress_enabled(enabled):
         return iterable
     try:
         from tqdm.auto import tqdm
@@ -67,23 +75,35 @@ def _features(x: torch.Tensor) -> torch.Tensor:
 
 
 def kmeans_pp(x: torch.Tensor, K: int, generator: torch.Generator, chunk: int = 1 << 16) -> torch.Tensor:
-    """k-means++ seeding: K centres from x [n, 2], each drawn with probability proportional to D^2."""
+    """k-means++ seeding, batched: K centres from x [n, 2], drawn with probability proportional to D^2
+    (the squared distance to the nearest centre chosen so far) in about log2(K) rounds instead of K steps.
+
+    Round r draws as many new centres as there are already (1, 1, 2, 4, ...), without replacement and
+    proportional to the current D^2 (Gumbel top-k: log D^2 + Gumbel noise, the largest keys win), then
+    updates D^2 against the whole batch at once. Within a round the draws do not see each other, the only
+    difference from sequential k-means++; a Python loop over K (one O(n) pass per centre) cost minutes at
+    K = 4096. The uniforms come from ``generator`` (CPU), so CPU and GPU draw the same centres. Points with
+    D^2 = 0 (already chosen, or duplicates) are drawn only when every other point is used up.
+    """
     n = x.shape[0]
-    idx = torch.empty(K, dtype=torch.int64)
+    dev = x.device
     first = int(torch.randint(0, n, (1,), generator=generator))
-    idx[0] = first
+    chosen = [torch.tensor([first], device=dev)]
     d2 = ((x - x[first]) ** 2).sum(-1)
-    for k in range(1, K):
-        cdf = torch.cumsum(d2, 0)
-        total = float(cdf[-1])
-        if total <= 0:  # fewer distinct points than K: repeat points (EM then splits or keeps them)
-            j = int(torch.randint(0, n, (1,), generator=generator))
-        else:  # inverse-CDF draw: O(n) per centre (torch.multinomial re-normalises and was 30x slower)
-            u = float(torch.rand((), generator=generator, dtype=torch.float64)) * total
-            j = min(int(torch.searchsorted(cdf, torch.tensor([u], dtype=cdf.dtype, device=cdf.device))), n - 1)
-        idx[k] = j
-        d2 = torch.minimum(d2, ((x - x[j]) ** 2).sum(-1))
-    return x[idx.to(x.device)].clone()
+    have = 1
+    while have < K:
+        b = min(have, K - have)
+        u = torch.rand(n, generator=generator, dtype=torch.float64).clamp_(1e-300, 1 - 1e-16).to(dev)
+        gumbel = -torch.log(-torch.log(u))
+        keys = torch.where(d2 > 0, torch.log(d2.clamp_min(1e-300)) + gumbel, gumbel - 1e4)
+        new = keys.topk(b).indices
+        chosen.append(new)
+        c = x[new]
+        for i in range(0, n, chunk):  # D^2 update against the whole batch, [chunk, b] at a time
+            d2[i:i + chunk] = torch.minimum(d2[i:i + chunk], torch.cdist(x[i:i + chunk], c, compute_mode="donot_use_mm_for_euclid_dist")
+                                         .pow(2).amin(1))
+        have += b
+    return x[torch.cat(chosen)].clone()
 
 
 def fit_em(x: torch.Tensor, K: int, *, generator: torch.Generator, max_iter: int = 30, tol: float = 1e-4,
@@ -152,38 +172,17 @@ def fit_em(x: torch.Tensor, K: int, *, generator: torch.Generator, max_iter: int
 
 def assign_top2(x: torch.Tensor, weights, means, S, *, chunk: int = 8192, progress: bool = False):
     """For every point: most and second-most responsible components, their log-responsibility gap
-    (l1 - l2 >= 0) and the squared Mahalanobis distance to the first. Returns (c1, c2, gap, maha)."""
-    n, K = x.shape[0], means.shape[0]
-    coefs = _coefs(means, S, torch.log(weights))
-    P, _ = precision(S)
+    (l1 - l2 >= 0) and the squared Mahalanobis distance to the first, scoring every component
+    (:class:`Top2` without a grid). Returns (c1, c2, gap, maha)."""
+    n = x.shape[0]
+    t2 = Top2(weights, means, S)
     c1 = torch.empty(n, dtype=torch.int64, device=x.device)
     c2 = torch.empty(n, dtype=torch.int64, device=x.device)
     gap = torch.empty(n, dtype=x.dtype, device=x.device)
     maha = torch.empty(n, dtype=x.dtype, device=x.device)
     steps = range(0, n, chunk)
-    coefs32 = coefs.float()
-    logw = torch.log(weights)
-    _, logdet = precision(S)
     for i in _progress(steps, len(steps), "SWS assign", progress):
-        xc = x[i:i + chunk]
-        if K > 1:
-            arg = (_features(xc).float() @ coefs32).topk(2, dim=1).indices
-            a1, a2 = arg[:, 0], arg[:, 1]
-        else:
-            a1 = a2 = torch.zeros(xc.shape[0], dtype=torch.int64, device=x.device)
-
-        def exact(k):  # float64 log w_k + log N(x | k) and the squared Mahalanobis distance
-            d = xc - means[k]
-            Pk = P[k]
-            q = Pk[:, 0] * d[:, 0] ** 2 + 2 * Pk[:, 1] * d[:, 0] * d[:, 1] + Pk[:, 2] * d[:, 1] ** 2
-            return logw[k] - 0.5 * (q + logdet[k]) - LOG_2PI, q
-        l1, q1 = exact(a1)
-        l2, q2 = exact(a2)
-        swap = l2 > l1  # float32 near-ties: order the two by their exact values
-        c1[i:i + chunk] = torch.where(swap, a2, a1)
-        c2[i:i + chunk] = torch.where(swap, a1, a2)
-        gap[i:i + chunk] = (l1 - l2).abs() if K > 1 else torch.full_like(l1, math.inf)
-        maha[i:i + chunk] = torch.where(swap, q2, q1)
+        c1[i:i + chunk], c2[i:i + chunk], gap[i:i + chunk], maha[i:i + chunk] = t2(x[i:i + chunk])
     return c1, c2, gap, maha
 
 
@@ -194,113 +193,249 @@ def _eig_range(P: torch.Tensor):
     return (half_tr - r).clamp_min(0), half_tr + r
 
 
-def assign_top2_grid(x: torch.Tensor, weights, means, S, *, grid: int = 96, cell_batch: int = 256,
-                     chunk: int = 16384, max_width: int = 64, progress: bool = False):
-    """:func:`assign_top2` with exact candidate pruning on a 2D grid (same result, much less work).
+class GridIndex:
+    """Cell index of 2-D points on a grid x grid layout whose edges are the quantiles of a sample (cells of
+    similar occupancy), computed with a lookup table over ``grid * oversample`` uniform bins per coordinate
+    (one multiply and one small gather per point instead of a binary search). A uniform bin that straddles a
+    quantile edge sends all its points to one side: the cells are what this function says they are, and the
+    pruning bounds use the boxes of the points each cell actually holds, so exactness does not depend on it."""
 
-    Points are binned on a grid with quantile edges (cells hold similar numbers of points). For a cell C
-    and component k, with c_k = log w_k - log det(Sigma_k)/2 - log 2pi, the log score of any x in C lies in
-    [c_k - lmax_k dmax^2 / 2, c_k - lmin_k dmin^2 / 2] (lmin/lmax: precision eigenvalues, dmin/dmax: the
-    nearest/farthest Euclidean distance from m_k to C). A component whose upper bound is below the
-    second-largest lower bound cannot be in any point's top two, so each cell scores only its candidates.
+    def __init__(self, sample: torch.Tensor, grid: int, oversample: int = 64):
+        self.grid = grid
+        qs = torch.linspace(0, 1, grid + 1, dtype=sample.dtype, device=sample.device)[1:-1]
+        B = grid * oversample
+        self.lo, self.inv, self.luts = [], [], []
+        for d in range(2):
+            col = sample[:, d].contiguous()
+            edges = torch.quantile(col, qs)
+            a, b = float(col.min()), float(col.max())
+            w = (b - a) / B if b > a else 1.0
+            centers = a + (torch.arange(B, dtype=sample.dtype, device=sample.device) + 0.5) * w
+            self.lo.append(a)
+            self.inv.append(1.0 / w)
+            self.luts.append(torch.searchsorted(edges, centers))
+        self.B = B
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        iu = ((x[:, 0] - self.lo[0]) * self.inv[0]).clamp_(0, self.B - 1).long()
+        iv = ((x[:, 1] - self.lo[1]) * self.inv[1]).clamp_(0, self.B - 1).long()
+        return self.luts[0][iu] * self.grid + self.luts[1][iv]
+
+
+def grid_boxes_update(lo: torch.Tensor, hi: torch.Tensor, x: torch.Tensor, cell: torch.Tensor) -> None:
+    """Grow the per-cell bounding boxes lo/hi [cells, 2] by the points x [n, 2] in ``cell`` [n] (in place)."""
+    idx = cell[:, None].expand(-1, 2)
+    lo.scatter_reduce_(0, idx, x.to(lo.dtype), "amin")
+    hi.scatter_reduce_(0, idx, x.to(hi.dtype), "amax")
+
+
+def _quad_range(P: torch.Tensor, m: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
+    """Exact (min, max) over the box [lo, hi] of q(x) = (x - m)^T P (x - m), P SPD given as (P11, P12, P22).
+
+    Broadcasts: P [..., 3], m [..., 2], lo/hi [..., 2]. q is convex: its maximum is at a corner; its minimum
+    is 0 when m is in the box, else on an edge, where q is a 1-D quadratic minimised at a clamped point."""
+    P11, P12, P22 = P[..., 0], P[..., 1], P[..., 2]
+    ulo, uhi = lo[..., 0] - m[..., 0], hi[..., 0] - m[..., 0]
+    vlo, vhi = lo[..., 1] - m[..., 1], hi[..., 1] - m[..., 1]
+
+    def q(u, v):
+        return P11 * u * u + 2 * P12 * u * v + P22 * v * v
+    qmax = torch.maximum(torch.maximum(q(ulo, vlo), q(ulo, vhi)), torch.maximum(q(uhi, vlo), q(uhi, vhi)))
+    qmin = None
+    for u0 in (ulo, uhi):  # edges u = u0: v* = -P12 u0 / P22, clamped
+        v = torch.minimum(torch.maximum(-P12 * u0 / P22, vlo), vhi)
+        e = q(u0, v)
+        qmin = e if qmin is None else torch.minimum(qmin, e)
+    for v0 in (vlo, vhi):
+        u = torch.minimum(torch.maximum(-P12 * v0 / P11, ulo), uhi)
+        qmin = torch.minimum(qmin, q(u, v0))
+    inside = (ulo <= 0) & (uhi >= 0) & (vlo <= 0) & (vhi >= 0)
+    return torch.where(inside, torch.zeros_like(qmin), qmin), qmax
+
+
+class Top2:
+    """The two most responsible components of points, exactly, in chunks of bounded memory.
+
+    ``Top2(weights, means, S)`` scores every component (one [c, 6] @ [6, K] float32 GEMM per chunk). With
+    ``set_grid(index, lo, hi, coarse=4)`` (a :class:`GridIndex` and the bounding box of the points of every
+    fine cell) it prunes instead. For a box B and component k, with c_k = log w_k - log det(Sigma_k)/2
+    - log 2pi, every x in B scores within [c_k - qmax_k / 2, c_k - qmin_k / 2], qmin/qmax the exact extremes
+    of the Mahalanobis form over B (:func:`_quad_range`); a component whose upper bound is below the
+    second-largest lower bound cannot be in any point's top two there. Coarse cells (``coarse`` x ``coarse``
+    fine cells) are pruned against every component, fine cells against their coarse cell's candidates. A
+    point whose fine cell has exactly two candidates needs no scoring at all; the others score their cell's
+    candidates (a row of the table, padded with a dummy component K scoring -1e30); cells with more
+    candidates than the row width score every component. The two winners' log-densities are then computed
+    exactly in float64 (which also orders float32 near-ties).
+
+    ``__call__(x, cell=None)`` -> (c1, c2, gap = l1 - l2 >= 0, squared Mahalanobis distance to c1).
     """
+
+    def __init__(self, weights, means, S):
+        self.K = means.shape[0]
+        self.means = means
+        self.P, logdet = precision(S)
+        self.const = torch.log(weights) - 0.5 * logdet - LOG_2PI
+        # packed per-component parameters for the exact float64 refinement: m_u, m_v, P11, P12, P22, const
+        self.packed = torch.cat([means, self.P, self.const[:, None]], 1).contiguous()
+        self.coefs32 = _coefs(means, S, torch.log(weights)).float()
+        self.table = None
+        self.stats = {}
+
+    def _bounds(self, cand, lo, hi):
+        """(upper, lower) score bounds of components ``cand`` [C, W] (index K = padding) over boxes [C, 2]."""
+        K = self.K
+        safe = cand.clamp_max(K - 1)
+        ub_q, lb_q = _quad_range(self.P[safe], self.means[safe], lo[:, None, :], hi[:, None, :])
+        c = self.const[safe]
+        pad = cand >= K
+        ub = torch.where(pad, -math.inf, c - 0.5 * ub_q)
+        lb = torch.where(pad, -math.inf, c - 0.5 * lb_q)
+        return ub, lb
+
+    def _prune(self, cand, lo, hi, width):
+        """Candidates among ``cand`` [C, W] for boxes [C, 2]: (table [C, width] padded with K, counts [C])."""
+        ub, lb = self._bounds(cand, lo, hi)
+        t2 = lb.topk(min(2, lb.shape[1]), dim=1).values[:, -1:]
+        keep = (ub >= t2 - 1e-9) & (cand < self.K)
+        n = keep.sum(1)
+        order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :width]
+        tab = torch.where(torch.gather(keep, 1, order), torch.gather(cand, 1, order), torch.full_like(order, self.K))
+        if tab.shape[1] < width:
+            tab = torch.cat([tab, torch.full((tab.shape[0], width - tab.shape[1]), self.K, dtype=tab.dtype,
+                                             device=tab.device)], 1)
+        return tab, n
+
+    def set_grid(self, index: "GridIndex", lo, hi, *, coarse: int = 4, cell_batch: int = 4096,
+                 max_width: int = 32) -> None:
+        K, dev = self.K, self.means.device
+        G = index.grid
+        Gc = -(-G // coarse)
+        lo, hi = lo.to(self.means.dtype), hi.to(self.means.dtype)
+        nonempty = lo[:, 0] <= hi[:, 0]
+        # coarse boxes: the union of their fine boxes
+        fi = torch.arange(G * G, device=dev)
+        parent = (fi // G // coarse) * Gc + (fi % G) // coarse
+        clo = torch.full((Gc * Gc, 2), math.inf, dtype=lo.dtype, device=dev)
+        chi = torch.full((Gc * Gc, 2), -math.inf, dtype=lo.dtype, device=dev)
+        ne = nonempty.nonzero().squeeze(1)
+        grid_boxes_update(clo, chi, lo[ne], parent[ne])
+        grid_boxes_update(clo, chi, hi[ne], parent[ne])
+        cne = (clo[:, 0] <= chi[:, 0]).nonzero().squeeze(1)
+        all_k = torch.arange(K, device=dev)
+        ctab_rows, cn = [], torch.zeros(Gc * Gc, dtype=torch.int64, device=dev)
+        cb = max(1, (1 << 22) // max(K, 1))
+        for b in range(0, cne.numel(), cb):
+            cells = cne[b:b + cb]
+            tab, n = self._prune(all_k.expand(cells.numel(), K), clo[cells], chi[cells], K)
+            cn[cells] = n
+            ctab_rows.append((cells, tab))
+        wc = max(2, int(cn.max()) if cne.numel() else 2)
+        ctab = torch.full((Gc * Gc, wc), K, dtype=torch.int64, device=dev)
+        for cells, tab in ctab_rows:
+            ctab[cells] = tab[:, :wc]
+        del ctab_rows
+        # fine cells: prune their coarse cell's candidates
+        n_cand = torch.zeros(G * G, dtype=torch.int64, device=dev)
+        rows = []
+        fb = max(1, min(cell_batch, (1 << 22) // wc))
+        for b in range(0, ne.numel(), fb):
+            cells = ne[b:b + fb]
+            tab, n = self._prune(ctab[parent[cells]], lo[cells], hi[cells], min(wc, max_width))
+            n_cand[cells] = n
+            rows.append((cells, tab))
+        width = max(2, min(max_width, K, int(n_cand.max()) if ne.numel() else 2))
+        table = torch.full((G * G, width), K, dtype=torch.int64, device=dev)
+        for cells, tab in rows:
+            table[cells] = tab[:, :width]
+        coefsT = torch.cat([self.coefs32, torch.zeros(6, 1, dtype=torch.float32, device=dev)], 1).T.contiguous()
+        coefsT[K, 5] = -1e30
+        self.table, self.coefsT, self.n_cand, self.width = table, coefsT, n_cand, width
+        self.index = index
+        self.stats = {"mean_candidates": float(n_cand[ne].double().mean()) if ne.numel() else 0.0,
+                      "coarse_width": wc, "width": width, "fine_cells": G * G, "overflow_points": 0,
+                      "scored_points": 0}
+
+    def _brute(self, xc):
+        if self.K == 1:
+            z = torch.zeros(xc.shape[0], dtype=torch.int64, device=xc.device)
+            return z, z
+        arg = (_features(xc).float() @ self.coefs32).topk(2, dim=1).indices
+        return arg[:, 0], arg[:, 1]
+
+    def __call__(self, xc: torch.Tensor, cell: Optional[torch.Tensor] = None):
+        if self.table is None or self.K < 3:
+            a1, a2 = self._brute(xc)
+        else:
+            if cell is None:
+                cell = self.index(xc)
+            nc = self.n_cand[cell]
+            a12 = self.table[cell, :2]
+            a1, a2 = a12[:, 0], torch.where(a12[:, 1] == self.K, a12[:, 0], a12[:, 1])  # one candidate: a2 = a1
+            lo_w = 2
+            for w in (4, 8, self.width):  # score the points of cells with (lo_w, w] candidates, w columns
+                if w <= lo_w:
+                    continue
+                sc_idx = ((nc > lo_w) & (nc <= w)).nonzero().squeeze(1)
+                lo_w = w
+                if not sc_idx.numel():
+                    continue
+                tab = self.table[cell[sc_idx], :w]  # [s, w]
+                f = _features(xc[sc_idx]).float()
+                sc = (self.coefsT[tab] * f[:, None, :]).sum(-1)
+                arg = sc.topk(2, dim=1).indices
+                a1[sc_idx] = tab.gather(1, arg[:, :1])[:, 0]
+                a2[sc_idx] = tab.gather(1, arg[:, 1:])[:, 0]
+                self.stats["scored_points"] += int(sc_idx.numel())
+            over = (nc > self.width).nonzero().squeeze(1)
+            if over.numel():
+                b1, b2 = self._brute(xc[over])
+                a1[over], a2[over] = b1, b2
+                self.stats["overflow_points"] += int(over.numel())
+        return self._refine(xc, a1, a2)
+
+    def _refine(self, xc, a1, a2):
+        """Exact float64 scores of the two chosen components: ordered (c1, c2), gap l1 - l2, Mahalanobis to c1."""
+        def exact(k):
+            p = self.packed[k]  # [c, 6]
+            du, dv = xc[:, 0] - p[:, 0], xc[:, 1] - p[:, 1]
+            q = p[:, 2] * du * du + 2 * p[:, 3] * du * dv + p[:, 4] * dv * dv
+            return p[:, 5] - 0.5 * q, q
+        l1, q1 = exact(a1)
+        l2, q2 = exact(a2)
+        swap = l2 > l1  # float32 near-ties: order the two by their exact values
+        gap = (l1 - l2).abs()
+        if self.K == 1:
+            gap = torch.full_like(gap, math.inf)
+        return torch.where(swap, a2, a1), torch.where(swap, a1, a2), gap, torch.where(swap, q2, q1)
+
+
+def assign_top2_grid(x: torch.Tensor, weights, means, S, *, grid: int = 256, chunk: int = 1 << 15,
+                     max_width: int = 32, progress: bool = False):
+    """:func:`assign_top2` with exact candidate pruning on a 2D grid (same result, much less work): quantile
+    edges from (a subsample of) x, cell boxes from the points themselves, then :class:`Top2`."""
     n, K = x.shape[0], means.shape[0]
     if K < 3 or n < 4 * grid * grid:
         return assign_top2(x, weights, means, S, progress=progress)
     dev, dt = x.device, x.dtype
-    P, logdet = precision(S)
-    lmin, lmax = _eig_range(P)
-    const = torch.log(weights) - 0.5 * logdet - LOG_2PI
-    coefs32 = _coefs(means, S, torch.log(weights)).float()
-    qs = torch.linspace(0, 1, grid + 1, dtype=dt, device=dev)[1:-1]
     sub = x[torch.randperm(n, device=dev)[:min(n, 1 << 20)]]
-    eu = torch.quantile(sub[:, 0], qs)
-    ev = torch.quantile(sub[:, 1], qs)
-    iu = torch.searchsorted(eu, x[:, 0].contiguous())
-    iv = torch.searchsorted(ev, x[:, 1].contiguous())
-    cell = iu * grid + iv
-    counts = torch.bincount(cell, minlength=grid * grid)
-    # cell boxes from the actual points they hold (tighter than the quantile edges, exact for those points)
+    index = GridIndex(sub, grid)
     lo = torch.full((grid * grid, 2), math.inf, dtype=dt, device=dev)
     hi = torch.full((grid * grid, 2), -math.inf, dtype=dt, device=dev)
-    lo.scatter_reduce_(0, cell[:, None].expand(-1, 2), x, "amin")
-    hi.scatter_reduce_(0, cell[:, None].expand(-1, 2), x, "amax")
-    nonempty = (counts > 0).nonzero().squeeze(1)
-    # Candidate table: one row of component indices per cell, padded with a dummy component K that
-    # always scores -1e30, so all points are scored in vectorised chunks (a Python loop over cells was
-    # dominated by per-op overhead). Cells with more candidates than the table width go to brute force.
-    cand_lists = []
-    n_cand = torch.zeros(grid * grid, dtype=torch.int64, device=dev)
-    for b in range(0, nonempty.numel(), cell_batch):
-        cells = nonempty[b:b + cell_batch]
-        blo, bhi = lo[cells][:, None, :], hi[cells][:, None, :]  # [C, 1, 2]
-        m = means[None]
-        dmin2 = ((blo - m).clamp_min(0) + (m - bhi).clamp_min(0)).pow(2).sum(-1)  # [C, K]
-        dmax2 = torch.maximum((m - blo).abs(), (m - bhi).abs()).pow(2).sum(-1)
-        ub = const - 0.5 * lmin * dmin2
-        lb = const - 0.5 * lmax * dmax2
-        t2 = lb.topk(2, dim=1).values[:, 1:2]
-        cand = ub >= t2 - 1e-9
-        n_cand[cells] = cand.sum(1)
-        cand_lists.append((cells, cand))
-    width = int(torch.quantile(n_cand[nonempty].double(), 0.98).ceil())
-    width = max(2, min(width, max_width, K))
-    table = torch.full((grid * grid, width), K, dtype=torch.int64, device=dev)
-    for cells, cand in cand_lists:
-        # candidates first (stable sort of "not a candidate"), then cut to the table width
-        idx = torch.sort((~cand).to(torch.int8), dim=1, stable=True).indices[:, :width]
-        ok = torch.gather(cand, 1, idx)
-        table[cells] = torch.where(ok, idx, torch.full_like(idx, K))
-    del cand_lists
-    coefsT = torch.cat([coefs32, torch.zeros(6, 1, dtype=coefs32.dtype, device=dev)], 1).T.contiguous()
-    coefsT[K, 5] = -1e30
-    overflow = n_cand[cell] > width
+    cell = index(x)
+    grid_boxes_update(lo, hi, x, cell)
+    t2 = Top2(weights, means, S)
+    t2.set_grid(index, lo, hi, max_width=max_width)
     c1 = torch.empty(n, dtype=torch.int64, device=dev)
     c2 = torch.empty(n, dtype=torch.int64, device=dev)
     gap = torch.empty(n, dtype=dt, device=dev)
     maha = torch.empty(n, dtype=dt, device=dev)
     steps = range(0, n, chunk)
     for i in _progress(steps, len(steps), "SWS assign", progress):
-        xc = x[i:i + chunk]
-        tab = table[cell[i:i + chunk]]  # [c, width]
-        f = _features(xc).float()
-        sc = (coefsT[tab] * f[:, None, :]).sum(-1)  # [c, width]
-        arg = sc.topk(2, dim=1).indices
-        a1, a2 = tab.gather(1, arg[:, :1])[:, 0], tab.gather(1, arg[:, 1:])[:, 0]
-        a2 = torch.where(a2 == K, a1, a2)  # a cell with a single real candidate (cannot happen for K >= 2)
-        r1, r2, g, q = _refine(xc, a1, a2, means, P, logdet, weights)
-        c1[i:i + chunk], c2[i:i + chunk], gap[i:i + chunk], maha[i:i + chunk] = r1, r2, g, q
-    if bool(overflow.any()):
-        o = overflow.nonzero().squeeze(1)
-        r = assign_top2(x[o], weights, means, S)
-        c1[o], c2[o], gap[o], maha[o] = r
-    _STATS.update(mean_candidates=float(n_cand[nonempty].double().mean()), width=width,
-                  overflow_points=int(overflow.sum()))
+        c1[i:i + chunk], c2[i:i + chunk], gap[i:i + chunk], maha[i:i + chunk] = t2(x[i:i + chunk], cell[i:i + chunk])
+    _STATS.clear()
+    _STATS.update(t2.stats)
     return c1, c2, gap, maha
-
-
-def _small_scores(f: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """f @ c for f [n, 6] and a few columns c [6, k] as five fused multiply-adds: CPU GEMM dispatch for
-    such small shapes measured ~30 ms a call here, the loop ~0.05 ms."""
-    out = f[:, 5:6] * c[5]
-    for i in range(5):
-        out.addcmul_(f[:, i:i + 1], c[i])
-    return out
-
-
-def _refine(xc, a1, a2, means, P, logdet, weights):
-    """Exact float64 scores of the two chosen components: ordered (c1, c2), gap l1 - l2, Mahalanobis to c1."""
-    logw = torch.log(weights)
-
-    def exact(k):
-        d = xc - means[k]
-        Pk = P[k]
-        q = Pk[:, 0] * d[:, 0] ** 2 + 2 * Pk[:, 1] * d[:, 0] * d[:, 1] + Pk[:, 2] * d[:, 1] ** 2
-        return logw[k] - 0.5 * (q + logdet[k]) - LOG_2PI, q
-    l1, q1 = exact(a1)
-    l2, q2 = exact(a2)
-    swap = l2 > l1  # float32 near-ties: order the two by their exact values
-    return torch.where(swap, a2, a1), torch.where(swap, a1, a2), (l1 - l2).abs(), torch.where(swap, q2, q1)
 
 
 def w2_squared(means: torch.Tensor, S: torch.Tensor) -> torch.Tensor:

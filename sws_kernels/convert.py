@@ -6,9 +6,11 @@ report says what was converted and what was skipped and why.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -300,28 +302,80 @@ def _param_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _state_bytes(modules) -> int:
+    """Bytes of every tensor the modules' state_dicts hold, each tensor counted once (shared codebooks)."""
+    seen, total = set(), 0
+    for m in modules:
+        for t in m.state_dict(keep_vars=True).values():
+            if isinstance(t, torch.Tensor) and id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    return total
+
+
+#: ``num_components="auto"`` picks K = min(AUTO_MAX_COMPONENTS, inliers // AUTO_INLIERS_PER_COMPONENT), at least 1.
+#: 256 keeps labels uint8 (1 byte per weight): with int16 labels (K > 256) an SWS model cannot be 4x smaller in
+#: memory than its fp32 mean-field source (2 of its 8 bytes per weight), which the paper's "75% smaller" needs.
+AUTO_MAX_COMPONENTS = 256
+AUTO_INLIERS_PER_COMPONENT = 50
+#: the chi-squared(2) 99.9% quantile: -2 log(0.001)
+DEFAULT_ELLIPSE_CHI2 = 13.816
+#: tau_w="auto": max(AUTO_TAU_W_FLOOR, the AUTO_TAU_W_QUANTILE quantile of |mu|)
+AUTO_TAU_W_FLOOR = 0.2
+AUTO_TAU_W_QUANTILE = 0.99
+
+
 @dataclass
 class _Gathered:
-    """Every mean-field weight's (mu, rho) in one float64 vector, layer i owning [offsets[i], offsets[i+1])."""
+    """The mean-field layers to convert, weight i of layer l at global index offsets[l] + i (flattened
+    row-major); read in chunks, never concatenated (bounded memory at any model size)."""
     layers: List[Tuple[str, nn.Module]]
     offsets: List[int]
-    mu: torch.Tensor
-    rho: torch.Tensor
     params_before: int
     bytes_before: int
+    bytes_before_parts: dict
+    work_dev: torch.device
+    chunk: int
 
     @property
     def num_weights(self) -> int:
         return self.offsets[-1]
 
+    def flat(self, i: int, which: str) -> torch.Tensor:
+        m = self.layers[i][1]
+        return (m.weight_mu if which == "mu" else m.weight_rho).detach().reshape(-1)
+
+    def chunks(self, with_rho: bool = True):
+        """Yields (layer index, local start, global start, mu, rho) float64 chunks on the working device."""
+        for i in range(len(self.layers)):
+            mu_f = self.flat(i, "mu")
+            rho_f = self.flat(i, "rho") if with_rho else None
+            for lo in range(0, mu_f.numel(), self.chunk):
+                hi = min(lo + self.chunk, mu_f.numel())
+                mu = mu_f[lo:hi].to(self.work_dev, torch.float64)
+                rho = rho_f[lo:hi].to(self.work_dev, torch.float64) if with_rho else None
+                yield i, lo, self.offsets[i] + lo, mu, rho
+
 
 @dataclass
 class _Outliers:
-    """Outliers found before the fit (masks over all weights) and the inliers' flat indices."""
-    by_magnitude: torch.Tensor
-    by_gradient: torch.Tensor
-    mask: torch.Tensor
-    inliers: torch.Tensor
+    """Outliers found before the fit: |mu| >= tau_w, and the top-gradient weights (sorted global positions)."""
+    tau_w: float
+    tau_w_quantile: Optional[float]
+    grad_pos: torch.Tensor
+    n_magnitude: int
+    n_gradient: int
+    n_inliers: int
+
+    def mask(self, glo: int, mu: torch.Tensor) -> torch.Tensor:
+        """Outlier mask of a chunk starting at global index ``glo``."""
+        out = mu.abs() >= self.tau_w
+        if self.grad_pos.numel():
+            a, b = torch.searchsorted(self.grad_pos, torch.tensor([glo, glo + mu.numel()],
+                                                                   device=self.grad_pos.device)).tolist()
+            if b > a:
+                out[(self.grad_pos[a:b] - glo).to(out.device)] = True
+        return out
 
 
 @dataclass
@@ -329,7 +383,7 @@ class _Fit:
     """The GMM fitted in the standardised space z = (x - center) / scale, x = (mu, rho)."""
     center: torch.Tensor
     scale: torch.Tensor
-    Z: torch.Tensor
+    Zfit: torch.Tensor
     n_fit: int
     K: int
     weights: torch.Tensor
@@ -340,43 +394,51 @@ class _Fit:
 
 @dataclass
 class _Assignment:
-    """Inliers that stay inliers (flat indices) with their top-2 components, ellipse flags and alphas; the
-    weights that became outliers after the fit; the components too small to keep."""
-    inliers: torch.Tensor
-    c1: torch.Tensor
-    c2: torch.Tensor
-    is_ellipse: torch.Tensor
-    alpha: torch.Tensor
+    """Per layer: each weight's most responsible component (int16/int32, -1 for an outlier, on the working
+    device); the ellipse weights (sorted global positions, second component, log-responsibility gap); the
+    count of each outlier kind found after the fit and the components too small to keep."""
+    labels: List[torch.Tensor]
+    ell_pos: torch.Tensor
+    ell_c2: torch.Tensor
+    ell_gap: torch.Tensor
+    counts: torch.Tensor
     small: torch.Tensor
-    out_small_idx: torch.Tensor
-    out_ellipse_idx: torch.Tensor
+    n_small_members: int
+    n_partner_dropped: int
+    stats: dict
 
 
 @dataclass
 class _Merged:
-    """Compacted components after W2 merging (standardised space) and the inliers' labels into them."""
+    """Compacted components after W2 merging (standardised space) and the map old component -> new label
+    (-1: dropped)."""
     means: torch.Tensor
     S: torch.Tensor
-    lab1: torch.Tensor
-    lab2: torch.Tensor
-    is_ellipse: torch.Tensor
+    final_map: torch.Tensor
 
     @property
     def K(self) -> int:
         return self.means.shape[0]
 
 
-def _check_to_sws_args(model, num_components, tau_w, tau_d, mahalanobis, grad_fraction, mode, gradients):
+def _check_to_sws_args(model, num_components, tau_w, tau_d, ellipse_chi2, grad_fraction, mode, gradients,
+                       min_component_size, fit_samples, chunk_size):
     """to_sws's argument checks; returns the mean-field layers to convert as [(name, module)]."""
     _check_model(model)
     K_req = num_components
-    if isinstance(K_req, bool) or not isinstance(K_req, int) or K_req < 1:
-        raise ValueError(f"num_components: expected a positive int, got {K_req!r}")
-    for nm, v in (("tau_w", tau_w), ("tau_d", tau_d), ("mahalanobis", mahalanobis)):
+    if K_req != "auto" and (isinstance(K_req, bool) or not isinstance(K_req, int) or K_req < 1):
+        raise ValueError(f"num_components: expected a positive int or 'auto', got {K_req!r}")
+    if tau_w != "auto" and (isinstance(tau_w, bool) or not isinstance(tau_w, (int, float)) or not tau_w >= 0):
+        raise ValueError(f"tau_w: expected a non-negative float or 'auto', got {tau_w!r}")
+    for nm, v in (("tau_d", tau_d), ("ellipse_chi2", ellipse_chi2)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
             raise ValueError(f"{nm}: expected a non-negative float, got {v!r}")
-    if not 0 <= grad_fraction < 1:
+    if isinstance(grad_fraction, bool) or not isinstance(grad_fraction, (int, float)) or not 0 <= grad_fraction < 1:
         raise ValueError(f"grad_fraction: expected a value in [0, 1), got {grad_fraction!r}")
+    for nm, v, lo in (("min_component_size", min_component_size, 0), ("fit_samples", fit_samples, 1),
+                      ("chunk_size", chunk_size, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{nm}: expected an int >= {lo}, got {v!r}")
     _checks.mode(mode)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, MEAN_FIELD_LAYERS)]
     if not layers:
@@ -392,111 +454,245 @@ def _check_to_sws_args(model, num_components, tau_w, tau_d, mahalanobis, grad_fr
         unknown = sorted(set(gradients) - set(names))
         if unknown:
             raise ValueError(f"gradients: expected keys among the mean-field layers {names}, got unknown {unknown}")
-    return layers
-
-
-def _gather(layers, work_dev) -> _Gathered:
-    """SPEC.md section 8, step 1: (mu, rho) of every mean-field weight (biases excluded), flattened in layer
-    order into float64 vectors on ``work_dev``; the parameter count and bytes before conversion."""
-    offsets = [0]
-    for _, m in layers:
-        offsets.append(offsets[-1] + m.weight_mu.numel())
-    mu = torch.cat([m.weight_mu.detach().reshape(-1).to(work_dev, torch.float64) for _, m in layers])
-    rho = torch.cat([m.weight_rho.detach().reshape(-1).to(work_dev, torch.float64) for _, m in layers])
-    before_tensors = [p.detach() for _, m in layers for p in m.parameters(recurse=False)]
-    return _Gathered(layers, offsets, mu, rho, sum(t.numel() for t in before_tensors), _param_bytes(before_tensors))
-
-
-def _find_outliers(g: _Gathered, tau_w, gradients, grad_fraction, work_dev) -> _Outliers:
-    """SPEC.md section 8, step 2 (before the fit): outliers by magnitude (|mu| >= tau_w) and, when
-    ``gradients`` is given, the top ``grad_fraction`` of |accumulated mu-gradient|. The third kind (members
-    of tiny components) needs the fit: :func:`_assign`."""
-    N = g.num_weights
-    out_w = g.mu.abs() >= tau_w
-    out_g = torch.zeros(N, dtype=torch.bool, device=work_dev)
-    if gradients:
-        grad = torch.zeros(N, dtype=torch.float64, device=work_dev)
-        for i, (n, m) in enumerate(g.layers):
+        for n, m in layers:
             if n in gradients:
                 gt = gradients[n]
                 _checks.tensor(gt, f"gradients[{n!r}]", floating=True)
                 if tuple(gt.shape) != tuple(m.weight_mu.shape):
                     raise ValueError(f"gradients[{n!r}]: expected the weight shape {tuple(m.weight_mu.shape)}, "
                                      f"got {_checks.describe(gt)}")
-                grad[g.offsets[i]:g.offsets[i + 1]] = gt.detach().reshape(-1).to(work_dev, torch.float64).abs()
+    return layers
+
+
+def _gather(layers, work_dev, chunk) -> _Gathered:
+    """SPEC.md section 8, step 1: the mean-field weights (biases excluded) in layer order, read in chunks of
+    ``chunk`` as float64 on ``work_dev``; the trainable parameters and bytes (per part) before conversion."""
+    offsets = [0]
+    for _, m in layers:
+        offsets.append(offsets[-1] + m.weight_mu.numel())
+    mods = [m for _, m in layers]
+    params = [p.detach() for m in mods for p in m.parameters(recurse=False)]
+    w = _param_bytes([t for m in mods for t in (m.weight_mu, m.weight_rho)])
+    b = _param_bytes([t for m in mods if m.mu_bias is not None for t in (m.mu_bias, m.rho_bias)])
+    total = _state_bytes(mods)
+    parts = {"weights": w, "biases": b, "other": total - w - b, "total": total}
+    return _Gathered(layers, offsets, sum(t.numel() for t in params), total, parts, work_dev, chunk)
+
+
+def _top_values(chunks, k: int, with_index: bool = False):
+    """The k largest values over an iterable of (global start, 1-D values) chunks, in bounded memory
+    (a running top-k over buffers of at least k values: O(N) work, O(k + chunk) memory). Returns the values
+    (descending) and, with ``with_index``, their global positions."""
+    best_v = best_i = None
+    buf_v, buf_i, buffered = [], [], 0
+
+    def flush():
+        nonlocal best_v, best_i, buf_v, buf_i, buffered
+        v = torch.cat(([best_v] if best_v is not None else []) + buf_v)
+        i = torch.cat(([best_i] if best_i is not None else []) + buf_i) if with_index else None
+        top = v.topk(min(k, v.numel()))
+        best_v = top.values
+        best_i = i[top.indices] if with_index else None
+        buf_v, buf_i, buffered = [], [], 0
+    for glo, v in chunks:
+        buf_v.append(v)
+        if with_index:
+            buf_i.append(torch.arange(glo, glo + v.numel(), device=v.device))
+        buffered += v.numel()
+        if buffered >= max(k, 1 << 20):
+            flush()
+    if buffered or best_v is None:
+        flush()
+    return best_v, best_i
+
+
+def _find_outliers(g: _Gathered, tau_w, gradients, grad_fraction) -> _Outliers:
+    """SPEC.md section 8, step 2 (before the fit): outliers by magnitude, |mu| >= tau_w, with ``tau_w="auto"``
+    = max(0.2, the 99th percentile of |mu| over all weights, nearest rank) so about 1% of the weights at
+    most; and, when ``gradients`` is given, the top ``grad_fraction`` of |accumulated mu-gradient| (weights
+    with a zero gradient never count). The third kind (members of tiny components) needs the fit: :func:`_assign`."""
+    N = g.num_weights
+    q = None
+    if tau_w == "auto":
+        k = N - math.ceil(AUTO_TAU_W_QUANTILE * N) + 1  # the ceil(0.99 N)-th smallest is the k-th largest
+        vals, _ = _top_values(((glo, mu.abs().float()) for _, _, glo, mu, _ in g.chunks(with_rho=False)), k)
+        q = float(vals[k - 1])
+        tau = max(AUTO_TAU_W_FLOOR, q)
+    else:
+        tau = float(tau_w)
+    grad_pos = torch.zeros(0, dtype=torch.int64, device=g.work_dev)
+    if gradients:
         n_top = int(math.ceil(grad_fraction * N))
         if n_top:
-            out_g[torch.topk(grad, n_top).indices] = True
-    outlier = out_w | out_g
-    inl = (~outlier).nonzero().squeeze(1)
-    if inl.numel() == 0:
-        raise ValueError(f"tau_w: every weight is an outlier (|mu| >= {tau_w} or top gradients); nothing to fit")
-    return _Outliers(out_w, out_g, outlier, inl)
+            def grad_chunks():
+                for i, (n, m) in enumerate(g.layers):
+                    if n not in gradients:
+                        continue
+                    gf = gradients[n].detach().reshape(-1)
+                    for lo in range(0, gf.numel(), g.chunk):
+                        yield g.offsets[i] + lo, gf[lo:lo + g.chunk].to(g.work_dev, torch.float64).abs()
+            vals, pos = _top_values(grad_chunks(), n_top, with_index=True)
+            if vals is not None and vals.numel():
+                grad_pos = torch.sort(pos[vals > 0]).values
+    n_mag = n_grad_only = 0
+    for _, _, glo, mu, _ in g.chunks(with_rho=False):
+        mag = mu.abs() >= tau
+        n_mag += int(mag.sum())
+        if grad_pos.numel():
+            a, b = torch.searchsorted(grad_pos, torch.tensor([glo, glo + mu.numel()], device=grad_pos.device)).tolist()
+            n_grad_only += int((~mag[(grad_pos[a:b] - glo).to(mag.device)]).sum())
+    n_inl = N - n_mag - n_grad_only
+    if n_inl == 0:
+        raise ValueError(f"tau_w: every weight is an outlier (|mu| >= {tau} or top gradients); nothing to fit")
+    return _Outliers(tau, q, grad_pos, n_mag, n_grad_only, n_inl)
 
 
-def _fit_gmm(g: _Gathered, inl, K_req, fit_samples, gen, max_iter, tol, reg, progress, notes, work_dev) -> _Fit:
-    """SPEC.md section 8, step 3: a full-covariance 2D GMM (k-means++ then EM, float64) fitted to
-    ``fit_samples`` random inliers in the space standardised per coordinate; K is capped by the number of
-    points fitted (said in ``notes``)."""
-    X = torch.stack([g.mu[inl], g.rho[inl]], -1)
+def _sample_inliers(g: _Gathered, o: _Outliers, n_want: int, gen) -> torch.Tensor:
+    """Up to ``n_want`` inliers drawn uniformly without replacement, as [n, 2] float64 (mu, rho) on the
+    working device; indices drawn with ``gen`` (CPU), so the sample does not depend on the device."""
+    N = g.num_weights
+    if N <= 4 * n_want:
+        idx = torch.randperm(N, generator=gen)
+    else:  # oversample to cover the outliers, dedupe, random order
+        m = min(N, int(n_want * N / max(o.n_inliers, 1) * 1.1) + 1024)
+        idx = torch.randint(0, N, (m,), generator=gen).unique()
+        idx = idx[torch.randperm(idx.numel(), generator=gen)]
+    offs = torch.tensor(g.offsets)
+    layer = torch.searchsorted(offs, idx, right=True) - 1
+    mu = torch.empty(idx.numel(), dtype=torch.float64)
+    rho = torch.empty(idx.numel(), dtype=torch.float64)
+    for i in layer.unique().tolist():
+        sel = (layer == i).nonzero().squeeze(1)
+        loc = idx[sel] - g.offsets[i]
+        dev = g.layers[i][1].weight_mu.device
+        mu[sel] = g.flat(i, "mu")[loc.to(dev)].to("cpu", torch.float64)
+        rho[sel] = g.flat(i, "rho")[loc.to(dev)].to("cpu", torch.float64)
+    keep = mu.abs() < o.tau_w
+    if o.grad_pos.numel():
+        gp = o.grad_pos.cpu()
+        pos = torch.searchsorted(gp, idx).clamp_max(gp.numel() - 1)
+        keep &= gp[pos] != idx
+    sel = keep.nonzero().squeeze(1)[:n_want]
+    return torch.stack([mu[sel], rho[sel]], -1).to(g.work_dev)
+
+
+def _auto_components(n_inliers: int) -> int:
+    return max(1, min(AUTO_MAX_COMPONENTS, n_inliers // AUTO_INLIERS_PER_COMPONENT))
+
+
+def _fit_gmm(g: _Gathered, o: _Outliers, K_req, fit_samples, gen, max_iter, tol, reg, progress, notes) -> _Fit:
+    """SPEC.md section 8, step 3: a full-covariance 2D GMM (batched k-means++ then EM, float64) fitted to
+    ``fit_samples`` random inliers in the space standardised per coordinate (by the sample's mean and std).
+    ``num_components="auto"``: K = min(256, inliers // 50); K is capped by the points fitted (said in ``notes``)."""
+    X = _sample_inliers(g, o, fit_samples, gen)
     center = X.mean(0)
-    scale = X.std(0).clamp_min(1e-12)
+    scale = X.std(0).nan_to_num(1.0).clamp_min(1e-12) if X.shape[0] > 1 else torch.ones_like(center)
     Z = (X - center) / scale
-    n_fit = min(fit_samples, Z.shape[0])
-    sub = torch.randperm(Z.shape[0], generator=gen)[:n_fit].to(work_dev)
-    K = min(K_req, n_fit)
-    if K < K_req:
-        notes.append(f"num_components reduced from {K_req} to {K}: only {n_fit} points to fit")
-    weights, means, S, info = _gmm.fit_em(Z[sub], K, generator=gen, max_iter=max_iter, tol=tol, reg=reg,
-                                          progress=progress)
+    n_fit = Z.shape[0]
+    K = _auto_components(o.n_inliers) if K_req == "auto" else K_req
+    if K > n_fit:
+        notes.append(f"num_components reduced from {K} to {n_fit}: only {n_fit} points to fit")
+        K = n_fit
+    weights, means, S, info = _gmm.fit_em(Z, K, generator=gen, max_iter=max_iter, tol=tol, reg=reg, progress=progress)
     return _Fit(center, scale, Z, n_fit, K, weights, means, S, info)
 
 
-def _assign(fit: _Fit, inl, min_component_size, mahalanobis, progress) -> _Assignment:
-    """SPEC.md section 8, step 4 (and step 2's post-fit outliers): every inlier goes to its most responsible
-    component; members of components with <= ``min_component_size`` weights become outliers; an inlier whose
-    squared Mahalanobis distance exceeds ``mahalanobis`` becomes an ellipse weight between its top two
+def _assign(g: _Gathered, o: _Outliers, fit: _Fit, min_component_size, ellipse_chi2, progress, grid=256) -> _Assignment:
+    """SPEC.md section 8, step 4 (and step 2's post-fit outliers), in chunks: every inlier goes to its most
+    responsible component (exact top two, :class:`_gmm.Top2`, pruned on a grid for large models); members of
+    components with <= ``min_component_size`` weights become outliers; an inlier whose squared Mahalanobis
+    distance to its component exceeds ``ellipse_chi2`` becomes an ellipse weight between its top two
     components with alpha = r1 / (r1 + r2) = sigmoid(log r1 - log r2), unless its second component was
-    dropped as too small (then it becomes an outlier)."""
-    c1, c2, gap, maha = _gmm.assign_top2_grid(fit.Z, fit.weights, fit.means, fit.S, progress=progress)
-    counts = torch.bincount(c1, minlength=fit.K)
+    dropped as too small (then it becomes an outlier). Memory: the int16 label of every weight plus one chunk."""
+    K, dev = fit.K, g.work_dev
+    top2 = _gmm.Top2(fit.weights, fit.means, fit.S)
+    use_grid = K >= 3 and o.n_inliers >= 4 * grid * grid
+
+    def z_inliers(glo, mu, rho):
+        out = o.mask(glo, mu)
+        z = (torch.stack([mu, rho], -1) - fit.center) / fit.scale
+        return out, z[~out]
+    if use_grid:  # cells from the fitted sample's quantiles, cell boxes from every inlier (exact bounds)
+        index = _gmm.GridIndex(fit.Zfit, grid)
+        lo = torch.full((grid * grid, 2), math.inf, dtype=torch.float64, device=dev)
+        hi = torch.full((grid * grid, 2), -math.inf, dtype=torch.float64, device=dev)
+        for _, _, glo, mu, rho in g.chunks():
+            _, zi = z_inliers(glo, mu, rho)
+            _gmm.grid_boxes_update(lo, hi, zi, index(zi))
+        top2.set_grid(index, lo, hi)
+    ltype = torch.int16 if K <= 32767 else torch.int32
+    labels = [torch.empty(m.weight_mu.numel(), dtype=ltype, device=dev) for _, m in g.layers]
+    counts = torch.zeros(K, dtype=torch.int64, device=dev)
+    e_pos, e_c1, e_c2, e_gap = [], [], [], []
+    total = sum(math.ceil(m.weight_mu.numel() / g.chunk) for _, m in g.layers)
+    for i, lo_, glo, mu, rho in _gmm._progress(g.chunks(), total, "SWS assign", progress):
+        out, zi = z_inliers(glo, mu, rho)
+        lab = torch.full((mu.numel(),), -1, dtype=torch.int64, device=dev)
+        inl = (~out).nonzero().squeeze(1)
+        if inl.numel():
+            c1, c2, gap, maha = top2(zi)
+            lab[inl] = c1
+            counts += torch.bincount(c1, minlength=K)
+            e = (maha > ellipse_chi2) & (c1 != c2)
+            if bool(e.any()):
+                e_pos.append(inl[e] + glo)
+                e_c1.append(c1[e])
+                e_c2.append(c2[e])
+                e_gap.append(gap[e])
+        labels[i][lo_:lo_ + mu.numel()] = lab.to(ltype)
     small = counts <= min_component_size
     if bool(small.all()):
         raise ValueError(f"min_component_size: every fitted component has <= {min_component_size} members "
-                         f"(largest: {int(counts.max())}); nothing would remain for the codebook")
-    small_member = small[c1]
-    # members of tiny components become outliers
-    out_small_idx = inl[small_member]
-    keep = ~small_member
-    inl, c1, c2, gap, maha = inl[keep], c1[keep], c2[keep], gap[keep], maha[keep]
-    is_ell = (maha > mahalanobis) & (c1 != c2)
-    ell_small = is_ell & small[c2]  # its second component was dropped: keep the weight's own Gaussian
-    out_ell_idx = inl[ell_small]
-    is_ell = is_ell & ~ell_small
-    keep2 = ~ell_small
-    inl, c1, c2, gap, is_ell = inl[keep2], c1[keep2], c2[keep2], gap[keep2], is_ell[keep2]
-    alpha = torch.sigmoid(gap)  # r1 / (r1 + r2), from log responsibilities
-    return _Assignment(inl, c1, c2, is_ell, alpha, small, out_small_idx, out_ell_idx)
+                         f"(largest: {int(counts.max())}); nothing would remain for the codebook: lower "
+                         f"min_component_size or ask for fewer num_components")
+    cat = lambda xs, dt: torch.cat(xs) if xs else torch.zeros(0, dtype=dt, device=dev)  # noqa: E731
+    ell_pos, ell_c1, ell_c2, ell_gap = (cat(e_pos, torch.int64), cat(e_c1, torch.int64), cat(e_c2, torch.int64),
+                                        cat(e_gap, torch.float64))
+    # members of tiny components become outliers (ellipse candidates among them too)
+    n_small = 0
+    for i, lab in enumerate(labels):
+        for lo_ in range(0, lab.numel(), g.chunk):
+            seg = lab[lo_:lo_ + g.chunk]
+            l64 = seg.long()
+            sm = (l64 >= 0) & small[l64.clamp_min(0)]
+            n_small += int(sm.sum())
+            seg[sm] = -1
+    keep = ~small[ell_c1]
+    ell_pos, ell_c1, ell_c2, ell_gap = ell_pos[keep], ell_c1[keep], ell_c2[keep], ell_gap[keep]
+    # an ellipse whose second component was dropped keeps neither: it becomes an outlier
+    drop = small[ell_c2]
+    if bool(drop.any()):
+        dp = ell_pos[drop]
+        li = torch.searchsorted(torch.tensor(g.offsets, device=dev), dp, right=True) - 1
+        for i in li.unique().tolist():
+            labels[i][dp[li == i] - g.offsets[i]] = -1
+    counts = counts.clone()
+    counts[small] = 0
+    if bool(drop.any()):
+        counts -= torch.bincount(ell_c1[drop], minlength=K)
+    keep = ~drop
+    stats = dict(top2.stats, grid=use_grid)
+    return _Assignment(labels, ell_pos[keep], ell_c2[keep], ell_gap[keep], counts, small, n_small,
+                       int(drop.sum()), stats)
 
 
-def _merge(fit: _Fit, a: _Assignment, tau_d, work_dev) -> _Merged:
+def _merge(fit: _Fit, a: _Assignment, tau_d) -> _Merged:
     """SPEC.md section 8, step 5: drop the tiny components, merge those closer than ``tau_d`` in squared W2
-    distance (standardised space, mass = soft counts) by moment matching to a fixed point, relabel, and
-    compact away components no weight uses. An ellipse whose two components merged becomes an inlier."""
+    distance (standardised space, mass = the fit's soft counts) by moment matching to a fixed point, and
+    compact away components no weight uses (labels 0..K'-1 in the order of the fit)."""
+    dev = fit.means.device
     alive = ~a.small
     old_ids = alive.nonzero().squeeze(1)
     mass = fit.weights[alive] * fit.n_fit
     mass, m_means, m_S, mapping = _gmm.merge_w2(mass, fit.means[alive], fit.S[alive], tau_d)
-    full_map = torch.full((fit.K,), -1, dtype=torch.int64, device=work_dev)
+    full_map = torch.full((fit.K,), -1, dtype=torch.int64, device=dev)
     full_map[old_ids] = mapping
-    lab1, lab2 = full_map[a.c1], full_map[a.c2]
-    merged_same = a.is_ellipse & (lab1 == lab2)  # both of its components merged: an ordinary inlier
-    is_ell = a.is_ellipse & ~merged_same
-    used = torch.zeros(m_means.shape[0], dtype=torch.bool, device=work_dev)
-    used[lab1] = True
-    used[lab2[is_ell]] = True
+    used = torch.zeros(m_means.shape[0], dtype=torch.bool, device=dev)
+    used[full_map[(a.counts > 0) & alive]] = True
+    used[full_map[a.ell_c2]] = True
     compact = torch.cumsum(used.long(), 0) - 1
-    return _Merged(m_means[used], m_S[used], compact[lab1], compact[lab2], is_ell)
+    final_map = torch.where(full_map >= 0, compact[full_map.clamp_min(0)], full_map)
+    return _Merged(m_means[used], m_S[used], final_map)
 
 
 def _codebook_from_fit(fit: _Fit, merged: _Merged, device) -> Codebook:
@@ -514,137 +710,210 @@ def _codebook_from_fit(fit: _Fit, merged: _Merged, device) -> Codebook:
     return Codebook(merged.K, means=means_o.float(), chol=chol).to(device)
 
 
-def _build_layers(model, g: _Gathered, outliers: _Outliers, a: _Assignment, merged: _Merged, codebook: Codebook,
-                  mode, work_dev):
-    """SPEC.md section 8, step 6: replace every mean-field layer in place by the SWS layer of the same
-    hyper-parameters: labels (narrowest integer dtype), ellipse and outlier buffers (outliers keep their own
-    mu, rho), the shared codebook, the layer's rng_id; bias = mu_bias (deterministic). Returns the full
-    outlier and ellipse masks over all weights and the label dtype, for the report."""
-    N = g.num_weights
-    inl, is_ell = a.inliers, merged.is_ellipse
-    out_all = torch.zeros(N, dtype=torch.bool, device=work_dev)
-    out_all[outliers.mask] = True
-    out_all[a.out_small_idx] = True
-    out_all[a.out_ellipse_idx] = True
-    label_full = torch.zeros(N, dtype=torch.int64, device=work_dev)
-    label_full[inl] = merged.lab1
-    ell_full = torch.zeros(N, dtype=torch.bool, device=work_dev)
-    ell_full[inl[is_ell]] = True
-    comp_b_full = torch.zeros(N, dtype=torch.int64, device=work_dev)
-    comp_b_full[inl[is_ell]] = merged.lab2[is_ell]
-    alpha_full = torch.zeros(N, dtype=torch.float64, device=work_dev)
-    alpha_full[inl[is_ell]] = a.alpha[is_ell]
-    # outliers' labels point at their nearest component (unused by the kernels, but a valid index)
+def _layer_parts(g: _Gathered, a: _Assignment, merged: _Merged):
+    """SPEC.md section 8, step 6, the data of every new layer: labels (the merged, compacted component in the
+    narrowest dtype; 0 for outliers, which the kernels never read), ellipses (local positions, the two
+    components, alpha) and outliers (local positions with their own float32 mu, rho), on the layer's
+    device. An ellipse whose two components merged becomes an ordinary inlier. Frees the working labels."""
     ldt = label_dtype(merged.K)
+    fm = merged.final_map
+    parts = []
+    e_lo = 0
     for i, (name, m) in enumerate(g.layers):
-        lo, hi = g.offsets[i], g.offsets[i + 1]
         dev = m.weight_mu.device
-        shape = tuple(m.weight_mu.shape)
-        lab = label_full[lo:hi]
-        e_loc = ell_full[lo:hi].nonzero().squeeze(1)
-        o_loc = out_all[lo:hi].nonzero().squeeze(1)
-        ellipse = (e_loc.to(dev), lab[e_loc].to(dev), comp_b_full[lo:hi][e_loc].to(dev),
-                   alpha_full[lo:hi][e_loc].float().to(dev))
-        outl = (o_loc.to(dev), g.mu[lo:hi][o_loc].float().to(dev), g.rho[lo:hi][o_loc].float().to(dev))
-        common = dict(codebook=codebook, mode=mode, labels=lab.reshape(shape).to(dev), ellipse=ellipse,
-                      outliers=outl, rng_id=m.owner)
+        lab_w = a.labels[i]
+        lab = torch.empty(lab_w.numel(), dtype=ldt, device=dev)
+        out_pos = []
+        for lo in range(0, lab_w.numel(), g.chunk):
+            seg = lab_w[lo:lo + g.chunk].long()
+            out = seg < 0
+            lab[lo:lo + seg.numel()] = torch.where(out, 0, fm[seg.clamp_min(0)]).to(dev, ldt)
+            out_pos.append(out.nonzero().squeeze(1) + lo)
+        a.labels[i] = None  # free as we go
+        o_loc = torch.cat(out_pos).to(dev)
+        e_hi = int(torch.searchsorted(a.ell_pos, torch.tensor(g.offsets[i + 1], device=a.ell_pos.device)))
+        e_loc = (a.ell_pos[e_lo:e_hi] - g.offsets[i]).to(dev)
+        ea = lab.reshape(-1)[e_loc].long()
+        eb = fm[a.ell_c2[e_lo:e_hi]].to(dev)
+        ealpha = torch.sigmoid(a.ell_gap[e_lo:e_hi]).to(dev, torch.float32)  # r1 / (r1 + r2)
+        real = ea != eb  # both of its components merged: an ordinary inlier
+        e_loc, ea, eb, ealpha = e_loc[real], ea[real], eb[real], ealpha[real]
+        e_lo = e_hi
+        mu_f, rho_f = g.flat(i, "mu"), g.flat(i, "rho")
+        parts.append({
+            "labels": lab.reshape(tuple(m.weight_mu.shape)),
+            "ellipse": (e_loc, ea, eb, ealpha),
+            "outliers": (o_loc, mu_f[o_loc].float(), rho_f[o_loc].float()),
+        })
+    return parts, ldt
+
+
+def _build_layers(model, g: _Gathered, parts, codebook: Codebook, mode):
+    """SPEC.md section 8, steps 6-7: replace every mean-field layer in place by the SWS layer of the same kind
+    and hyper-parameters (:func:`_sws_like`: any kind in sws_kernels.nn.SWS_COUNTERPART, attention
+    projections included): labels (narrowest integer dtype), ellipse and outlier buffers (outliers keep their
+    own mu, rho), the shared codebook, the layer's rng_id; bias = mu_bias (deterministic); the replaced
+    layer's forward contract."""
+    for i, (name, m) in enumerate(g.layers):
+        common = dict(codebook=codebook, mode=mode, labels=parts[i]["labels"], ellipse=parts[i]["ellipse"],
+                      outliers=parts[i]["outliers"], rng_id=m.owner)
         _set_module(model, name, _sws_like(m, common))
-    return out_all, ell_full, ldt
 
 
-def _report(model, g: _Gathered, outliers: _Outliers, a: _Assignment, fit: _Fit, codebook: Codebook, out_all,
-            ell_full, ldt, t0, t_fit, notes) -> dict:
-    """SPEC.md section 8, step 6's report: counts of Gaussians / ellipses / outliers (by reason), trainable
-    parameters and bytes before and after with their ratios, EM diagnostics and the time taken."""
+def _size_parts(modules) -> Tuple[dict, Optional[dict]]:
+    """Bytes of the SWS layers by part, in memory and (when sws_kernels.io reports it) on disk."""
+    from . import io as _io
+
+    rep = _io.size_report(nn.ModuleList(modules))
+    if isinstance(rep.get("memory"), dict):  # {"memory": {...}, "disk": {...}}
+        mem, disk = dict(rep["memory"]), (dict(rep["disk"]) if isinstance(rep.get("disk"), dict) else None)
+    else:
+        mem, disk = dict(rep), None
+
+    def norm(d):
+        out = {"labels": d.get("labels", 0), "codebook": d.get("codebooks", d.get("codebook", 0)),
+               "ellipses": d.get("ellipses", 0), "outliers": d.get("outliers", 0),
+               "biases": d.get("sws_bias", d.get("biases", 0))}
+        total = d.get("total", sum(v for k, v in d.items() if k != "total" and isinstance(v, int)))
+        out["other"] = total - sum(out.values())
+        out["total"] = total
+        return out
+    return norm(mem), (norm(disk) if disk is not None else None)
+
+
+def _report(g: _Gathered, o: _Outliers, a: _Assignment, fit: _Fit, codebook: Codebook, parts, ldt, new_layers,
+            thresholds, times, notes) -> dict:
+    """SPEC.md section 8, step 6's report: counts of Gaussians / ellipses / outliers (by reason), every
+    threshold used, trainable parameters and bytes (in memory and, when known, on disk; per part) before and
+    after with their ratios, EM and assignment diagnostics, the time of each step. Warns (and sets
+    ``smaller`` False) when the SWS layers are not smaller than the mean-field ones."""
     names = [n for n, _ in g.layers]
     N = g.num_weights
-    new_layers = [dict(model.named_modules())[n] for n in names]
-    cb_params = [codebook.means, codebook.chol]
-    trainable_after = sum(p.numel() for p in cb_params) + sum(
+    n_out = sum(int(p["outliers"][0].numel()) for p in parts)
+    n_ell = sum(int(p["ellipse"][0].numel()) for p in parts)
+    trainable_after = sum(p.numel() for p in (codebook.means, codebook.chol)) + sum(
         m.outlier_mu.numel() + m.outlier_rho.numel() + (m.bias.numel() if m.bias is not None else 0)
         for m in new_layers)
-    # everything the converted layers store (the shared codebook once, priors and buffers included)
-    seen, stored_after = set(), []
-    for m in new_layers:
-        for t in m.state_dict(keep_vars=True).values():
-            if id(t) not in seen:
-                seen.add(id(t))
-                stored_after.append(t)
-    bytes_after = _param_bytes(stored_after)
-    n_out = int(out_all.sum())
-    out_w, out_g = outliers.by_magnitude, outliers.by_gradient
-    return {
+    mem_after, disk_after = _size_parts(new_layers)
+    bytes_after = mem_after["total"]
+    warn = []
+    if bytes_after >= g.bytes_before:
+        warn.append(f"to_sws: the SWS layers take {bytes_after:,} bytes, not fewer than the mean-field layers' "
+                    f"{g.bytes_before:,} ({n_out:,} outliers, {n_ell:,} ellipse weights, K = {codebook.num_components} "
+                    f"of {N:,} weights): ask for fewer num_components or a larger tau_w")
+    for w in warn:
+        warnings.warn(w, stacklevel=3)
+        log.warning(w)
+    rep = {
         "layers": names,
         "num_weights": N,
         "gaussians": codebook.num_components,
         "gaussians_fitted": fit.K,
-        "ellipses": int(ell_full.sum()),
+        "ellipses": n_ell,
         "outliers": n_out,
-        "outliers_by_reason": {"magnitude": int(out_w.sum()), "gradient": int((out_g & ~out_w).sum()),
-                               "small_component": int(a.out_small_idx.numel()),
-                               "ellipse_partner_dropped": int(a.out_ellipse_idx.numel())},
-        "inliers": N - n_out - int(ell_full.sum()),
+        "outliers_by_reason": {"magnitude": o.n_magnitude, "gradient": o.n_gradient,
+                               "small_component": a.n_small_members,
+                               "ellipse_partner_dropped": a.n_partner_dropped},
+        "inliers": N - n_out - n_ell,
         "label_dtype": str(ldt).replace("torch.", ""),
+        "thresholds": thresholds,
         "params_before": g.params_before,
         "params_after": trainable_after,
         "params_ratio": g.params_before / max(trainable_after, 1),
         "bytes_before": g.bytes_before,
         "bytes_after": bytes_after,
         "bytes_ratio": g.bytes_before / max(bytes_after, 1),
+        "bytes": {"memory": {"before": g.bytes_before_parts, "after": mem_after}},
+        "smaller": bytes_after < g.bytes_before,
+        "warnings": warn,
         "em": fit.info,
-        "seconds_fit": t_fit,
-        "seconds": time.perf_counter() - t0,
+        "assign": a.stats,
+        "seconds_fit": times["fit"],
+        "seconds_by_step": times,
+        "seconds": sum(times.values()),
         "notes": notes,
     }
+    if disk_after is not None:
+        rep["bytes"]["disk"] = {"after": disk_after}
+        rep["file_bytes_after"] = disk_after["total"]
+    return rep
 
 
-def to_sws(model: nn.Module, num_components: int = 4096, *, tau_w: float = 0.2, tau_d: float = 1e-4,
+def to_sws(model: nn.Module, num_components="auto", *, tau_w="auto", tau_d: float = 1e-4,
            gradients: Optional[Dict[str, torch.Tensor]] = None, grad_fraction: float = 0.01,
-           min_component_size: int = 20, mahalanobis: float = 5.991, fit_samples: int = 65536,
+           min_component_size: int = 20, ellipse_chi2: float = DEFAULT_ELLIPSE_CHI2, fit_samples: int = 65536,
            max_iter: int = 30, tol: float = 1e-5, reg: float = 1e-5, mode: str = "paper", seed: int = 0,
-           device=None, progress: bool = True):
-    """Compress a mean-field BNN into an SWS BNN with one shared codebook (SPEC.md section 8), in place.
+           device=None, progress: Optional[bool] = None, inplace: bool = True, chunk_size: int = 1 << 15):
+    """Compress a mean-field BNN into an SWS BNN with one shared codebook (SPEC.md section 8).
 
     Steps: gather (mu, rho) of every mean-field weight (biases excluded; they become the SWS layers'
-    deterministic biases, = mu_bias); outliers are |mu| >= tau_w, the top ``grad_fraction`` of
-    |accumulated mu-gradient| when ``gradients`` ({layer name: tensor of the weight's shape}, e.g. summed
-    |dL/dmu| over an epoch) is given, and after the fit the members of components with <=
-    ``min_component_size`` weights; a full-covariance 2D GMM (k-means++ then EM, float64, in the space
-    standardised per coordinate, diagonal jitter ``reg``) is fitted to ``fit_samples`` random inliers;
-    every inlier goes to its most responsible component, or, when its squared Mahalanobis distance to it
-    exceeds ``mahalanobis`` (chi^2_2 95%), becomes an ellipse weight blending its two most responsible
-    components with alpha = r1 / (r1 + r2) = sigmoid(log r1 - log r2); components closer than ``tau_d``
-    in squared 2-Wasserstein distance (measured in the standardised space) merge by mass-weighted moment
-    matching until none is; labels are compacted. Posterior = prior = the fit.
+    deterministic biases, = mu_bias); outliers are |mu| >= ``tau_w`` (``"auto"``: max(0.2, the 99th
+    percentile of |mu|), so about 1% at most), the top ``grad_fraction`` of |accumulated mu-gradient| when
+    ``gradients`` ({layer name: tensor of the weight's shape}, e.g. summed |dL/dmu| over an epoch) is given,
+    and after the fit the members of components with <= ``min_component_size`` weights; a full-covariance
+    2D GMM (batched k-means++ then EM, float64, in the space standardised per coordinate, diagonal jitter
+    ``reg``) with ``num_components`` components (``"auto"``: min(256, inliers // 50), so labels are uint8
+    and every component has ~50 weights or more; an int up to 4096 and beyond is taken as given) is fitted
+    to ``fit_samples`` random inliers; every inlier goes to its most responsible component, or, when its
+    squared Mahalanobis distance to it exceeds ``ellipse_chi2`` (default 13.816, the chi^2_2 99.9%
+    quantile), becomes an ellipse weight blending its two most responsible components with alpha =
+    r1 / (r1 + r2) = sigmoid(log r1 - log r2); components closer than ``tau_d`` in squared 2-Wasserstein
+    distance (standardised space) merge by mass-weighted moment matching until none is; labels are
+    compacted. Posterior = prior = the fit.
+
+    Converts in place (like bayesian-torch's dnn_to_bnn); ``inplace=False`` converts a deep copy and leaves
+    ``model`` as it was, so it can be retried with another K. Works where the model is (CPU or GPU; the
+    fit and assignment are plain torch on ``device``, default the first layer's), in chunks of
+    ``chunk_size`` weights: beyond the model it holds a 2-byte working label per weight and one chunk.
+    Progress bars (tqdm) only when ``progress`` is True, or None (default) and stderr is a terminal.
 
     Each step is one function of this module (``_gather``, ``_find_outliers``, ``_fit_gmm``, ``_assign``,
-    ``_merge``, ``_codebook_from_fit``, ``_build_layers``, ``_report``) whose docstring names its SPEC step.
+    ``_merge``, ``_codebook_from_fit``, ``_layer_parts``, ``_build_layers``, ``_report``) whose docstring
+    names its SPEC step.
 
-    Returns ``(model, report)``; the report has the counts of Gaussians / ellipses / outliers (by reason),
-    trainable parameters and bytes before and after with their ratios, EM diagnostics and the time taken.
-    Timing (benchmarks/bench_convert.py, 11,678,912 ResNet-18 weights, K = 4096, 2-core CPU shared with
-    other jobs): 386 s wall at load average ~4 (222 s to the end of EM, the rest the exact top-2
-    assignment of every weight with grid pruning); 579 s wall at load average ~6. Result: 3,910
-    Gaussians, 794,294 ellipses, 22,318 outliers; 358x fewer trainable parameters, 2.5x fewer bytes.
-    Note: by construction ~5% of a Gaussian's own members exceed the chi^2_2 95% quantile, so the
-    Mahalanobis rule of SPEC.md makes ~5-7% of the weights ellipses.
+    Returns ``(model, report)``. The report has the counts of Gaussians / ellipses / outliers (by reason),
+    ``thresholds`` (every threshold used, auto ones resolved), trainable parameters and bytes before and
+    after with their ratios, ``bytes`` per part (labels, codebook, ellipses, outliers, biases) in memory
+    and, when sws_kernels.io reports it, on disk, ``smaller`` (False, with a warning, when the SWS layers
+    are not smaller than the mean-field ones), EM/assignment diagnostics and the seconds of each step.
+    Timing: benchmarks/bench_convert.py and benchmarks/RESULTS.md.
     """
     t0 = time.perf_counter()
-    layers = _check_to_sws_args(model, num_components, tau_w, tau_d, mahalanobis, grad_fraction, mode, gradients)
+    layers = _check_to_sws_args(model, num_components, tau_w, tau_d, ellipse_chi2, grad_fraction, mode, gradients,
+                                min_component_size, fit_samples, chunk_size)
+    if not inplace:
+        model = copy.deepcopy(model)
+        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, MEAN_FIELD_LAYERS)]
     work_dev = torch.device(device) if device is not None else layers[0][1].weight_mu.device
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    notes = []
+    notes, times = [], {}
+
+    def lap(name, t=[t0]):  # noqa: B006 - a running clock
+        now = time.perf_counter()
+        times[name] = now - t[0]
+        t[0] = now
     # SPEC.md section 8, one function per step
-    gathered = _gather(layers, work_dev)                                              # 1. (mu, rho)
-    outliers = _find_outliers(gathered, tau_w, gradients, grad_fraction, work_dev)    # 2. outliers
-    fit = _fit_gmm(gathered, outliers.inliers, num_components, fit_samples, gen, max_iter, tol, reg, progress,
-                   notes, work_dev)                                                   # 3. GMM fit
-    t_fit = time.perf_counter() - t0
-    assignment = _assign(fit, outliers.inliers, min_component_size, mahalanobis, progress)  # 4. labels, ellipses
-    merged = _merge(fit, assignment, tau_d, work_dev)                                 # 5. W2 merging
-    codebook = _codebook_from_fit(fit, merged, layers[0][1].weight_mu.device)         # 6. posterior = prior = fit
-    out_all, ell_full, ldt = _build_layers(model, gathered, outliers, assignment, merged, codebook, mode,
-                                           work_dev)                                  # 6. the SWS layers
-    report = _report(model, gathered, outliers, assignment, fit, codebook, out_all, ell_full, ldt, t0, t_fit,
-                     notes)                                                           # 6. the report
+    with torch.no_grad():
+        gathered = _gather(layers, work_dev, chunk_size)                                    # 1. (mu, rho)
+        outliers = _find_outliers(gathered, tau_w, gradients, grad_fraction)                # 2. outliers
+        lap("outliers")
+        fit = _fit_gmm(gathered, outliers, num_components, fit_samples, gen, max_iter, tol, reg, progress,
+                       notes)                                                               # 3. GMM fit
+        lap("fit")
+        assignment = _assign(gathered, outliers, fit, min_component_size, ellipse_chi2, progress)  # 4. labels
+        lap("assign")
+        merged = _merge(fit, assignment, tau_d)                                             # 5. W2 merging
+        codebook = _codebook_from_fit(fit, merged, layers[0][1].weight_mu.device)           # 6. posterior = prior
+        parts, ldt = _layer_parts(gathered, assignment, merged)                             # 6. layer data
+        _build_layers(model, gathered, parts, codebook, mode)                               # 6. the SWS layers
+        lap("build")
+    thresholds = {"num_components": num_components, "num_components_fitted": fit.K, "tau_w": outliers.tau_w,
+                  "tau_w_rule": (f"auto: max({AUTO_TAU_W_FLOOR}, {AUTO_TAU_W_QUANTILE:.0%} quantile of |mu| = "
+                                 f"{outliers.tau_w_quantile:.6g})" if tau_w == "auto" else "given"),
+                  "tau_d": tau_d, "ellipse_chi2": ellipse_chi2, "min_component_size": min_component_size,
+                  "grad_fraction": grad_fraction if gradients else None, "fit_samples": fit_samples,
+                  "reg": reg, "max_iter": max_iter, "tol": tol}
+    new_layers = [dict(model.named_modules())[n] for n, _ in layers]
+    report = _report(gathered, outliers, assignment, fit, codebook, parts, ldt, new_layers, thresholds, times,
+                     notes)                                                                 # 6. the report
     return model, report

@@ -305,3 +305,44 @@ def test_mean_field_matches_bayesian_torch_api(rng, kind):
     out_t, kl_t = theirs(x)
     assert out.shape == out_t.shape
     torch.testing.assert_close(kl, kl_t)
+
+
+def test_new_conv_kinds_state_dict_pickle_and_bad_inputs(rng):
+    """Conv3d / ConvTranspose layers (issue 12): state_dict round trip with other fitted sizes, pickling after a
+    forward (per-layer bindings are left out), bayesian-torch state_dicts load, argument checks."""
+    import io
+    cb = _codebook(7, rng)
+    n = 4 * 3 * 2 * 2  # ConvTranspose2d(4, 6, 2, groups=2): weight [in=4, out/groups=3, 2, 2]
+    ell, outl = _special(n, 7, rng, n_e=3, n_o=4)
+    layer = snn.SWSConvTranspose2d(4, 6, 2, stride=2, groups=2, codebook=cb, ellipse=ell, outliers=outl,
+                                   return_kl=True)
+    assert layer.weight_shape == (4, 3, 2, 2) and layer.bias.shape == (6,)
+    x = torch.randn(2, 4, 3, 3, generator=rng)
+    y, kl = layer(x, samples=2, seed=3)
+    assert y.shape == (2, 2, 6, 6, 6)
+    fresh = snn.SWSConvTranspose2d(4, 6, 2, stride=2, groups=2, codebook=snn.Codebook(3))
+    fresh.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(fresh(x, samples=2, seed=3), y, rtol=0, atol=0)
+    buf = io.BytesIO()
+    torch.save(torch.nn.Sequential(layer, snn.MeanFieldConv3d(6, 2, 1)), buf)  # after a forward
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    out, kl2 = back[0](x, samples=2, seed=3)
+    torch.testing.assert_close(out, y, rtol=0, atol=0)
+    torch.testing.assert_close(kl2, kl)
+    bt = pytest.importorskip("bayesian_torch.layers").ConvTranspose3dReparameterization(2, 4, 3, stride=2)
+    ours = snn.MeanFieldConvTranspose3d(2, 4, 3, stride=2)
+    ours.load_state_dict(bt.state_dict())  # bayesian-torch's parameter names, no rng_id
+    torch.testing.assert_close(ours.mu_kernel, bt.mu_kernel)
+    with pytest.raises(ValueError, match="padding"):
+        snn.SWSConvTranspose1d(2, 2, 3, padding="same", codebook=cb)
+    with pytest.raises(ValueError, match="output_padding"):
+        snn.SWSConvTranspose2d(2, 2, 3, stride=2, output_padding=2, codebook=cb)
+    with pytest.raises(TypeError, match="output_padding"):
+        snn.MeanFieldConvTranspose1d(2, 2, 3, output_padding=(1, 1))
+    with pytest.raises(ValueError, match="groups"):
+        snn.SWSConv3d(3, 4, 1, groups=2, codebook=cb)
+    with pytest.raises(ValueError, match="x: expected 5 dimensions"):
+        snn.SWSConv3d(2, 4, 1, codebook=cb)(torch.randn(2, 2, 3, 3))
+    with pytest.raises(ValueError, match="input channels"):
+        layer(torch.randn(2, 5, 3, 3))

@@ -1,0 +1,456 @@
+"""Distributed training and checkpoints with sws_kernels modules: DDP with any codebook size, the same noise
+streams on every rank, plain and DCP checkpoints of wrapped models (issue 18).
+
+DDP
+---
+Wrap with :func:`ddp` instead of ``torch.nn.parallel.DistributedDataParallel`` (same keyword arguments)::
+
+    ddp_model = sws_kernels.distributed.ddp(model, device_ids=[rank])
+
+It adds to torch's DDP:
+
+* **Any codebook size.** An SWS layer's labels are stored in the narrowest integer dtype for its codebook's K
+  (uint8, int16, int32: the labels are most of a compressed model's bytes). Gloo and NCCL have no int16, so
+  plain DDP fails at construction for 256 < K <= 32768 (``_broadcast_coalesced: Invalid scalar type``).
+  :func:`prepare_ddp` leaves the *constant* buffers of every codebook, SWS and mean-field module (everything
+  they register as a buffer: labels, ellipse/outlier positions, components and alpha, priors, ``rng_id``) out
+  of DDP's own broadcasts (``_ddp_params_and_buffers_to_ignore``) and broadcasts them once from the group's
+  rank 0 as raw bytes (one flat uint8 view per device: no dtype change, no memory growth). Training never
+  changes them, so nothing is lost by not re-sending them on every forward as DDP does with buffers
+  (``broadcast_buffers=True``; other buffers, e.g. BatchNorm statistics, are still broadcast by DDP).
+* **The same weight sample on every rank.** A layer's noise is Philox at (seed, its ``rng_id``). Default
+  ``rng_id``\\s come from a per-process counter (a rank that built one more module first gets other ids), and
+  ``seed=None`` draws the seed from PyTorch's default generator (a rank that drew one more random number
+  draws other seeds): either way that rank trains on another weight sample, silently. :func:`check_consistency`
+  all-gathers every rank's module ids (path, class, ``rng_id``), constant-buffer shapes and dtypes and a
+  fingerprint of the default generators (the CPU one and the CUDA one of each device the model is on) and
+  raises ``RuntimeError`` on every rank, naming the first differences. :func:`ddp` runs it when wrapping
+  and once more on the first forward. ``independent=True`` skips the check: ranks seeded differently on
+  purpose (``torch.manual_seed(base + rank)``) each use their own weight sample (more samples per step, a
+  different estimator); ``rng_id``\\s are still rank 0's.
+
+A module's ``rng_id`` buffer is the one source of truth for its noise stream (``sws_kernels.nn``): the Python
+mirror the kernels use follows the buffer whenever it is written, so after plain DDP's broadcast, too, every
+rank uses rank 0's ids.
+
+Checkpoints
+-----------
+* ``sws_kernels.save(ddp_model, path)`` writes the plain model (keys without ``module.``), loadable into an
+  unwrapped model; :func:`state_dict` gives that plain state dict.
+* :func:`load_state_dict` loads a plain full state dict (a shared codebook listed under every layer using
+  it, as ``state_dict()`` writes it) into a plain, DDP- or ``torch.compile``-wrapped model; a dict saved
+  from the wrapper itself (``module.``/``_orig_mod.`` prefixes) is accepted too.
+* DCP (``torch.distributed.checkpoint``): :func:`save_dcp` saves the plain state dict (every rank calls it;
+  DCP writes replicated tensors once); :func:`load_dcp` loads it into a model built with *other* sizes too:
+  :func:`resize_to_checkpoint` first gives every codebook and SWS layer the checkpoint's number of components,
+  label dtype and ellipse/outlier counts (read from the checkpoint's metadata), then DCP loads in place and
+  the modules' entry checks run on the loaded values. Resizing replaces parameters (codebook means/chol,
+  outlier mu/rho): load before wrapping the model in DDP and before building its optimizer; a wrapped
+  model that would need resizing raises.
+
+The row-sharded (tensor-parallel) layers and FSDP2 of issue 18 are not covered here.
+"""
+from __future__ import annotations
+
+import zlib
+from collections import OrderedDict
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from . import _checks
+from . import nn as _snn
+
+__all__ = ["ddp", "prepare_ddp", "check_consistency", "sync_buffers", "constant_buffers", "unwrap", "state_dict",
+           "load_state_dict", "save_dcp", "load_dcp", "resize_to_checkpoint"]
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _dist():
+    import torch.distributed as dist
+    if not dist.is_available():
+        raise RuntimeError("sws_kernels.distributed: this PyTorch build has no torch.distributed")
+    return dist
+
+
+def _require_group(group):
+    dist = _dist()
+    if not dist.is_initialized():
+        raise RuntimeError("sws_kernels.distributed: expected an initialised default process group "
+                           "(torch.distributed.init_process_group), got none")
+    return dist
+
+
+def unwrap(model):
+    """The plain module inside DDP / DataParallel / ``torch.compile`` wrappers (any nesting); ``model`` itself
+    when it is not wrapped."""
+    seen = 0
+    while isinstance(model, nn.Module) and seen < 16:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            break
+        seen += 1
+    return model
+
+
+def _bayesian_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """(first path, module) of every codebook / SWS / mean-field module, each once."""
+    return [(p, m) for p, m in model.named_modules() if isinstance(m, _snn._RngIdMixin)]
+
+
+def constant_buffers(model: nn.Module) -> List[Tuple[List[str], torch.Tensor]]:
+    """Every buffer a codebook, SWS or mean-field module registers itself (labels, ellipse/outlier data,
+    priors, ``rng_id``): ``[(all fully qualified names, tensor)]``, each tensor once (a shared codebook's under
+    every layer's prefix). These never change in training."""
+    model = unwrap(model)
+    out: "OrderedDict[int, Tuple[List[str], torch.Tensor]]" = OrderedDict()
+    for path, m in model.named_modules(remove_duplicate=False):
+        if not isinstance(m, _snn._RngIdMixin):
+            continue
+        pre = f"{path}." if path else ""
+        for name, t in m._buffers.items():
+            if t is None:
+                continue
+            entry = out.setdefault(id(t), ([], t))
+            entry[0].append(pre + name)
+    return list(out.values())
+
+
+# ------------------------------------------------------------------------------------------------------
+# Consistency across ranks
+# ------------------------------------------------------------------------------------------------------
+
+def _signature(model: nn.Module):
+    mods = [(p or "<root>", type(m).__name__, m.owner) for p, m in _bayesian_modules(model)]
+    bufs = [(names[0], str(t.dtype).replace("torch.", ""), tuple(t.shape)) for names, t in constant_buffers(model)]
+    return mods, bufs
+
+
+def _generator_fingerprint(model: nn.Module):
+    """CRC32s of the default CPU generator's state and of the CUDA generator of each device the model is on."""
+    fp = [("cpu", zlib.crc32(torch.random.get_rng_state().numpy().tobytes()))]
+    devs = sorted({t.device.index or 0 for t in list(model.parameters()) + list(model.buffers())
+                   if t.device.type == "cuda"})
+    for d in devs:
+        fp.append((f"cuda:{d}", zlib.crc32(torch.cuda.get_rng_state(d).numpy().tobytes())))
+    return fp
+
+
+def _differences(items, what: str, describe, limit: int = 4) -> List[str]:
+    """Messages for the first entries where some rank's list differs from rank 0's."""
+    ref = items[0]
+    msgs = []
+    for r, lst in enumerate(items[1:], start=1):
+        if lst == ref:
+            continue
+        if len(lst) != len(ref):
+            msgs.append(f"rank 0 has {len(ref)} {what}, rank {r} has {len(lst)}")
+        for a, b in zip(ref, lst):
+            if a != b:
+                msgs.append(describe(a, b, r))
+                if len(msgs) >= limit:
+                    return msgs
+        if len(msgs) >= limit:
+            break
+    return msgs
+
+
+def check_consistency(model: nn.Module, *, group=None, generators: bool = True, where: str = "") -> None:
+    """Raise ``RuntimeError`` (on every rank) unless every rank of ``group`` has the same Bayesian modules
+    (paths, classes, ``rng_id``), the same constant-buffer shapes and dtypes and, with ``generators``, the same
+    default random generator states (same seeds drawn next). A collective: every rank must call it.
+    One ``all_gather_object`` of a few numbers per module."""
+    dist = _require_group(group)
+    model = unwrap(model)
+    mine = (_signature(model), _generator_fingerprint(model) if generators else None)
+    gathered = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, mine, group=group)
+    at = f" ({where})" if where else ""
+    msgs = _differences([g[0][0] for g in gathered], "codebook/SWS/mean-field modules",
+                        lambda a, b, r: (f"module {a[0]!r} ({a[1]}) has rng_id {a[2]} on rank 0, but rank {r} has "
+                                         f"{b[0]!r} ({b[1]}) with rng_id {b[2]}"))
+    if msgs:
+        raise RuntimeError(
+            f"sws_kernels.distributed: ranks disagree on the modules' noise streams{at}: " + "; ".join(msgs)
+            + ". Each rank would train on another weight sample. Build the model identically on every rank "
+              "(same modules in the same order, or explicit rng_id=), or pass independent=True for one "
+              "independent weight sample per rank.")
+    msgs = _differences([g[0][1] for g in gathered], "constant buffers",
+                        lambda a, b, r: (f"{a[0]!r} is {a[1]}{list(a[2])} on rank 0, but rank {r} has "
+                                         f"{b[0]!r} {b[1]}{list(b[2])}"))
+    if msgs:
+        raise RuntimeError(f"sws_kernels.distributed: ranks have differently sized models{at}: " + "; ".join(msgs)
+                           + ". Build (or load) the same model on every rank before wrapping.")
+    if generators:
+        msgs = _differences([g[1] for g in gathered], "generators",
+                            lambda a, b, r: (f"the {a[0]} generator's state differs between rank 0 and rank {r}"
+                                             if a[0] == b[0] else f"rank 0 has a {a[0]} generator, rank {r} {b[0]}"))
+        if msgs:
+            raise RuntimeError(
+                f"sws_kernels.distributed: ranks are at different positions of PyTorch's default random "
+                f"generator{at}: " + "; ".join(msgs) + ". Layers called with seed=None would draw different "
+                "seeds, i.e. other weight samples on each rank. Seed every rank alike (torch.manual_seed(s)) "
+                "and draw the same random numbers on every rank (e.g. no rank-only torch.rand before the "
+                "forward), or pass independent=True for one independent weight sample per rank.")
+
+
+# ------------------------------------------------------------------------------------------------------
+# DDP
+# ------------------------------------------------------------------------------------------------------
+
+def sync_buffers(model: nn.Module, *, group=None, src: int = 0) -> None:
+    """Broadcast every constant buffer (:func:`constant_buffers`) from the group's rank ``src`` as raw bytes
+    (one flat uint8 tensor per device), whatever its dtype. A collective: every rank must call it."""
+    dist = _require_group(group)
+    model = unwrap(model)
+    src_global = dist.get_global_rank(group, src) if group is not None else src
+    me = dist.get_rank()
+    by_device: Dict[torch.device, List[torch.Tensor]] = OrderedDict()
+    for _, t in constant_buffers(model):
+        if t.numel():
+            by_device.setdefault(t.device, []).append(t)
+    with torch.no_grad():
+        for dev, ts in by_device.items():
+            flat = torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8) for t in ts])
+            dist.broadcast(flat, src_global, group=group)
+            if me == src_global:
+                continue
+            off = 0
+            for t in ts:
+                nb = t.numel() * t.element_size()
+                part = flat[off:off + nb]
+                if t.is_contiguous():  # written through its byte view (bumps _version: owner mirrors refresh)
+                    t.view(-1).view(torch.uint8).copy_(part)
+                else:
+                    t.copy_(part.clone().view(t.dtype).view(t.shape))
+                off += nb
+
+
+def prepare_ddp(model: nn.Module, *, independent: bool = False, group=None) -> nn.Module:
+    """Make a plain model ready for ``DistributedDataParallel`` with any codebook size (see the module
+    docstring): check the ranks agree (unless ``independent``), add the constant buffers to the model's
+    ``_ddp_params_and_buffers_to_ignore`` and broadcast them once from rank 0 as bytes. Returns ``model``.
+    A collective: every rank must call it, before wrapping."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {_checks.describe(model)}")
+    if not isinstance(independent, bool):
+        raise TypeError(f"independent: expected a bool, got {_checks.describe(independent)}")
+    if unwrap(model) is not model:
+        raise ValueError(f"model: expected the plain model (prepare before wrapping), got a {type(model).__name__}")
+    _require_group(group)
+    if not independent:
+        check_consistency(model, group=group, where="when wrapping")
+    else:  # sizes must still agree for the byte broadcast
+        _check_sizes(model, group)
+    names = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
+    for fqns, _ in constant_buffers(model):
+        names.update(fqns)
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted(names))
+    sync_buffers(model, group=group)
+    return model
+
+
+def _check_sizes(model, group) -> None:
+    dist = _dist()
+    mine = _signature(model)[1]
+    gathered = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, mine, group=group)
+    msgs = _differences(gathered, "constant buffers",
+                        lambda a, b, r: (f"{a[0]!r} is {a[1]}{list(a[2])} on rank 0, but rank {r} has "
+                                         f"{b[0]!r} {b[1]}{list(b[2])}"))
+    if msgs:
+        raise RuntimeError("sws_kernels.distributed: ranks have differently sized models (when wrapping): "
+                           + "; ".join(msgs) + ". Build (or load) the same model on every rank before wrapping.")
+
+
+def ddp(model: nn.Module, *, independent: bool = False, **kwargs) -> nn.parallel.DistributedDataParallel:
+    """``DistributedDataParallel(model, **kwargs)`` after :func:`prepare_ddp`, with the ranks' consistency
+    checked again on the first forward (unless ``independent``). ``process_group=`` is used for the checks
+    and the byte broadcast too."""
+    group = kwargs.get("process_group")
+    prepare_ddp(model, independent=independent, group=group)
+    wrapped = nn.parallel.DistributedDataParallel(model, **kwargs)
+    if not independent:
+        def first_forward_check(module, args, kw):
+            handle.remove()
+            check_consistency(model, group=group, where="on the first forward")
+
+        handle = wrapped.register_forward_pre_hook(first_forward_check, with_kwargs=True)
+    return wrapped
+
+
+# ------------------------------------------------------------------------------------------------------
+# State dicts and checkpoints
+# ------------------------------------------------------------------------------------------------------
+
+def state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The plain model's state_dict (no wrapper prefixes)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {_checks.describe(model)}")
+    return unwrap(model).state_dict()
+
+
+def _strip_prefixes(sd):
+    keys = list(sd.keys())
+    changed = True
+    while changed and keys:
+        changed = False
+        for p in _WRAPPER_PREFIXES:
+            if all(isinstance(k, str) and k.startswith(p) for k in keys):
+                sd = OrderedDict((k[len(p):], v) for k, v in sd.items())
+                keys = list(sd.keys())
+                changed = True
+    return sd
+
+
+def load_state_dict(model: nn.Module, state_dict, *, strict: bool = True):
+    """Load a full state dict into the plain model inside ``model`` (DDP / compile wrappers unwrapped). Keys
+    may carry the wrappers' ``module.`` / ``_orig_mod.`` prefixes; a shared codebook may be listed under every
+    layer's prefix (as ``state_dict()`` lists it): each copy is written to the one shared tensor. Sizes
+    (K, label dtype, ellipse/outlier counts) follow the state dict, as ``load_state_dict`` does for these
+    modules: on a DDP-wrapped model they must not change (DDP holds the parameters; load before wrapping)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {_checks.describe(model)}")
+    if not hasattr(state_dict, "items"):
+        raise TypeError(f"state_dict: expected a mapping of names to tensors, got {_checks.describe(state_dict)}")
+    target = unwrap(model)
+    sd = _strip_prefixes(OrderedDict(state_dict.items()))
+    if target is not model:
+        shapes = {k: (tuple(v.shape), v.dtype) for k, v in sd.items() if isinstance(v, torch.Tensor)}
+        need = _resize_plan(target, shapes, "")
+        if need:
+            raise ValueError(f"state_dict: changes the sizes of {', '.join(need[:4])} inside a "
+                             f"{type(model).__name__}; load it into the plain model before wrapping")
+    return target.load_state_dict(sd, strict=strict)
+
+
+def _dcp():
+    _dist()
+    import torch.distributed.checkpoint as dcp
+    return dcp
+
+
+def save_dcp(model: nn.Module, checkpoint_id, **kwargs):
+    """``torch.distributed.checkpoint.save`` of the plain state dict (:func:`state_dict`). Every rank calls it
+    (or one process without a process group)."""
+    return _dcp().save(state_dict(model), checkpoint_id=checkpoint_id, **kwargs)
+
+
+def _checkpoint_shapes(checkpoint_id=None, metadata=None, storage_reader=None):
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    if metadata is None:
+        if storage_reader is None:
+            if checkpoint_id is None:
+                raise ValueError("checkpoint_id: expected a checkpoint path (or metadata= / storage_reader=), got None")
+            storage_reader = _dcp().FileSystemReader(checkpoint_id)
+        metadata = storage_reader.read_metadata()
+    return {k: (tuple(md.size), md.properties.dtype) for k, md in metadata.state_dict_metadata.items()
+            if isinstance(md, TensorStorageMetadata)}
+
+
+_SWS_RESIZABLE = ("labels", "ellipse_pos", "ellipse_a", "ellipse_b", "ellipse_alpha", "outlier_pos", "outlier_mu0",
+                  "outlier_sigma0")
+
+
+def _resize_plan(model, shapes, prefix) -> List[str]:
+    """Names of the tensors whose saved shape/dtype differs from the model's (the resizable ones only)."""
+    out = []
+    for path, m in model.named_modules():
+        pre = prefix + (f"{path}." if path else "")
+        if isinstance(m, _snn.Codebook):
+            names = ("means", "chol", "means0", "chol0")
+        elif isinstance(m, _snn._SWSLayer):
+            names = _SWS_RESIZABLE + ("outlier_mu", "outlier_rho")
+        else:
+            continue
+        for n in names:
+            s = shapes.get(pre + n)
+            t = getattr(m, n)
+            if s is not None and (s[0] != tuple(t.shape) or s[1] != t.dtype):
+                out.append(pre + n)
+    return out
+
+
+def resize_to_checkpoint(model: nn.Module, checkpoint_id=None, *, metadata=None, storage_reader=None,
+                         prefix: str = "") -> List[str]:
+    """The pre-resize step of a DCP load: give every codebook and SWS layer of ``model`` the checkpoint's
+    sizes (K of each codebook, label dtype, ellipse and outlier counts), read from the checkpoint's metadata
+    (``checkpoint_id`` a DCP directory, or ``metadata``/``storage_reader``). ``prefix`` is the key prefix of the
+    model's entries in the checkpoint (``"model."`` when it was saved as ``{"model": state_dict, ...}``).
+    The resized tensors are uninitialised until loaded. Returns the names of the resized tensors."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {_checks.describe(model)}")
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix: expected a str, got {_checks.describe(prefix)}")
+    shapes = _checkpoint_shapes(checkpoint_id, metadata, storage_reader)
+    target = unwrap(model)
+    need = _resize_plan(target, shapes, prefix)
+    if need and target is not model:
+        raise ValueError(f"model: the checkpoint changes the sizes of {', '.join(need[:4])}: load it into the "
+                         f"plain model before wrapping it in {type(model).__name__} (DDP holds the parameters)")
+    if not need:
+        return []
+    for path, m in target.named_modules():  # codebooks first: their K sets the label dtype the layers check
+        pre = prefix + (f"{path}." if path else "")
+        if isinstance(m, _snn.Codebook) and (pre + "means") in shapes:
+            (shape, dtype) = shapes[pre + "means"]
+            if shape != tuple(m.means.shape) or dtype != m.means.dtype:
+                K, dev = shape[0], m.means.device
+                m._parameters["means"] = nn.Parameter(torch.empty(K, 2, device=dev, dtype=dtype),
+                                                      requires_grad=m.means.requires_grad)
+                c = shapes.get(pre + "chol", ((K, 3), dtype))
+                m._parameters["chol"] = nn.Parameter(torch.empty(c[0], device=dev, dtype=c[1]),
+                                                     requires_grad=m.chol.requires_grad)
+                for n in ("means0", "chol0"):
+                    s = shapes.get(pre + n, ((K, 2 if n == "means0" else 3), m._buffers[n].dtype))
+                    m._buffers[n] = torch.empty(s[0], device=dev, dtype=s[1])
+                m.num_components = K
+    for path, m in target.named_modules():
+        if not isinstance(m, _snn._SWSLayer):
+            continue
+        pre = prefix + (f"{path}." if path else "")
+        dev = m.labels.device
+        for n in _SWS_RESIZABLE:  # straight into the module dicts: the entry checks run after the load
+            s = shapes.get(pre + n)
+            if s is not None and (s[0] != tuple(m._buffers[n].shape) or s[1] != m._buffers[n].dtype):
+                m._buffers[n] = torch.empty(s[0], device=dev, dtype=s[1])
+        for n in ("outlier_mu", "outlier_rho"):
+            s = shapes.get(pre + n)
+            p = m._parameters[n]
+            if s is not None and (s[0] != tuple(p.shape) or s[1] != p.dtype):
+                numel = 1
+                for d in s[0]:
+                    numel *= d
+                m._parameters[n] = nn.Parameter(torch.empty(s[0], device=dev, dtype=s[1]), requires_grad=numel > 0)
+    return need
+
+
+def load_dcp(model: nn.Module, checkpoint_id, *, prefix: str = "", **kwargs) -> nn.Module:
+    """Load a DCP checkpoint written by :func:`save_dcp` (or ``dcp.save(model.state_dict())``) into ``model``,
+    resizing its codebooks and SWS layers to the checkpoint first (:func:`resize_to_checkpoint`), then running
+    the modules' entry checks on the loaded values. ``kwargs`` go to ``torch.distributed.checkpoint.load``.
+    Returns the plain model."""
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix: expected a str, got {_checks.describe(prefix)}")
+    dcp = _dcp()
+    reader = kwargs.pop("storage_reader", None)
+    resize_to_checkpoint(model, checkpoint_id, storage_reader=reader, prefix=prefix)
+    target = unwrap(model)
+    sd = target.state_dict()
+    if prefix:
+        wrapped = {}
+        node = wrapped
+        parts = prefix.rstrip(".").split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = sd
+        dcp.load(wrapped, checkpoint_id=checkpoint_id, storage_reader=reader, **kwargs)
+    else:
+        dcp.load(sd, checkpoint_id=checkpoint_id, storage_reader=reader, **kwargs)
+    target.load_state_dict(sd)  # the loaded tensors onto themselves: entry checks, rng ids, bindings
+    return target

@@ -216,6 +216,11 @@ void mean_field_reconstruct_backward_cpu(const MeanFieldArgs& a, const float* gr
 // [S, out_f] (bias_per_sample) or null; l.ov_* unused. Deterministic (independent of the thread count).
 constexpr int64_t kLinearCpuMaxM = 32;
 void sws_linear_cpu(const ReconstructArgs& a, const LinearArgs& l);
+// csrc/cpu/kl.cpp: sum_i KL(N(mu_i, softplus(rho_i)^2) || N(mu0, sigma0^2)) (float32 terms, double sum in a fixed
+// order), and its gradient times scale (overwrites grad_mu[n], grad_rho[n]).
+double kl_gaussian_sum_cpu(const float* mu, const float* rho, int64_t n, float mu0, float sigma0);
+void kl_gaussian_backward_cpu(const float* mu, const float* rho, int64_t n, float mu0, float sigma0, float scale,
+                              float* grad_mu, float* grad_rho);
 
 // ---- entry points (csrc/cuda/reconstruct.cu; only when built with SWS_WITH_CUDA) ----
 #if defined(SWS_WITH_CUDA)

@@ -339,6 +339,32 @@ PYBIND11_MODULE(_C, m) {
       py::call_guard<py::gil_scoped_release>(),
       "Overwrites grad_mu[n] = sum_s grad_w[s], grad_rho[n] = sum_s grad_w[s] eps[s] * softplus'(rho); deterministic.");
 
+  m.def(
+      "kl_gaussian_cpu",
+      [](uintptr_t mu, uintptr_t rho, int64_t n, float mu0, float sigma0) {
+        check_ptr("kl_gaussian_cpu", "mu_ptr", mu, n);
+        check_ptr("kl_gaussian_cpu", "rho_ptr", rho, n);
+        return sws::kl_gaussian_sum_cpu(ptr<const float>(mu), ptr<const float>(rho), n, mu0, sigma0);
+      },
+      py::arg("mu_ptr"), py::arg("rho_ptr"), py::arg("n"), py::arg("mu0"), py::arg("sigma0"),
+      py::call_guard<py::gil_scoped_release>(),
+      "sum_i KL(N(mu_i, softplus(rho_i)^2) || N(mu0, sigma0^2)) of float32 mu[n], rho[n], as a double.");
+  m.def(
+      "kl_gaussian_backward_cpu",
+      [](uintptr_t mu, uintptr_t rho, int64_t n, float mu0, float sigma0, float scale, uintptr_t grad_mu,
+         uintptr_t grad_rho) {
+        const char* fn = "kl_gaussian_backward_cpu";
+        check_ptr(fn, "mu_ptr", mu, n);
+        check_ptr(fn, "rho_ptr", rho, n);
+        check_ptr(fn, "grad_mu_ptr", grad_mu, n);
+        check_ptr(fn, "grad_rho_ptr", grad_rho, n);
+        sws::kl_gaussian_backward_cpu(ptr<const float>(mu), ptr<const float>(rho), n, mu0, sigma0, scale,
+                                      ptr<float>(grad_mu), ptr<float>(grad_rho));
+      },
+      py::arg("mu_ptr"), py::arg("rho_ptr"), py::arg("n"), py::arg("mu0"), py::arg("sigma0"), py::arg("scale"),
+      py::arg("grad_mu_ptr"), py::arg("grad_rho_ptr"), py::call_guard<py::gil_scoped_release>(),
+      "Overwrites grad_mu[n], grad_rho[n] with scale times the gradient of kl_gaussian_cpu's sum.");
+
   m.def("simd_level", []() { return std::string(sws::simd_level()); },
         "The vector version the CPU normal/softplus code uses now: 'avx2' or 'scalar'.");
   m.def("set_simd", &sws::set_simd, py::arg("enabled"),

@@ -26,6 +26,7 @@ compares outputs and every gradient bit for bit).
 """
 from __future__ import annotations
 
+import ctypes
 import operator
 from typing import Optional
 
@@ -418,28 +419,81 @@ def mean_field_weights(layer, S: int, seed):
     return w, bias
 
 
+def _scalar(t) -> Optional[float]:
+    """The value of a one-element CPU float32 prior buffer, read from its memory (no aten op, no sync); None for
+    anything else (a tensor prior, another device or dtype: the general path handles those)."""
+    if t is None or not t.is_cpu or t.dtype is not torch.float32 or t.numel() != 1:
+        return None
+    return ctypes.c_float.from_address(t.data_ptr()).value
+
+
+class _MFKLFn(torch.autograd.Function):
+    """bayesian-torch's layer KL (each tensor's mean KL, weight + bias) with the native value and gradient
+    (csrc/cpu/kl.cpp): two calls where the formula's PyTorch ops and autograd nodes cost ~40 us a call."""
+
+    @staticmethod
+    def forward(ctx, mu, rho, bmu, brho, priors):
+        wm, ws, bm, bs = priors
+        kl = native.kl_gaussian_sum(mu, rho, wm, ws) / mu.numel()
+        if bmu is not None:
+            kl += native.kl_gaussian_sum(bmu, brho, bm, bs) / bmu.numel()
+        ctx.save_for_backward(mu, rho, bmu, brho)
+        ctx.priors = priors
+        return torch.tensor(kl, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, g):
+        mu, rho, bmu, brho = ctx.saved_tensors
+        wm, ws, bm, bs = ctx.priors
+        g = g.to(torch.float32).contiguous()
+        gv = ctypes.c_float.from_address(g.data_ptr()).value  # the CPU scalar, read without an aten op (no sync)
+        g_mu, g_rho = native.kl_gaussian_backward(mu, rho, wm, ws, gv / mu.numel())
+        g_bmu = g_brho = None
+        if bmu is not None:
+            g_bmu, g_brho = native.kl_gaussian_backward(bmu, brho, bm, bs, gv / bmu.numel())
+        return g_mu, g_rho, g_bmu, g_brho, None
+
+
 def mean_field_kl(layer, compute):
-    """``compute()`` (the layer's KL), or its value kept from an earlier call.
+    """The mean-field layer's KL (bayesian-torch's convention): ``compute()`` (the general formula) where this
+    path does not apply, else the native value and gradient (csrc/cpu/kl.cpp; float32 terms summed in double,
+    so it agrees with ``compute()`` to float32 rounding, not bit for bit).
 
     Without grad, the value is kept with the binding and reused while the parameters and priors are unchanged
     (same objects, addresses and versions): evaluation loops call forward many times between updates, and
     bayesian-torch's default ``forward`` recomputes it on every call."""
     cur = _mf_current(layer)
-    if not _usable() or _grad_needed(cur):
+    mu, rho, bmu, brho = cur
+    if not _usable() or not native.AVAILABLE_CPU or not mu.is_cpu or mu.dtype is not torch.float32:
         return compute()
-    b = _mf_binding(layer)
-    if b is None:
+    if (bmu is None) != (brho is None) or (bmu is not None and bmu.dtype is not torch.float32):
         return compute()
     buf = layer._buffers
     priors = (buf["prior_weight_mu"], buf["prior_weight_sigma"], buf["prior_bias_mu"], buf["prior_bias_sigma"])
-    try:
-        key = tuple(t._version if t is not None else -1 for t in cur + priors) + tuple(
-            id(t) for t in priors) + tuple(t.data_ptr() if t is not None else 0 for t in priors)
-    except RuntimeError:  # inference tensors: no versions to key on
+    values = tuple(map(_scalar, priors[:2] if bmu is None else priors))
+    if None in values:
         return compute()
-    if b.kl_key != key:
-        b.kl_key, b.kl_value = key, compute()
-    return b.kl_value.clone()  # a fresh tensor per call, as compute() gives: an in-place edit cannot reach the cache
+    values = values + (0.0, 1.0) if bmu is None else values
+    if _grad_needed(cur):
+        return _MFKLFn.apply(mu, rho, bmu, brho, values)
+    b = _mf_binding(layer)
+    try:
+        key = tuple(t._version if t is not None else -1 for t in cur) + values + tuple(map(id, cur))
+    except RuntimeError:  # inference tensors: no versions to key on
+        key = None
+    if key is None or b.kl_key != key:
+        kl = _MFKLFn.forward(_NoCtx(), mu, rho, bmu, brho, values)
+        if key is None:
+            return kl
+        b.kl_key, b.kl_value = key, kl
+    return b.kl_value.clone()  # a fresh tensor per call: an in-place edit by the caller cannot reach the cache
+
+
+class _NoCtx:
+    """A stand-in ctx for calling _MFKLFn.forward without autograd."""
+
+    def save_for_backward(self, *tensors):
+        pass
 
 
 def clear(module) -> None:

@@ -266,17 +266,25 @@ def _grad_w(gy, x, samples, per_sample, out_f, in_f, dtype, op):
     accumulation inside the GEMM, as PyTorch's own weight gradient of a bf16 linear: an fp32 GEMM would be
     ~10x slower at training sizes). The Triton backward kernels (``op``) read it in any float dtype; other
     backends get the parameters' dtype."""
-    g3 = gy.reshape(samples, -1, out_f)
-    x3 = _x3(x, samples, per_sample, in_f).to(gy.dtype)
-    gw = torch.matmul(g3.transpose(1, 2), x3)
+    if samples == 1 and x.dtype is gy.dtype:  # one GEMM, no batch dimension: ~3 us less on a small layer
+        gw = gy.reshape(-1, out_f).t().mm(x.reshape(-1, in_f)).unsqueeze(0)
+    else:
+        g3 = gy.reshape(samples, -1, out_f)
+        x3 = _x3(x, samples, per_sample, in_f).to(gy.dtype)
+        gw = torch.matmul(g3.transpose(1, 2), x3)
+    if gw.dtype is dtype:
+        return gw
     return gw if _backend.select(op, gw.device, dtype)[0] == "triton" else gw.to(dtype)
 
 
 def _grad_bias(gy, bias, samples, out_f):
     if bias is None:
         return None
-    g3 = gy.reshape(samples, -1, out_f).to(torch.float32)
-    return (g3.sum(1) if bias.dim() == 2 else g3.sum((0, 1))).to(bias.dtype)
+    g3 = gy.reshape(samples, -1, out_f)
+    if g3.dtype is not torch.float32:
+        g3 = g3.to(torch.float32)
+    g = g3.sum(1) if bias.dim() == 2 else g3.sum((0, 1))
+    return g if g.dtype is bias.dtype else g.to(bias.dtype)
 
 
 def _rows(t: Tensor, samples: int) -> int:

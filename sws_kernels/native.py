@@ -591,6 +591,29 @@ def mean_field_reconstruct_backward_prepared(p: MFPrepared, grad_w, seed, S: int
     return g_mu, g_rho
 
 
+# ------------------------------------------------------------------------------------------------------
+# mean-field KL against a scalar prior (csrc/cpu/kl.cpp)
+# ------------------------------------------------------------------------------------------------------
+
+def kl_gaussian_sum(mu, rho, mu0: float, sigma0: float) -> float:
+    """sum_i KL(N(mu_i, softplus(rho_i)^2) || N(mu0, sigma0^2)) of CPU float32 contiguous mu, rho (a float)."""
+    _need_for(mu)
+    mu = _check(mu, "mu", torch.float32, torch.device("cpu"))
+    rho = _check(rho, "rho", torch.float32, torch.device("cpu"), mu.shape)
+    return _C.kl_gaussian_cpu(mu.data_ptr(), rho.data_ptr(), mu.numel(), float(mu0), float(sigma0))
+
+
+def kl_gaussian_backward(mu, rho, mu0: float, sigma0: float, scale: float):
+    """(d mu, d rho) of scale * kl_gaussian_sum(mu, rho, mu0, sigma0)."""
+    _need_for(mu)
+    mu = _check(mu, "mu", torch.float32, torch.device("cpu"))
+    rho = _check(rho, "rho", torch.float32, torch.device("cpu"), mu.shape)
+    g_mu, g_rho = torch.empty_like(mu), torch.empty_like(rho)
+    _C.kl_gaussian_backward_cpu(mu.data_ptr(), rho.data_ptr(), mu.numel(), float(mu0), float(sigma0), float(scale),
+                                g_mu.data_ptr(), g_rho.data_ptr())
+    return g_mu, g_rho
+
+
 def simd_level() -> str:
     """'avx2' or 'scalar': the vector code the CPU normals/softplus use now (see csrc/cpu/vecmath.h)."""
     _need(torch.device("cpu"))

@@ -133,9 +133,46 @@ def test_mean_field_kl_is_reused_only_while_unchanged():
         _, k3 = layer(x)
         layer.prior_weight_sigma.fill_(0.5)
         _, k4 = layer(x)
-    with sws.validate():
-        assert torch.equal(layer(x)[1].detach(), k4)
+    with sws.validate():  # the general formula: the same value to float32 rounding (native sums in double)
+        torch.testing.assert_close(layer(x)[1].detach(), k4, rtol=2e-6, atol=0)
     assert not torch.equal(k3, k1) and not torch.equal(k4, k3)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_mean_field_kl_with_grad_matches_the_reference(rng, bias, kind):
+    if kind == "linear":
+        layer = snn.MeanFieldLinear(37, 11, prior_mean=0.1, prior_variance=0.3, bias=bias)
+    else:
+        layer = snn.MeanFieldConv2d(3, 5, 3, prior_variance=0.7, bias=bias)
+    with torch.no_grad():  # fresh random parameters, not the init's
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=rng) * 0.5 + (-3.0 if "rho" in _name(layer, p) else 0.0))
+    params = list(layer.parameters())
+    kl = layer.kl_loss()
+    assert kl.grad_fn is not None
+    fast = torch.autograd.grad(kl * 3.0, params)
+    with sws.validate():
+        general = layer.kl_loss()
+        slow = torch.autograd.grad(general * 3.0, params)
+    # float64 reference of the same formula
+    ref = sum(sws.reference.kl_gaussian_mean(mu.double(), rho.double(), pm.double(), ps.double())
+              for mu, rho, pm, ps in _pairs(layer))
+    torch.testing.assert_close(kl.double(), ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(general.detach(), kl.detach(), rtol=2e-6, atol=0)
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def _name(layer, p):
+    return next(n for n, q in layer.named_parameters() if q is p)
+
+
+def _pairs(layer):
+    out = [(layer.weight_mu, layer.weight_rho, layer.prior_weight_mu, layer.prior_weight_sigma)]
+    if layer.mu_bias is not None:
+        out.append((layer.mu_bias, layer.rho_bias, layer.prior_bias_mu, layer.prior_bias_sigma))
+    return [tuple(t.detach() for t in pair) for pair in out]
 
 
 def test_binding_follows_optimizer_steps_and_in_place_edits(rng):

@@ -203,11 +203,10 @@ def from_bayesian_torch(model: nn.Module):
 
     mu/rho, priors (including non-constant prior tensors), posterior inits, bias presence, output_padding and
     ``dnn_to_bnn_flag`` carry over, so the forward contract (``(out, kl)`` or ``out``) and bayesian-torch's
-    ``get_kl_loss`` keep working. Flipout layers become reparameterisation layers (listed in
-    ``report["flipout_as_reparameterization"]``): the same posterior and the same output distribution for
-    each example, another gradient estimator (flipout decorrelates the examples of a batch with random
-    signs; ours draws one weight sample per call, per sample with ``samples=``). LSTM layers are kept with
-    their inner layers (``report["skipped"]`` says why). bayesian-torch need not be installed: layers are
+    ``get_kl_loss`` keep working. Flipout layers keep their estimator (``estimator = "flipout"`` on our
+    layer, listed in ``report["flipout"]``): the mean through PyTorch's op plus the perturbation sampled by
+    our kernel with per-example random signs (:meth:`sws_kernels.nn._MeanFieldLayer._flipout_call`). LSTM
+    layers are kept with their inner layers (``report["skipped"]`` says why). bayesian-torch need not be installed: layers are
     recognised by class name and module. Returns ``(model, report)``.
     """
     _check_model(model)
@@ -262,12 +261,13 @@ def from_bayesian_torch(model: nn.Module):
             v = _prior_value(t, theirs)
             setattr(new, ours, torch.as_tensor(v, dtype=torch.float32, device=mu.device).clone())
         new.dnn_to_bnn_flag = bool(getattr(m, "dnn_to_bnn_flag", False))
+        if type(m).__name__.endswith("Flipout"):
+            new.estimator = "flipout"
+            flipout.append(name)
         new.train(m.training)
         _set_module(model, name, new)
         converted.append(name)
-        if type(m).__name__.endswith("Flipout"):
-            flipout.append(name)
-    return model, {"converted": converted, "skipped": skipped, "flipout_as_reparameterization": flipout}
+    return model, {"converted": converted, "skipped": skipped, "flipout": flipout}
 
 
 def _sws_like(m: nn.Module, common: dict) -> nn.Module:

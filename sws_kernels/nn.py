@@ -63,7 +63,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from . import _bound, _checks, functional as SF
+from . import _bound, _checks, functional as SF, philox as _philox
 from . import reference as _ref
 
 __all__ = [
@@ -74,6 +74,9 @@ __all__ = [
 ]
 
 _RNG_COUNTER = itertools.count(1)
+# Philox stream purposes of the flipout estimator's random signs (SPEC.md section 3 uses 0-2), owner = layer id.
+_PURPOSE_FLIP_IN = 3
+_PURPOSE_FLIP_OUT = 4
 # codebook -> the SWS layers that use it (weak on both sides: a discarded layer or codebook drops out).
 # It gives each layer its share of the codebook's KL (see "Forward contract and KL" above).
 _CODEBOOK_USERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -1068,9 +1071,67 @@ class _MeanFieldLayer(_RngIdMixin, nn.Module):
     def _call(self, xx, S, sd, ps):
         raise NotImplementedError  # defined by each concrete layer
 
+    # -- the flipout estimator (bayesian-torch's *Flipout layers) ----------------------------------------------
+    ESTIMATORS = ("reparameterization", "flipout")
+
+    @property
+    def estimator(self) -> str:
+        """``"reparameterization"`` (default: one weight sample per call and per MC sample) or ``"flipout"``
+        (bayesian-torch's Flipout layers; see :meth:`_flipout_call`). Same posterior, same KL, same output
+        distribution for each example; flipout decorrelates the examples of a batch."""
+        return self.__dict__.get("_estimator", "reparameterization")
+
+    @estimator.setter
+    def estimator(self, value: str) -> None:
+        if value not in self.ESTIMATORS:
+            raise ValueError(f"estimator: expected one of {self.ESTIMATORS}, got {value!r}")
+        self.__dict__["_estimator"] = value
+
+    def _det(self, x, w, b, opad=None):
+        """The layer's deterministic op on x [B, ...] with weight w and bias b (PyTorch's own kernel)."""
+        raise NotImplementedError  # defined by each concrete layer
+
+    def _delta(self, xin, S, sd, opad=None):
+        """Per-sample op with the zero-mean perturbations sigma * eps[s] (our mean-field reconstruct kernel, weight
+        stream purpose 0, bias purpose 2) on xin [S, N, ...] -> [S, N, ...]."""
+        mu, rho = self.weight_mu, self.weight_rho
+        w = SF.mean_field_reconstruct(torch.zeros_like(mu), rho, seed=sd, samples=S, owner=self.owner)
+        b = None
+        if self.mu_bias is not None:
+            b = _ref.mean_field_bias(torch.zeros_like(self.mu_bias), self.rho_bias, seed=sd, samples=S,
+                                     owner=self.owner)
+        if isinstance(self, MeanFieldLinear):
+            return _ref._linear(xin, w, b, True)
+        pad = self.padding
+        if getattr(self, "padding_mode", "zeros") != "zeros":
+            xin, pad = _explicit_pad(xin, self.padding_mode, self.padding, self.kernel_size, self.dilation)
+        transposed = isinstance(self, _MeanFieldConvTransposeNd)
+        return _vendor_conv_all_samples(transposed, self._spatial, xin, w, b, self.stride, pad, self.dilation,
+                                        self.groups, opad, True)
+
+    def _flipout_call(self, xx, S, sd, ps, opad=None):
+        """Flipout (Wen et al. 2018), as bayesian-torch's Flipout layers compute it, per MC sample s:
+        out[s] = op(x, mu_w, mu_b) + op(x * r[s], sigma_w * eps[s], sigma_b * eps_b[s]) * t[s], with random
+        signs r[s] (the input's shape) and t[s] (the output's shape) per example and element. The signs come
+        from the layer's Philox streams (purposes 3 and 4, element = flat index within sample s), the noise
+        from our mean-field kernel (purposes 0 and 2), so a seed reproduces a call and backward regenerates."""
+        lead = 1 if ps else 0
+        mean = self._det(xx.flatten(0, 1) if ps else xx, self.weight_mu, self.mu_bias, opad)
+        mean = mean.unflatten(0, (S, xx.shape[1])) if ps else mean.unsqueeze(0)
+        samples = torch.arange(S, dtype=torch.int64)  # CPU indices: the stream's range check reads no device data
+        n_in = math.prod(xx.shape[lead:])
+        r = _philox.uniform(sd, n_in, sample=samples, owner=self.owner, purpose=_PURPOSE_FLIP_IN, device=xx.device)
+        r = torch.where(r < 0.5, -1.0, 1.0).to(xx.dtype).view(S, *xx.shape[lead:])
+        delta = self._delta((xx if ps else xx.unsqueeze(0)) * r, S, sd, opad)
+        t = _philox.uniform(sd, math.prod(delta.shape[1:]), sample=samples, owner=self.owner,
+                            purpose=_PURPOSE_FLIP_OUT, device=xx.device)
+        t = torch.where(t < 0.5, -1.0, 1.0).to(delta.dtype).view(delta.shape)
+        return mean + delta * t
+
     def forward(self, x: torch.Tensor, return_kl: bool = True, *, samples: Optional[int] = None, seed=None,
                 per_sample: bool = False):
-        out = _run_sampled(x, samples, seed, per_sample, self._call)
+        call = self._call if self.estimator == "reparameterization" else self._flipout_call
+        out = _run_sampled(x, samples, seed, per_sample, call)
         if return_kl and not self._dnn_to_bnn_flag:
             return out, self.kl_loss()
         return out
@@ -1104,6 +1165,9 @@ class MeanFieldLinear(_MeanFieldLayer):
         return SF.mean_field_linear(xx, self.mu_weight, self.rho_weight, self.mu_bias, self.rho_bias, seed=sd,
                                     samples=S, owner=self.owner, per_sample=ps)
 
+    def _det(self, x, w, b, opad=None):
+        return torch.nn.functional.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias}, "
                 f"prior=N({self.prior_mean}, {self.prior_variance}^2), rng_id={self.owner}")
@@ -1135,6 +1199,13 @@ class _MeanFieldConvNd(_MeanFieldLayer):
                                         self.stride, pad, self.dilation, self.groups, ps, self._spatial)
         return fn(xx, self.mu_kernel, self.rho_kernel, self.mu_bias, self.rho_bias, self.stride, pad,
                   self.dilation, self.groups, seed=sd, samples=S, owner=self.owner, per_sample=ps)
+
+    def _det(self, x, w, b, opad=None):
+        pad = self.padding
+        if self.padding_mode != "zeros":
+            x, pad = _explicit_pad(x, self.padding_mode, self.padding, self.kernel_size, self.dilation)
+        return _CONV_OPS[self._spatial](x, w.to(x.dtype), None if b is None else b.to(x.dtype), self.stride, pad,
+                                        self.dilation, self.groups)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -1200,10 +1271,21 @@ class _MeanFieldConvTransposeNd(_MeanFieldLayer):
     def _call(self, xx, S, sd, ps):
         return self._conv(xx, S, sd, ps, self.output_padding)
 
+    def _det(self, x, w, b, opad=None):
+        return _CONV_T_OPS[self._spatial](x, w.to(x.dtype), None if b is None else b.to(x.dtype), self.stride,
+                                          self.padding, self.output_padding if opad is None else opad, self.groups,
+                                          self.dilation)
+
     def forward(self, x: torch.Tensor, return_kl: bool = True, *, samples: Optional[int] = None, seed=None,
                 per_sample: bool = False, output_size=None):
         opad = _output_padding_for(self, x, output_size, per_sample)
-        out = _run_sampled(x, samples, seed, per_sample, lambda xx, S, sd, ps: self._conv(xx, S, sd, ps, opad))
+        if self.estimator == "flipout":
+            def call(xx, S, sd, ps):
+                return self._flipout_call(xx, S, sd, ps, opad)
+        else:
+            def call(xx, S, sd, ps):
+                return self._conv(xx, S, sd, ps, opad)
+        out = _run_sampled(x, samples, seed, per_sample, call)
         if return_kl and not self._dnn_to_bnn_flag:
             return out, self.kl_loss()
         return out

@@ -139,7 +139,7 @@ def test_from_bayesian_torch_layers_and_skips(rng):
     kl_want = net.a.kl_loss() + net.b.kl_loss()
     net, rep = convert.from_bayesian_torch(net)
     assert sorted(rep["converted"]) == ["a", "b", "c"] and isinstance(net.c, snn.MeanFieldConv3d)
-    assert rep["flipout_as_reparameterization"] == ["b"]  # every kind: tests/test_dropin.py
+    assert rep["flipout"] == ["b"] and net.b.estimator == "flipout"  # every kind: tests/test_dropin.py
     assert isinstance(net.a, snn.MeanFieldConv1d) and isinstance(net.b, snn.MeanFieldLinear)
     assert not net.a.dnn_to_bnn_flag
     y, kl = net(torch.randn(2, 3, 6, generator=rng))

@@ -86,7 +86,7 @@ def test_bayesian_torch_model_survives_from_bayesian_torch_and_to_sws(rng):
 
     net, rep = convert.from_bayesian_torch(net)
     assert sorted(rep["converted"]) == ["block.conv1", "block.conv2", "block.conv_sc", "fc", "up"]
-    assert rep["flipout_as_reparameterization"] == ["block.conv2"]
+    assert rep["flipout"] == ["block.conv2"] and net.block.conv2.estimator == "flipout"
     out, kl = net(x)  # unchanged model code, our layers
     assert out.shape == (4, 3)
     _close(kl, kl_bt)  # bayesian-torch's per-tensor-mean KL, same value
@@ -247,6 +247,25 @@ def _vendor(layer, x, w, b):
     return getattr(F, f"conv{n}d")(x, w, b, layer.stride, pad, layer.dilation, layer.groups)
 
 
+def _flipout_reference(layer, x, s, seed):
+    """Flipout for MC sample s written out from the RNG contract: the mean through PyTorch's op, plus the op on
+    x * r of sigma * eps (weight stream purpose 0, bias purpose 2), times t; r, t = signs of the uniforms of
+    purposes 3 and 4 (< 0.5 -> -1)."""
+    def stream(n, purpose, normal=True):
+        f = sws.philox.normal if normal else sws.philox.uniform
+        return f(seed, n, sample=s, owner=layer.owner, purpose=purpose)
+
+    def signs(shape, purpose):
+        return torch.where(stream(math.prod(shape), purpose, normal=False) < 0.5, -1.0, 1.0).view(shape)
+
+    mu, rho = layer.weight_mu, layer.weight_rho
+    dw = R.softplus(rho) * stream(mu.numel(), 0).view(mu.shape)
+    db = None if layer.mu_bias is None else R.softplus(layer.rho_bias) * stream(layer.mu_bias.numel(), 2)
+    mean = _vendor(layer, x, mu, layer.mu_bias)
+    delta = _vendor(layer, x * signs(x.shape, 3), dw, db)
+    return mean + delta * signs(delta.shape, 4)
+
+
 def _reference_out(layer, x, S, seed, per_sample=False):
     """The reference path: reference.py's weights for that seed, then the vendor op one sample at a time."""
     if isinstance(layer, snn.SWS_LAYERS):
@@ -254,6 +273,8 @@ def _reference_out(layer, x, S, seed, per_sample=False):
         w = R.reconstruct(cb.means, cb.chol, layer.labels, layer._ellipse(), layer._outliers(), seed=seed, samples=S,
                           mode=layer.mode, owner=layer.owner, codebook_owner=cb.owner)
         b = None if layer.bias is None else layer.bias.expand(S, -1)
+    elif layer.estimator == "flipout":
+        return torch.stack([_flipout_reference(layer, x[s] if per_sample else x, s, seed) for s in range(S)])
     else:
         w = R.mean_field_reconstruct(layer.weight_mu, layer.weight_rho, seed=seed, samples=S, owner=layer.owner)
         b = R.mean_field_bias(layer.mu_bias, layer.rho_bias, seed=seed, samples=S, owner=layer.owner)
@@ -287,7 +308,7 @@ def test_every_bayesian_torch_layer_converts(rng, bt_zoo):
     theirs = copy.deepcopy(bt_zoo)
     zoo, rep = convert.from_bayesian_torch(zoo)
     assert sorted(rep["converted"]) == sorted(zoo.keys()) and not rep["skipped"]
-    assert sorted(rep["flipout_as_reparameterization"]) == sorted(k for k in zoo if k.endswith("Flipout"))
+    assert sorted(rep["flipout"]) == sorted(k for k in zoo if k.endswith("Flipout"))
     S = 1500
     for name, ours in zoo.items():
         kind = name.replace("Reparameterization", "").replace("Flipout", "")
@@ -375,3 +396,22 @@ def test_plain_conv3d_and_transposed_convert(rng):
         snn.MeanFieldConvTranspose2d(2, 2, 3, stride=1, output_padding=1)
     with pytest.raises(ValueError, match="padding_mode"):
         snn.SWSConvTranspose1d(2, 2, 3, codebook=snn.Codebook(3), padding_mode="reflect")
+
+
+def test_flipout_decorrelates_the_examples_of_a_batch(rng):
+    """What users pick flipout for: with one weight draw per call, reparameterization gives every example of
+    a batch the same perturbation (identical inputs -> identical outputs); flipout's random signs make the
+    examples' perturbations uncorrelated, with each example's distribution unchanged."""
+    torch.manual_seed(6)
+    model = nn.ModuleDict({"f": L.LinearFlipout(6, 4, posterior_rho_init=-1.0),
+                           "r": L.LinearReparameterization(6, 4, posterior_rho_init=-1.0)})
+    convert.from_bayesian_torch(model)
+    with torch.no_grad():
+        model["r"].load_state_dict(model["f"].state_dict())
+    x = torch.randn(1, 6, generator=rng).expand(2, 6)  # two identical examples
+    with torch.no_grad():
+        yf = torch.stack([model["f"](x, return_kl=False) for _ in range(1500)])
+        yr = torch.stack([model["r"](x, return_kl=False) for _ in range(1500)])
+    corr = lambda y: float(torch.corrcoef(torch.stack([y[:, 0, 0], y[:, 1, 0]]))[0, 1])  # noqa: E731
+    assert corr(yr) > 0.999 and abs(corr(yf)) < 0.15
+    torch.testing.assert_close(yf.var(0), yr.var(0), rtol=0.25, atol=0)  # same per-example spread

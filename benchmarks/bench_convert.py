@@ -96,13 +96,13 @@ def main():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         mem0 = torch.cuda.memory_allocated()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     model, report = convert.to_sws(model, K, progress=sys.stderr.isatty())
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    extra = {"seconds_wall": dt, "weights": n, "load_average_after": os.getloadavg()[0],
+    extra = {"seconds_wall": dt, "seconds_cpu_all_threads": cpu, "weights": n, "load_average_after": os.getloadavg()[0],
              "peak_rss_bytes_before": rss0, "peak_rss_bytes_after": rss1}
     if args.device.startswith("cuda"):
         extra["cuda_peak_bytes_over_start"] = torch.cuda.max_memory_allocated() - mem0
@@ -112,7 +112,7 @@ def main():
         extra.update(file_bytes_before=mf_file, file_bytes_after=sws_file, file_ratio=mf_file / sws_file)
     report["bench"] = extra
     print(json.dumps(report, indent=1, default=str))
-    print(f"to_sws: {dt:.1f} s for {n:,} weights, K = {args.components} -> {report['gaussians']} Gaussians, "
+    print(f"to_sws: {dt:.1f} s wall ({cpu:.1f} s CPU over all threads) for {n:,} weights, K = {args.components} -> {report['gaussians']} Gaussians, "
           f"{report['ellipses']:,} ellipses ({report['ellipses'] / n:.3%}), {report['outliers']:,} outliers "
           f"({report['outliers'] / n:.3%}); params {report['params_ratio']:.1f}x, bytes {report['bytes_ratio']:.2f}x"
           + (f", file {extra['file_ratio']:.2f}x" if mf_file is not None else ""))

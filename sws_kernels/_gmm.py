@@ -293,21 +293,32 @@ class Top2:
         lb = torch.where(pad, -math.inf, c - 0.5 * lb_q)
         return ub, lb
 
-    def _prune(self, cand, lo, hi, width):
-        """Candidates among ``cand`` [C, W] for boxes [C, 2]: (table [C, width] padded with K, counts [C])."""
+    def _prune(self, cand, lo, hi, width, chi2=None):
+        """Candidates among ``cand`` [C, W] for boxes [C, 2]: (table [C, width] padded with K, counts [C],
+        sure [C]): ``sure`` is the component that is every point's top one in the box and whose Mahalanobis
+        form stays <= ``chi2`` over the box (so no point there is an ellipse weight), else -1."""
         ub, lb = self._bounds(cand, lo, hi)
         t2 = lb.topk(min(2, lb.shape[1]), dim=1).values[:, -1:]
         keep = (ub >= t2 - 1e-9) & (cand < self.K)
         n = keep.sum(1)
+        sure = None
+        if chi2 is not None:
+            best_lb, kb = lb.max(1)
+            others = ub.scatter(1, kb[:, None], -math.inf).amax(1)
+            kk = torch.gather(cand, 1, kb[:, None])[:, 0]
+            safe = kk.clamp_max(self.K - 1)
+            _, qmax = _quad_range(self.P[safe], self.means[safe], lo, hi)
+            ok = (best_lb > others + 1e-9) & (qmax <= chi2) & (kk < self.K)
+            sure = torch.where(ok, kk, torch.full_like(kk, -1))
         order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :width]
         tab = torch.where(torch.gather(keep, 1, order), torch.gather(cand, 1, order), torch.full_like(order, self.K))
         if tab.shape[1] < width:
             tab = torch.cat([tab, torch.full((tab.shape[0], width - tab.shape[1]), self.K, dtype=tab.dtype,
                                              device=tab.device)], 1)
-        return tab, n
+        return tab, n, sure
 
     def set_grid(self, index: "GridIndex", lo, hi, *, coarse: int = 4, cell_batch: int = 4096,
-                 max_width: int = 32) -> None:
+                 max_width: int = 32, chi2: Optional[float] = None) -> None:
         K, dev = self.K, self.means.device
         G = index.grid
         Gc = -(-G // coarse)
@@ -327,7 +338,7 @@ class Top2:
         cb = max(1, (1 << 22) // max(K, 1))
         for b in range(0, cne.numel(), cb):
             cells = cne[b:b + cb]
-            tab, n = self._prune(all_k.expand(cells.numel(), K), clo[cells], chi[cells], K)
+            tab, n, _ = self._prune(all_k.expand(cells.numel(), K), clo[cells], chi[cells], K)
             cn[cells] = n
             ctab_rows.append((cells, tab))
         wc = max(2, int(cn.max()) if cne.numel() else 2)
@@ -337,12 +348,15 @@ class Top2:
         del ctab_rows
         # fine cells: prune their coarse cell's candidates
         n_cand = torch.zeros(G * G, dtype=torch.int64, device=dev)
+        sure = torch.full((G * G,), -1, dtype=torch.int64, device=dev)
         rows = []
         fb = max(1, min(cell_batch, (1 << 22) // wc))
         for b in range(0, ne.numel(), fb):
             cells = ne[b:b + fb]
-            tab, n = self._prune(ctab[parent[cells]], lo[cells], hi[cells], min(wc, max_width))
+            tab, n, sr = self._prune(ctab[parent[cells]], lo[cells], hi[cells], min(wc, max_width), chi2)
             n_cand[cells] = n
+            if sr is not None:
+                sure[cells] = sr
             rows.append((cells, tab))
         width = max(2, min(max_width, K, int(n_cand.max()) if ne.numel() else 2))
         table = torch.full((G * G, width), K, dtype=torch.int64, device=dev)
@@ -350,7 +364,7 @@ class Top2:
             table[cells] = tab[:, :width]
         coefsT = torch.cat([self.coefs32, torch.zeros(6, 1, dtype=torch.float32, device=dev)], 1).T.contiguous()
         coefsT[K, 5] = -1e30
-        self.table, self.coefsT, self.n_cand, self.width = table, coefsT, n_cand, width
+        self.table, self.coefsT, self.n_cand, self.width, self.sure = table, coefsT, n_cand, width, sure
         self.index = index
         self.stats = {"mean_candidates": float(n_cand[ne].double().mean()) if ne.numel() else 0.0,
                       "coarse_width": wc, "width": width, "fine_cells": G * G, "overflow_points": 0,

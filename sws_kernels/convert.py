@@ -323,6 +323,8 @@ DEFAULT_ELLIPSE_CHI2 = 13.816
 #: tau_w="auto": max(AUTO_TAU_W_FLOOR, the AUTO_TAU_W_QUANTILE quantile of |mu|)
 AUTO_TAU_W_FLOOR = 0.2
 AUTO_TAU_W_QUANTILE = 0.99
+#: fine cells per coordinate of the assignment's pruning grid (used from 4 * 256^2 inliers up)
+_ASSIGN_GRID = 256
 
 
 @dataclass
@@ -346,14 +348,15 @@ class _Gathered:
         return (m.weight_mu if which == "mu" else m.weight_rho).detach().reshape(-1)
 
     def chunks(self, with_rho: bool = True):
-        """Yields (layer index, local start, global start, mu, rho) float64 chunks on the working device."""
+        """Yields (layer index, local start, global start, mu, rho) float32 chunks on the working device (every
+        threshold is compared in float32, the weights' own precision, so all passes agree)."""
         for i in range(len(self.layers)):
             mu_f = self.flat(i, "mu")
             rho_f = self.flat(i, "rho") if with_rho else None
             for lo in range(0, mu_f.numel(), self.chunk):
                 hi = min(lo + self.chunk, mu_f.numel())
-                mu = mu_f[lo:hi].to(self.work_dev, torch.float64)
-                rho = rho_f[lo:hi].to(self.work_dev, torch.float64) if with_rho else None
+                mu = mu_f[lo:hi].to(self.work_dev, torch.float32)
+                rho = rho_f[lo:hi].to(self.work_dev, torch.float32) if with_rho else None
                 yield i, lo, self.offsets[i] + lo, mu, rho
 
 
@@ -567,7 +570,7 @@ def _sample_inliers(g: _Gathered, o: _Outliers, n_want: int, gen) -> torch.Tenso
         dev = g.layers[i][1].weight_mu.device
         mu[sel] = g.flat(i, "mu")[loc.to(dev)].to("cpu", torch.float64)
         rho[sel] = g.flat(i, "rho")[loc.to(dev)].to("cpu", torch.float64)
-    keep = mu.abs() < o.tau_w
+    keep = mu.float().abs() < o.tau_w  # float32, as in every other pass
     if o.grad_pos.numel():
         gp = o.grad_pos.cpu()
         pos = torch.searchsorted(gp, idx).clamp_max(gp.numel() - 1)
@@ -597,7 +600,7 @@ def _fit_gmm(g: _Gathered, o: _Outliers, K_req, fit_samples, gen, max_iter, tol,
     return _Fit(center, scale, Z, n_fit, K, weights, means, S, info)
 
 
-def _assign(g: _Gathered, o: _Outliers, fit: _Fit, min_component_size, ellipse_chi2, progress, grid=256) -> _Assignment:
+def _assign(g: _Gathered, o: _Outliers, fit: _Fit, min_component_size, ellipse_chi2, progress) -> _Assignment:
     """SPEC.md section 8, step 4 (and step 2's post-fit outliers), in chunks: every inlier goes to its most
     responsible component (exact top two, :class:`_gmm.Top2`, pruned on a grid for large models); members of
     components with <= ``min_component_size`` weights become outliers; an inlier whose squared Mahalanobis
@@ -606,40 +609,53 @@ def _assign(g: _Gathered, o: _Outliers, fit: _Fit, min_component_size, ellipse_c
     dropped as too small (then it becomes an outlier). Memory: the int16 label of every weight plus one chunk."""
     K, dev = fit.K, g.work_dev
     top2 = _gmm.Top2(fit.weights, fit.means, fit.S)
+    grid = _ASSIGN_GRID
     use_grid = K >= 3 and o.n_inliers >= 4 * grid * grid
-
-    def z_inliers(glo, mu, rho):
-        out = o.mask(glo, mu)
-        z = (torch.stack([mu, rho], -1) - fit.center) / fit.scale
-        return out, z[~out]
-    if use_grid:  # cells from the fitted sample's quantiles, cell boxes from every inlier (exact bounds)
-        index = _gmm.GridIndex(fit.Zfit, grid)
+    index = None
+    if use_grid:
+        # cells: quantiles of the fitted sample in (mu, rho) (float32 in, like the chunks); boxes: the extremes of
+        # the inliers each cell holds, mapped to the standardised space (a monotone map: the bounds stay exact)
+        index = _gmm.GridIndex((fit.Zfit * fit.scale + fit.center).float(), grid)
         lo = torch.full((grid * grid, 2), math.inf, dtype=torch.float64, device=dev)
         hi = torch.full((grid * grid, 2), -math.inf, dtype=torch.float64, device=dev)
         for _, _, glo, mu, rho in g.chunks():
-            _, zi = z_inliers(glo, mu, rho)
-            _gmm.grid_boxes_update(lo, hi, zi, index(zi))
-        top2.set_grid(index, lo, hi)
+            x = torch.stack([mu, rho], -1)[~o.mask(glo, mu)]
+            _gmm.grid_boxes_update(lo, hi, x, index(x))
+        top2.set_grid(index, (lo - fit.center) / fit.scale, (hi - fit.center) / fit.scale, chi2=ellipse_chi2)
     ltype = torch.int16 if K <= 32767 else torch.int32
     labels = [torch.empty(m.weight_mu.numel(), dtype=ltype, device=dev) for _, m in g.layers]
-    counts = torch.zeros(K, dtype=torch.int64, device=dev)
+    counts = torch.zeros(K + 1, dtype=torch.int64, device=dev)
     e_pos, e_c1, e_c2, e_gap = [], [], [], []
+    n_sure = 0
     total = sum(math.ceil(m.weight_mu.numel() / g.chunk) for _, m in g.layers)
     for i, lo_, glo, mu, rho in _gmm._progress(g.chunks(), total, "SWS assign", progress):
-        out, zi = z_inliers(glo, mu, rho)
-        lab = torch.full((mu.numel(),), -1, dtype=torch.int64, device=dev)
-        inl = (~out).nonzero().squeeze(1)
-        if inl.numel():
-            c1, c2, gap, maha = top2(zi)
-            lab[inl] = c1
-            counts += torch.bincount(c1, minlength=K)
+        out = o.mask(glo, mu)
+        x = torch.stack([mu, rho], -1)
+        if index is not None:
+            # cells whose top component is certain and whose points all pass the ellipse test need nothing else
+            cell = index(x)
+            lab = torch.where(out, -1, top2.sure[cell])
+            rest = (lab < 0) & ~out
+        else:
+            cell = None
+            lab = torch.full((mu.numel(),), -1, dtype=torch.int64, device=dev)
+            rest = ~out
+        idx = rest.nonzero().squeeze(1)
+        n_sure += mu.numel() - int(out.sum()) - idx.numel()
+        if idx.numel():
+            z = (x[idx].double() - fit.center) / fit.scale
+            c1, c2, gap, maha = top2(z, None if cell is None else cell[idx])
+            lab[idx] = c1
             e = (maha > ellipse_chi2) & (c1 != c2)
             if bool(e.any()):
-                e_pos.append(inl[e] + glo)
+                e_pos.append(idx[e] + glo)
                 e_c1.append(c1[e])
                 e_c2.append(c2[e])
                 e_gap.append(gap[e])
+        counts += torch.bincount(lab + 1, minlength=K + 1)
         labels[i][lo_:lo_ + mu.numel()] = lab.to(ltype)
+    counts = counts[1:]
+    top2.stats["sure_points"] = n_sure
     small = counts <= min_component_size
     if bool(small.all()):
         raise ValueError(f"min_component_size: every fitted component has <= {min_component_size} members "
@@ -843,7 +859,7 @@ def to_sws(model: nn.Module, num_components="auto", *, tau_w="auto", tau_d: floa
            gradients: Optional[Dict[str, torch.Tensor]] = None, grad_fraction: float = 0.01,
            min_component_size: int = 20, ellipse_chi2: float = DEFAULT_ELLIPSE_CHI2, fit_samples: int = 65536,
            max_iter: int = 30, tol: float = 1e-5, reg: float = 1e-5, mode: str = "paper", seed: int = 0,
-           device=None, progress: Optional[bool] = None, inplace: bool = True, chunk_size: int = 1 << 15):
+           device=None, progress: Optional[bool] = None, inplace: bool = True, chunk_size: int = 1 << 16):
     """Compress a mean-field BNN into an SWS BNN with one shared codebook (SPEC.md section 8).
 
     Steps: gather (mu, rho) of every mean-field weight (biases excluded; they become the SWS layers'

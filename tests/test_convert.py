@@ -275,7 +275,7 @@ def test_to_sws_pipeline(rng):
     # the deterministic reconstruction is close to the original means (one Gaussian would give ~0.8 std)
     err, allmu = torch.cat(errs).abs().mean(), torch.cat(mus)
     assert float(err) < 0.25 * float(allmu.std()), (float(err), float(allmu.std()))
-    assert float(sws.kl_loss(model).abs()) < 1e-2  # posterior = prior = the fit
+    assert float(sws.kl_loss(model).detach().abs()) < 1e-2  # posterior = prior = the fit
     # it trains end to end and predicts
     y = model(x)
     y.sum().backward()
@@ -316,3 +316,157 @@ def test_to_sws_bad_inputs(rng):
         convert.to_sws(_mf_model(rng), 8, gradients={"3": torch.zeros(3, 3)}, progress=False)
     with pytest.raises(ValueError, match="mode"):
         convert.to_sws(_mf_model(rng), 8, mode="x")
+
+
+# ---------------------------------------------------------------------------------------------------
+# to_sws: SPEC.md section 8 as amended (auto thresholds, report, chunking, scale)
+# ---------------------------------------------------------------------------------------------------
+
+def _resnet18_cloud(rng, scale=0.125, rho_cloud=True):
+    """ResNet-18's conv/linear shapes with channels * ``scale``; mu a Laplace bulk of He-scale std per layer
+    (like trained conv weights), rho ~ N(-5, 0.5) (issue 13's cloud); benchmarks/bench_convert.py at full size."""
+    c = lambda n: max(1, int(round(n * scale)))  # noqa: E731
+    shapes, cin = [(c(64), 3, 7, 7)], c(64)
+    for cout, blocks in ((64, 2), (128, 2), (256, 2), (512, 2)):
+        for b in range(blocks):
+            shapes += [(c(cout), cin if b == 0 else c(cout), 3, 3), (c(cout), c(cout), 3, 3)]
+            if b == 0 and cin != c(cout):
+                shapes.append((c(cout), cin, 1, 1))
+            cin = c(cout)
+    layers = [snn.MeanFieldConv2d(i, o, k, padding=k // 2, bias=False) for o, i, k, _ in shapes]
+    layers.append(snn.MeanFieldLinear(cin, 100))
+    with torch.no_grad():
+        for m in layers:
+            m.dnn_to_bnn_flag = True
+            w = m.weight_mu
+            b = math.sqrt(1.0 / w[0].numel())
+            w.copy_(b * (torch.empty(w.shape).exponential_(generator=rng) - torch.empty(w.shape).exponential_(generator=rng)))
+            m.weight_rho.copy_(-5 + 0.5 * torch.randn(w.shape, generator=rng))
+    return torch.nn.Sequential(*layers)
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_to_sws_defaults_fit_a_small_model_and_report_every_threshold(rng):
+    model = _mf_model(rng)
+    with torch.no_grad():  # big weights: the 99th percentile of |mu| is above the 0.2 floor
+        model[3].mu_weight.mul_(3)
+    mus = torch.cat([m.weight_mu.detach().reshape(-1) for m in model if isinstance(m, snn.MEAN_FIELD_LAYERS)])
+    N = mus.numel()
+    model, rep = convert.to_sws(model, progress=False)   # every default: no longer raises on small models
+    q = float(mus.abs().sort().values[math.ceil(0.99 * N) - 1])  # nearest-rank 99th percentile
+    th = rep["thresholds"]
+    assert th["tau_w"] == pytest.approx(max(0.2, q)) and q > 0.2
+    assert rep["outliers_by_reason"]["magnitude"] == int((mus.abs() >= th["tau_w"]).sum()) <= math.ceil(0.01 * N) + 1
+    n_inl = N - rep["outliers_by_reason"]["magnitude"]
+    assert th["num_components"] == "auto" and th["num_components_fitted"] == min(256, n_inl // 50)
+    assert th["ellipse_chi2"] == 13.816 and th["tau_d"] == 1e-4 and th["min_component_size"] == 20
+    assert rep["label_dtype"] == "uint8" and rep["smaller"] and rep["warnings"] == []
+    mem = rep["bytes"]["memory"]
+    after = mem["after"]
+    assert after["labels"] == N and after["total"] == rep["bytes_after"] == sum(v for k, v in after.items() if k != "total")
+    assert after["outliers"] > 0 and after["codebook"] > 0 and after["biases"] == 4 * (8 + 5)
+    assert mem["before"]["total"] == rep["bytes_before"] and mem["before"]["weights"] == 8 * N
+    with pytest.raises(ValueError, match="num_components"):
+        convert.to_sws(_mf_model(rng), "many")
+    with pytest.raises(ValueError, match="tau_w"):
+        convert.to_sws(_mf_model(rng), tau_w="big")
+    with pytest.raises(ValueError, match="ellipse_chi2"):
+        convert.to_sws(_mf_model(rng), ellipse_chi2=-1.0)
+
+
+def test_to_sws_warns_when_not_smaller(rng):
+    model = torch.nn.Sequential(snn.MeanFieldLinear(40, 30))   # mu ~ N(0, 0.1)
+    with pytest.warns(UserWarning, match="not fewer"):   # ~84% outliers at 24 bytes each, against 8 per weight
+        _, rep = convert.to_sws(model, 3, tau_w=0.02, progress=False)
+    assert rep["smaller"] is False and rep["warnings"] and rep["bytes_after"] >= rep["bytes_before"]
+
+
+def test_to_sws_not_inplace_can_be_retried(rng):
+    model = _mf_model(rng)
+    before = _state(model)
+    sws_a, rep_a = convert.to_sws(model, 8, inplace=False, progress=False)
+    assert isinstance(model[0], snn.MeanFieldConv2d) and sws_a is not model
+    for k, v in _state(model).items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    sws_b, rep_b = convert.to_sws(model, 16, inplace=False, progress=False)
+    assert rep_a["gaussians_fitted"] == 8 and rep_b["gaussians_fitted"] == 16
+    same, _ = convert.to_sws(model, 8, progress=False)   # in place, same seed: the same result as the copy
+    assert same is model and isinstance(model[0], snn.SWSConv2d)
+    torch.testing.assert_close(model[3].labels, sws_a[3].labels, rtol=0, atol=0)
+
+
+def test_to_sws_no_progress_bars_off_a_terminal(rng, capsys):
+    convert.to_sws(_mf_model(rng), 8)   # progress=None: bars only when stderr is a terminal
+    assert capsys.readouterr().err == ""
+
+
+def test_to_sws_chunks_and_pruning_grid_change_nothing(rng, monkeypatch):
+    """The chunked assignment (any chunk size, across layer boundaries) and the pruned grid give the result
+    of one brute-force pass."""
+    model = _resnet18_cloud(rng, scale=0.0625)
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (), generator=rng)))
+    grads = {n: torch.rand(m.weight_mu.shape, generator=gen) for n, m in model.named_modules()
+             if isinstance(m, snn.MEAN_FIELD_LAYERS) and n in ("0", "5")}
+    kw = dict(gradients=grads, grad_fraction=0.002, progress=False, seed=3, fit_samples=8000, max_iter=8)
+    monkeypatch.setattr(convert, "_ASSIGN_GRID", 1 << 20)   # brute force
+    ref, rep_ref = convert.to_sws(model, 40, inplace=False, chunk_size=1 << 15, **kw)
+    monkeypatch.setattr(convert, "_ASSIGN_GRID", 12)        # a 12 x 12 grid, pruned
+    got, rep = convert.to_sws(model, 40, inplace=False, chunk_size=4099, **kw)
+    assert rep["assign"]["grid"] and not rep_ref["assign"]["grid"]
+    assert rep["outliers_by_reason"] == rep_ref["outliers_by_reason"] and rep["gaussians"] == rep_ref["gaussians"]
+    assert rep["outliers_by_reason"]["gradient"] > 0
+    n = diff = 0
+    for a, b in zip(ref.modules(), got.modules()):
+        if isinstance(a, snn.SWS_LAYERS):
+            n += a.labels.numel()
+            diff += int((a.labels != b.labels).sum())
+            torch.testing.assert_close(a.outlier_pos, b.outlier_pos, rtol=0, atol=0)
+    assert diff <= n // 1000   # float32 near-ties only
+    assert abs(rep["ellipses"] - rep_ref["ellipses"]) <= max(2, rep_ref["ellipses"] // 100)
+
+
+def test_kmeans_pp_batched_seeding(rng):
+    x = torch.cat([torch.randn(300, 2, generator=rng, dtype=torch.float64) * 0.01 + c
+                   for c in torch.tensor([[0.0, 0.0], [50.0, 0.0], [0.0, 50.0], [50.0, 50.0]], dtype=torch.float64)])
+    seeds = _gmm.kmeans_pp(x, 4, torch.Generator().manual_seed(1))
+    assert torch.cdist(seeds, torch.tensor([[0.0, 0], [50, 0], [0, 50], [50, 50]], dtype=torch.float64)).argmin(1).unique().numel() == 4
+    # K = n: every point exactly once; deterministic for a seed
+    pts = torch.randn(37, 2, generator=rng, dtype=torch.float64)
+    all_ = _gmm.kmeans_pp(pts, 37, torch.Generator().manual_seed(2))
+    assert torch.unique(all_, dim=0).shape[0] == 37
+    again = _gmm.kmeans_pp(pts, 37, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(all_, again, rtol=0, atol=0)
+
+
+def test_resnet18_cloud_meets_the_compression_goals(rng, tmp_path):
+    """Issue 13's cloud goals on a scaled-down ResNet-18 (channels / 8, ~180k weights; the full 11.7M-weight
+    measurement is benchmarks/bench_convert.py --rho cloud, recorded in benchmarks/RESULTS.md)."""
+    model = _resnet18_cloud(rng, scale=0.125)
+    f_mf = tmp_path / "mf.sws"
+    sws.save(model, f_mf)
+    model, rep = convert.to_sws(model, progress=False, fit_samples=16384, max_iter=12)   # fewer EM steps: seconds
+    N = rep["num_weights"]
+    assert rep["ellipses"] <= 0.005 * N and rep["outliers"] <= 0.015 * N, rep
+    assert rep["params_ratio"] >= 50 and rep["bytes_ratio"] >= 4
+    f_sws = tmp_path / "sws.sws"
+    sws.save(model, f_sws)
+    assert f_mf.stat().st_size >= 5 * f_sws.stat().st_size
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_to_sws_on_cuda_matches_cpu(rng):
+    model = _resnet18_cloud(rng, scale=0.0625)
+    ref, rep_ref = convert.to_sws(model, 32, inplace=False, progress=False)
+    got, rep = convert.to_sws(model.cuda(), 32, inplace=False, progress=False)
+    assert got[0].labels.is_cuda and got[0].codebook.means.is_cuda
+    assert rep["outliers"] == rep_ref["outliers"] and rep["gaussians_fitted"] == rep_ref["gaussians_fitted"]
+    torch.testing.assert_close(got[0].codebook.means.cpu(), ref[0].codebook.means, rtol=1e-4, atol=1e-5)
+    n = diff = 0
+    for a, b in zip(ref.modules(), got.modules()):
+        if isinstance(a, snn.SWS_LAYERS):
+            n += a.labels.numel()
+            diff += int((a.labels != b.labels.cpu()).sum())
+    assert diff <= n // 1000

@@ -12,6 +12,15 @@ from .bayes import elbo_loss, kl_loss, predict  # noqa: F401
 from .io import load, save  # noqa: F401
 
 __version__ = "0.1.0"
+_LAZY = ("demo", "cli", "bench", "plots", "distributed")  # imported on first use: `sws_kernels.demo.digits_cnn()`
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["philox", "reference", "functional", "backend", "backends", "__version__", "nn", "metrics", "convert",
            "kl_loss", "elbo_loss", "predict", "save", "load", "validate"]

@@ -851,8 +851,8 @@ def _reliability_from_file(args, arch_fn, factory, data_fn):
     return plots.plot_reliability({name: (p, torch.cat(ys))}, os.path.join(args.out, "reliability.png"))
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def build_parser() -> argparse.ArgumentParser:
+    """The `sws-kernels` argument parser (tests check the README's command lines against it)."""
     p = _Parser(prog="sws-kernels", description="Fused kernels for stochastic weight sharing BNNs.")
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = p.add_subparsers(dest="cmd")
@@ -873,6 +873,12 @@ def main(argv=None) -> int:
     _add_plot(sub)
     for sp in sub.choices.values():  # `sws-kernels CMD ... --debug` works too
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = build_parser()
     args = p.parse_args(argv)
     if args.cmd is None:
         args = p.parse_args(["quick", *[a for a in argv if a != "--debug"]] + (["--debug"] if "--debug" in argv else []))

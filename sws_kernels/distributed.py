@@ -48,10 +48,31 @@ Checkpoints
   outlier mu/rho): load before wrapping the model in DDP and before building its optimizer; a wrapped
   model that would need resizing raises.
 
-The row-sharded (tensor-parallel) layers and FSDP2 of issue 18 are not covered here.
+FSDP2
+-----
+:func:`fully_shard` applies ``torch.distributed.fsdp.fully_shard`` with the wrap rule these modules need:
+
+1. every codebook is its own unit (a codebook shared by several layers cannot belong to any one layer's
+   unit), gathered by a forward pre-hook on each SWS layer using it (the layers read ``codebook.means``
+   directly, so the codebook's own forward never runs) and kept gathered until the backward has reduced its
+   gradient (it is tiny: K x 5 numbers);
+2. every SWS and mean-field layer is its own unit, with ``reshard_after_forward=False`` by default, so
+   :func:`sws_kernels.kl_loss` / :func:`sws_kernels.elbo_loss` after the forward read gathered parameters
+   (ZeRO-2 memory during a step; sharded between steps). ``reshard_layers_after_forward=True`` frees them
+   after each layer's forward: then take the KL from the forward (``return_kl=True``) instead;
+3. ``units`` (e.g. transformer blocks) next, then the root.
+
+Between steps the parameters are sharded DTensors: read them (e.g. ``kl_loss`` for logging) inside
+``with gathered(model):``. :func:`state_dict` gives full tensors (a collective: every rank calls it);
+:func:`load_state_dict` loads a plain full state dict (shared codebook keys included) into the sharded model;
+DCP checkpoints (:func:`save_dcp`) are saved sharded and load into sharded or plain models of any world
+size; sizes can only change on a plain model (load, then shard). ``sws_kernels.save`` needs a plain model:
+load :func:`state_dict` into one on rank 0. Not done (issue 18): label buffers are not sharded (they are
+replicated on every rank, as buffers are under FSDP2), and the row-sharded (tensor-parallel) layers.
 """
 from __future__ import annotations
 
+import contextlib
 import zlib
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
@@ -63,7 +84,7 @@ from . import _checks
 from . import nn as _snn
 
 __all__ = ["ddp", "prepare_ddp", "check_consistency", "sync_buffers", "constant_buffers", "unwrap", "state_dict",
-           "load_state_dict", "save_dcp", "load_dcp", "resize_to_checkpoint"]
+           "load_state_dict", "save_dcp", "load_dcp", "resize_to_checkpoint", "fully_shard", "gathered"]
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -288,11 +309,45 @@ def ddp(model: nn.Module, *, independent: bool = False, **kwargs) -> nn.parallel
 # State dicts and checkpoints
 # ------------------------------------------------------------------------------------------------------
 
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without DTensor
+        return None
+    return DTensor
+
+
+def _fsdp_module_type():
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return None
+    return FSDPModule
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    fm = _fsdp_module_type()
+    return fm is not None and any(isinstance(m, fm) for m in model.modules())
+
+
 def state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """The plain model's state_dict (no wrapper prefixes)."""
+    """The plain model's state_dict: no wrapper prefixes, full tensors (FSDP2's sharded DTensors gathered: a
+    collective, every rank calls it; a shared codebook's tensors stay one tensor under every key)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {_checks.describe(model)}")
-    return unwrap(model).state_dict()
+    target = unwrap(model)
+    dt = _dtensor_type()
+    if dt is None or not _is_sharded(target):
+        return target.state_dict()
+    full = {}
+    out = OrderedDict()
+    for k, v in target.state_dict(keep_vars=True).items():
+        if isinstance(v, torch.Tensor):
+            if id(v) not in full:  # one gather (and one tensor) per shared tensor
+                full[id(v)] = (v.full_tensor() if isinstance(v, dt) else v).detach()
+            v = full[id(v)]
+        out[k] = v
+    return out
 
 
 def _strip_prefixes(sd):
@@ -320,13 +375,59 @@ def load_state_dict(model: nn.Module, state_dict, *, strict: bool = True):
         raise TypeError(f"state_dict: expected a mapping of names to tensors, got {_checks.describe(state_dict)}")
     target = unwrap(model)
     sd = _strip_prefixes(OrderedDict(state_dict.items()))
-    if target is not model:
+    sharded = _is_sharded(target)
+    if target is not model or sharded:
         shapes = {k: (tuple(v.shape), v.dtype) for k, v in sd.items() if isinstance(v, torch.Tensor)}
         need = _resize_plan(target, shapes, "")
         if need:
-            raise ValueError(f"state_dict: changes the sizes of {', '.join(need[:4])} inside a "
-                             f"{type(model).__name__}; load it into the plain model before wrapping")
+            what = "an FSDP2-sharded model" if sharded else f"a {type(model).__name__}"
+            raise ValueError(f"state_dict: changes the sizes of {', '.join(need[:4])} inside {what}; "
+                             f"load it into the plain model before wrapping")
+    if sharded:
+        return _load_sharded(target, sd, strict)
     return target.load_state_dict(sd, strict=strict)
+
+
+def _load_sharded(model: nn.Module, sd, strict: bool):
+    """A full state dict into an FSDP2-sharded model of the same sizes: each rank keeps its shards of the full
+    tensors (every rank holds the full dict, as after ``torch.load``; no communication), a shared codebook is
+    written once per key. (torch's ``set_model_state_dict`` distributes a shared tensor under its first name
+    only and then fails on the second.) Then the modules' entry checks."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    cur = model.state_dict(keep_vars=True)
+    missing = [k for k in cur if k not in sd]
+    unexpected = [k for k in sd if k not in cur]
+    if strict and (missing or unexpected):
+        raise RuntimeError(f"state_dict: missing keys {missing[:6]}, unexpected keys {unexpected[:6]} for "
+                           f"{type(model).__name__}")
+    with torch.no_grad():
+        for k, t in cur.items():
+            if k not in sd:
+                continue
+            v = sd[k]
+            if not isinstance(v, torch.Tensor):
+                raise TypeError(f"state_dict: {k!r} is a {type(v).__name__}, expected a tensor")
+            if isinstance(v, DTensor):
+                v = v.full_tensor()
+            if tuple(v.shape) != tuple(t.shape):
+                raise ValueError(f"state_dict: {k!r} has shape {tuple(v.shape)}, the model {tuple(t.shape)}")
+            v = v.to(device=t.device, dtype=t.dtype)
+            if isinstance(t, DTensor):
+                v = distribute_tensor(v, t.device_mesh, t.placements, src_data_rank=None)
+            t.copy_(v)  # in place: parameters stay FSDP's, buffers bump their version (rng ids, bindings)
+    _validate_sharded(model)
+    return nn.modules.module._IncompatibleKeys(missing, unexpected)
+
+
+def _validate_sharded(model: nn.Module) -> None:
+    """The modules' entry checks on a sharded model's loaded values (parameters gathered meanwhile)."""
+    with gathered(model):
+        for path, m in model.named_modules():
+            if isinstance(m, _snn._RngIdMixin):
+                try:
+                    m._validate()
+                except (ValueError, TypeError) as e:
+                    raise type(e)(f"{path or type(m).__name__}: {e}") from None
 
 
 def _dcp():
@@ -336,9 +437,11 @@ def _dcp():
 
 
 def save_dcp(model: nn.Module, checkpoint_id, **kwargs):
-    """``torch.distributed.checkpoint.save`` of the plain state dict (:func:`state_dict`). Every rank calls it
-    (or one process without a process group)."""
-    return _dcp().save(state_dict(model), checkpoint_id=checkpoint_id, **kwargs)
+    """``torch.distributed.checkpoint.save`` of the plain model's state dict (no wrapper prefixes; FSDP2's
+    DTensors saved sharded). Every rank calls it (or one process without a process group)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {_checks.describe(model)}")
+    return _dcp().save(unwrap(model).state_dict(), checkpoint_id=checkpoint_id, **kwargs)
 
 
 def _checkpoint_shapes(checkpoint_id=None, metadata=None, storage_reader=None):
@@ -390,9 +493,10 @@ def resize_to_checkpoint(model: nn.Module, checkpoint_id=None, *, metadata=None,
     shapes = _checkpoint_shapes(checkpoint_id, metadata, storage_reader)
     target = unwrap(model)
     need = _resize_plan(target, shapes, prefix)
-    if need and target is not model:
+    if need and (target is not model or _is_sharded(target)):
+        what = "FSDP2" if target is model else type(model).__name__
         raise ValueError(f"model: the checkpoint changes the sizes of {', '.join(need[:4])}: load it into the "
-                         f"plain model before wrapping it in {type(model).__name__} (DDP holds the parameters)")
+                         f"plain model before wrapping it in {what} (the wrapper holds the parameters)")
     if not need:
         return []
     for path, m in target.named_modules():  # codebooks first: their K sets the label dtype the layers check
@@ -452,5 +556,79 @@ def load_dcp(model: nn.Module, checkpoint_id, *, prefix: str = "", **kwargs) -> 
         dcp.load(wrapped, checkpoint_id=checkpoint_id, storage_reader=reader, **kwargs)
     else:
         dcp.load(sd, checkpoint_id=checkpoint_id, storage_reader=reader, **kwargs)
-    target.load_state_dict(sd)  # the loaded tensors onto themselves: entry checks, rng ids, bindings
+    if _is_sharded(target):
+        _validate_sharded(target)  # loaded in place (rng ids and bindings follow their buffers' versions)
+    else:
+        target.load_state_dict(sd)  # the loaded tensors onto themselves: entry checks, rng ids, bindings
     return target
+
+
+# ------------------------------------------------------------------------------------------------------
+# FSDP2
+# ------------------------------------------------------------------------------------------------------
+
+def _gather_codebook(layer, args) -> None:
+    """Forward pre-hook of an SWS layer under FSDP2: gather its codebook's unit (a no-op when gathered)."""
+    cb = layer._modules.get("codebook")
+    fm = _fsdp_module_type()
+    if fm is not None and isinstance(cb, fm):
+        cb.unshard()
+
+
+def fully_shard(model: nn.Module, *, units=(), reshard_layers_after_forward: bool = False,
+                reshard_after_forward=None, **kwargs) -> nn.Module:
+    """FSDP2 (``torch.distributed.fsdp.fully_shard``) over ``model`` with the wrap rule of the module docstring:
+    each codebook, then each SWS / mean-field layer, then each of ``units`` (modules containing layers, e.g.
+    transformer blocks; ``reshard_after_forward`` applies to them and the root), then the root. ``kwargs``
+    (``mesh``, ``mp_policy``, ``offload_policy``, ...) go to every ``fully_shard`` call. Returns ``model``
+    (sharded in place, as ``fully_shard`` does)."""
+    _dist()
+    from torch.distributed.fsdp import fully_shard as _fs
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {_checks.describe(model)}")
+    if not isinstance(reshard_layers_after_forward, bool):
+        raise TypeError("reshard_layers_after_forward: expected a bool, got "
+                        f"{_checks.describe(reshard_layers_after_forward)}")
+    if unwrap(model) is not model:
+        raise ValueError(f"model: expected the plain model, got a {type(model).__name__}")
+    if _is_sharded(model):
+        raise ValueError("model: already sharded with FSDP2 (fully_shard it once, from the plain model)")
+    units = list(units)
+    mods = set(map(id, model.modules()))
+    for u in units:
+        if not isinstance(u, nn.Module) or id(u) not in mods:
+            raise ValueError(f"units: expected submodules of model, got {_checks.describe(u)}")
+    seen = set()
+    for m in model.modules():
+        if isinstance(m, _snn.Codebook) and id(m) not in seen:
+            seen.add(id(m))
+            _fs(m, reshard_after_forward=False, **kwargs)
+    for m in list(model.modules()):
+        if isinstance(m, _snn._RngIdMixin) and not isinstance(m, _snn.Codebook) and id(m) not in seen:
+            seen.add(id(m))
+            _fs(m, reshard_after_forward=reshard_layers_after_forward, **kwargs)
+            if isinstance(m, _snn._SWSLayer):
+                m.register_forward_pre_hook(_gather_codebook)
+    for u in units:
+        if id(u) not in seen:
+            seen.add(id(u))
+            _fs(u, reshard_after_forward=reshard_after_forward, **kwargs)
+    if id(model) not in seen:
+        _fs(model, reshard_after_forward=reshard_after_forward, **kwargs)
+    return model
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module):
+    """Inside: every FSDP2 unit of ``model`` gathered (its parameters plain full tensors, e.g. for
+    ``sws_kernels.kl_loss`` between steps); resharded on exit. A collective: every rank enters it. A model
+    without FSDP2 units passes through unchanged."""
+    fm = _fsdp_module_type()
+    mods = [m for m in unwrap(model).modules() if fm is not None and isinstance(m, fm)]
+    for m in mods:
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.reshard()

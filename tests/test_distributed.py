@@ -65,6 +65,24 @@ def _step(model, call, x, y):
     return out.detach(), grads
 
 
+def _full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _fsdp_steps(model, call, x, y, lr=0.1):
+    """Two training steps (SGD in between): outputs and full gradients of both."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    res = []
+    for _ in range(2):
+        opt.zero_grad()
+        out = call(x)
+        sws.elbo_loss(out, y, model, num_data=100).backward()
+        res.append((out.detach(), {n: _full(p.grad).clone() for n, p in model.named_parameters()
+                                   if p.grad is not None}))
+        opt.step()
+    return res
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -166,6 +184,28 @@ def _worker(rank, world, port, out_dir):
         res["independent_after"] = [mm.owner for mm in (m.fc1.codebook, m.fc1, m.mf, m.fc2)]
         res["independent_buffers"] = [int(mm.rng_id) for mm in (m.fc1.codebook, m.fc1, m.mf, m.fc2)]
         del w
+        # 4. FSDP2: codebook shared by two layers, per-layer units + root, elbo_loss after forward, 2 steps
+        from torch.distributed.device_mesh import init_device_mesh
+        mesh = init_device_mesh("cpu", (world,))
+        model = sdist.fully_shard(_make(300), mesh=mesh)
+        res["fsdp_steps"] = _fsdp_steps(model, model, xs, ys)
+        with sdist.gathered(model):
+            res["fsdp_kl"] = sws.kl_loss(model).detach()
+        full = sdist.state_dict(model)
+        res["fsdp_state"] = {k: v.clone() for k, v in full.items()}
+        res["fsdp_aliases"] = full["fc1.codebook.means"] is full["fc2.codebook.means"]
+        other = sdist.fully_shard(_make(300, seed=8), mesh=mesh)
+        sdist.load_state_dict(other, full)  # shared codebook under fc1. and fc2.
+        res["fsdp_loaded"] = {k: v.clone() for k, v in sdist.state_dict(other).items()}
+        sdist.save_dcp(model, os.path.join(out_dir, "fsdp_dcp"))  # sharded
+        res["fsdp_dcp_resize"] = _error(lambda: sdist.load_dcp(sdist.fully_shard(_make(5, extras=False), mesh=mesh),
+                                                               os.path.join(out_dir, "fsdp_dcp")))
+        plain = sdist.load_dcp(_make(5, extras=False), os.path.join(out_dir, "fsdp_dcp"))
+        res["fsdp_dcp_plain"] = {k: v.clone() for k, v in plain.state_dict().items()}
+        again = sdist.fully_shard(_make(300, seed=9), mesh=mesh)
+        sdist.load_dcp(again, os.path.join(out_dir, "fsdp_dcp"))
+        res["fsdp_dcp_sharded"] = {k: v.clone() for k, v in sdist.state_dict(again).items()}
+        del model, other, again
         # plain torch DDP (K <= 256): its own broadcast of the rng_id buffers now moves the owners too
         torch.manual_seed(2)
         if rank == 1:
@@ -304,6 +344,38 @@ def test_full_state_dict_into_ddp(world):
         assert r["prefixed_sd"] is True
         assert r["wrapped_resize"] and r["wrapped_resize"].startswith("ValueError") and "before wrapping" in \
             r["wrapped_resize"], r["wrapped_resize"]
+
+
+# ------------------------------------------------------------------------------------------------------
+# 4. FSDP2
+# ------------------------------------------------------------------------------------------------------
+
+def test_fsdp2_shared_codebook_matches_one_process(world):
+    _, res = world
+    x, y = _data()
+    model = _make(300)
+    ref = _fsdp_steps(model, model, x, y)
+    for step in range(2):
+        (o0, g0), (o1, g1) = res[0]["fsdp_steps"][step], res[1]["fsdp_steps"][step]
+        torch.testing.assert_close(torch.cat([o0, o1], dim=1), ref[step][0], rtol=1e-5, atol=1e-6)
+        _assert_close_dicts(g0, ref[step][1], rtol=1e-5, atol=1e-6)
+        _assert_close_dicts(g1, ref[step][1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(res[0]["fsdp_kl"], sws.kl_loss(model).detach(), rtol=1e-6, atol=1e-6)
+    state = model.state_dict()
+    for r in res:
+        _assert_close_dicts(r["fsdp_state"], state, rtol=1e-5, atol=1e-6)  # after 2 SGD steps on those grads
+        assert r["fsdp_aliases"]
+
+
+def test_fsdp2_state_dicts_and_dcp(world):
+    _, res = world
+    for r in res:
+        state = r["fsdp_state"]
+        _assert_close_dicts(r["fsdp_loaded"], state, rtol=0, atol=0)
+        _assert_close_dicts(r["fsdp_dcp_plain"], state, rtol=0, atol=0)  # K 5 -> 300 on a plain model
+        _assert_close_dicts(r["fsdp_dcp_sharded"], state, rtol=0, atol=0)
+        msg = r["fsdp_dcp_resize"]
+        assert msg and msg.startswith("ValueError") and "FSDP2" in msg and "before wrapping" in msg, msg
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ compares outputs and every gradient bit for bit).
 from __future__ import annotations
 
 import ctypes
+import math
 import operator
 from typing import Optional
 
@@ -229,8 +230,11 @@ def sws_linear(layer, x, S: int, seed, ps: bool):
     if (not x.dtype.is_floating_point or x.device != dev or x.dim() < 1 or x.shape[-1] != in_f
             or (ps and (x.dim() < 2 or x.shape[0] != S))):
         return None  # the general path raises the precise error
+    if 4 * S * out_f * in_f > _checks._FIT_FLOOR:
+        _checks.samples_fit(S, out_f * in_f, dev)
     lead = x.shape[1:-1] if ps else x.shape[:-1]
-    rows = x.numel() // (in_f * S) if ps else x.numel() // in_f
+    # rows per sample; 0 for an empty weight or input, which takes reconstruct + GEMM (no fused kernel)
+    rows = (x.numel() // (in_f * S) if ps else x.numel() // in_f) if out_f * in_f else 0
     key = (rows, S, ps, x.dtype, _backend.current(), _backend.interpret())
     hit = b.plans.get(key)
     if hit is None:
@@ -276,6 +280,8 @@ def sws_weights(layer, S: int, seed):
         return None
     t = b.tensors
     dev = t[0].device
+    if 4 * S * t[2].numel() > _checks._FIT_FLOOR:
+        _checks.samples_fit(S, t[2].numel(), dev)
     backend, kernel, _ = _backend.select("reconstruct", dev, t[0].dtype)
     if kernel is None:
         return None
@@ -346,7 +352,7 @@ class _MFLinearFn(torch.autograd.Function):
             gw = _ops._grad_w(gy, x, S, ps, out_f, in_f, mu.dtype, "mean_field_reconstruct_backward")
             g_mu, g_rho = native.mean_field_reconstruct_backward_prepared(b.prep_w, gw.view(S, out_f, in_f), seed, S)
         if bmu is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4]):
-            gb = gy.reshape(S, -1, out_f).sum(1, dtype=torch.float32)  # [S, out]
+            gb = gy.reshape(S, math.prod(gy.shape[1:-1]), out_f).sum(1, dtype=torch.float32)  # [S, out]
             if b.prep_b is not None:
                 g_bmu, g_brho = native.mean_field_reconstruct_backward_prepared(b.prep_b, gb, seed, S)
             else:
@@ -366,6 +372,8 @@ def mean_field_linear(layer, x, S: int, seed, ps: bool):
         return None
     dev = mu.device
     out_f, in_f = mu.shape
+    if 4 * S * mu.numel() > _checks._FIT_FLOOR:
+        _checks.samples_fit(S, mu.numel(), dev)
     if (not x.dtype.is_floating_point or x.device != dev or x.dim() < 1 or x.shape[-1] != in_f
             or (ps and (x.dim() < 2 or x.shape[0] != S))):
         return None  # the general path raises the precise error
@@ -406,6 +414,8 @@ def mean_field_weights(layer, S: int, seed):
     mu, rho, bmu, brho = _mf_current(layer)
     if brho is not None and b.prep_b is None:
         return None
+    if 4 * S * mu.numel() > _checks._FIT_FLOOR:
+        _checks.samples_fit(S, mu.numel(), mu.device)
     backend = _backend.select("mean_field_reconstruct", mu.device, mu.dtype)[0]
     if backend not in _NATIVE:
         return None

@@ -27,6 +27,7 @@ memory-safe whatever the data (they clamp indices or check them in C++).
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 import weakref
 from typing import Dict, NamedTuple, Optional, Tuple
@@ -151,20 +152,83 @@ def in_range(x: torch.Tensor, lo: int, hi: int, name: str, what: str) -> None:
         raise ValueError(f"{name}: expected {what} in [{lo}, {hi}), got values in [{mn}, {mx}]")
 
 
+def is_int(v) -> bool:
+    """A Python or NumPy integer (numbers.Integral), not a bool and not a tensor (a tensor would be read on the
+    host: seeds take tensors through their own path)."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, torch.Tensor)) and type(v).__name__ != "bool_"
+
+
 def word(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_int(value):
         raise TypeError(f"{name}: expected a Python int in [0, 2**32), got {describe(value)}")
+    value = int(value)
     if not 0 <= value < (1 << 32):
         raise ValueError(f"{name}: expected a value in [0, 2**32), got {value}")
     return value
 
 
 def samples(s) -> int:
-    if isinstance(s, bool) or not isinstance(s, int):
+    if not is_int(s):
         raise TypeError(f"samples: expected a Python int >= 1, got {describe(s)}")
+    s = int(s)
     if not 1 <= s < MAX_SAMPLES:
         raise ValueError(f"samples: expected 1 <= samples < 2**32, got {s}")
     return s
+
+
+_MEMORY: Dict[tuple, int] = {}
+_FIT_FLOOR = 1 << 30  # below 1 GiB of sampled weights the check costs one multiplication
+
+
+def _device_memory(device: torch.device) -> int:
+    key = (device.type, device.index)
+    hit = _MEMORY.get(key)
+    if hit is None:
+        if device.type == "cuda":
+            hit = torch.cuda.get_device_properties(device).total_memory
+        else:
+            try:
+                hit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            except (ValueError, OSError, AttributeError):  # pragma: no cover - no sysconf: no limit known
+                hit = 1 << 62
+        _MEMORY[key] = hit
+    return hit
+
+
+def samples_fit(S: int, n: int, device, what: str = "weights") -> None:
+    """ValueError when S samples of n float32 weights cannot fit in the device's memory (the sampled weights, or
+    what a kernel keeps per sample, would fail to allocate): a clear error instead of the allocator's."""
+    need = 4 * S * n
+    if need <= _FIT_FLOOR:
+        return
+    have = _device_memory(torch.device(device))
+    if need > have:
+        raise ValueError(f"samples: {S} samples of {n} {what} need {need / 2**30:.1f} GiB of float32, more than the "
+                         f"{have / 2**30:.1f} GiB of {device}; draw fewer samples per call (several calls with "
+                         f"different seeds give more)")
+
+
+def conv_input(x, w_shape, groups: int, padding, dilation, spatial: int) -> None:
+    """PyTorch's conv input checks as our errors: x's channel count against the kernel [out, in/groups, *k], and
+    each padded spatial size against the dilated kernel. x is [N, C, *spatial] (any leading dims before N)."""
+    C = x.shape[-(spatial + 1)]
+    want = w_shape[1] * groups
+    if C != want:
+        raise ValueError(f"x: expected {want} input channels (in_channels = {w_shape[1]} per group x groups = "
+                         f"{groups}) at dim {x.dim() - spatial - 1}, got {describe(x)}")
+    if isinstance(padding, str):
+        if padding == "same":
+            return
+        pads = (0,) * spatial
+    else:
+        pads = (padding,) * spatial if isinstance(padding, int) else tuple(padding)
+    dil = (dilation,) * spatial if isinstance(dilation, int) else tuple(dilation)
+    size = tuple(x.shape[-spatial:])
+    ksize = tuple(w_shape[2:])
+    for d in range(spatial):
+        if size[d] + 2 * pads[d] < dil[d] * (ksize[d] - 1) + 1:
+            raise ValueError(f"x: spatial size {size} (padding {pads}) is smaller than the kernel {ksize} "
+                             f"(dilation {dil}), got {describe(x)}")
 
 
 def mode(m) -> str:
@@ -342,8 +406,10 @@ def sws(means, chol, labels, ellipse, outliers, seed, samples_, mode_, owner, co
         o_pos = torch.zeros(0, **i64)
     else:
         o_pos = o_pos.to(torch.int64)
+    S = samples(samples_)
+    samples_fit(S, n, dev)
     return SWSArgs(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho,
-                   philox.check_seed(seed), samples(samples_), mode(mode_), word(owner, "owner"),
+                   philox.check_seed(seed), S, mode(mode_), word(owner, "owner"),
                    word(codebook_owner, "codebook_owner"))
 
 
@@ -360,7 +426,9 @@ def mean_field(mu, rho, seed, samples_, owner, mu_name="mu", rho_name="rho", *, 
     if full or always():
         finite(mu, mu_name)
         finite(rho, rho_name)
-    return philox.check_seed(seed), samples(samples_), word(owner, "owner")
+    S = samples(samples_)
+    samples_fit(S, mu.numel(), mu.device)
+    return philox.check_seed(seed), S, word(owner, "owner")
 
 
 def activations(x, name: str, device, min_dim: int = 1) -> torch.Tensor:

@@ -14,6 +14,7 @@ CUDA graph replays whatever value the tensor holds at replay. Modes are int code
 from __future__ import annotations
 
 import logging
+import math
 from typing import Optional
 
 import torch
@@ -258,7 +259,8 @@ def call_mean_field_reconstruct(mu, rho, seed: Tensor, samples: int, owner: int,
 # ------------------------------------------------------------------------------------------------------
 
 def _x3(x, samples, per_sample, in_f):
-    return x.reshape(samples if per_sample else 1, -1, in_f)
+    lead = samples if per_sample else 1
+    return x.reshape(lead, x.numel() // (lead * in_f) if in_f else math.prod(x.shape[:-1]) // lead, in_f)
 
 
 def _grad_w(gy, x, samples, per_sample, out_f, in_f, dtype, op):
@@ -267,9 +269,10 @@ def _grad_w(gy, x, samples, per_sample, out_f, in_f, dtype, op):
     ~10x slower at training sizes). The Triton backward kernels (``op``) read it in any float dtype; other
     backends get the parameters' dtype."""
     if samples == 1 and x.dtype is gy.dtype:  # one GEMM, no batch dimension: ~3 us less on a small layer
-        gw = gy.reshape(-1, out_f).t().mm(x.reshape(-1, in_f)).unsqueeze(0)
+        m = math.prod(gy.shape[:-1])  # explicit: reshape(-1, 0) is ambiguous for an empty layer
+        gw = gy.reshape(m, out_f).t().mm(x.reshape(m, in_f)).unsqueeze(0)
     else:
-        g3 = gy.reshape(samples, -1, out_f)
+        g3 = gy.reshape(samples, math.prod(gy.shape[1:-1]), out_f)
         x3 = _x3(x, samples, per_sample, in_f).to(gy.dtype)
         gw = torch.matmul(g3.transpose(1, 2), x3)
     if gw.dtype is dtype:
@@ -280,7 +283,7 @@ def _grad_w(gy, x, samples, per_sample, out_f, in_f, dtype, op):
 def _grad_bias(gy, bias, samples, out_f):
     if bias is None:
         return None
-    g3 = gy.reshape(samples, -1, out_f)
+    g3 = gy.reshape(samples, math.prod(gy.shape[1:-1]), out_f)
     if g3.dtype is not torch.float32:
         g3 = g3.to(torch.float32)
     g = g3.sum(1) if bias.dim() == 2 else g3.sum((0, 1))
@@ -293,7 +296,7 @@ def _rows(t: Tensor, samples: int) -> int:
 
 
 def _dx_reference(gy, w, samples, per_sample, in_f):
-    g3 = gy.reshape(samples, -1, w.shape[1])
+    g3 = gy.reshape(samples, math.prod(gy.shape[1:-1]), w.shape[1])
     dx = torch.matmul(g3, w.to(gy.dtype))
     dx = dx if per_sample else dx.sum(0)
     return dx.reshape(*((samples,) if per_sample else ()), *gy.shape[1:-1], in_f).contiguous()
@@ -303,7 +306,9 @@ def _sws_linear_impl(x: Tensor, means: Tensor, chol: Tensor, labels: Tensor, e_p
                e_alpha: Tensor, o_pos: Tensor, o_mu: Tensor, o_rho: Tensor, bias: Optional[Tensor], seed: Tensor,
                samples: int, mode: int, owner: int, codebook_owner: int, per_sample: bool) -> Tensor:
     """SWS linear: x [..., in] (or [S, ..., in] per_sample) -> [S, ..., out] in x's dtype."""
-    plan = _backend.plan("sws_linear", means.device, means.dtype, rows=_rows(x, samples if per_sample else 1), act_dtype=x.dtype, mode=mode)
+    # an empty weight (0 rows or 0 columns) never takes a fused kernel: rows 0 selects reconstruct + GEMM
+    rows = _rows(x, samples if per_sample else 1) if labels.numel() else 0
+    plan = _backend.plan("sws_linear", means.device, means.dtype, rows=rows, act_dtype=x.dtype, mode=mode)
     kernel = plan.kernel
     if kernel is None:
         w = reference.reconstruct(means, chol, labels, _ellipse(e_pos, e_a, e_b, e_alpha),
@@ -328,7 +333,8 @@ def _sws_linear_dx_impl(grad_y: Tensor, means: Tensor, chol: Tensor, labels: Ten
                   e_b: Tensor, e_alpha: Tensor, o_pos: Tensor, o_mu: Tensor, o_rho: Tensor, seed: Tensor, samples: int,
                   mode: int, owner: int, codebook_owner: int, per_sample: bool) -> Tensor:
     """grad_y [S, ..., out] -> dx (x's shape: summed over samples when x is shared)."""
-    plan = _backend.plan("sws_linear_dx", means.device, means.dtype, rows=_rows(grad_y, samples), act_dtype=grad_y.dtype, mode=mode)
+    rows = _rows(grad_y, samples) if labels.numel() else 0
+    plan = _backend.plan("sws_linear_dx", means.device, means.dtype, rows=rows, act_dtype=grad_y.dtype, mode=mode)
     kernel = plan.kernel
     if kernel is None:
         w = reference.reconstruct(means, chol, labels, _ellipse(e_pos, e_a, e_b, e_alpha),
@@ -385,7 +391,8 @@ def call_sws_linear(x, a: _checks.SWSArgs, bias, per_sample: bool) -> Tensor:
 def _mean_field_linear_impl(x: Tensor, mu: Tensor, rho: Tensor, bias: Optional[Tensor], seed: Tensor, samples: int,
                       owner: int, per_sample: bool) -> Tensor:
     """Mean-field linear with in-kernel noise; ``bias`` None, [out] or a sampled [S, out]."""
-    plan = _backend.plan("mean_field_linear", mu.device, mu.dtype, rows=_rows(x, samples if per_sample else 1), act_dtype=x.dtype, mode=0)
+    rows = _rows(x, samples if per_sample else 1) if mu.numel() else 0
+    plan = _backend.plan("mean_field_linear", mu.device, mu.dtype, rows=rows, act_dtype=x.dtype, mode=0)
     kernel = plan.kernel
     if kernel is None:
         w = reference.mean_field_reconstruct(mu, rho, seed=seed, samples=samples, owner=owner)
@@ -404,7 +411,8 @@ def _(x, mu, rho, bias, seed, samples, owner, per_sample):
 
 def _mean_field_linear_dx_impl(grad_y: Tensor, mu: Tensor, rho: Tensor, seed: Tensor, samples: int, owner: int,
                          per_sample: bool) -> Tensor:
-    plan = _backend.plan("mean_field_linear_dx", mu.device, mu.dtype, rows=_rows(grad_y, samples), act_dtype=grad_y.dtype, mode=0)
+    rows = _rows(grad_y, samples) if mu.numel() else 0
+    plan = _backend.plan("mean_field_linear_dx", mu.device, mu.dtype, rows=rows, act_dtype=grad_y.dtype, mode=0)
     kernel = plan.kernel
     if kernel is None:
         w = reference.mean_field_reconstruct(mu, rho, seed=seed, samples=samples, owner=owner)

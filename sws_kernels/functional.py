@@ -97,7 +97,7 @@ def sws_linear(x, means, chol, labels, ellipse=None, outliers=None, bias=None, *
     a = _checks.sws(means, chol, labels, ellipse, outliers, seed, samples, mode, owner, codebook_owner)
     _check_linear_input(x, a.samples, labels.shape[1], per_sample, means.device)
     # ---- issue 14: inference (torch.no_grad) in paper/mean mode with a shared x: the label-histogram path ----
-    hk, hwhy = _backend.histogram(name, _ops._rows(x, 1), a.samples, _checks.MODE_CODES[a.mode], x.dtype,
+    hk, hwhy = _backend.histogram(name, _ops._rows(x, 1) if labels.numel() else 0, a.samples, _checks.MODE_CODES[a.mode], x.dtype,
                                   per_sample, torch.is_grad_enabled())
     log.debug("sws_linear: %s", hwhy)
     if hk is not None:
@@ -148,6 +148,7 @@ def _conv_all_samples(conv, x, w, bias, stride, padding, dilation, groups, per_s
                          f"got {_checks.describe(x)}")
     if not isinstance(groups, int) or groups < 1 or out_f % groups:
         raise ValueError(f"groups: expected a positive int dividing out_channels = {out_f}, got {groups!r}")
+    _checks.conv_input(x, w.shape[1:], groups, padding, dilation, spatial)
     w = w.to(x.dtype)
     kshape = w.shape[2:]
     if bias is not None:

@@ -151,18 +151,19 @@ def sample_mode(samples: int, seed=None, *, batch: Optional[int] = None):
 
 
 def _positive_int(v, name: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
+    if not _checks.is_int(v):
         raise TypeError(f"{name}: expected a positive int, got {_checks.describe(v)}")
+    v = int(v)  # a NumPy integer too
     if v < 1:
         raise ValueError(f"{name}: expected a positive int, got {v}")
     return v
 
 
 def _tuple(v, n: int, name: str) -> Tuple[int, ...]:
-    if isinstance(v, int) and not isinstance(v, bool):
-        return (v,) * n
-    if isinstance(v, (tuple, list)) and len(v) == n and all(isinstance(t, int) for t in v):
-        return tuple(v)
+    if _checks.is_int(v):  # a NumPy integer too
+        return (int(v),) * n
+    if isinstance(v, (tuple, list)) and len(v) == n and all(_checks.is_int(t) for t in v):
+        return tuple(int(t) for t in v)
     raise TypeError(f"{name}: expected an int or a tuple of {n} ints, got {_checks.describe(v)}")
 
 

@@ -13,6 +13,7 @@ every uint32 exactly and its products are formed from 16-bit halves so nothing o
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -119,8 +120,9 @@ def check_seed(seed, name: str = "seed"):
         if seed.numel() != 1 or seed.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"{name}: expected a Python int or a one-element int64 tensor, got {_describe(seed)}")
         return seed.reshape(()).to(torch.int64)
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or type(seed).__name__ == "bool_":
         raise TypeError(f"{name}: expected a Python int in [0, 2**64) or an int64 tensor, got {type(seed).__name__}")
+    seed = int(seed)  # a NumPy integer too
     if not 0 <= seed < MAX_SEED:
         raise ValueError(f"{name}: expected a value in [0, 2**64), got {seed}")
     return seed

@@ -240,7 +240,8 @@ def _linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], per_
         raise ValueError(f"x: expected a last dimension of size {in_f} (in_features), got {_checks.describe(x)}")
     w = w.to(x.dtype)
     # one batched matmul over samples: [S, M, in] @ [S, in, out]
-    y = torch.matmul(xs.reshape(S, -1, in_f), w.transpose(1, 2)).reshape(S, *xs.shape[1:-1], out_f)
+    m = math.prod(xs.shape[1:-1])  # explicit: reshape(S, -1, 0) is ambiguous for an empty layer
+    y = torch.matmul(xs.reshape(S, m, in_f), w.transpose(1, 2)).reshape(S, *xs.shape[1:-1], out_f)
     if bias is not None:
         b = bias.to(x.dtype)
         b = b if b.dim() == 2 else b.expand(S, -1)
@@ -258,6 +259,8 @@ def _conv(conv, x, w, bias, stride, padding, dilation, groups, per_sample: bool,
     if per_sample and x.shape[0] != S:
         raise ValueError(f"x: expected a leading sample dimension of size {S} with per_sample=True, "
                          f"got {_checks.describe(x)}")
+    if isinstance(groups, int) and groups >= 1:  # else the vendor conv raises its own error for groups
+        _checks.conv_input(x, w.shape[1:], groups, padding, dilation, spatial)
     w = w.to(x.dtype)
     if bias is not None:
         bias = bias.to(x.dtype)

@@ -479,3 +479,82 @@ def test_sws_load_rejects_invalid_values(tmp_path):
     with SyncCounter() as c, torch.no_grad():
         _run(loaded, torch.randn(2, 6), seed=1)
     assert c.total == 0, dict(c.where)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# API edges (issue 16 item 5): NumPy integers wherever ints are, our errors instead of raw torch ones
+# ---------------------------------------------------------------------------------------------------------
+
+_EDGE_BACKENDS = ["auto", "reference"] + (["triton"] if sws.backends()["triton"][0] else [])
+
+
+def test_numpy_integers_are_accepted_wherever_ints_are(rng):
+    np = pytest.importorskip("numpy")
+    cb = snn.Codebook(np.int64(4))
+    layer = snn.SWSLinear(np.int32(5), np.int64(3), codebook=cb, rng_id=np.uint32(7))
+    x = torch.randn(2, 5, generator=rng)
+    y_np = layer(x, samples=np.int64(2), seed=np.uint64(9))
+    assert torch.equal(y_np, layer(x, samples=2, seed=9)) and layer.owner == 7
+    conv = snn.SWSConv2d(np.int64(3), 4, (np.int64(3), 3), stride=np.int16(1), codebook=cb)
+    assert conv(torch.randn(1, 3, 5, 5, generator=rng), seed=np.int64(1)).shape == (1, 4, 3, 3)
+    mf = snn.MeanFieldLinear(np.int64(5), 3)
+    out, _ = mf(x, samples=np.int8(3), seed=np.int64(2))
+    assert out.shape == (3, 2, 3)
+    w = F.reconstruct(cb.means, cb.chol, torch.zeros(3, 5, dtype=torch.uint8), seed=np.uint64(5), samples=np.int64(2),
+                      owner=np.int64(3))
+    assert w.shape == (2, 3, 5)
+    with torch.no_grad(), snn.sample_mode(np.int64(2)):
+        pass
+    with pytest.raises(TypeError, match="samples"):
+        layer(x, samples=np.float64(2.0))
+    with pytest.raises(TypeError, match="seed"):
+        layer(x, seed=np.bool_(True))
+
+
+@pytest.mark.parametrize("backend", _EDGE_BACKENDS)
+def test_too_many_samples_is_our_error_before_any_allocation(backend):
+    cb = snn.Codebook(4)
+    layer = snn.SWSLinear(5, 3, codebook=cb)
+    mf = snn.MeanFieldLinear(5, 3)
+    x = torch.randn(2, 5)
+    with sws.backend(backend):
+        for call in (lambda: layer(x, samples=2 ** 31), lambda: mf(x, samples=2 ** 31),
+                     lambda: F.reconstruct(cb.means, cb.chol, torch.zeros(64, 64, dtype=torch.uint8), seed=1,
+                                           samples=2 ** 30),
+                     lambda: F.mean_field_reconstruct(torch.zeros(64, 64), torch.zeros(64, 64), seed=1,
+                                                      samples=2 ** 30)):
+            with pytest.raises(ValueError, match=r"samples: \d+ samples of \d+ weights need .* GiB"):
+                call()
+
+
+@pytest.mark.parametrize("backend", _EDGE_BACKENDS)
+def test_empty_weights_and_inputs_behave_like_f_linear(rng, backend):
+    cb = snn.Codebook(4)
+    with sws.backend(backend):
+        for out_f, in_f, rows in ((0, 5, 2), (3, 0, 2), (3, 5, 0)):
+            x = torch.randn(rows, in_f, generator=rng)
+            labels = torch.zeros(out_f, in_f, dtype=torch.uint8)
+            y = F.sws_linear(x, cb.means, cb.chol, labels, seed=1, samples=2)
+            assert y.shape == (2, rows, out_f) and (y == 0).all()
+            m = torch.zeros(out_f, in_f)
+            y = F.mean_field_linear(x, m, m - 3, seed=1, samples=2)
+            assert y.shape == (2, rows, out_f) and (y == 0).all()
+
+
+@pytest.mark.parametrize("backend", _EDGE_BACKENDS)
+def test_conv_input_mismatches_are_our_errors(rng, backend):
+    cb = snn.Codebook(4)
+    layers = [snn.SWSConv2d(3, 4, 3, codebook=cb), snn.MeanFieldConv2d(3, 4, 3), snn.SWSConv1d(2, 4, 3, groups=2,
+                                                                                                 codebook=cb)]
+    with sws.backend(backend):
+        with pytest.raises(ValueError, match=r"x: expected 3 input channels"):
+            layers[0](torch.randn(1, 2, 8, 8, generator=rng))
+        with pytest.raises(ValueError, match=r"x: expected 3 input channels"):
+            layers[1](torch.randn(1, 2, 8, 8, generator=rng))
+        with pytest.raises(ValueError, match=r"x: expected 2 input channels .* groups = 2"):
+            layers[2](torch.randn(1, 4, 8, generator=rng))
+        with pytest.raises(ValueError, match=r"smaller than the kernel \(3, 3\)"):
+            layers[0](torch.randn(1, 3, 2, 2, generator=rng))
+        with pytest.raises(ValueError, match=r"x: expected 3 input channels"):
+            F.sws_conv2d(torch.randn(1, 2, 8, 8, generator=rng), cb.means, cb.chol,
+                         torch.zeros(4, 3, 3, 3, dtype=torch.uint8), seed=1)

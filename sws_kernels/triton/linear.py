@@ -37,6 +37,8 @@ Dispatch: every entry point takes ``fused`` from the one dispatch table (``_back
 """
 from __future__ import annotations
 
+import math
+
 import logging
 
 from typing import Optional
@@ -290,7 +292,8 @@ def _check_mf(mu, rho) -> None:
 
 def _as3(x, S: int, per_sample: bool, in_f: int):
     """x -> ([S or 1, M, in] view, sample stride, M)."""
-    x3 = x.reshape(S if per_sample else 1, -1, in_f)
+    lead = S if per_sample else 1
+    x3 = x.reshape(lead, math.prod(x.shape[:-1]) // lead, in_f)  # explicit M: reshape(.., -1, 0) is ambiguous
     return x3, (x3.stride(0) if per_sample else 0), x3.shape[1]
 
 
@@ -337,7 +340,7 @@ def sws_linear_dx(grad_y, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, 
     S, (out_f, in_f) = samples, labels.shape
     _rc.check_sizes(means, chol, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho)
     lead = grad_y.shape[1:-1]
-    g3 = grad_y.reshape(S, -1, out_f)
+    g3 = grad_y.reshape(S, math.prod(grad_y.shape[1:-1]), out_f)
     M = g3.shape[1]
     if not fused:
         w = _rc.reconstruct(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, S, mode, owner,
@@ -388,7 +391,7 @@ def mean_field_linear_dx(grad_y, mu, rho, seed: int, samples: int, owner: int, p
     S, (out_f, in_f) = samples, mu.shape
     _check_mf(mu, rho)
     lead = grad_y.shape[1:-1]
-    g3 = grad_y.reshape(S, -1, out_f)
+    g3 = grad_y.reshape(S, math.prod(grad_y.shape[1:-1]), out_f)
     M = g3.shape[1]
     if not fused:
         w = _mf.mean_field_reconstruct(mu, rho, seed, S, owner, 0).to(grad_y.dtype)

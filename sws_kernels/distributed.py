@@ -66,8 +66,9 @@ Between steps the parameters are sharded DTensors: read them (e.g. ``kl_loss`` f
 ``with gathered(model):``. :func:`state_dict` gives full tensors (a collective: every rank calls it);
 :func:`load_state_dict` loads a plain full state dict (shared codebook keys included) into the sharded model;
 DCP checkpoints (:func:`save_dcp`) are saved sharded and load into sharded or plain models of any world
-size; sizes can only change on a plain model (load, then shard). ``sws_kernels.save`` needs a plain model:
-load :func:`state_dict` into one on rank 0. Not done (issue 18): label buffers are not sharded (they are
+size; sizes can only change on a plain model (load, then shard). ``sws_kernels.save(model, path)`` of a sharded
+model gathers the parameters (a collective: every rank calls it, and every rank writes the file); :func:`save`
+gathers on every rank and writes on rank 0 only. Not done (issue 18): label buffers are not sharded (they are
 replicated on every rank, as buffers are under FSDP2), and the row-sharded (tensor-parallel) layers.
 """
 from __future__ import annotations
@@ -83,8 +84,9 @@ from torch import nn
 from . import _checks
 from . import nn as _snn
 
-__all__ = ["ddp", "prepare_ddp", "check_consistency", "sync_buffers", "constant_buffers", "unwrap", "state_dict",
-           "load_state_dict", "save_dcp", "load_dcp", "resize_to_checkpoint", "fully_shard", "gathered"]
+__all__ = ["ddp", "prepare_ddp", "check_consistency", "sync_buffers", "constant_buffers", "unwrap", "plain_model",
+           "save", "state_dict", "load_state_dict", "save_dcp", "load_dcp", "resize_to_checkpoint", "fully_shard",
+           "gathered"]
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -417,6 +419,63 @@ def _load_sharded(model: nn.Module, sd, strict: bool):
             t.copy_(v)  # in place: parameters stay FSDP's, buffers bump their version (rng ids, bindings)
     _validate_sharded(model)
     return nn.modules.module._IncompatibleKeys(missing, unexpected)
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def plain_model(model: nn.Module) -> nn.Module:
+    """The plain model to save: ``model`` without DDP / compile wrappers and, when FSDP2-sharded, a replica made
+    of the original classes with full parameters (gathered: a collective, every rank calls it) sharing the
+    buffers, without hooks. Use the replica for saving only (``sws_kernels.save`` calls this)."""
+    target = unwrap(model)
+    if not isinstance(target, nn.Module) or not _is_sharded(target):
+        return target
+    fm, dt = _fsdp_module_type(), _dtensor_type()
+    full: Dict[int, torch.Tensor] = {}
+    memo: Dict[int, nn.Module] = {}
+
+    def gather(p):
+        if id(p) not in full:  # one gather per (shared) parameter, in module order on every rank
+            t = p.full_tensor() if isinstance(p, dt) else p
+            full[id(p)] = nn.Parameter(t.detach(), requires_grad=p.requires_grad)
+        return full[id(p)]
+
+    def replica(m):
+        if id(m) in memo:
+            return memo[id(m)]
+        cls = type(m)
+        if isinstance(m, fm):  # fully_shard swapped the class to FSDP<Class>(FSDPModule, Class)
+            cls = next(c for c in cls.__mro__[1:] if not issubclass(c, fm))
+        c = object.__new__(cls)
+        memo[id(m)] = c
+        d = dict(m.__dict__)
+        for h in _HOOK_DICTS:
+            if h in d:
+                d[h] = OrderedDict()
+        d.pop("_sws_binding", None)
+        d.pop("_mf_binding", None)
+        d["_parameters"] = {k: None if p is None else gather(p) for k, p in m._parameters.items()}
+        d["_buffers"] = dict(m._buffers)
+        d["_modules"] = {k: None if s is None else replica(s) for k, s in m._modules.items()}
+        c.__dict__.update(d)
+        return c
+
+    return replica(target)
+
+
+def save(model: nn.Module, path, *, group=None):
+    """``sws_kernels.save`` of a DDP-wrapped, compiled or FSDP2-sharded model, written by the group's rank 0
+    only (the FSDP2 gather is a collective: every rank calls this). Returns the bytes written on rank 0,
+    None elsewhere (and without a process group it is ``sws_kernels.save``)."""
+    from . import io
+    plain = plain_model(model)
+    dist = _dist()
+    if dist.is_initialized() and dist.get_rank(group) != 0:
+        return None
+    return io.save(plain, path)
 
 
 def _validate_sharded(model: nn.Module) -> None:

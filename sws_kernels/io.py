@@ -88,7 +88,7 @@ from torch import nn
 
 from . import _checks
 from . import nn as _snn
-from .distributed import unwrap as _unwrap
+from .distributed import plain_model as _plain_model
 from .nn import Codebook, label_dtype
 
 __all__ = ["save", "load", "read_header", "size_report", "label_bits", "FormatWarning"]
@@ -383,7 +383,7 @@ def _serialize(model: nn.Module):
     """(header bytes, [(key, part, encoded bytes)]) of ``model``: everything save writes but the framing."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {_checks.describe(model)}")
-    model = _unwrap(model)  # DDP / DataParallel / torch.compile wrappers: the plain model's keys (issue 18)
+    model = _plain_model(model)  # DDP/compile wrappers, FSDP2 (a gather): the plain model's keys (issue 18)
     sd = model.state_dict()
     mods = _bayesian_modules(model)
     cb_paths = {id(m): n for n, m in mods if isinstance(m, Codebook)}

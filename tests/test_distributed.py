@@ -198,6 +198,9 @@ def _worker(rank, world, port, out_dir):
         sdist.load_state_dict(other, full)  # shared codebook under fc1. and fc2.
         res["fsdp_loaded"] = {k: v.clone() for k, v in sdist.state_dict(other).items()}
         sdist.save_dcp(model, os.path.join(out_dir, "fsdp_dcp"))  # sharded
+        res["fsdp_save"] = sdist.save(model, os.path.join(out_dir, "fsdp.sws"))  # rank 0 writes
+        sws.save(model, os.path.join(out_dir, f"fsdp{rank}.sws"))  # every rank gathers and writes
+        res["fsdp_still_sharded"] = type(model.fc1).__name__
         res["fsdp_dcp_resize"] = _error(lambda: sdist.load_dcp(sdist.fully_shard(_make(5, extras=False), mesh=mesh),
                                                                os.path.join(out_dir, "fsdp_dcp")))
         plain = sdist.load_dcp(_make(5, extras=False), os.path.join(out_dir, "fsdp_dcp"))
@@ -376,6 +379,18 @@ def test_fsdp2_state_dicts_and_dcp(world):
         _assert_close_dicts(r["fsdp_dcp_sharded"], state, rtol=0, atol=0)
         msg = r["fsdp_dcp_resize"]
         assert msg and msg.startswith("ValueError") and "FSDP2" in msg and "before wrapping" in msg, msg
+        assert r["fsdp_still_sharded"] == "FSDPSWSLinear"
+
+
+def test_fsdp2_sws_save(world):
+    out, res = world
+    state = res[0]["fsdp_state"]
+    assert res[0]["fsdp_save"] > 0 and res[1]["fsdp_save"] is None
+    for name in ("fsdp.sws", "fsdp0.sws", "fsdp1.sws"):
+        header = sws.io.read_header(out / name)
+        assert {m["class"] for m in header["modules"].values()} == {"Codebook", "SWSLinear", "MeanFieldLinear"}
+        model = sws.load(out / name, _make(5, rng_base=1, extras=False))
+        _assert_close_dicts(model.state_dict(), state, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------------------

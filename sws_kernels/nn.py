@@ -328,8 +328,12 @@ class _RngIdMixin:
 
     @property
     def _owner(self) -> int:
-        t = self._buffers["rng_id"]
         c = self._owner_cache
+        if torch.compiler.is_compiling():
+            # traced code cannot branch on a tensor's _version: the compiled graph keeps the mirror (a constant
+            # it guards on); the next eager call refreshes it if the buffer changed
+            return c[2]
+        t = self._buffers["rng_id"]
         if c[0] is t and c[1] == t._version:
             return c[2]
         owner = _checks.word(int(t), "rng_id")  # one host read each time the buffer changes

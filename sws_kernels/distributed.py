@@ -62,6 +62,11 @@ FSDP2
    after each layer's forward: then take the KL from the forward (``return_kl=True``) instead;
 3. ``units`` (e.g. transformer blocks) next, then the root.
 
+FSDP2 neither broadcasts buffers nor checks anything across ranks: :func:`fully_shard` runs the same
+consistency check as :func:`ddp` (at wrap time and on the first forward; ``independent=True`` skips it) and
+broadcasts the constant buffers from rank 0 as bytes. (Parameters are sharded from each rank's own values, as
+FSDP2 does: build or load them identically on every rank.)
+
 Between steps the parameters are sharded DTensors: read them (e.g. ``kl_loss`` for logging) inside
 ``with gathered(model):``. :func:`state_dict` gives full tensors (a collective: every rank calls it);
 :func:`load_state_dict` loads a plain full state dict (shared codebook keys included) into the sharded model;
@@ -635,16 +640,20 @@ def _gather_codebook(layer, args) -> None:
 
 
 def fully_shard(model: nn.Module, *, units=(), reshard_layers_after_forward: bool = False,
-                reshard_after_forward=None, **kwargs) -> nn.Module:
+                reshard_after_forward=None, independent: bool = False, group=None, **kwargs) -> nn.Module:
     """FSDP2 (``torch.distributed.fsdp.fully_shard``) over ``model`` with the wrap rule of the module docstring:
     each codebook, then each SWS / mean-field layer, then each of ``units`` (modules containing layers, e.g.
     transformer blocks; ``reshard_after_forward`` applies to them and the root), then the root. ``kwargs``
-    (``mesh``, ``mp_policy``, ``offload_policy``, ...) go to every ``fully_shard`` call. Returns ``model``
-    (sharded in place, as ``fully_shard`` does)."""
+    (``mesh``, ``mp_policy``, ``offload_policy``, ...) go to every ``fully_shard`` call. Before sharding, the
+    ranks of ``group`` (default: all) are checked for the same noise streams unless ``independent`` (see
+    :func:`check_consistency`; again on the first forward) and the constant buffers are broadcast from its rank
+    0. A collective. Returns ``model`` (sharded in place, as ``fully_shard`` does)."""
     _dist()
     from torch.distributed.fsdp import fully_shard as _fs
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {_checks.describe(model)}")
+    if not isinstance(independent, bool):
+        raise TypeError(f"independent: expected a bool, got {_checks.describe(independent)}")
     if not isinstance(reshard_layers_after_forward, bool):
         raise TypeError("reshard_layers_after_forward: expected a bool, got "
                         f"{_checks.describe(reshard_layers_after_forward)}")
@@ -657,6 +666,12 @@ def fully_shard(model: nn.Module, *, units=(), reshard_layers_after_forward: boo
     for u in units:
         if not isinstance(u, nn.Module) or id(u) not in mods:
             raise ValueError(f"units: expected submodules of model, got {_checks.describe(u)}")
+    _require_group(group)
+    if independent:
+        _check_sizes(model, group)
+    else:
+        check_consistency(model, group=group, where="when sharding")
+    sync_buffers(model, group=group)
     seen = set()
     for m in model.modules():
         if isinstance(m, _snn.Codebook) and id(m) not in seen:
@@ -674,6 +689,12 @@ def fully_shard(model: nn.Module, *, units=(), reshard_layers_after_forward: boo
             _fs(u, reshard_after_forward=reshard_after_forward, **kwargs)
     if id(model) not in seen:
         _fs(model, reshard_after_forward=reshard_after_forward, **kwargs)
+    if not independent:
+        def first_forward_check(module, args):
+            handle.remove()
+            check_consistency(model, group=group, where="on the first forward")
+
+        handle = model.register_forward_pre_hook(first_forward_check, prepend=True)
     return model
 
 

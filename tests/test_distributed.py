@@ -209,6 +209,16 @@ def _worker(rank, world, port, out_dir):
         sdist.load_dcp(again, os.path.join(out_dir, "fsdp_dcp"))
         res["fsdp_dcp_sharded"] = {k: v.clone() for k, v in sdist.state_dict(again).items()}
         del model, other, again
+        m = _make(7, seed=0)
+        if rank == 1:
+            torch.rand(1)
+        res["fsdp_extra_rand"] = _error(lambda: sdist.fully_shard(m, mesh=mesh))
+        res["fsdp_unsharded_after_error"] = type(m.fc1).__name__
+        m = _make(7, seed=0)
+        sdist.fully_shard(m, mesh=mesh)
+        if rank == 1:
+            torch.rand(1)
+        res["fsdp_extra_rand_after"] = _error(lambda: m(xs))
         # plain torch DDP (K <= 256): its own broadcast of the rng_id buffers now moves the owners too
         torch.manual_seed(2)
         if rank == 1:
@@ -380,6 +390,16 @@ def test_fsdp2_state_dicts_and_dcp(world):
         msg = r["fsdp_dcp_resize"]
         assert msg and msg.startswith("ValueError") and "FSDP2" in msg and "before wrapping" in msg, msg
         assert r["fsdp_still_sharded"] == "FSDPSWSLinear"
+
+
+def test_fsdp2_rank_with_extra_rand_raises(world):
+    _, res = world
+    for r in res:
+        msg = r["fsdp_extra_rand"]
+        assert msg and msg.startswith("RuntimeError") and "random generator" in msg and "when sharding" in msg, msg
+        assert r["fsdp_unsharded_after_error"] == "SWSLinear"
+        msg = r["fsdp_extra_rand_after"]
+        assert msg and msg.startswith("RuntimeError") and "on the first forward" in msg, msg
 
 
 def test_fsdp2_sws_save(world):

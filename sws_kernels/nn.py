@@ -992,7 +992,8 @@ class _MeanFieldLayer(_RngIdMixin, nn.Module):
     _w_rho = "rho_weight"
 
     def _init_mf(self, weight_shape, out: int, prior_mean, prior_variance, posterior_mu_init, posterior_rho_init,
-                 bias: bool, rng_id):
+                 bias: bool, rng_id, estimator: str = "reparameterization"):
+        self.estimator = estimator
         if not isinstance(bias, bool):
             raise TypeError(f"bias: expected a bool (bayesian-torch's order is ..., posterior_rho_init, bias), "
                             f"got {_checks.describe(bias)}")
@@ -1156,12 +1157,12 @@ class MeanFieldLinear(_MeanFieldLayer):
 
     def __init__(self, in_features: int, out_features: int, prior_mean: float = 0, prior_variance: float = 1,
                  posterior_mu_init: float = 0, posterior_rho_init: float = -3.0, bias: bool = True, *,
-                 rng_id: Optional[int] = None):
+                 rng_id: Optional[int] = None, estimator: str = "reparameterization"):
         super().__init__()
         self.in_features = _positive_int(in_features, "in_features")
         self.out_features = _positive_int(out_features, "out_features")
         self._init_mf((out_features, in_features), out_features, prior_mean, prior_variance, posterior_mu_init,
-                      posterior_rho_init, bias, rng_id)
+                      posterior_rho_init, bias, rng_id, estimator)
 
     def _call(self, xx, S, sd, ps):
         y = _bound.mean_field_linear(self, xx, S, sd, ps)  # the steady-state path (sws_kernels/_bound.py)
@@ -1186,12 +1187,12 @@ class _MeanFieldConvNd(_MeanFieldLayer):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, prior_mean: float = 0, prior_variance: float = 1, posterior_mu_init: float = 0,
                  posterior_rho_init: float = -3.0, bias: bool = True, *, rng_id: Optional[int] = None,
-                 padding_mode: str = "zeros"):
+                 padding_mode: str = "zeros", estimator: str = "reparameterization"):
         super().__init__()
         _set_conv_hparams(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                           padding_mode)
         self._init_mf((out_channels, in_channels // groups, *self.kernel_size), out_channels, prior_mean,
-                      prior_variance, posterior_mu_init, posterior_rho_init, bias, rng_id)
+                      prior_variance, posterior_mu_init, posterior_rho_init, bias, rng_id, estimator)
 
     def _call(self, xx, S, sd, ps):
         fn = SF.mean_field_conv2d if self._spatial == 2 else SF.mean_field_conv1d
@@ -1261,12 +1262,12 @@ class _MeanFieldConvTransposeNd(_MeanFieldLayer):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, output_padding=0, prior_mean: float = 0, prior_variance: float = 1,
                  posterior_mu_init: float = 0, posterior_rho_init: float = -3.0, bias: bool = True, *,
-                 rng_id: Optional[int] = None):
+                 rng_id: Optional[int] = None, estimator: str = "reparameterization"):
         super().__init__()
         _set_conv_t_hparams(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                             output_padding)
         self._init_mf((in_channels, out_channels // groups, *self.kernel_size), out_channels, prior_mean,
-                      prior_variance, posterior_mu_init, posterior_rho_init, bias, rng_id)
+                      prior_variance, posterior_mu_init, posterior_rho_init, bias, rng_id, estimator)
 
     def _conv(self, xx, S, sd, ps, opad):
         w, b = _mf_weights(self, S, sd)

@@ -146,3 +146,35 @@ def test_demo_out_not_creatable(tmp_path, capsys):
 def test_demo_negative_seed(capsys):
     assert cli.main(["demo", "--fast", "--no-out", "--seed", "-1"]) == 2
     assert "--seed" in capsys.readouterr().err
+
+
+def test_readme_demo_section_is_the_committed_run():
+    """README's demo table, numbers, paper comparison and pictures come from one run of the demo's defaults
+    (`python -m sws_kernels.demo --readme` wrote docs/demo_results.json, docs/demo_*.png and the README
+    section together); the README must hold exactly what that results file renders, and that run must meet
+    issue 13's goals (the fine-tuned SWS model against the mean-field model)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    js = json.loads((root / "docs" / "demo_results.json").read_text())
+    assert demo.readme_section((root / "README.md").read_text()) == demo.readme_block(js)
+    assert js["config"] == json.loads(json.dumps(demo._jsonable(
+        __import__("dataclasses").asdict(demo.DemoConfig(out=js["config"]["out"], progress=js["config"]["progress"])))))
+    assert [r["model"] for r in js["rows"]] == ["deterministic", "mean-field", "SWS (converted)", "SWS (fine-tuned)"]
+    assert js["table"] == demo.format_table(js["rows"])
+    for name in ("codebook", "reliability"):
+        assert (root / "docs" / f"demo_{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    goals = js["compression"]["goals"]
+    assert all(g["met"] for g in goals.values()), goals
+
+
+def test_compression_summary_and_comparison(fast_run):
+    res, _ = fast_run
+    c = res["compression"]
+    mf, sw = _row(res, "mean-field"), _row(res, "SWS (fine-tuned)")
+    assert c["params_ratio"] == pytest.approx(mf["params"] / sw["params"])
+    assert c["bytes_ratio"] == pytest.approx(mf["bytes"] / sw["bytes"])
+    assert c["file_ratio"] == pytest.approx(c["file_mean_field"] / c["file_sws"]) and c["file_ratio"] > 1
+    assert c["goals"]["ece"]["met"] == (sw["ece"] <= mf["ece"])
+    text = demo.format_comparison(res)
+    assert "ResNet-18, CIFAR-10 (paper)" in text and "1,569" in text and f"{c['gaussians']:,}" in text

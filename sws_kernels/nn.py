@@ -318,7 +318,9 @@ class _RngIdMixin:
     ``_owner``/``owner`` mirror it as a Python int so forward never reads the tensor; the mirror is refreshed
     whenever the buffer is replaced or written in place (its ``_version`` moves: load_state_dict, DDP's buffer
     broadcast, ``sws_kernels.distributed``'s sync, a user's ``fill_``), so the kernels always use the value
-    the buffer holds (issue 18: ranks whose counters differed follow rank 0's broadcast ids)."""
+    the buffer holds (issue 18: ranks whose counters differed follow rank 0's broadcast ids). A torch.compile
+    graph uses the mirror as it was when traced (and recompiles when it changes): load_state_dict and
+    ``sws_kernels.distributed`` refresh it eagerly; after writing the buffer by hand, read ``.owner`` once."""
 
     def _init_rng_id(self, rng_id) -> None:
         owner = _check_rng_id(rng_id)
@@ -370,6 +372,7 @@ def _validate_after_load(module, incompatible_keys) -> None:
     """load_state_dict post-hook: the module's entry checks on the loaded values (its children, e.g. an SWS
     layer's codebook, are loaded by then). Errors name the module by its state_dict prefix."""
     try:
+        module.owner  # refresh the rng_id mirror now, before any torch.compile trace reads it
         module._validate()
     except (ValueError, TypeError) as e:
         where = getattr(module, "_load_prefix", "").rstrip(".") or type(module).__name__

@@ -231,6 +231,13 @@ def check_consistency(model: nn.Module, *, group=None, generators: bool = True, 
 # DDP
 # ------------------------------------------------------------------------------------------------------
 
+def _refresh_owners(model: nn.Module) -> None:
+    """Read every module's rng_id buffer into its owner mirror now (eagerly, before torch.compile traces)."""
+    for m in unwrap(model).modules():
+        if isinstance(m, _snn._RngIdMixin):
+            m.owner
+
+
 def sync_buffers(model: nn.Module, *, group=None, src: int = 0) -> None:
     """Broadcast every constant buffer (:func:`constant_buffers`) from the group's rank ``src`` as raw bytes
     (one flat uint8 tensor per device), whatever its dtype. A collective: every rank must call it."""
@@ -257,6 +264,7 @@ def sync_buffers(model: nn.Module, *, group=None, src: int = 0) -> None:
                 else:
                     t.copy_(part.clone().view(t.dtype).view(t.shape))
                 off += nb
+    _refresh_owners(model)
 
 
 def prepare_ddp(model: nn.Module, *, independent: bool = False, group=None) -> nn.Module:
@@ -422,6 +430,7 @@ def _load_sharded(model: nn.Module, sd, strict: bool):
             if isinstance(t, DTensor):
                 v = distribute_tensor(v, t.device_mesh, t.placements, src_data_rank=None)
             t.copy_(v)  # in place: parameters stay FSDP's, buffers bump their version (rng ids, bindings)
+    _refresh_owners(model)
     _validate_sharded(model)
     return nn.modules.module._IncompatibleKeys(missing, unexpected)
 
@@ -621,7 +630,8 @@ def load_dcp(model: nn.Module, checkpoint_id, *, prefix: str = "", **kwargs) -> 
     else:
         dcp.load(sd, checkpoint_id=checkpoint_id, storage_reader=reader, **kwargs)
     if _is_sharded(target):
-        _validate_sharded(target)  # loaded in place (rng ids and bindings follow their buffers' versions)
+        _refresh_owners(target)  # loaded in place (bindings follow their buffers' versions)
+        _validate_sharded(target)
     else:
         target.load_state_dict(sd)  # the loaded tensors onto themselves: entry checks, rng ids, bindings
     return target

@@ -674,9 +674,13 @@ def cmd_convert(args) -> int:
     if bt["converted"]:
         print(f"bayesian-torch layers converted: {', '.join(bt['converted'])}")
     kw = {k: v for k, v in (("num_components", args.components), ("tau_w", args.tau_w)) if v is not None}
+    import warnings as _w
+
     try:
-        model, rep = to_sws(model, tau_d=args.tau_d, mode=args.mode, seed=args.seed, progress=sys.stderr.isatty(),
-                            **kw)
+        with _w.catch_warnings(record=True) as caught:  # printed below as `warning:` lines, not Python's format
+            _w.simplefilter("always")
+            model, rep = to_sws(model, tau_d=args.tau_d, mode=args.mode, seed=args.seed,
+                                progress=sys.stderr.isatty(), **kw)
     except (TypeError, ValueError) as e:
         msg = str(e)
         k = args.components if isinstance(args.components, int) else None
@@ -695,10 +699,11 @@ def cmd_convert(args) -> int:
     print(f"trainable parameters {rep['params_before']:,} -> {rep['params_after']:,} ({rep['params_ratio']:.1f}x); "
           f"bytes of the converted layers {rep['bytes_before']:,} -> {rep['bytes_after']:,} ({rep['bytes_ratio']:.1f}x); "
           f"{rep['seconds']:.1f} s")
+    warnings = list(dict.fromkeys(str(w.message) for w in caught))
     for note in rep.get("notes", []):
-        print(f"note: {note}")
-    warnings = []
-    if nbytes >= in_bytes:
+        if note not in warnings:
+            print(f"note: {note}")
+    if nbytes >= in_bytes and not any("not fewer" in w for w in warnings):
         warnings.append(
             f"the SWS file ({nbytes:,} bytes) is not smaller than IN ({in_bytes:,} bytes): {rep['outliers']:,} of "
             f"{rep['num_weights']:,} weights are outliers (stored with their own mu and rho) and the codebook has "
@@ -774,7 +779,7 @@ def cmd_plot(args) -> int:
         try:
             written.append(plots.plot_bench(args.bench, os.path.join(args.out, "bench.png")))
         except (ValueError, KeyError) as e:
-            raise CLIError(f"--bench: {e}") from None
+            raise CLIError(f"--bench: {str(e).removeprefix('csv: ')}") from None
         except (UnicodeDecodeError, csv_error()) as e:
             raise CLIError(f"--bench: {args.bench!r} is not a `sws-kernels bench --csv` file ({e})") from None
     if args.model:
@@ -832,7 +837,11 @@ def _reliability_from_file(args, arch_fn, factory, data_fn):
     try:
         model = io.load(args.model, model)
     except ValueError as e:
-        raise CLIError(f"--arch: {e}") from None
+        why = str(e).split("; pass rebuild=True")[0]  # the Python API's remedy; the CLI's is the option below
+        built = (f"{args.arch} built for input_shape={tuple(x0.shape[1:])}, num_classes={num_classes} (from "
+                 f"{data_desc})" if arch_fn is not None else "the demo's CNN")
+        raise CLIError(f"--arch: {built} does not match {args.model!r}: {why}; pass the --arch (and --data) the "
+                       f"model was made with") from None
     model.eval()
     probs, ys = [], []
     try:

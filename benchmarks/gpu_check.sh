@@ -56,7 +56,7 @@ step warm 150 "$OUT/warm.log" env -u TRITON_INTERPRET "$PY" benchmarks/triton_ao
 # 3. Tests on CUDA (TRITON_INTERPRET unset: the Triton kernels compile for the GPU here). The GPU-relevant
 # files only; the rest of the suite (CPU-bound gradchecks, training) with ALL_TESTS=1.
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
-  GPU_TESTS="tests/test_philox.py tests/test_triton_reconstruct.py tests/test_linear.py tests/test_conv.py tests/test_compile.py tests/test_native.py tests/test_native_cuda.py"
+  GPU_TESTS="tests/test_philox.py tests/test_reconstruct.py tests/test_mean_field.py tests/test_linear.py tests/test_conv.py tests/test_compile.py tests/test_native.py"
   step tests 200 "$OUT/pytest.log" env -u TRITON_INTERPRET "$PY" -m pytest $GPU_TESTS -q -p no:cacheprovider \
     --durations=10
   if [ "${ALL_TESTS:-0}" = "1" ]; then

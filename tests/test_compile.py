@@ -7,7 +7,7 @@ import sws_kernels
 from sws_kernels import functional as F
 
 pytest.importorskip("triton")
-from test_triton_reconstruct import DEV, make_layer  # noqa: E402
+from conftest import DEV, make_layer  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -1,9 +1,9 @@
-"""The compiled module sws_kernels._C (CPU kernels; the CUDA ones only where a GPU is present).
+"""The compiled module sws_kernels._C itself, beyond the ops (those live in tests/test_<op>.py).
 
-RNG: Random123 known answers, raw words and uniforms bit-exact against an int64 torch Philox written
-here, normals within 1e-5 of the PyTorch reference. reconstruct: every mode x label dtype x
-with/without ellipses/outliers against sws_kernels.reference (forward in float32, backward against the
-float64 reference), bit-identical backward across runs and OpenMP thread counts, clear errors.
+RNG entry points: Random123 known answers, raw words and uniforms bit-exact against an int64 torch Philox written
+here, normals within 1e-5 of the PyTorch reference; the bulk normals (csrc/cpu/vecmath.cpp, AVX2 with a scalar
+fallback) in both versions. The C++ argument bundles, the OpenMP thread switch, the build and CUDA status.
+Skipped as a whole, with the reason, where the module is not built (pytestmark below, tests/conftest.py).
 """
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import math
 import pytest
 import torch
 
-C = pytest.importorskip("sws_kernels._C", reason="sws_kernels._C is not built (pip install -e .)")
-from sws_kernels import native  # noqa: E402
+from sws_kernels import native, philox
+from sws_kernels.native import _C as C
+
+pytestmark = pytest.mark.backends("native_cpu")
 
 M32 = 0xFFFFFFFF
-MODES = {"paper": 0, "hierarchical": 1, "mean": 2}
-LABEL_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -113,7 +113,6 @@ def test_uniform_bit_exact(seed, n, offset):
 def test_normal_matches_reference(seed, n, offset):
     got = native.normal(seed, n, 7, 5, 0, offset)
     torch.testing.assert_close(got, _normal_local(seed, n, 7, 5, 0, offset), rtol=0, atol=1e-5)
-    philox = pytest.importorskip("sws_kernels.philox")
     want = philox.normal(seed, n, sample=7, owner=5, purpose=0, offset=offset)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     assert torch.equal(native.uniform(seed, n, 7, 5, 0, offset),
@@ -146,217 +145,40 @@ def test_stream_errors():
 
 
 # ---------------------------------------------------------------------------------------------------
-# reconstruct
+# The bulk normals (vecmath.cpp) on their own
 # ---------------------------------------------------------------------------------------------------
 
-def _problem(K, shape, E, O, label_dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    n = math.prod(shape)
-    means = torch.stack([torch.randn(K, generator=g) * 0.1, torch.randn(K, generator=g) - 3], -1)
-    chol = torch.randn(K, 3, generator=g)
-    hi = min(K, int(torch.iinfo(label_dtype).max) + 1)
-    labels = torch.randint(0, hi, shape, generator=g).to(label_dtype)
-    perm = torch.randperm(n, generator=g)
-    e_pos = perm[:E].clone()
-    e_a = torch.randint(0, hi, (E,), generator=g)
-    e_b = torch.randint(0, hi, (E,), generator=g)
-    e_alpha = torch.rand(E, generator=g)
-    o_pos = perm[E:E + O].clone()
-    o_mu = torch.randn(O, generator=g) * 0.3
-    o_rho = torch.randn(O, generator=g) - 2
-    return means, chol, labels, (e_pos, e_a, e_b, e_alpha), (o_pos, o_mu, o_rho)
+@pytest.mark.parametrize("seed", [0, 0x0123_4567_89AB_CDEF, 2**64 - 1])
+@pytest.mark.parametrize("n,offset", [(1, 0), (5, 3), (4133, 1), (300, (1 << 34) - 300), (77, (1 << 32) + 6)])
+def test_bulk_normals_match_reference(simd, seed, n, offset):
+    got = native.normal(seed, n, 4, 0xABCDEF01, 2, offset)
+    want = philox.normal(seed, n, sample=4, owner=0xABCDEF01, purpose=2, offset=offset)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    # the uniforms (and so the words) are untouched by the vector code: bit-exact
+    assert torch.equal(native.uniform(seed, n, 4, 0xABCDEF01, 2, offset),
+                       philox.uniform(seed, n, sample=4, owner=0xABCDEF01, purpose=2, offset=offset))
 
 
-def _native_fwd(p, seed, S, mode, owner=3, cb=9):
-    means, chol, labels, ell, out = p
-    return native.reconstruct(means, chol, labels, *ell, *out, seed, S, MODES[mode], owner, cb)
-
-
-def _native_bwd(g, p, seed, S, mode, owner=3, cb=9):
-    means, chol, labels, ell, out = p
-    return native.reconstruct_backward(g, means, chol, labels, *ell, *out, seed, S, MODES[mode], owner, cb)
-
-
-CASES = [  # K, shape, E, O
-    (1, (3, 5), 0, 0),
-    (1, (17,), 2, 3),
-    (5, (2, 3, 3, 3), 0, 0),
-    (37, (129,), 9, 0),
-    (37, (7, 13), 0, 6),
-    (300, (33, 41), 40, 25),
-]
-
-
-@pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("label_dtype", LABEL_DTYPES)
-@pytest.mark.parametrize("K,shape,E,O", CASES)
-@pytest.mark.parametrize("S", [1, 7])
-def test_reconstruct_matches_reference(mode, label_dtype, K, shape, E, O, S):
-    reference = pytest.importorskip("sws_kernels.reference")
-    p = _problem(K, shape, E, O, label_dtype, seed=K + E + O)
-    means, chol, labels, ell, out = p
-    seed = 0xFEDC_BA98_7654_3210
-    kw = dict(seed=seed, samples=S, mode=mode, owner=3, codebook_owner=9)
-    ell_r = ell if E else None
-    out_r = out if O else None
-
-    w = _native_fwd(p, seed, S, mode)
-    assert w.dtype == torch.float32 and w.shape == (S, *shape)
-    w_ref = reference.reconstruct(means, chol, labels, ell_r, out_r, **kw)
-    torch.testing.assert_close(w, w_ref, rtol=1e-5, atol=1e-5)
-    if mode == "mean":
-        assert torch.equal(w, w_ref)  # no transcendental on this path
-
-    g = torch.randn(S, *shape, generator=torch.Generator().manual_seed(5))
-    got = _native_bwd(g, p, seed, S, mode)
-    d = torch.float64
-    ell_d = (ell[0], ell[1], ell[2], ell[3].to(d)) if E else None
-    out_d = (out[0], out[1].to(d), out[2].to(d)) if O else None
-    want = reference.reconstruct_backward(g.to(d), means.to(d), chol.to(d), labels, ell_d, out_d, **kw)
-    for name, a, b in zip(("means", "chol", "mu_o", "rho_o"), got, want):
-        assert a.dtype == torch.float32 and a.shape == b.shape, name
-        torch.testing.assert_close(a.to(d), b, rtol=1e-5, atol=1e-5, msg=lambda m: f"grad {name}: {m}")
-
-
-def test_backward_through_autograd_vs_reference_autograd():
-    """The native backward is the VJP of the native forward (checked against torch autograd on the reference)."""
-    reference = pytest.importorskip("sws_kernels.reference")
-    p = _problem(11, (9, 7), 5, 4, torch.int16, seed=3)
-    means, chol, labels, ell, out = p
-    S, seed = 3, 77
-    for mode in MODES:
-        m = means.clone().double().requires_grad_()
-        c = chol.clone().double().requires_grad_()
-        mu = out[1].double().requires_grad_()
-        rho = out[2].double().requires_grad_()
-        w = reference.reconstruct(m, c, labels, (ell[0], ell[1], ell[2], ell[3].double()), (out[0], mu, rho),
-                                  seed=seed, samples=S, mode=mode, owner=3, codebook_owner=9)
-        g = torch.randn(w.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-        want = torch.autograd.grad(w, (m, c, mu, rho), g, allow_unused=True)
-        got = _native_bwd(g.float(), p, seed, S, mode)
-        for a, b in zip(got, want):
-            b = torch.zeros_like(a, dtype=torch.float64) if b is None else b
-            torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=2e-5)
-
-
-def test_overrides_ignore_labels_at_their_positions():
-    p = _problem(6, (50,), 4, 3, torch.int32, seed=8)
-    means, chol, labels, ell, out = p
-    other = labels.clone()
-    other[ell[0]] = (other[ell[0]] + 1) % 6
-    other[out[0]] = (other[out[0]] + 2) % 6
-    for mode in MODES:
-        a = _native_fwd(p, 5, 2, mode)
-        b = _native_fwd((means, chol, other, ell, out), 5, 2, mode)
-        assert torch.equal(a, b)
-        ga = _native_bwd(torch.ones(2, 50), p, 5, 2, mode)
-        gb = _native_bwd(torch.ones(2, 50), (means, chol, other, ell, out), 5, 2, mode)
-        assert all(torch.equal(x, y) for x, y in zip(ga, gb))
-
-
-def test_hierarchical_blocks_and_odd_sizes():
-    """n spanning several forward blocks/backward chunks, not a multiple of 4, vs the reference."""
-    reference = pytest.importorskip("sws_kernels.reference")
-    p = _problem(50, (3 * 4096 + 3,), 30, 20, torch.int16, seed=4)
-    means, chol, labels, ell, out = p
-    w = _native_fwd(p, 1234, 2, "hierarchical")
-    w_ref = reference.reconstruct(means, chol, labels, ell, out, seed=1234, samples=2, mode="hierarchical",
-                                  owner=3, codebook_owner=9)
-    torch.testing.assert_close(w, w_ref, rtol=1e-5, atol=1e-5)
-
-
-def test_large_output_streaming_path():
-    """Outputs >= 16 MB take the streaming-store path; n % 4 != 0 takes the plain one."""
-    for n in (1 << 20, (1 << 20) + 1):
-        p = _problem(4096, (n,), 100, 100, torch.int16, seed=2)
-        means, chol, labels, ell, out = p
-        w = _native_fwd(p, 9, 5, "paper")
-        z_mu = _native_fwd((means, chol, torch.arange(4096, dtype=torch.int16), (ell[0][:0],) * 3 + (ell[3][:0],),
-                            (out[0][:0], out[1][:0], out[2][:0])), 9, 5, "paper")
-        keep = torch.ones(n, dtype=torch.bool)
-        keep[ell[0]] = False
-        keep[out[0]] = False
-        assert torch.equal(w[:, keep], z_mu[:, labels[keep].long()])
-
-
-def _with_threads(k, fn):
-    old = C.omp_max_threads()
-    C.set_num_threads(k)
+def test_vector_normals_accuracy_and_position_independence():
+    if C.simd_level() != "avx2":
+        pytest.skip("this CPU has no AVX2+FMA: only the scalar version exists")
+    n = 1 << 20
+    vec = native.normal(99, n, 1, 2, 0)
+    native.set_simd(False)
     try:
-        return fn()
+        sca = native.normal(99, n, 1, 2, 0)
     finally:
-        C.set_num_threads(old)
-
-
-@pytest.mark.parametrize("mode", list(MODES))
-def test_backward_bit_identical_across_runs_and_threads(mode):
-    # n over several 65536-weight chunks, many ellipses: any order dependence would show.
-    p = _problem(97, (200_003,), 3000, 500, torch.int32, seed=11)
-    g = torch.randn(3, 200_003, generator=torch.Generator().manual_seed(2)) * 10
-
-    def run():
-        return _native_bwd(g, p, 42, 3, mode)
-
-    first = run()
-    for k in (1, 2, 3, 4):
-        for _ in range(2):
-            again = _with_threads(k, run)
-            assert all(torch.equal(a, b) for a, b in zip(first, again)), f"threads={k}"
-    w1 = _with_threads(1, lambda: _native_fwd(p, 42, 3, mode))
-    w3 = _with_threads(3, lambda: _native_fwd(p, 42, 3, mode))
-    assert torch.equal(w1, w3)
-
-
-def test_many_components_backward():
-    """K * S too big for many chunk partials: fewer, longer chunks, still right."""
-    reference = pytest.importorskip("sws_kernels.reference")
-    p = _problem(200_000, (150_001,), 10, 10, torch.int32, seed=6)
-    means, chol, labels, ell, out = p
-    g = torch.randn(2, 150_001, generator=torch.Generator().manual_seed(3))
-    got = _native_bwd(g, p, 1, 2, "hierarchical")
-    d = torch.float64
-    want = reference.reconstruct_backward(g.to(d), means.to(d), chol.to(d), labels,
-                                          (ell[0], ell[1], ell[2], ell[3].to(d)), (out[0], out[1].to(d), out[2].to(d)),
-                                          seed=1, samples=2, mode="hierarchical", owner=3, codebook_owner=9)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a.to(d), b, rtol=1e-5, atol=1e-5)
+        native.set_simd(True)
+    err = (vec - sca).abs().max().item()
+    assert err < 2e-6, err  # polynomial log/sincos: well inside the contract's 1e-5
+    # a window that starts and ends mid-group gets the same floats as the full call (tails are full groups)
+    for off, m in ((3, 29), (1001, 4095), (n - 37, 37)):
+        assert torch.equal(native.normal(99, m, 1, 2, 0, off), vec[off:off + m])
 
 
 # ---------------------------------------------------------------------------------------------------
-# errors
+# argument bundles, build and CUDA status
 # ---------------------------------------------------------------------------------------------------
-
-def _raw_args(p, **over):
-    """The C++ argument bundle (_C.ReconstructArgs) of problem p, with fields overridden."""
-    means, chol, labels, ell, out = p
-    a = dict(means=means.data_ptr(), chol=chol.data_ptr(), K=means.shape[0], labels=labels.data_ptr(),
-             labels_dtype=native._LABEL_CODES[labels.dtype], n=labels.numel(), e_pos=ell[0].data_ptr(),
-             e_a=ell[1].data_ptr(), e_b=ell[2].data_ptr(), e_alpha=ell[3].data_ptr(), E=ell[0].numel(),
-             o_pos=out[0].data_ptr(), o_mu=out[1].data_ptr(), o_rho=out[2].data_ptr(), O=out[0].numel(),
-             seed=1, S=2, mode=0, owner=0, codebook_owner=0)
-    a.update(over)
-    return C.ReconstructArgs(**a)
-
-
-@pytest.mark.parametrize("over,match", [
-    ({"K": 0}, "reconstruct_cpu: K"),
-    ({"S": 0}, "reconstruct_cpu: S"),
-    ({"n": (1 << 34) + 1}, "reconstruct_cpu: n = .* 2\\^34"),
-    ({"n": -1}, "reconstruct_cpu: n must be"),
-    ({"mode": 3}, "reconstruct_cpu: mode"),
-    ({"labels_dtype": 9}, "reconstruct_cpu: labels_dtype"),
-    ({"owner": 1 << 32}, "reconstruct_cpu: owner"),
-    ({"E": -1}, "reconstruct_cpu: E"),
-    ({"means": 0}, "reconstruct_cpu: means/chol pointer is null"),
-    ({"e_alpha": 0}, "reconstruct_cpu: e_pos/e_a/e_b/e_alpha pointer is null with E = 2"),
-    ({"o_rho": 0}, "reconstruct_cpu: o_pos/o_mu/o_rho pointer is null with O = 2"),
-])
-def test_reconstruct_bad_sizes(over, match):
-    p = _problem(4, (10,), 2, 2, torch.int64)
-    out = torch.empty(2, 10)
-    with pytest.raises(ValueError, match=match):
-        C.reconstruct_cpu(_raw_args(p, **over), out.data_ptr())
-
 
 def test_argument_bundles_round_trip():
     # One struct per op family crosses into C++: every field reads back as written, pointers as addresses.
@@ -380,60 +202,6 @@ def test_argument_bundles_round_trip():
         C.ReconstructArgs(seed=-1)  # the bundle holds the uint64 seed; native._seed maps int64 seeds onto it
 
 
-def test_bundle_seed_matches_positional_seed():
-    # The seed travels in the bundle: a CPU seed tensor, its int value and the uint64 bits agree.
-    p = _problem(6, (5, 7), 2, 1, torch.int16)
-    means, chol, labels, ell, out = p
-    for seed in (-3, torch.tensor(-3, dtype=torch.int64), (1 << 64) - 3):
-        w = native.reconstruct(means, chol, labels, *ell, *out, seed, 2, 1, 4, 5)
-        args = _raw_args(p, seed=(1 << 64) - 3, mode=1, owner=4, codebook_owner=5)
-        raw = torch.empty(2, 35)
-        C.reconstruct_cpu(args, raw.data_ptr())
-        assert torch.equal(w.reshape(2, 35), raw)
-
-
-def test_linear_overrides_row_offsets(rng):
-    # The CUDA fused linear's override list: row offsets by searchsorted (no host sync) equal bincount + cumsum.
-    out_f, in_f = 13, 11
-    perm = torch.randperm(out_f * in_f, generator=rng)
-    e_pos, o_pos = perm[:9].clone(), perm[9:14].clone()
-    mask, rows, pos, idx = native._overrides(out_f * in_f, in_f, out_f, e_pos, o_pos)
-    want = torch.zeros(out_f + 1, dtype=torch.int64)
-    want[1:] = torch.cumsum(torch.bincount(pos // in_f, minlength=out_f), 0)
-    assert torch.equal(rows, want) and rows.dtype == torch.int64
-    assert torch.equal(pos, torch.cat([e_pos, o_pos])[idx]) and bool((pos[1:] > pos[:-1]).all())
-    bits = torch.zeros(out_f * in_f, dtype=torch.bool)
-    bits[pos] = True
-    words = mask.to(torch.int64) & 0xFFFFFFFF
-    got = ((words[torch.arange(out_f * in_f) >> 5] >> (torch.arange(out_f * in_f) & 31)) & 1).bool()
-    assert torch.equal(got, bits)
-
-
-def test_reconstruct_bad_entries():
-    p = _problem(4, (10,), 2, 2, torch.int64)
-    means, chol, labels, ell, out = p
-    bad_label = labels.clone()
-    bad_label[3] = 4
-    with pytest.raises(ValueError, match="reconstruct_cpu: a label is outside"):
-        native.reconstruct(means, chol, bad_label, *ell, *out, 1, 2, 0, 0, 0)
-    with pytest.raises(ValueError, match="reconstruct_backward_cpu: a label is outside"):
-        native.reconstruct_backward(torch.ones(2, 10), means, chol, bad_label, *ell, *out, 1, 2, 1, 0, 0)
-    dup = (ell[0].clone(), ell[1], ell[2], ell[3])
-    dup[0][1] = out[0][0]
-    with pytest.raises(ValueError, match="appears twice"):
-        native.reconstruct(means, chol, labels, *dup, *out, 1, 2, 0, 0, 0)
-    far = (torch.tensor([10, 0]), ell[1], ell[2], ell[3])
-    with pytest.raises(ValueError, match="out of range"):
-        native.reconstruct(means, chol, labels, *far, *out, 1, 2, 0, 0, 0)
-    comp = (ell[0], torch.tensor([0, 4]), ell[2], ell[3])
-    with pytest.raises(ValueError, match="components"):
-        native.reconstruct(means, chol, labels, *comp, *out, 1, 2, 0, 0, 0)
-    with pytest.raises(TypeError, match="means"):
-        native.reconstruct(means.double(), chol, labels, *ell, *out, 1, 2, 0, 0, 0)
-    with pytest.raises(ValueError, match="grad_w"):
-        native.reconstruct_backward(torch.ones(3, 10), means, chol, labels, *ell, *out, 1, 2, 0, 0, 0)
-
-
 def test_cuda_status_and_module_info():
     usable, reason = native.cuda_status()
     assert isinstance(usable, bool) and isinstance(reason, str) and reason
@@ -453,35 +221,3 @@ def test_cuda_status_and_module_info():
     assert C.omp_max_threads() >= 1
     with pytest.raises(ValueError, match="set_num_threads"):
         C.set_num_threads(0)
-
-
-# ---------------------------------------------------------------------------------------------------
-# CUDA (only with a GPU): same checks against the CPU kernels
-# ---------------------------------------------------------------------------------------------------
-
-cuda = pytest.mark.skipif(not native.AVAILABLE_CUDA, reason=f"native CUDA unavailable: {native.CUDA_REASON}")
-
-
-def _to(p, dev):
-    means, chol, labels, ell, out = p
-    return (means.to(dev), chol.to(dev), labels.to(dev), tuple(t.to(dev) for t in ell), tuple(t.to(dev) for t in out))
-
-
-@cuda
-@pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int16, torch.int64])
-@pytest.mark.parametrize("K,shape,E,O", CASES + [(7000, (100_003,), 500, 300), (4096, (4096, 33), 100, 50)])
-@pytest.mark.parametrize("S", [1, 7])
-def test_cuda_matches_cpu(mode, label_dtype, K, shape, E, O, S):
-    p = _problem(K, shape, E, O, label_dtype, seed=K + S)
-    w_cpu = _native_fwd(p, 31, S, mode)
-    pc = _to(p, "cuda")
-    w = _native_fwd(pc, 31, S, mode)
-    torch.testing.assert_close(w.cpu(), w_cpu, rtol=1e-5, atol=1e-5)
-    g = torch.randn(S, *shape, generator=torch.Generator().manual_seed(4))
-    got_cpu = _native_bwd(g, p, 31, S, mode)
-    got = _native_bwd(g.cuda(), pc, 31, S, mode)
-    again = _native_bwd(g.cuda(), pc, 31, S, mode)
-    for a, b, c in zip(got, again, got_cpu):
-        assert torch.equal(a, b)  # deterministic
-        torch.testing.assert_close(a.cpu(), c, rtol=1e-5, atol=1e-5)

@@ -402,17 +402,19 @@ class Prepared:
 
     ``args`` is the ``_C.ReconstructArgs`` every reconstruct/linear entry point takes, ``tensors`` the contiguous
     (means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho) it points into (kept referenced here).
-    The per-call fields (seed, samples) are written by :meth:`call` right before each launch, so a layer can keep
+    The per-call fields (seed, samples) are written by :meth:`call` right before each launch, under ``lock`` (two
+    threads calling one layer must not launch with each other's seed), so a layer can keep
     one Prepared for as long as its tensors keep their addresses (sws_kernels/_bound.py) and skip
     :func:`prepare`'s ~15 checks per call. ``aliases`` is True when every tensor is the caller's own (no contiguous copy): only
     then does a Prepared follow in-place updates of the parameters.
     """
 
-    __slots__ = ("args", "tensors", "cuda", "device", "K", "shape", "aliases")
+    __slots__ = ("args", "tensors", "cuda", "device", "K", "shape", "aliases", "lock")
 
     def __init__(self, args, tensors, cuda, device, K, shape, aliases):
         self.args, self.tensors, self.cuda, self.device = args, tensors, cuda, device
         self.K, self.shape, self.aliases = K, shape, aliases
+        self.lock = threading.Lock()
 
     def call(self, seed, samples: int):
         """The bundle with this call's seed and sample count written in (CPU: the seed read from its memory)."""
@@ -469,15 +471,16 @@ def reconstruct(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rh
 
 def reconstruct_prepared(p: Prepared, seed, S: int) -> torch.Tensor:
     """:func:`reconstruct` on a :class:`Prepared` bundle."""
-    args = p.call(seed, S)
     dev = p.device
     out = torch.empty((S, *p.shape), dtype=torch.float32, device=dev)
     if not p.cuda:
-        _C.reconstruct_cpu(args, out.data_ptr())
+        with p.lock:  # per-call fields of a shared bundle: one launch at a time
+            _C.reconstruct_cpu(p.call(seed, S), out.data_ptr())
         return out
     with torch.cuda.device(dev):
         zbuf = torch.empty(max(1, S * p.K * 2), dtype=torch.float32, device=dev)
-        _C.reconstruct_cuda(args, out.data_ptr(), zbuf.data_ptr(), _stream(dev))
+        with p.lock:  # per-call fields of a shared bundle: one launch at a time
+            _C.reconstruct_cuda(p.call(seed, S), out.data_ptr(), zbuf.data_ptr(), _stream(dev))
     return out
 
 
@@ -498,7 +501,6 @@ def reconstruct_backward(grad_w, means, chol, labels, e_pos, e_a, e_b, e_alpha, 
 def reconstruct_backward_prepared(p: Prepared, grad_w, seed, S: int, index=None):
     """:func:`reconstruct_backward` on a :class:`Prepared` bundle. ``index``: the caller's (labels, e_pos, e_a,
     e_b, e_alpha, o_pos), which key the CUDA backward's cached label index (default: the bundle's own)."""
-    args = p.call(seed, S)
     dev, K = p.device, p.K
     O = p.tensors[7].numel()
     grad_w = _check(grad_w, "grad_w", torch.float32, dev, (S, *p.shape))
@@ -508,15 +510,17 @@ def reconstruct_backward_prepared(p: Prepared, grad_w, seed, S: int, index=None)
     g_rho = torch.empty((O,), dtype=torch.float32, device=dev)
     outs = (g_means.data_ptr(), g_chol.data_ptr(), g_mu.data_ptr(), g_rho.data_ptr())
     if not p.cuda:
-        _C.reconstruct_backward_cpu(args, grad_w.data_ptr(), *outs)
+        with p.lock:  # per-call fields of a shared bundle: one launch at a time
+            _C.reconstruct_backward_cpu(p.call(seed, S), grad_w.data_ptr(), *outs)
         return g_means, g_chol, g_mu, g_rho
     with torch.cuda.device(dev):
         # keyed by the caller's tensors (their identity and version), not by prepare's contiguous copies
         labels, e_pos, e_a, e_b, e_alpha, o_pos = index if index is not None else p.tensors[2:8]
         offsets, pos, coef = _segments_csr(labels, e_pos, e_a, e_b, e_alpha, o_pos, K)
         dzbuf = torch.empty(max(1, S * K * 2), dtype=torch.float64, device=dev)
-        _C.reconstruct_backward_cuda(args, grad_w.data_ptr(), *outs, offsets.data_ptr(), pos.data_ptr(),
-                                     coef.data_ptr(), pos.numel(), dzbuf.data_ptr(), _stream(dev))
+        with p.lock:  # per-call fields of a shared bundle: one launch at a time
+            _C.reconstruct_backward_cuda(p.call(seed, S), grad_w.data_ptr(), *outs, offsets.data_ptr(),
+                                         pos.data_ptr(), coef.data_ptr(), pos.numel(), dzbuf.data_ptr(), _stream(dev))
     return g_means, g_chol, g_mu, g_rho
 
 
@@ -528,11 +532,12 @@ class MFPrepared:
     """The mean-field counterpart of :class:`Prepared`: a checked ``_C.MeanFieldArgs`` bundle over contiguous
     (mu, rho), launched many times with per-call seed and samples."""
 
-    __slots__ = ("args", "tensors", "cuda", "device", "shape", "aliases")
+    __slots__ = ("args", "tensors", "cuda", "device", "shape", "aliases", "lock")
 
     def __init__(self, args, tensors, cuda, device, shape, aliases):
         self.args, self.tensors, self.cuda, self.device, self.shape, self.aliases = (args, tensors, cuda, device,
                                                                                     shape, aliases)
+        self.lock = threading.Lock()
 
     def call(self, seed, samples: int):
         a = self.args
@@ -558,14 +563,15 @@ def mean_field_reconstruct(mu, rho, seed, samples, owner, purpose) -> torch.Tens
 
 
 def mean_field_reconstruct_prepared(p: MFPrepared, seed, S: int) -> torch.Tensor:
-    args = p.call(seed, S)
     dev = p.device
     out = torch.empty((S, *p.shape), dtype=torch.float32, device=dev)
     if not p.cuda:
-        _C.mean_field_reconstruct_cpu(args, out.data_ptr())
+        with p.lock:  # per-call fields of a shared bundle: one launch at a time
+            _C.mean_field_reconstruct_cpu(p.call(seed, S), out.data_ptr())
         return out
     with torch.cuda.device(dev):
-        _C.mean_field_reconstruct_cuda(args, out.data_ptr(), _stream(dev))
+        with p.lock:  # per-call fields of a shared bundle: one launch at a time
+            _C.mean_field_reconstruct_cuda(p.call(seed, S), out.data_ptr(), _stream(dev))
     return out
 
 
@@ -577,17 +583,18 @@ def mean_field_reconstruct_backward(grad_w, mu, rho, seed, samples, owner,
 
 
 def mean_field_reconstruct_backward_prepared(p: MFPrepared, grad_w, seed, S: int):
-    args = p.call(seed, S)
     dev = p.device
     grad_w = _check(grad_w, "grad_w", torch.float32, dev, (S, *p.shape))
     g_mu = torch.empty(p.shape, dtype=torch.float32, device=dev)
     g_rho = torch.empty(p.shape, dtype=torch.float32, device=dev)
     outs = (grad_w.data_ptr(), g_mu.data_ptr(), g_rho.data_ptr())
     if not p.cuda:
-        _C.mean_field_reconstruct_backward_cpu(args, *outs)
+        with p.lock:  # per-call fields of a shared bundle: one launch at a time
+            _C.mean_field_reconstruct_backward_cpu(p.call(seed, S), *outs)
         return g_mu, g_rho
     with torch.cuda.device(dev):
-        _C.mean_field_reconstruct_backward_cuda(args, *outs, _stream(dev))
+        with p.lock:  # per-call fields of a shared bundle: one launch at a time
+            _C.mean_field_reconstruct_backward_cuda(p.call(seed, S), *outs, _stream(dev))
     return g_mu, g_rho
 
 
@@ -684,7 +691,6 @@ def sws_linear_cuda(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_m
 
 def sws_linear_cuda_prepared(p: Prepared, x, bias, seed, S: int, per_sample: bool) -> torch.Tensor:
     """:func:`sws_linear_cuda` on a :class:`Prepared` bundle."""
-    args = p.call(seed, S)
     dev, K = p.device, p.K
     if x.dtype not in _ACT_CODES:
         raise TypeError(f"x: expected one of {list(_ACT_CODES)}, got {x.dtype}")
@@ -700,7 +706,8 @@ def sws_linear_cuda_prepared(p: Prepared, x, bias, seed, S: int, per_sample: boo
             lin.ov_mask, lin.ov_rows, lin.ov_pos, lin.ov_idx = (mask.data_ptr(), rows.data_ptr(), pos.data_ptr(),
                                                                 idx.data_ptr())
         zbuf = torch.empty(max(1, S * K * 2), dtype=torch.float32, device=dev)
-        _C.sws_linear_cuda(args, lin, zbuf.data_ptr(), _stream(dev))
+        with p.lock:  # per-call fields of a shared bundle: one launch at a time
+            _C.sws_linear_cuda(p.call(seed, S), lin, zbuf.data_ptr(), _stream(dev))
     return y
 
 
@@ -726,7 +733,6 @@ def sws_linear_cpu(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu
 
 def sws_linear_cpu_prepared(p: Prepared, x, bias, seed, S: int, per_sample: bool) -> torch.Tensor:
     """:func:`sws_linear_cpu` on a :class:`Prepared` bundle (of a 2-d labels tensor, paper or mean mode)."""
-    args = p.call(seed, S)
     out_f, in_f = p.shape
     x, M, b = _linear_x(x, bias, out_f, in_f, S, per_sample, torch.float32, p.device)
     if M > LINEAR_CPU_MAX_M:
@@ -734,7 +740,8 @@ def sws_linear_cpu_prepared(p: Prepared, x, bias, seed, S: int, per_sample: bool
     y = torch.empty((S, M, out_f), dtype=torch.float32)
     lin = _C.LinearArgs(out_f, in_f, x.data_ptr(), 0, M, bool(per_sample), 0 if b is None else b.data_ptr(),
                         b is not None and b.dim() == 2, y.data_ptr())
-    _C.sws_linear_cpu(args, lin)
+    with p.lock:  # per-call fields of a shared bundle: one launch at a time
+        _C.sws_linear_cpu(p.call(seed, S), lin)
     return y
 
 
@@ -759,11 +766,11 @@ def sws_linear_histogram_cpu(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o
 
 def sws_linear_histogram_cpu_prepared(p: Prepared, x, bias, seed, S: int) -> torch.Tensor:
     """:func:`sws_linear_histogram_cpu` on a :class:`Prepared` bundle (2-d labels, paper or mean mode)."""
-    args = p.call(seed, S)
     out_f, in_f = p.shape
     x, M, b = _linear_x(x, bias, out_f, in_f, S, False, torch.float32, p.device)
     y = torch.empty((S, M, out_f), dtype=torch.float32)
     lin = _C.LinearArgs(out_f, in_f, x.data_ptr(), 0, M, False, 0 if b is None else b.data_ptr(),
                         b is not None and b.dim() == 2, y.data_ptr())
-    _C.sws_linear_histogram_cpu(args, lin)
+    with p.lock:  # per-call fields of a shared bundle: one launch at a time
+        _C.sws_linear_histogram_cpu(p.call(seed, S), lin)
     return y

@@ -239,3 +239,31 @@ def test_clear_drops_bindings(rng):
     layer(_x("linear", rng, 1))
     _bound.clear(layer)
     assert "_sws_binding" not in layer.__dict__
+
+
+def test_threads_sharing_one_layer_each_get_their_own_seed(rng):
+    """The native bundle's per-call fields (seed, samples) are shared by every call of a layer: concurrent calls
+    from several threads must each launch with their own seed (numpy-style races would mix them silently)."""
+    import threading
+
+    layer = _sws_layer("linear", rng)
+    mf = snn.MeanFieldLinear(13, 5)
+    x = _x("linear", rng, 3)
+    with torch.no_grad():
+        want = {s: (layer(x, seed=s, samples=2), mf(x, seed=s, samples=2)[0]) for s in range(8)}
+    bad = []
+
+    def work(s):
+        with torch.no_grad():
+            for _ in range(200):
+                a, b = layer(x, seed=s, samples=2), mf(x, seed=s, samples=2)[0]
+                if not (torch.equal(a, want[s][0]) and torch.equal(b, want[s][1])):
+                    bad.append(s)
+                    return
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad

@@ -384,9 +384,19 @@ def _demo_preflight(args, demo) -> None:
     cfg = demo.DemoConfig.fast_config(**given) if args.fast else demo.DemoConfig(**given)
     cfg.validate()
     train, _, factory, data_desc, input_shape, num_classes = demo._build(cfg, torch.device("cpu"))
-    x, _ = demo._first_batch(train, "--data")
-    model = factory().eval()
+    x, y = demo._first_batch(train, "--data")
+    if y.is_floating_point() or y.is_complex() or y.dim() != 1 or y.shape[0] != x.shape[0]:
+        raise CLIError(f"--data: {args.data} yields targets of dtype {y.dtype} and shape {tuple(y.shape)} for inputs of "
+                       f"shape {tuple(x.shape)}; expected class indices, an integer tensor [batch]")
     who = f"--model {args.model}" if args.model else "the demo's digits CNN (no --model)"
+    try:
+        model = factory().eval()
+    except demo.DemoError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the built-in CNN cannot take these inputs
+        raise CLIError(f"--data: {who} cannot be built for inputs of shape {input_shape} from {data_desc} "
+                       f"({type(e).__name__}: {e}); it takes images [C, H, W]: pass --model module:FN for "
+                       f"these inputs") from None
     try:
         with torch.no_grad():
             out = model(x[:2])
@@ -669,7 +679,8 @@ def cmd_convert(args) -> int:
     model, how = _load_model_file(
         args.input, "IN", args.arch, args.allow_pickle,
         arch_kwargs=dict(input_shape=args.input_shape, num_classes=args.num_classes),
-        how_to_give="pass --input-shape C,H,W and/or --num-classes N (what the model was built with)")
+        how_to_give="pass --input-shape C,H,W and/or --num-classes N (what the model was built with), or leave "
+                    "out --arch for an sws_kernels file (it carries its layers)")
     model, bt = from_bayesian_torch(model)
     if bt["converted"]:
         print(f"bayesian-torch layers converted: {', '.join(bt['converted'])}")

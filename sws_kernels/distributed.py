@@ -56,10 +56,13 @@ FSDP2
    unit), gathered by a forward pre-hook on each SWS layer using it (the layers read ``codebook.means``
    directly, so the codebook's own forward never runs) and kept gathered until the backward has reduced its
    gradient (it is tiny: K x 5 numbers);
-2. every SWS and mean-field layer is its own unit, with ``reshard_after_forward=False`` by default, so
-   :func:`sws_kernels.kl_loss` / :func:`sws_kernels.elbo_loss` after the forward read gathered parameters
-   (ZeRO-2 memory during a step; sharded between steps). ``reshard_layers_after_forward=True`` frees them
-   after each layer's forward: then take the KL from the forward (``return_kl=True``) instead;
+2. every SWS and mean-field layer is its own unit with ``reshard_after_forward=False``: its parameters stay
+   gathered from its forward until its backward has reduced their gradients, so :func:`sws_kernels.kl_loss` /
+   :func:`sws_kernels.elbo_loss` after the forward read gathered parameters (the KL a layer returns from its
+   forward with ``return_kl=True`` works too), and the layers' steady-state kernels, which keep the
+   parameters' addresses from the forward for the backward (``sws_kernels._bound``), never see them freed
+   and re-gathered elsewhere in between (with resharding after the forward they computed wrong gradients
+   from freed memory). ZeRO-2 memory during a step; sharded between steps;
 3. ``units`` (e.g. transformer blocks) next, then the root.
 
 FSDP2 neither broadcasts buffers nor checks anything across ranks: :func:`fully_shard` runs the same
@@ -649,8 +652,8 @@ def _gather_codebook(layer, args) -> None:
         cb.unshard()
 
 
-def fully_shard(model: nn.Module, *, units=(), reshard_layers_after_forward: bool = False,
-                reshard_after_forward=None, independent: bool = False, group=None, **kwargs) -> nn.Module:
+def fully_shard(model: nn.Module, *, units=(), reshard_after_forward=None, independent: bool = False, group=None,
+                **kwargs) -> nn.Module:
     """FSDP2 (``torch.distributed.fsdp.fully_shard``) over ``model`` with the wrap rule of the module docstring:
     each codebook, then each SWS / mean-field layer, then each of ``units`` (modules containing layers, e.g.
     transformer blocks; ``reshard_after_forward`` applies to them and the root), then the root. ``kwargs``
@@ -664,9 +667,6 @@ def fully_shard(model: nn.Module, *, units=(), reshard_layers_after_forward: boo
         raise TypeError(f"model: expected a torch.nn.Module, got {_checks.describe(model)}")
     if not isinstance(independent, bool):
         raise TypeError(f"independent: expected a bool, got {_checks.describe(independent)}")
-    if not isinstance(reshard_layers_after_forward, bool):
-        raise TypeError("reshard_layers_after_forward: expected a bool, got "
-                        f"{_checks.describe(reshard_layers_after_forward)}")
     if unwrap(model) is not model:
         raise ValueError(f"model: expected the plain model, got a {type(model).__name__}")
     if _is_sharded(model):
@@ -690,7 +690,7 @@ def fully_shard(model: nn.Module, *, units=(), reshard_layers_after_forward: boo
     for m in list(model.modules()):
         if isinstance(m, _snn._RngIdMixin) and not isinstance(m, _snn.Codebook) and id(m) not in seen:
             seen.add(id(m))
-            _fs(m, reshard_after_forward=reshard_layers_after_forward, **kwargs)
+            _fs(m, reshard_after_forward=False, **kwargs)  # see the module docstring, rule 2
             if isinstance(m, _snn._SWSLayer):
                 m.register_forward_pre_hook(_gather_codebook)
     for u in units:

@@ -38,6 +38,11 @@ class Net(torch.nn.Module):
         self.fc2 = snn.SWSLinear(12, 3, codebook=cb, rng_id=rid(3))
 
     def forward(self, x, samples=2):  # seed=None: every layer draws its seed from the default generator
+        if getattr(self, "kl_in_forward", False):  # the layers' KLs from their forwards (bayesian-torch style)
+            h, k1 = self.fc1(x, samples=samples, return_kl=True)
+            h, k2 = self.mf(torch.relu(h), return_kl=True, samples=samples, per_sample=True)
+            out, k3 = self.fc2(torch.relu(h), samples=samples, per_sample=True, return_kl=True)
+            return out, k1 + k2 + k3
         h = torch.relu(self.fc1(x, samples=samples))
         h = torch.relu(self.mf(h, return_kl=False, samples=samples, per_sample=True))
         return self.fc2(h, samples=samples, per_sample=True)
@@ -63,6 +68,15 @@ def _step(model, call, x, y):
     sws.elbo_loss(out, y, model, num_data=100).backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     return out.detach(), grads
+
+
+def _kl_forward_step(model, x, y):
+    """One step with the KL taken from the forward: BMA cross-entropy + KL / 100, outputs and full grads."""
+    model.kl_in_forward = True
+    out, kl = model(x)
+    logp = torch.logsumexp(out.log_softmax(-1), 0) - torch.log(torch.tensor(float(out.shape[0])))
+    (torch.nn.functional.nll_loss(logp, y) + kl / 100).backward()
+    return out.detach(), {n: _full(p.grad).clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def _full(t):
@@ -209,6 +223,9 @@ def _worker(rank, world, port, out_dir):
         sdist.load_dcp(again, os.path.join(out_dir, "fsdp_dcp"))
         res["fsdp_dcp_sharded"] = {k: v.clone() for k, v in sdist.state_dict(again).items()}
         del model, other, again
+        model = sdist.fully_shard(_make(300), mesh=mesh)
+        res["fsdp_kl_forward"] = _kl_forward_step(model, xs, ys)
+        res["fsdp_resharded"] = type(model.fc1.outlier_mu).__name__
         m = _make(7, seed=0)
         if rank == 1:
             torch.rand(1)
@@ -378,6 +395,18 @@ def test_fsdp2_shared_codebook_matches_one_process(world):
     for r in res:
         _assert_close_dicts(r["fsdp_state"], state, rtol=1e-5, atol=1e-6)  # after 2 SGD steps on those grads
         assert r["fsdp_aliases"]
+
+
+def test_fsdp2_kl_from_forward(world):
+    _, res = world
+    x, y = _data()
+    model = _make(300)
+    out, grads = _kl_forward_step(model, x, y)
+    (o0, g0), (o1, g1) = res[0]["fsdp_kl_forward"], res[1]["fsdp_kl_forward"]
+    torch.testing.assert_close(torch.cat([o0, o1], dim=1), out, rtol=1e-5, atol=1e-6)
+    _assert_close_dicts(g0, grads, rtol=1e-5, atol=1e-6)
+    _assert_close_dicts(g1, grads, rtol=1e-5, atol=1e-6)
+    assert res[0]["fsdp_resharded"] == "DTensor"  # sharded again after the step
 
 
 def test_fsdp2_state_dicts_and_dcp(world):

@@ -29,6 +29,9 @@ With ``seed=None`` every layer draws its seed from PyTorch's default generator. 
 shards of the batch: DDP's averaged gradient then equals one process's gradient on the combined batch
 (tests/test_integration.py). Seed ranks differently (e.g. ``torch.manual_seed(base + rank)``) to use one
 independent weight sample per rank instead (more samples per step, a different estimator).
+:func:`sws_kernels.distributed.ddp` and :func:`sws_kernels.distributed.fully_shard` (FSDP2) check at wrap time
+and on the first forward that every rank has the same ``rng_id``\s and generator state (``independent=True``
+for the per-rank samples) and work with any codebook size (int16 labels included).
 
 Forward contract and KL (SPEC.md sections 6 and 8.7)
 ----------------------------------------------------

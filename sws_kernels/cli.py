@@ -493,6 +493,14 @@ def cmd_bench(args) -> int:
               min_time=args.min_time or d["t"], min_rounds=3 if args.quick else 5)
     print(f"linear {kw['in_features']}->{kw['out_features']}, K = {kw['components']}, mode = {args.mode}, "
           f"M in {kw['Ms']}, S in {kw['Ss']} on {bench.device_name(dev)}; torch {torch.__version__}")
+    if dev.type == "cpu" and torch.get_num_threads() > 1 and hasattr(os, "getloadavg"):
+        load, ncpu = os.getloadavg()[0], os.cpu_count() or 1
+        if load >= 0.75 * ncpu:
+            # measured on a 2-core machine under load: any 2-thread matmul (torch's own, the baselines') lost whole
+            # time slices, 10-1000x slower than with 1 thread, and the ratios meant nothing either way
+            print(f"note: load average {load:.1f} on {ncpu} CPUs: with {torch.get_num_threads()} threads every "
+                  f"multi-threaded op (torch's matmuls in every column) waits for time slices here; --threads 1 "
+                  f"gives stable numbers", file=sys.stderr)
     if args.csv and "sws" in args.methods and len(args.methods) == 1:
         print("note: --methods sws alone has no baseline: `sws-kernels plot --bench` needs one more method",
               file=sys.stderr)

@@ -759,6 +759,11 @@ class _SWSLayer(_RngIdMixin, nn.Module):
 
     def sample_weights(self, *, samples: int = 1, seed=None, mode: Optional[str] = None) -> torch.Tensor:
         """Sampled weights [samples, *weight_shape] (what forward uses with the same seed)."""
+        if mode is None or mode == self.mode:  # the steady-state path (sws_kernels/_bound.py)
+            w = _bound.sws_weights(self, _checks.samples(samples),
+                                   draw_seed(self.codebook.means.device) if seed is None else seed)
+            if w is not None:
+                return w
         cb = self.codebook
         return SF.reconstruct(cb.means, cb.chol, self.labels, self._ellipse(), self._outliers(),
                               seed=draw_seed(self.codebook.means.device) if seed is None else seed, samples=samples,
@@ -1238,6 +1243,9 @@ class MeanFieldConv2d(_MeanFieldConvNd):
 
 def _mf_weights(layer, S, sd):
     """Sampled kernels (our mean-field reconstruct kernel) and biases (stream purpose 2) of a mean-field conv."""
+    wb = _bound.mean_field_weights(layer, S, sd)  # the steady-state path (sws_kernels/_bound.py)
+    if wb is not None:
+        return wb
     w = SF.mean_field_reconstruct(layer.mu_kernel, layer.rho_kernel, seed=sd, samples=S, owner=layer.owner)
     b = _ref.mean_field_bias(layer.mu_bias, layer.rho_bias, seed=sd, samples=S, owner=layer.owner)
     return w, b

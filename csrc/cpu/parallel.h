@@ -14,7 +14,10 @@ namespace sws {
 // at a barrier); above it, at most one thread per grain of work, at most omp_get_max_threads(). Why a grain:
 // on this 2-core machine under a concurrent CPU load (benchmarks/bench_overhead.py --threads-under-load, numbers
 // in benchmarks/RESULTS.md) a 2-thread region costs milliseconds (the second thread waits for a time slice while
-// the first spins at the barrier), so a 128x128, M = 8 sws_linear (~50 us) took 20-60 ms with 2 threads.
+// the first spins at the barrier), so a 128x128, M = 8 sws_linear (~60 us) took a median 11.6 ms with 2 threads
+// (185x its 1-thread time); with the grain it opens no region and takes the 1-thread time.
+// Why not a pool of our own: torch's runtime is already the only one in the process (a second pool would add
+// a second set of spinning threads), and with the grain every remaining region is >= 200 us of work per thread.
 // SWS_CPU_GRAIN_US (read once) overrides the grain, for measurements (0: always parallel).
 constexpr int64_t kParallelGrainNs = 200000;
 // Estimated single-thread cost per element of the kernels' loops, ns (AVX2 build, AMD EPYC, 1 thread; measured

@@ -5,6 +5,7 @@ The multi-process scenarios run in ONE 2-process gloo world (torch.multiprocessi
 once per module (the ``world`` fixture); each scenario records its results or its error message per rank and
 the tests below check them against one process on the combined batch with the same seeds.
 """
+import datetime
 import os
 import socket
 import traceback
@@ -119,7 +120,8 @@ def _worker(rank, world, port, out_dir):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a bounded timeout: a scenario that desynchronised the ranks fails (recorded as a crash) instead of hanging
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=90))
     res = {}
     try:
         x, y = _data()

@@ -136,8 +136,10 @@ def label_bits(num_components: int) -> int:
 
 _ARCH_KEYS = ("in_features", "out_features", "in_channels", "out_channels", "kernel_size", "stride", "padding",
               "output_padding", "dilation", "groups", "padding_mode", "bias")
-_STATE_KEYS = ("mode", "return_kl", "dnn_to_bnn_flag", "prior_mean", "prior_variance", "posterior_mu_init",
-               "posterior_rho_init")
+_STATE_KEYS = ("mode", "return_kl", "dnn_to_bnn_flag", "estimator", "prior_mean", "prior_variance",
+               "posterior_mu_init", "posterior_rho_init")
+# Settings added after files of this version were first written: a file without them gets the default.
+_LATER_KEYS = ("estimator",)
 _CODEBOOK_LEAVES = ("means", "chol", "means0", "chol0", "rng_id")
 _PRIORS = ("prior_weight_mu", "prior_weight_sigma", "prior_bias_mu", "prior_bias_sigma")
 
@@ -228,7 +230,7 @@ def _check_config(where: str, cls, cfg, v1: bool) -> dict:
     unknown = sorted(set(cfg) - set(keys))
     if unknown:
         raise ValueError(f"{where}: unknown config key(s) {unknown} for {cls.__name__} (expected {list(keys)})")
-    missing = [k for k in keys if k not in cfg]
+    missing = [k for k in keys if k not in cfg and k not in _LATER_KEYS]
     if v1:  # version 1 did not record flags added later: their defaults
         missing = [k for k in missing if k not in ("return_kl", "dnn_to_bnn_flag")]
     if missing:
@@ -255,6 +257,9 @@ def _check_config(where: str, cls, cfg, v1: bool) -> dict:
         elif k in ("bias", "return_kl", "dnn_to_bnn_flag"):
             if not isinstance(v, bool):
                 _cfg_error(where, k, "a bool", v)
+        elif k == "estimator":
+            if v not in ("reparameterization", "flipout"):
+                _cfg_error(where, k, "'reparameterization' or 'flipout'", v)
         elif k == "mode":
             if v not in _checks.MODES:
                 _cfg_error(where, k, f"one of {_checks.MODES}", v)
@@ -1053,6 +1058,8 @@ def _apply_state_config(m, cls, cfg, p, priors):
         m.return_kl = cfg["return_kl"]
     if "dnn_to_bnn_flag" in cfg:
         m.dnn_to_bnn_flag = cfg["dnn_to_bnn_flag"]
+    if "estimator" in cfg:
+        m.estimator = cfg["estimator"]
     if kind == "mf":
         for k in ("prior_mean", "prior_variance", "posterior_mu_init", "posterior_rho_init"):
             setattr(m, k, float(cfg[k]))

@@ -173,3 +173,12 @@ def test_size_report(rng, tmp_path):
     mf, _ = convert.to_mean_field(_arch())
     mrep = io.size_report(mf)["memory"]
     assert mrep["mean_field"] > 0 and mrep["biases"] > 0 and mrep["labels"] == 0
+
+
+def test_flipout_estimator_round_trips(tmp_path):
+    model = torch.nn.Sequential(snn.MeanFieldLinear(4, 3, estimator="flipout"), snn.MeanFieldConv2d(2, 3, 3))
+    path = tmp_path / "flipout.sws"
+    sws.save(model, path)
+    fresh = torch.nn.Sequential(snn.MeanFieldLinear(4, 3), snn.MeanFieldConv2d(2, 3, 3, estimator="flipout"))
+    sws.load(path, fresh)
+    assert fresh[0].estimator == "flipout" and fresh[1].estimator == "reparameterization"

@@ -516,3 +516,57 @@ def test_constant_buffers_cover_every_module_buffer():
     assert found == expected
     assert "fc2.codebook.means0" in found and "fc1.codebook.means0" in found
     assert len(sdist.constant_buffers(model)) < len(found)  # the shared codebook's tensors counted once
+
+
+# ------------------------------------------------------------------------------------------------------
+# NCCL (GPU check): a one-GPU world, the dtype tables gloo does not have
+# ------------------------------------------------------------------------------------------------------
+
+def _cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
+
+
+def _nccl_worker(rank, port, out_dir):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", rank=0, world_size=1, timeout=datetime.timedelta(seconds=90))
+    res = {}
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        x, y = (t.cuda() for t in _data())
+        model = _make(300).cuda()
+        res["ddp"] = _step(model, sdist.ddp(model, device_ids=[0]), x, y)
+        res["ddp_dtype"] = model.fc1.labels.dtype
+        model = sdist.fully_shard(_make(300).cuda(), mesh=init_device_mesh("cuda", (1,)))
+        res["fsdp"] = _fsdp_steps(model, model, x, y)
+    except Exception:  # noqa: BLE001 - reported by the test
+        res["crash"] = traceback.format_exc()
+    finally:
+        torch.save(_cpu(res), os.path.join(out_dir, "nccl.pt"))
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and dist.is_nccl_available()), reason="needs a CUDA GPU and NCCL")
+def test_nccl_ddp_and_fsdp2_on_gpu(tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_nccl_worker, args=(_free_port(), str(tmp_path)), nprocs=1, join=True)
+    res = torch.load(tmp_path / "nccl.pt", weights_only=False)
+    assert "crash" not in res, res["crash"]
+    assert res["ddp_dtype"] == torch.int16
+    x, y = (t.cuda() for t in _data())
+    model = _make(300).cuda()
+    out, grads = _cpu(_step(model, model, x, y))
+    torch.testing.assert_close(res["ddp"][0], out, rtol=1e-5, atol=1e-6)
+    _assert_close_dicts(res["ddp"][1], grads, rtol=1e-5, atol=1e-6)
+    model = _make(300).cuda()
+    ref = _cpu(_fsdp_steps(model, model, x, y))
+    for step in range(2):
+        torch.testing.assert_close(res["fsdp"][step][0], ref[step][0], rtol=1e-5, atol=1e-6)
+        _assert_close_dicts(res["fsdp"][step][1], ref[step][1], rtol=1e-5, atol=1e-6)

@@ -905,7 +905,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    import warnings
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    # A CUDA build of torch on a machine without a GPU warns "CUDA initialization: CUDA driver version is
+    # insufficient ..." wherever torch.cuda is asked; the CLI says "no GPU" itself (cuda_state, `info`).
+    warnings.filterwarnings("ignore", message=r"CUDA initialization:", category=UserWarning)
     p = build_parser()
     args = p.parse_args(argv)
     if args.cmd is None:

@@ -23,7 +23,7 @@ It adds to torch's DDP:
   ``seed=None`` draws the seed from PyTorch's default generator (a rank that drew one more random number
   draws other seeds): either way that rank trains on another weight sample, silently. :func:`check_consistency`
   all-gathers every rank's module ids (path, class, ``rng_id``), constant-buffer shapes and dtypes and a
-  fingerprint of the default generators (the CPU one and the CUDA one of each device the model is on) and
+  fingerprint of the default generators the modules draw seeds from (CPU, or the rank's CUDA device) and
   raises ``RuntimeError`` on every rank, naming the first differences. :func:`ddp` runs it when wrapping
   and once more on the first forward. ``independent=True`` skips the check: ranks seeded differently on
   purpose (``torch.manual_seed(base + rank)``) each use their own weight sample (more samples per step, a
@@ -163,12 +163,18 @@ def _signature(model: nn.Module):
 
 
 def _generator_fingerprint(model: nn.Module):
-    """CRC32s of the default CPU generator's state and of the CUDA generator of each device the model is on."""
-    fp = [("cpu", zlib.crc32(torch.random.get_rng_state().numpy().tobytes()))]
-    devs = sorted({t.device.index or 0 for t in list(model.parameters()) + list(model.buffers())
-                   if t.device.type == "cuda"})
-    for d in devs:
-        fp.append((f"cuda:{d}", zlib.crc32(torch.cuda.get_rng_state(d).numpy().tobytes())))
+    """CRC32s of the default generators the Bayesian modules draw their seeds from: the CPU one when some of them
+    are on the CPU, the CUDA one of each CUDA device they are on (named "cuda", not by index: each rank has its
+    own device)."""
+    devs = set()
+    for _, m in _bayesian_modules(model):
+        for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
+            devs.add(t.device)
+    fp = []
+    if any(d.type == "cpu" for d in devs):
+        fp.append(("cpu", zlib.crc32(torch.random.get_rng_state().numpy().tobytes())))
+    for d in sorted({d.index or 0 for d in devs if d.type == "cuda"}):
+        fp.append(("cuda", zlib.crc32(torch.cuda.get_rng_state(d).numpy().tobytes())))
     return fp
 
 

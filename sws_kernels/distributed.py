@@ -247,32 +247,58 @@ def _refresh_owners(model: nn.Module) -> None:
             m.owner
 
 
+# sync_buffers: buffers of at least this many bytes (contiguous) are broadcast in place through their byte view;
+# smaller ones are packed into flat uint8 buckets of at most _BUCKET_BYTES (bounded extra memory)
+_SMALL_BYTES = 1 << 20
+_BUCKET_BYTES = 64 << 20
+
+
 def sync_buffers(model: nn.Module, *, group=None, src: int = 0) -> None:
-    """Broadcast every constant buffer (:func:`constant_buffers`) from the group's rank ``src`` as raw bytes
-    (one flat uint8 tensor per device), whatever its dtype. A collective: every rank must call it."""
+    """Broadcast every constant buffer (:func:`constant_buffers`) from the group's rank ``src`` as raw bytes,
+    whatever its dtype: large contiguous buffers in place through a uint8 view, small ones packed into flat
+    uint8 buckets (at most 64 MiB of extra memory). Written buffers get a new ``_version`` (owner mirrors and
+    the layers' bindings follow). A collective: every rank must call it."""
     dist = _require_group(group)
     model = unwrap(model)
     src_global = dist.get_global_rank(group, src) if group is not None else src
-    me = dist.get_rank()
+    receiving = dist.get_rank() != src_global
     by_device: Dict[torch.device, List[torch.Tensor]] = OrderedDict()
     for _, t in constant_buffers(model):
         if t.numel():
             by_device.setdefault(t.device, []).append(t)
+
+    def flush(bucket):
+        flat = torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8) for t in bucket])
+        dist.broadcast(flat, src_global, group=group)
+        if not receiving:
+            return
+        off = 0
+        for t in bucket:
+            nb = t.numel() * t.element_size()
+            part = flat[off:off + nb]
+            if t.is_contiguous():  # written through its byte view (an in-place op: bumps _version)
+                t.view(-1).view(torch.uint8).copy_(part)
+            else:
+                t.copy_(part.clone().view(t.dtype).view(t.shape))
+            off += nb
+
     with torch.no_grad():
-        for dev, ts in by_device.items():
-            flat = torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8) for t in ts])
-            dist.broadcast(flat, src_global, group=group)
-            if me == src_global:
-                continue
-            off = 0
+        for ts in by_device.values():
+            bucket, size = [], 0
             for t in ts:
                 nb = t.numel() * t.element_size()
-                part = flat[off:off + nb]
-                if t.is_contiguous():  # written through its byte view (bumps _version: owner mirrors refresh)
-                    t.view(-1).view(torch.uint8).copy_(part)
-                else:
-                    t.copy_(part.clone().view(t.dtype).view(t.shape))
-                off += nb
+                if t.is_contiguous() and nb >= _SMALL_BYTES:
+                    dist.broadcast(t.view(-1).view(torch.uint8), src_global, group=group)
+                    if receiving:
+                        torch.autograd.graph.increment_version(t)
+                    continue
+                if bucket and size + nb > _BUCKET_BYTES:
+                    flush(bucket)
+                    bucket, size = [], 0
+                bucket.append(t)
+                size += nb
+            if bucket:
+                flush(bucket)
     _refresh_owners(model)
 
 

@@ -137,11 +137,15 @@ def _worker(rank, world, port, out_dir):
                 with torch.no_grad():
                     model.fc1.labels.copy_(torch.randint(0, K, model.fc1.labels.shape, generator=g))
                     model.fc1.ellipse_alpha.fill_(0.5)
+            version = model.fc1.labels._version
+            # K = 4096: every buffer broadcast in place through its byte view; K = 300: packed into buckets
+            sdist._SMALL_BYTES, sdist._BUCKET_BYTES = (0, 1 << 26) if K == 4096 else (1 << 20, 64)
             ddp = sdist.ddp(model)
+            bumped = model.fc1.labels._version > version
             out, grads = _step(model, ddp, xs, ys)
             model.zero_grad()
             _step(model, ddp, xs, ys)  # a second step runs
-            res[f"K{K}"] = dict(out=out, grads=grads, dtype=model.fc1.labels.dtype,
+            res[f"K{K}"] = dict(out=out, grads=grads, dtype=model.fc1.labels.dtype, bumped=bumped,
                                 labels=model.fc1.labels.clone(), alpha=model.fc1.ellipse_alpha.clone(),
                                 ignored=sorted(model._ddp_params_and_buffers_to_ignore))
             if K == 300:
@@ -289,6 +293,7 @@ def test_ddp_any_K_matches_one_process(world, K):
     _assert_close_dicts(r1["grads"], grads, rtol=1e-5, atol=1e-6)
     # rank 1's scrambled labels/alpha were replaced by rank 0's through the byte broadcast
     assert torch.equal(r1["labels"], model.fc1.labels) and torch.equal(r1["alpha"], model.fc1.ellipse_alpha)
+    assert r1["bumped"]  # the written labels have a new version (bindings re-check them)
     # every constant buffer, under every name (the shared codebook's under fc1. and fc2.), is left to us
     for name in ("fc1.labels", "fc2.labels", "fc1.codebook.means0", "fc2.codebook.chol0", "mf.rng_id",
                  "fc1.outlier_pos", "fc1.ellipse_a"):

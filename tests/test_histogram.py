@@ -138,6 +138,22 @@ def test_triton_matches_reference(case):
         assert bool((err <= bound).all()), f"{mode}: max error {err.max().item():.3g}"
 
 
+def test_triton_bf16_activations():
+    """bf16 x (the GPU's production dtype): y in bf16, within one bf16 rounding of the float64 reference."""
+    if not sws.backends()["triton"][0]:
+        pytest.skip(sws.backends()["triton"][1])
+    from sws_kernels.triton import histogram as th
+
+    gen = torch.Generator().manual_seed(12)
+    x, means, chol, labels, ell, outl, bias = _case(gen, 23, 45, 30, torch.uint8, 2, 5, "shared")
+    xb = x.bfloat16()
+    y = th.sws_linear_histogram(xb, means, chol, labels, *ell, *outl, bias, torch.tensor(4), 5, 0, 7, 3)
+    assert y.dtype == torch.bfloat16
+    yr, bound = _expected(xb.float(), means, chol, labels, ell, outl, bias, 4, 5, "paper")
+    err = (y.double() - yr).abs()
+    assert bool((err <= bound + 2.0 ** -7 * yr.abs()).all()), f"max error {err.max().item():.3g}"
+
+
 # ---- dispatch ----------------------------------------------------------------------------------------------
 
 @pytest.fixture

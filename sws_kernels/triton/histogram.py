@@ -7,16 +7,17 @@ with h[m, j, k] the sum of x[m, i] over the weights of row j labelled k (ellipse
 label; delta = true value - label value, the fused linear's correction, from reconstruct.special_values). h does
 not depend on s: the label tile is read once for all S samples.
 
-One program per (input row m, block of BJ output rows). Stages (tiles: labels [BJ, BI], one-hot [BJ, BI, BK],
-histogram block h [BJ, BK] and accumulator [BJ, SP] in registers, float32):
-  1. for each block of BK components: for each i tile, h += sum over i of x[m, i] [lab[j, i] == k]: private bins,
-     a compare-select and a tree sum in a fixed order, no atomics (labels outside the block never match);
-  2. acc += h @ zt[k block, :SP] (tl.dot: mma on the GPU, tf32x3 for fp32 accuracy; IEEE in the interpreter);
+One program per (input row m, block of BJ output rows). Stages (label tile [BJ, BI], one-hot factors [BJ, 16, BI]
+and [BJ, BI, 16], histogram block H [BJ, 16, 16] and accumulator [BJ, SP] in registers, float32 accumulation):
+  1. for each block of 256 components k0..k0+255 and each label tile: with label = k0 + 16 a + b,
+     H[j, a, b] += sum_i (x[m, i] [a_ji == a]) [b_ji == b]: a batched [16, BI] x [BI, 16] product per row on the
+     tensor cores (32 compares per weight instead of 256; private bins, no atomics, a fixed summation order; labels
+     outside the block give a or b outside [0, 16) and add nothing); fp32 x as three exact bf16 pieces;
+  2. acc += H (as [BJ, 256]) @ zt[k0:k0 + 256, :SP], once per component block (IEEE fp32);
   3. the row block's ellipse/outlier corrections as a [BJ, BE] x [BE, SP] one-hot dot (CSR by row, fixed order);
   4. bias, cast to x's dtype, store y[s, m, j] for s < S.
-Stage 1 costs BK compare-selects per weight per component block (K per weight in all): on a GPU that is compute,
-not label bytes, so the label floor (benchmarks/gpu_bench.py) is reached only for small K; it is the scatter-free
-form the interpreter and every backend can run deterministically.
+The first version (a compare-select and tl.sum over a [16, 16, 32] tile, K operations per weight) took 11.5 ms
+on an H200 at S = 16, M = 1, 4096x4096, K = 256, 600x a dense bf16 F.linear.
 """
 from __future__ import annotations
 
@@ -32,28 +33,58 @@ BE = 16  # specials per epilogue step (the smallest tl.dot inner size)
 
 
 def _tiles():
-    """(BJ, BI, BK, num_warps): output rows per program, label columns per step, components per block.
-    GPU: [16, 16, 32] one-hot tiles (8192 elements, 64 per thread at 4 warps) next to h [16, 32] and the
-    accumulator [16, SP <= 64]. Interpreter: the same (its cost is per program and loop iteration)."""
-    if GPU_TILES:
-        return 16, 16, 32, 4
-    return 16, 32, 32, 4
+    """(BJ, BI, num_warps): output rows per program, label columns per step. GPU: one-hot factors [16, 16, 32]
+    (8192 elements each) next to H [16, 16, 16] and the accumulator [16, SP <= 64]. Interpreter: the same."""
+    return 16, 16, 8
 
 
 @triton.jit
 def _dot(acc, a, b):
-    """acc += a @ b in float32 accuracy: IEEE under the interpreter, tf32x3 on tensor cores on a GPU."""
+    """acc += a @ b with float32 accumulation: IEEE under the interpreter (whose bf16 dot is wrong: upcast);
+    on a GPU fp32 operands use tf32x3 (fp32 accuracy on tensor cores), bf16/fp16 operands go as they are (the
+    one-hot factor is exact in them)."""
     if INTERPRET_C:
-        return acc + tl.dot(a, b, input_precision="ieee")
-    else:
+        return acc + tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif a.dtype == tl.float32:
         return tl.dot(a, b, acc, input_precision="tf32x3")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _dot_ieee(acc, a, b):
+    """acc += a @ b for the once-per-program [BJ, 256] x [256, SP] product: IEEE fp32 (FMA) everywhere. It runs
+    once per 256 components, not per label tile, so it needs no tensor cores; tf32x3 there spilled."""
+    return acc + tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _onehot_dot(h, a, lo, offs_a):
+    """h += a @ B with B[j, i, b] = [lo[j, i] == b], exact 0/1 in any float type. fp32 a on a GPU: three bf16
+    pieces (a = a1 + a2 + a3 to 24 bits; each product with 0/1 exact, fp32 accumulation) on the tensor cores;
+    tf32x3 here spilled 440-670 B on sm_80/sm_90 (benchmarks/triton_aot.py)."""
+    if INTERPRET_C:
+        b = tl.where(lo[:, :, None] == offs_a[None, None, :], 1.0, 0.0)
+        return h + tl.dot(a.to(tl.float32), b, input_precision="ieee")
+    elif a.dtype == tl.float32:
+        b = tl.where(lo[:, :, None] == offs_a[None, None, :], 1.0, 0.0).to(tl.bfloat16)
+        a1 = a.to(tl.bfloat16)
+        r1 = a - a1.to(tl.float32)
+        a2 = r1.to(tl.bfloat16)
+        a3 = (r1 - a2.to(tl.float32)).to(tl.bfloat16)
+        h = tl.dot(a1, b, h)
+        h = tl.dot(a2, b, h)
+        return tl.dot(a3, b, h)
+    else:
+        b = tl.where(lo[:, :, None] == offs_a[None, None, :], 1.0, 0.0).to(a.dtype)
+        return tl.dot(a, b, h)
 
 
 @triton.jit(do_not_specialize=["M", "N", "R", "K", "S", "J", "n_j"])
 def _histogram_kernel(x_ptr, lab_ptr, zt_ptr, dt_ptr, sp_ptr_ptr, sp_r_ptr, sp_j_ptr, bias_ptr, out_ptr,
                       M, N, R, K, S, J, n_j, stride_xm, stride_bs,
                       SPECIALS: tl.constexpr, HAS_BIAS: tl.constexpr, BJ: tl.constexpr, BI: tl.constexpr,
-                      BK: tl.constexpr, SP: tl.constexpr, BE: tl.constexpr):
+                      SP: tl.constexpr, BE: tl.constexpr):
     pid = tl.program_id(0)
     m = pid // n_j
     pid_j = pid % n_j
@@ -62,21 +93,26 @@ def _histogram_kernel(x_ptr, lab_ptr, zt_ptr, dt_ptr, sp_ptr_ptr, sp_r_ptr, sp_j
     offs_s = tl.arange(0, SP)
     x_row = x_ptr + m.to(tl.int64) * stride_xm
     acc = tl.zeros([BJ, SP], tl.float32)
-    for k0 in range(0, K, BK):
-        offs_k = k0 + tl.arange(0, BK)
-        # Stage 1: the rows' histograms over this block of components.
-        h = tl.zeros([BJ, BK], tl.float32)
+    offs_a = tl.arange(0, 16)
+    for k0 in range(0, K, 256):
+        # Stage 1: the rows' histograms over components k0 .. k0 + 255, as a batched one-hot product on the
+        # tensor cores: with label = k0 + 16 a + b, H[j, a, b] = sum_i (x[i] [a_ji == a]) [b_ji == b], i.e.
+        # A [BJ, 16, BI] @ B [BJ, BI, 16]: 32 compares per weight instead of 256, the sums in a fixed order.
+        h = tl.zeros([BJ, 16, 16], tl.float32)
         for i0 in range(0, R, BI):
             offs_i = i0 + tl.arange(0, BI)
             mi = offs_i < R
-            xv = tl.load(x_row + offs_i, mask=mi, other=0.0).to(tl.float32)
+            xv = tl.load(x_row + offs_i, mask=mi, other=0.0)
             lab = tl.load(lab_ptr + offs_j[:, None] * R + offs_i[None, :], mask=mj[:, None] & mi[None, :],
-                          other=-1).to(tl.int32)
-            hit = lab[:, :, None] == offs_k[None, None, :]
-            h += tl.sum(tl.where(hit, xv[None, :, None], 0.0), axis=1)
-        # Stage 2: the small GEMM.
+                          other=-1).to(tl.int32) - k0
+            hi = lab >> 4  # outside [0, 16) for labels outside this block and for masked weights (-1)
+            lo = lab & 15
+            a = tl.where(hi[:, None, :] == offs_a[None, :, None], xv[None, None, :], 0.0).to(xv.dtype)
+            h = _onehot_dot(h, a, lo, offs_a)
+        # Stage 2: the small GEMM with the codebook table rows k0 .. k0 + 255.
+        offs_k = k0 + tl.arange(0, 256)
         zt = tl.load(zt_ptr + offs_k[:, None] * SP + offs_s[None, :], mask=(offs_k < K)[:, None], other=0.0)
-        acc = _dot(acc, h, zt)
+        acc = _dot_ieee(acc, tl.reshape(h, [BJ, 256]), zt)
     # Stage 3: ellipse/outlier corrections of the row block (CSR by row; sp_j packs (row << 32) | entry).
     if SPECIALS:
         e0 = tl.load(sp_ptr_ptr + pid_j * BJ)
@@ -129,11 +165,11 @@ def sws_linear_histogram(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos
     if bias is not None:
         b = bias.to(torch.float32).contiguous()
     y = empty((S, M, out_f), dtype=x.dtype, device=dev)
-    BJ, BI, BK, warps = _tiles()
+    BJ, BI, warps = _tiles()
     n_j = triton.cdiv(out_f, BJ)
     dummy = zt
     launch(_histogram_kernel, (M * n_j,), x2, lab, zt, dt if sp else dummy, specials.ptr if sp else dummy,
            specials.r if sp else dummy, specials.j if sp else dummy, b if b is not None else dummy, y,
            M, out_f, in_f, K, S, specials.J, n_j, x2.stride(0), (out_f if b is not None and b.dim() == 2 else 0),
-           SPECIALS=sp, HAS_BIAS=b is not None, BJ=BJ, BI=BI, BK=BK, SP=SP, BE=BE, num_warps=warps)
+           SPECIALS=sp, HAS_BIAS=b is not None, BJ=BJ, BI=BI, SP=SP, BE=BE, num_warps=warps)
     return y

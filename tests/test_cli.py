@@ -66,7 +66,7 @@ def test_bench_quick_table_csv_and_chart(tmp_path, capsys):
     assert {(r["method"], r["pass"], r["S"]) for r in rows} == {(m, p, s) for m in METHODS for p in PASSES
                                                                   for s in ("1", "4")}
     assert all(float(r["median_ms"]) > 0 and float(r["min_ms"]) <= float(r["median_ms"]) for r in rows)
-    assert all(int(r["rounds"]) >= 3 for r in rows)
+    assert all(int(r["rounds"]) >= 3 for r in rows if r["device"].startswith("CPU"))  # GPU: do_bench, no count
     assert cli.main(["plot", "--bench", str(path), "--out", str(tmp_path)]) == 0
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
 

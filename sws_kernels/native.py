@@ -397,6 +397,18 @@ def normal(seed, n: int, sample: int = 0, owner: int = 0, purpose: int = 0, offs
 # reconstruct
 # ------------------------------------------------------------------------------------------------------
 
+_PTR = torch.Tensor.data_ptr
+
+
+def _rebind(args, fields, tensors, ptrs) -> None:
+    """Point a bundle's address fields at its tensors' current storage (checked like a fresh bundle's)."""
+    for name, t, ptr in zip(fields, tensors, ptrs):
+        if ptr == 0 and t.numel() > 0:
+            raise RuntimeError(f"{name}: its storage is not allocated (a sharded parameter outside its gathered "
+                               f"window?): cannot launch a kernel on it")
+        setattr(args, name, ptr)
+
+
 class Prepared:
     """A checked reconstruct-family argument bundle that can be launched many times.
 
@@ -405,20 +417,31 @@ class Prepared:
     The per-call fields (seed, samples) are written by :meth:`call` right before each launch, under ``lock`` (two
     threads calling one layer must not launch with each other's seed), so a layer can keep
     one Prepared for as long as its tensors keep their addresses (sws_kernels/_bound.py) and skip
-    :func:`prepare`'s ~15 checks per call. ``aliases`` is True when every tensor is the caller's own (no contiguous copy): only
-    then does a Prepared follow in-place updates of the parameters.
+    :func:`prepare`'s ~15 checks per call. ``aliases`` is True when every tensor is the caller's own (no
+    contiguous copy): only then does a Prepared follow in-place updates of the parameters.
+
+    Addresses are re-read on every launch: a tensor whose storage moved since the bundle was built (FSDP2 frees a
+    layer's parameters after its forward and gathers them into new memory before its backward; ``.data``
+    replacement) is launched at its current address, never at the old one.
     """
 
-    __slots__ = ("args", "tensors", "cuda", "device", "K", "shape", "aliases", "lock")
+    __slots__ = ("args", "tensors", "cuda", "device", "K", "shape", "aliases", "lock", "ptrs")
+    _FIELDS = ("means", "chol", "labels", "e_pos", "e_a", "e_b", "e_alpha", "o_pos", "o_mu", "o_rho")
 
     def __init__(self, args, tensors, cuda, device, K, shape, aliases):
         self.args, self.tensors, self.cuda, self.device = args, tensors, cuda, device
         self.K, self.shape, self.aliases = K, shape, aliases
         self.lock = threading.Lock()
+        self.ptrs = list(map(_PTR, tensors))
 
     def call(self, seed, samples: int):
-        """The bundle with this call's seed and sample count written in (CPU: the seed read from its memory)."""
+        """The bundle with this call's seed and sample count written in (CPU: the seed read from its memory) and
+        every tensor's current address."""
         a = self.args
+        ptrs = list(map(_PTR, self.tensors))
+        if ptrs != self.ptrs:
+            _rebind(a, self._FIELDS, self.tensors, ptrs)
+            self.ptrs = ptrs
         a.seed = _seed(seed)
         if self.cuda:
             a.seed_dev = _seed_dev(seed, self.device)
@@ -532,15 +555,21 @@ class MFPrepared:
     """The mean-field counterpart of :class:`Prepared`: a checked ``_C.MeanFieldArgs`` bundle over contiguous
     (mu, rho), launched many times with per-call seed and samples."""
 
-    __slots__ = ("args", "tensors", "cuda", "device", "shape", "aliases", "lock")
+    __slots__ = ("args", "tensors", "cuda", "device", "shape", "aliases", "lock", "ptrs")
+    _FIELDS = ("mu", "rho")
 
     def __init__(self, args, tensors, cuda, device, shape, aliases):
         self.args, self.tensors, self.cuda, self.device, self.shape, self.aliases = (args, tensors, cuda, device,
                                                                                     shape, aliases)
         self.lock = threading.Lock()
+        self.ptrs = list(map(_PTR, tensors))
 
     def call(self, seed, samples: int):
         a = self.args
+        ptrs = list(map(_PTR, self.tensors))
+        if ptrs != self.ptrs:  # see Prepared: launched at the tensors' current addresses
+            _rebind(a, self._FIELDS, self.tensors, ptrs)
+            self.ptrs = ptrs
         a.seed = _seed(seed)
         if self.cuda:
             a.seed_dev = _seed_dev(seed, self.device)

@@ -267,3 +267,26 @@ def test_threads_sharing_one_layer_each_get_their_own_seed(rng):
     for t in threads:
         t.join()
     assert not bad
+
+
+@pytest.mark.parametrize("kind", ["sws", "mf"])
+def test_storage_moved_between_forward_and_backward(rng, kind):
+    """FSDP2 frees a layer's parameters after its forward and gathers them into new memory before its backward:
+    the backward must launch at the parameters' current addresses (stale ones read freed memory)."""
+    layer = _sws_layer("linear", rng) if kind == "sws" else snn.MeanFieldLinear(13, 5)
+    x = _x("linear", rng, 3)
+    weights = torch.linspace(-1, 1, 2 * 3 * 5).view(2, 3, 5)
+
+    def grads(move):
+        for p in layer.parameters():
+            p.grad = None
+        out = layer(x, samples=2, seed=4)
+        out = out[0] if isinstance(out, tuple) else out
+        if move:
+            for p in layer.parameters():
+                p.data = p.data.clone()  # same values, new storage; the old one is freed
+            junk = [torch.full((64,), float("nan")) for _ in range(64)]  # reuse the freed blocks  # noqa: F841
+        (out * weights).sum().backward()
+        return [p.grad.clone() for p in layer.parameters()]
+
+    _same(grads(True), grads(False))

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from . import reconstruct as _rc
-from ._launch import GPU_TILES, INTERPRET_C, empty, launch
+from ._launch import INTERPRET_C, empty, launch
 from .linear import _Specials
 
 BE = 16  # specials per epilogue step (the smallest tl.dot inner size)

@@ -879,6 +879,9 @@ def _reliability_from_file(args, arch_fn, factory, data_fn):
     return plots.plot_reliability({name: (p, torch.cat(ys))}, os.path.join(args.out, "reliability.png"))
 
 
+COMMANDS = ("info", "quick", "demo", "bench", "convert", "plot")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `sws-kernels` argument parser (tests check the README's command lines against it)."""
     p = _Parser(prog="sws-kernels", description="Fused kernels for stochastic weight sharing BNNs.")
@@ -912,9 +915,9 @@ def main(argv=None) -> int:
     # insufficient ..." wherever torch.cuda is asked; the CLI says "no GPU" itself (cuda_state, `info`).
     warnings.filterwarnings("ignore", message=r"CUDA initialization:", category=UserWarning)
     p = build_parser()
+    if not any(a in COMMANDS or a in ("-h", "--help") for a in argv):
+        argv = ["quick", *argv]  # the default command, with its options: `sws-kernels --weights 100000`
     args = p.parse_args(argv)
-    if args.cmd is None:
-        args = p.parse_args(["quick", *[a for a in argv if a != "--debug"]] + (["--debug"] if "--debug" in argv else []))
     try:
         return args.fn(args)
     except CLIError as e:

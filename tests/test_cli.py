@@ -517,3 +517,8 @@ def test_bench_csv_with_two_methods_plots(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["plot", "--bench", str(only), "--out", str(tmp_path)]) == 2
     _one_line_error(capsys, "--bench", "--methods")
+
+
+def test_default_command_takes_quick_options(capsys):
+    assert cli.main(["--weights", "3001", "--components", "5", "--samples", "2", "--repeat", "1"]) == 0
+    assert "n = 3,001 weights, K = 5, S = 2" in capsys.readouterr().out

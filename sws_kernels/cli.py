@@ -17,6 +17,7 @@ from the current directory first, then the Python path; model factories have one
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib
 import inspect
 import os
@@ -799,7 +800,7 @@ def cmd_plot(args) -> int:
             written.append(plots.plot_bench(args.bench, os.path.join(args.out, "bench.png")))
         except (ValueError, KeyError) as e:
             raise CLIError(f"--bench: {str(e).removeprefix('csv: ')}") from None
-        except (UnicodeDecodeError, csv_error()) as e:
+        except (UnicodeDecodeError, csv.Error) as e:
             raise CLIError(f"--bench: {args.bench!r} is not a `sws-kernels bench --csv` file ({e})") from None
     if args.model:
         from .nn import SWS_LAYERS
@@ -820,12 +821,6 @@ def cmd_plot(args) -> int:
     for w in written:
         print(f"wrote {w}")
     return 0
-
-
-def csv_error():
-    import csv
-
-    return csv.Error
 
 
 def _reliability_from_file(args, arch_fn, factory, data_fn):

@@ -26,10 +26,11 @@ import triton
 import triton.language as tl
 
 from . import reconstruct as _rc
-from ._launch import INTERPRET_C, empty, launch
+from ._launch import GPU_TILES, INTERPRET_C, empty, launch
 from .linear import _Specials
 
 BE = 16  # specials per epilogue step (the smallest tl.dot inner size)
+_MIN_PROGRAMS = 1024 if GPU_TILES else 1  # split the columns until this many programs (1: no split, interpreter)
 
 
 def _tiles():
@@ -80,14 +81,20 @@ def _onehot_dot(h, a, lo, offs_a):
         return tl.dot(a, b, h)
 
 
-@triton.jit(do_not_specialize=["M", "N", "R", "K", "S", "J", "n_j"])
+@triton.jit(do_not_specialize=["M", "N", "R", "K", "S", "J", "n_j", "chunk"])
 def _histogram_kernel(x_ptr, lab_ptr, zt_ptr, dt_ptr, sp_ptr_ptr, sp_r_ptr, sp_j_ptr, bias_ptr, out_ptr,
-                      M, N, R, K, S, J, n_j, stride_xm, stride_bs,
+                      M, N, R, K, S, J, n_j, chunk, stride_xm, stride_bs,
                       SPECIALS: tl.constexpr, HAS_BIAS: tl.constexpr, BJ: tl.constexpr, BI: tl.constexpr,
                       SP: tl.constexpr, BE: tl.constexpr):
+    # program -> (input row m, row block pid_j, column split c): split c covers columns [c chunk, (c+1) chunk) and
+    # writes its own partial y (summed over splits by the launcher in a fixed order): enough programs for a GPU
+    # at M = 1 without atomics.
     pid = tl.program_id(0)
+    c = tl.program_id(1)
     m = pid // n_j
     pid_j = pid % n_j
+    i_lo = c * chunk
+    i_hi = tl.minimum(R, i_lo + chunk)
     offs_j = pid_j.to(tl.int64) * BJ + tl.arange(0, BJ)
     mj = offs_j < N
     offs_s = tl.arange(0, SP)
@@ -99,9 +106,9 @@ def _histogram_kernel(x_ptr, lab_ptr, zt_ptr, dt_ptr, sp_ptr_ptr, sp_r_ptr, sp_j
         # tensor cores: with label = k0 + 16 a + b, H[j, a, b] = sum_i (x[i] [a_ji == a]) [b_ji == b], i.e.
         # A [BJ, 16, BI] @ B [BJ, BI, 16]: 32 compares per weight instead of 256, the sums in a fixed order.
         h = tl.zeros([BJ, 16, 16], tl.float32)
-        for i0 in range(0, R, BI):
+        for i0 in range(i_lo, i_hi, BI):
             offs_i = i0 + tl.arange(0, BI)
-            mi = offs_i < R
+            mi = offs_i < i_hi
             xv = tl.load(x_row + offs_i, mask=mi, other=0.0)
             lab = tl.load(lab_ptr + offs_j[:, None] * R + offs_i[None, :], mask=mj[:, None] & mi[None, :],
                           other=-1).to(tl.int32) - k0
@@ -113,10 +120,11 @@ def _histogram_kernel(x_ptr, lab_ptr, zt_ptr, dt_ptr, sp_ptr_ptr, sp_r_ptr, sp_j
         offs_k = k0 + tl.arange(0, 256)
         zt = tl.load(zt_ptr + offs_k[:, None] * SP + offs_s[None, :], mask=(offs_k < K)[:, None], other=0.0)
         acc = _dot_ieee(acc, tl.reshape(h, [BJ, 256]), zt)
-    # Stage 3: ellipse/outlier corrections of the row block (CSR by row; sp_j packs (row << 32) | entry).
+    # Stage 3: ellipse/outlier corrections of the row block (CSR by row; sp_j packs (row << 32) | entry), split 0.
     if SPECIALS:
         e0 = tl.load(sp_ptr_ptr + pid_j * BJ)
         e1 = tl.load(sp_ptr_ptr + tl.minimum(pid_j * BJ + BJ, N))
+        e1 = tl.where(c == 0, e1, e0)
         for e in range(e0, e1, BE):
             ee = e + tl.arange(0, BE)
             me = ee < e1
@@ -131,10 +139,10 @@ def _histogram_kernel(x_ptr, lab_ptr, zt_ptr, dt_ptr, sp_ptr_ptr, sp_r_ptr, sp_j
     # Stage 4: bias, store y[s, m, j].
     ms = offs_s < S
     if HAS_BIAS:
-        b = tl.load(bias_ptr + offs_s[None, :] * stride_bs + offs_j[:, None], mask=mj[:, None] & ms[None, :],
-                    other=0.0).to(tl.float32)
+        b = tl.load(bias_ptr + offs_s[None, :] * stride_bs + offs_j[:, None],
+                    mask=mj[:, None] & ms[None, :] & (c == 0), other=0.0).to(tl.float32)
         acc += b
-    tl.store(out_ptr + offs_s[None, :].to(tl.int64) * M * N + m * N + offs_j[:, None],
+    tl.store(out_ptr + (c * S + offs_s[None, :]).to(tl.int64) * M * N + m * N + offs_j[:, None],
              acc.to(out_ptr.dtype.element_ty), mask=mj[:, None] & ms[None, :])
 
 
@@ -164,12 +172,19 @@ def sws_linear_histogram(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos
     b = None
     if bias is not None:
         b = bias.to(torch.float32).contiguous()
-    y = empty((S, M, out_f), dtype=x.dtype, device=dev)
     BJ, BI, warps = _tiles()
     n_j = triton.cdiv(out_f, BJ)
+    # column splits: ~4 programs per SM-sized wave at M = 1 on a GPU (132 SMs), whole label tiles per split
+    splits = max(1, min(triton.cdiv(in_f, BI), triton.cdiv(_MIN_PROGRAMS, M * n_j)))
+    chunk = triton.cdiv(triton.cdiv(in_f, splits), BI) * BI
+    splits = triton.cdiv(in_f, chunk)
+    part = empty((splits, S, M, out_f), dtype=torch.float32 if splits > 1 else x.dtype, device=dev)
     dummy = zt
-    launch(_histogram_kernel, (M * n_j,), x2, lab, zt, dt if sp else dummy, specials.ptr if sp else dummy,
-           specials.r if sp else dummy, specials.j if sp else dummy, b if b is not None else dummy, y,
-           M, out_f, in_f, K, S, specials.J, n_j, x2.stride(0), (out_f if b is not None and b.dim() == 2 else 0),
+    launch(_histogram_kernel, (M * n_j, splits), x2, lab, zt, dt if sp else dummy, specials.ptr if sp else dummy,
+           specials.r if sp else dummy, specials.j if sp else dummy, b if b is not None else dummy, part,
+           M, out_f, in_f, K, S, specials.J, n_j, chunk, x2.stride(0),
+           (out_f if b is not None and b.dim() == 2 else 0),
            SPECIALS=sp, HAS_BIAS=b is not None, BJ=BJ, BI=BI, SP=SP, BE=BE, num_warps=warps)
-    return y
+    if splits == 1:
+        return part[0]
+    return part.sum(0).to(x.dtype)  # a fixed-order reduction over the splits (no atomics)

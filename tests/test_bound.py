@@ -16,6 +16,12 @@ from sws_kernels import _bound, native
 from sws_kernels import nn as snn
 
 BACKENDS = ["auto"] + (["triton"] if sws.backends()["triton"][0] else [])
+# Triton runs on the GPU where there is one (the interpreter runs CPU tensors); the native backends on the CPU.
+TRITON_DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _dev(backend):
+    return TRITON_DEV if backend == "triton" else torch.device("cpu")
 
 
 def _sws_layer(kind, rng, K=7, mode="paper", specials=True):
@@ -56,7 +62,7 @@ def _run(layer, x, S, seed, per_sample, grad):
     if grad:
         out = layer(xx, **kw)
         out = out[0] if isinstance(out, tuple) else out
-        (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        (out * torch.linspace(-1, 1, out.numel(), device=out.device).view(out.shape)).sum().backward()
         return [out.detach(), xx.grad] + [p.grad for p in params]
     with torch.no_grad():
         out = layer(xx, **kw)
@@ -89,8 +95,8 @@ SWS_CASES = ([("auto", "linear", mode, *shape) for mode in ("paper", "hierarchic
 
 @pytest.mark.parametrize("backend,kind,mode,M,S,per_sample", SWS_CASES)
 def test_sws_layers_match_the_general_path(rng, backend, kind, mode, M, S, per_sample):
-    layer = _sws_layer(kind, rng, mode=mode)
-    x = _x(kind, rng, M, S or 1, per_sample)
+    layer = _sws_layer(kind, rng, mode=mode).to(_dev(backend))
+    x = _x(kind, rng, M, S or 1, per_sample).to(_dev(backend))
     seed = int(torch.randint(0, 2 ** 62, (), generator=rng))
     with sws.backend(backend):
         for grad in (False, True):
@@ -111,7 +117,8 @@ def test_mean_field_layers_match_the_general_path(rng, backend, kind, M, S, per_
         layer = snn.MeanFieldLinear(13, 5, bias=bias)
     else:
         layer = (snn.MeanFieldConv2d if kind == "conv2d" else snn.MeanFieldConv1d)(3, 4, 3, padding=1, bias=bias)
-    x = _x(kind, rng, M, S or 1, per_sample)
+    layer = layer.to(_dev(backend))
+    x = _x(kind, rng, M, S or 1, per_sample).to(_dev(backend))
     seed = int(torch.randint(0, 2 ** 62, (), generator=rng))
     with sws.backend(backend):
         for grad in (False, True):

@@ -49,6 +49,21 @@ def _case(gen, out_f, in_f, K, ldt, M, S, bias_kind):
     return x, means, chol, labels, ell, outl, bias
 
 
+# Triton runs on the GPU where there is one (the interpreter runs CPU tensors).
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _on(dev, *objs):
+    """Tensors (also inside tuples) moved to dev; None stays None."""
+    out = []
+    for o in objs:
+        if isinstance(o, tuple):
+            out.append(tuple(t.to(dev) for t in o))
+        else:
+            out.append(None if o is None else o.to(dev))
+    return out
+
+
 CASES = [  # (out, in, K, label dtype, M, S, bias)
     (37, 53, 5, torch.uint8, 3, 3, "shared"),
     (17, 129, 256, torch.uint8, 1, 1, "none"),
@@ -133,8 +148,10 @@ def test_triton_matches_reference(case, monkeypatch):
     gen = torch.Generator().manual_seed(hash(case[:4]) % 2**31)
     out_f, in_f, K, ldt, M, S, bk = case
     x, means, chol, labels, ell, outl, bias = _case(gen, out_f, in_f, K, ldt, M, S, bk)
+    args = _on(DEV, x, means, chol, labels, ell, outl, bias)
     for mode in MODES:
-        y = th.sws_linear_histogram(x, means, chol, labels, *ell, *outl, bias, torch.tensor(99), S, MODES[mode], 7, 3)
+        y = th.sws_linear_histogram(*args[:4], *args[4], *args[5], args[6], torch.tensor(99, device=DEV), S,
+                                    MODES[mode], 7, 3).cpu()
         yr, bound = _expected(x, means, chol, labels, ell, outl, bias, 99, S, mode)
         err = (y.double() - yr).abs()
         assert bool((err <= bound).all()), f"{mode}: max error {err.max().item():.3g}"
@@ -149,7 +166,8 @@ def test_triton_bf16_activations():
     gen = torch.Generator().manual_seed(12)
     x, means, chol, labels, ell, outl, bias = _case(gen, 23, 45, 30, torch.uint8, 2, 5, "shared")
     xb = x.bfloat16()
-    y = th.sws_linear_histogram(xb, means, chol, labels, *ell, *outl, bias, torch.tensor(4), 5, 0, 7, 3)
+    a = _on(DEV, xb, means, chol, labels, ell, outl, bias)
+    y = th.sws_linear_histogram(*a[:4], *a[4], *a[5], a[6], torch.tensor(4, device=DEV), 5, 0, 7, 3).cpu()
     assert y.dtype == torch.bfloat16
     yr, bound = _expected(xb.float(), means, chol, labels, ell, outl, bias, 4, 5, "paper")
     err = (y.double() - yr).abs()
@@ -179,13 +197,16 @@ def test_dispatch_picks_histogram_only_without_autograd(spy):
         pytest.skip("no kernel backend")
     gen = torch.Generator().manual_seed(8)
     x, means, chol, labels, ell, outl, bias = _case(gen, 21, 35, 9, torch.uint8, 2, 4, "shared")
+    dev = DEV if _backend_name() == "triton" else torch.device("cpu")
+    x, means, chol, labels, ell, outl, bias = _on(dev, x, means, chol, labels, ell, outl, bias)
     kw = dict(seed=1234, samples=4, owner=7, codebook_owner=3)
     with sws.backend(_backend_name()):
         with torch.no_grad():
             y = F.sws_linear(x, means, chol, labels, ell, outl, bias, **kw)
         assert len(spy) == 1
-        yr, bound = _expected(x, means, chol, labels, ell, outl, bias, 1234, 4, "paper")
-        assert bool(((y.double() - yr).abs() <= bound).all())
+        cpu = _on(torch.device("cpu"), x, means, chol, labels, ell, outl, bias)
+        yr, bound = _expected(*cpu, 1234, 4, "paper")
+        assert bool(((y.cpu().double() - yr).abs() <= bound).all())
         # grad enabled (training): today's path, and gradients flow
         m = means.clone().requires_grad_()
         y2 = F.sws_linear(x, m, chol, labels, ell, outl, bias, **kw)
@@ -194,7 +215,7 @@ def test_dispatch_picks_histogram_only_without_autograd(spy):
         with torch.no_grad():
             F.sws_linear(x, means, chol, labels, ell, outl, bias, mode="hierarchical", **kw)  # a normal per weight
             F.sws_linear(x.expand(4, 2, 35), means, chol, labels, ell, outl, bias, per_sample=True, **kw)
-            F.sws_linear(torch.randn(40, 35), means, chol, labels, ell, outl, bias, **kw)  # 40 rows > 2 x 4 samples
+            F.sws_linear(torch.randn(40, 35, device=dev), means, chol, labels, ell, outl, bias, **kw)  # 40 > 2 x 4
             F.sws_linear(x, means, chol, labels, ell, outl, bias, mode="mean", **kw)
         assert len(spy) == 2
     with sws.backend("reference"), torch.no_grad():

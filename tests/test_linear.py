@@ -528,3 +528,34 @@ def test_native_cuda_fused_errors_name_the_call():
         native.sws_linear_cuda(torch.randn(17, 6, device="cuda"), *args, None, 1, 1, 0, 0, 0, False)
     with pytest.raises(ValueError, match="x: expected"):
         native.sws_linear_cuda(torch.randn(3, 5, device="cuda"), *args, None, 1, 1, 0, 0, 0, False)
+
+
+def test_triton_special_index_is_cached_and_sync_free(rng):
+    """The Triton linear's special-weight index (_Specials) is built once per (positions, layout) and reused
+    while the position tensors are unchanged; building it reads nothing on the host (bincount would: it sizes its
+    output from the data's max)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    pytest.importorskip("triton")
+    from sws_kernels.triton import linear as tl_
+
+    e_pos = torch.tensor([3, 40, 17], dtype=torch.int64)
+    o_pos = torch.tensor([5, 77], dtype=torch.int64)
+
+    class Syncs(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.bincount.default):
+                Syncs.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Syncs():
+        a = tl_._specials(e_pos, o_pos, 10, 8, True, 80)
+    assert Syncs.n == 0
+    assert tl_._specials(e_pos, o_pos, 10, 8, True, 80) is a
+    assert tl_._specials(e_pos, o_pos, 10, 10, False, 80) is not a  # another layout: its own index
+    # rows (in_f = 10): 3 and 5 -> 0, 17 -> 1, 40 -> 4, 77 -> 7
+    assert a.ptr.tolist() == [0, 2, 3, 3, 3, 4, 4, 4, 5]
+    e_pos[0] = 4  # an in-place edit: rebuilt
+    assert tl_._specials(e_pos, o_pos, 10, 8, True, 80) is not a

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from . import reconstruct as _rc
 from ._launch import GPU_TILES, INTERPRET_C, empty, launch
-from .linear import _Specials
+from .linear import _specials
 
 BE = 16  # specials per epilogue step (the smallest tl.dot inner size)
 _MIN_PROGRAMS = 1024 if GPU_TILES else 1  # split the columns until this many programs (1: no split, interpreter)
@@ -162,7 +162,7 @@ def sws_linear_histogram(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos
     SP = max(16, triton.next_power_of_2(S))
     zt = torch.zeros((K, SP), dtype=torch.float32, device=dev)
     zt[:, :S] = z[:, :, 0].t()
-    specials = _Specials(e_pos, o_pos, in_f, out_f, by_row=True)
+    specials = _specials(e_pos, o_pos, in_f, out_f, True, out_f * in_f)
     sp = specials.J > 0
     dt = None
     if sp:

@@ -37,10 +37,9 @@ Dispatch: every entry point takes ``fused`` from the one dispatch table (``_back
 """
 from __future__ import annotations
 
-import math
-
 import logging
-
+import math
+import weakref
 from typing import Optional
 
 import torch
@@ -240,8 +239,11 @@ class _Specials:
             if not by_row:
                 raise ValueError("numel: required with by_row=False (the weight's element count)")
             numel = N * in_f  # forward: N = out_features rows of in_f
+        self.J = e_pos.numel() + o_pos.numel()
+        if self.J == 0:  # no special weights: nothing to index (and no device work per call)
+            self.j = self.r = self.ptr = None
+            return
         pos = torch.cat([e_pos, o_pos])
-        self.J = pos.numel()
         # A position outside the weight's ``numel`` elements (unvalidated data) goes to n = N, past every
         # tile, so no program visits it and its r never indexes A: that correction is lost, nothing is read or
         # written outside a buffer (tensor ops, no host sync).
@@ -254,8 +256,36 @@ class _Specials:
         j = torch.arange(self.J, dtype=torch.int64, device=pos.device)
         self.j = ((n[order] << 32) | j[order]).contiguous()
         self.r = r[order].contiguous()
-        counts = torch.bincount(n, minlength=N + 1)[:N]  # n <= N: bounded size; bin N (outside) is dropped
+        # counts per n in [0, N]; bin N (outside) is dropped. index_add_, not bincount: bincount sizes its output
+        # from max(n), a device-to-host sync on every call (integer sums: the same counts in any order)
+        counts = torch.zeros(N + 1, dtype=torch.int64, device=pos.device).index_add_(0, n, torch.ones_like(n))[:N]
         self.ptr = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]).contiguous()
+
+
+# One _Specials per (ellipse positions, outlier positions, layout), valid while both tensors are the same objects
+# with the same version, address and size (as sws_kernels/_segments.py keys its index): a layer's steady-state
+# calls reuse it instead of a sort and a scatter on the device per call.
+_SPECIALS_CACHE: "dict" = {}
+
+
+def _specials(e_pos, o_pos, in_f: int, N: int, by_row: bool, numel: int) -> _Specials:
+    if e_pos.numel() + o_pos.numel() == 0:
+        return _Specials(e_pos, o_pos, in_f, N, by_row, numel)
+    try:
+        state = tuple((t._version, t.data_ptr(), t.numel()) for t in (e_pos, o_pos))
+    except RuntimeError:  # inference tensors: no version counter to key on
+        return _Specials(e_pos, o_pos, in_f, N, by_row, numel)
+    key = (id(e_pos), id(o_pos), in_f, N, by_row, numel)
+    hit = _SPECIALS_CACHE.get(key)
+    if hit is not None and hit[0]() is e_pos and hit[1]() is o_pos and hit[2] == state:
+        return hit[3]
+    sp = _Specials(e_pos, o_pos, in_f, N, by_row, numel)
+
+    def forget(_ref, key=key):
+        _SPECIALS_CACHE.pop(key, None)
+
+    _SPECIALS_CACHE[key] = (weakref.ref(e_pos, forget), weakref.ref(o_pos, forget), state, sp)
+    return sp
 
 
 def _launch(a3, stride_as, T, S_out, M, N, R, lab_sr, lab_sc, out, *, labels=None, z=None, mu=None, rho=None,
@@ -324,7 +354,7 @@ def sws_linear(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_
     lab = labels.reshape(-1).contiguous()
     z = _rc.sample_codebook(means, chol, seed, S, mode, codebook_owner)
     delta = _rc.special_values(z, lab, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, S, mode, owner)
-    specials = _Specials(e_pos, o_pos, in_f, out_f, by_row=True, numel=out_f * in_f)
+    specials = _specials(e_pos, o_pos, in_f, out_f, True, out_f * in_f)
     y = empty((S, M, out_f), dtype=x.dtype, device=x.device)
     _launch(x3, sas, 1, S, M, out_f, in_f, in_f, 1, y, labels=lab, z=z, delta=delta, specials=specials,
             bias=bias, seed=seed, owner=owner, hier=(mode == _rc.HIER))
@@ -351,7 +381,7 @@ def sws_linear_dx(grad_y, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, 
     lab = labels.reshape(-1).contiguous()
     z = _rc.sample_codebook(means, chol, seed, S, mode, codebook_owner)
     delta = _rc.special_values(z, lab, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, S, mode, owner)
-    specials = _Specials(e_pos, o_pos, in_f, in_f, by_row=False, numel=out_f * in_f)
+    specials = _specials(e_pos, o_pos, in_f, in_f, False, out_f * in_f)
     S_out = S if per_sample else 1
     dx = empty((S_out, M, in_f), dtype=grad_y.dtype, device=grad_y.device)
     _launch(g3, g3.stride(0), 1 if per_sample else S, S_out, M, in_f, out_f, 1, in_f, dx, labels=lab, z=z,

@@ -99,8 +99,10 @@ def predict(model: nn.Module, x: torch.Tensor, samples: int = 30, *, seed=None, 
         if (type(m).__module__ or "").startswith("bayesian_torch") and hasattr(m, "kl_loss"):
             raise TypeError(f"model: module {name!r} is a bayesian-torch {type(m).__name__}, which cannot draw "
                             "one weight sample per slice; convert it with sws_kernels.convert.from_bayesian_torch")
-    with torch.no_grad(), sample_mode(S, seed, batch=B):
-        out = model(x.repeat(S, *([1] * (x.dim() - 1))))
+    xs = x.repeat(S, *([1] * (x.dim() - 1)))
+    # shared: the first Bayesian layer sees xs itself and makes one shared-input call (sample_mode's docstring)
+    with torch.no_grad(), sample_mode(S, seed, batch=B, shared=(xs, x)):
+        out = model(xs)
     if isinstance(out, tuple):  # bayesian-torch-style (out, kl)
         out = out[0]
     if out.dim() < 2 or out.shape[0] != S * B:

@@ -130,7 +130,7 @@ def label_dtype(num_components: int) -> torch.dtype:
 
 
 @contextlib.contextmanager
-def sample_mode(samples: int, seed=None, *, batch: Optional[int] = None):
+def sample_mode(samples: int, seed=None, *, batch: Optional[int] = None, shared=None):
     """Run a model with S weight samples in one pass: inputs to every Bayesian layer are ``[S*N, ...]``.
 
     The caller repeats the model input S times along the batch dimension (``x.repeat(S, 1, ...)``) and
@@ -140,13 +140,24 @@ def sample_mode(samples: int, seed=None, *, batch: Optional[int] = None):
     ``batch`` (N, optional; :func:`sws_kernels.predict` passes it) lets sequence-first models work: a linear
     layer whose input's dim 0 is not S*N but whose dim 1 is (e.g. an FFN inside a ``batch_first=False``
     transformer, [L, S*N, E]) unfolds the samples from dim 1. Without it the samples are always on dim 0.
+
+    ``shared`` (optional; :func:`sws_kernels.predict` passes it): ``(folded, x)``, the folded model input and the
+    batch it repeats. A layer whose input *is* ``folded`` (the model's first Bayesian layer) then makes one call
+    with x shared by the S samples instead of S identical slices: the same numbers up to float summation order,
+    and the shared-input paths apply (the label-histogram path of an SWS linear layer, issue 14).
     """
     global _FOLD
     samples = _checks.samples(samples)
     if batch is not None:
         batch = samples * _positive_int(batch, "batch")
+    if shared is not None:
+        if (not isinstance(shared, tuple) or len(shared) != 2 or not all(isinstance(t, torch.Tensor) for t in shared)
+                or shared[0].dim() < 1 or shared[1].dim() < 1 or shared[0].shape[0] != samples * shared[1].shape[0]
+                or shared[0].shape[1:] != shared[1].shape[1:]):
+            raise ValueError(f"shared: expected (folded, x) with folded = x repeated {samples} times along dim 0, "
+                             f"got {_checks.describe(shared)}")
     seed = draw_seed() if seed is None else seed
-    previous, _FOLD = _FOLD, (samples, seed, batch)
+    previous, _FOLD = _FOLD, (samples, seed, batch, shared)
     try:
         yield seed
     finally:
@@ -386,7 +397,10 @@ def _run_sampled(x, samples, seed, per_sample, call):
     """The sampling protocol shared by every layer (see the module docstring)."""
     fold = _FOLD
     if fold is not None and samples is None:
-        S, fseed, folded = fold
+        S, fseed, folded, shared = fold
+        if shared is not None and x is shared[0]:  # the folded model input itself: one shared-x call
+            y = call(shared[1], S, fseed, False)
+            return y.reshape(S * y.shape[1], *y.shape[2:])
         seq_first = folded is not None and x.dim() >= 3 and x.shape[0] != folded and x.shape[1] == folded
         if seq_first:  # [L, S*N, ...]: a sequence-first model (see sample_mode)
             x = x.transpose(0, 1)

@@ -233,3 +233,30 @@ def test_histogram_plan_reasons():
     assert _backend.histogram("native_cuda", 1, 16, 0, torch.float32, False, False)[0] is None
     big = _backend.LIMITS["cpu_histogram_max_m"].value + 1
     assert _backend.histogram("native_cpu", big, 10**6, 0, torch.float32, False, False)[0] is None
+
+
+def test_predict_takes_the_histogram_path_in_the_first_layer(monkeypatch):
+    """sws_kernels.predict folds S copies of x into the batch; the first layer's input is that folded tensor, so
+    it makes one shared-x call (sample_mode's `shared`) and the dispatch can pick the histogram path."""
+    if not native.AVAILABLE_CPU:
+        pytest.skip("native CPU backend not built")
+    from sws_kernels import nn as snn
+
+    calls = []
+    real = native.sws_linear_histogram_cpu_prepared
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(native, "sws_linear_histogram_cpu_prepared", counting)
+    gen = torch.Generator().manual_seed(3)
+    cb = snn.Codebook(12)
+    model = torch.nn.Sequential(snn.SWSLinear(40, 24, codebook=cb), torch.nn.ReLU(), snn.SWSLinear(24, 5, codebook=cb))
+    x = torch.randn(2, 40, generator=gen)
+    p = sws.predict(model, x, samples=16, seed=9)
+    assert len(calls) == 1  # the first layer; the second sees per-sample activations
+    with torch.no_grad(), snn.sample_mode(16, 9, batch=2):  # the same pass without `shared`: S identical slices
+        q = model(x.repeat(16, 1)).reshape(16, 2, 5).softmax(-1)
+    assert len(calls) == 1
+    torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

@@ -338,7 +338,7 @@ def _add_demo(sub) -> None:
     d.add_argument("--sws-epochs", type=int, help="SWS fine-tuning epochs (default epochs // 3; --fast 3)")
     d.add_argument("--samples", type=int, help="Monte Carlo samples at evaluation (default 16; --fast 4)")
     d.add_argument("--train-samples", type=int, help="Monte Carlo samples per training step (default 1)")
-    d.add_argument("--components", type=int, help="codebook size K requested from to_sws (default 128; --fast 32)")
+    d.add_argument("--components", type=int, help="codebook size K requested from to_sws (default 64; --fast 32)")
     d.add_argument("--batch-size", type=int, help="training batch size (default 64)")
     d.add_argument("--lr", type=float, help="learning rate of the deterministic and mean-field training")
     d.add_argument("--sws-lr", type=float, help="learning rate of the SWS fine-tuning")

@@ -693,9 +693,13 @@ def _overrides(n, in_f, out_f, e_pos, o_pos):
     return mask, rows, pos, idx
 
 
-def _linear_x(x, bias, out_f, in_f, S, per_sample, dtype, dev):
-    """(x contiguous, M, bias float32 or None): the fused linear's input checks, shared by CPU and CUDA."""
-    x = _check(x, "x", dtype, dev)
+def _linear_x(x, bias, out_f, in_f, S, per_sample, dtype, dev, cpu: bool = False):
+    """(x contiguous, M, bias float32 or None): the fused linear's input checks, shared by CPU and CUDA. ``cpu``:
+    the caller's bundle is a CPU one (``Tensor.is_cpu`` then replaces a ~0.3 us torch.device comparison)."""
+    if cpu and x.dtype is dtype and x.is_cpu:
+        x = x.contiguous()
+    else:
+        x = _check(x, "x", dtype, dev)
     per = in_f * (S if per_sample else 1)
     M = x.numel() // per if x.dim() >= 1 and x.shape[-1] == in_f and per > 0 else 0
     if M == 0 or x.numel() != M * per or (per_sample and x.shape[0] != S):
@@ -703,9 +707,13 @@ def _linear_x(x, bias, out_f, in_f, S, per_sample, dtype, dev):
         raise ValueError(f"x: expected {what}, got {tuple(x.shape)}")
     b = None
     if bias is not None:
-        b = _check(bias.to(torch.float32), "bias", torch.float32, dev)
-        if tuple(b.shape) not in ((out_f,), (S, out_f)):
-            raise ValueError(f"bias: expected [{out_f}] or [{S}, {out_f}], got {tuple(b.shape)}")
+        if cpu and bias.dtype is torch.float32 and bias.is_cpu:
+            b = bias.contiguous()
+        else:
+            b = _check(bias.to(torch.float32), "bias", torch.float32, dev)
+        bs = b.shape
+        if not (bs == (out_f,) or bs == (S, out_f)):
+            raise ValueError(f"bias: expected [{out_f}] or [{S}, {out_f}], got {tuple(bs)}")
     return x, M, b
 
 
@@ -763,7 +771,7 @@ def sws_linear_cpu(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu
 def sws_linear_cpu_prepared(p: Prepared, x, bias, seed, S: int, per_sample: bool) -> torch.Tensor:
     """:func:`sws_linear_cpu` on a :class:`Prepared` bundle (of a 2-d labels tensor, paper or mean mode)."""
     out_f, in_f = p.shape
-    x, M, b = _linear_x(x, bias, out_f, in_f, S, per_sample, torch.float32, p.device)
+    x, M, b = _linear_x(x, bias, out_f, in_f, S, per_sample, torch.float32, p.device, cpu=True)
     if M > LINEAR_CPU_MAX_M:
         raise ValueError(f"sws_linear_cpu: at most {LINEAR_CPU_MAX_M} rows per sample, got {M}")
     y = torch.empty((S, M, out_f), dtype=torch.float32)
@@ -796,7 +804,7 @@ def sws_linear_histogram_cpu(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o
 def sws_linear_histogram_cpu_prepared(p: Prepared, x, bias, seed, S: int) -> torch.Tensor:
     """:func:`sws_linear_histogram_cpu` on a :class:`Prepared` bundle (2-d labels, paper or mean mode)."""
     out_f, in_f = p.shape
-    x, M, b = _linear_x(x, bias, out_f, in_f, S, False, torch.float32, p.device)
+    x, M, b = _linear_x(x, bias, out_f, in_f, S, False, torch.float32, p.device, cpu=True)
     y = torch.empty((S, M, out_f), dtype=torch.float32)
     lin = _C.LinearArgs(out_f, in_f, x.data_ptr(), 0, M, False, 0 if b is None else b.data_ptr(),
                         b is not None and b.dim() == 2, y.data_ptr())

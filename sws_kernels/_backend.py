@@ -53,7 +53,7 @@ def _triton_status() -> Tuple[bool, str]:
     return False, "no GPU and TRITON_INTERPRET unset"
 
 
-_BACKENDS_CACHE: Dict[Optional[str], Dict[str, Tuple[bool, str]]] = {}
+_BACKENDS_CACHE: Dict[object, Dict[str, Tuple[bool, str]]] = {}  # keyed by interpret()
 
 
 def backends() -> Dict[str, Tuple[bool, str]]:
@@ -61,7 +61,7 @@ def backends() -> Dict[str, Tuple[bool, str]]:
 
     Cached (every op call asks): what is installed and which GPUs exist does not change within a process.
     The key is TRITON_INTERPRET, the one setting a process may flip (tests do)."""
-    key = os.environ.get("TRITON_INTERPRET")
+    key = interpret()
     out = _BACKENDS_CACHE.get(key)
     if out is None:
         out = _BACKENDS_CACHE[key] = {
@@ -117,7 +117,7 @@ def select(op: str, device: torch.device, dtype: torch.dtype) -> Tuple[str, Call
 
     Memoised per (op, device, dtype, forced choice, TRITON_INTERPRET): the answer depends on nothing else, and
     every op call asks (several times per layer call)."""
-    key = (op, device, dtype, _current.get(), os.environ.get("TRITON_INTERPRET"))
+    key = (op, device, dtype, _current.get(), interpret())
     hit = _SELECT_CACHE.get(key)
     if hit is None:
         hit = _SELECT_CACHE[key] = _select(op, device, dtype)

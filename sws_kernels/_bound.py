@@ -325,14 +325,35 @@ def _mf_binding(layer) -> Optional[_MFBinding]:
     return b
 
 
+def _mf_sample(b, bmu, seed, S):
+    """(sampled weights [S, *shape], sampled bias [S, out] or the bias mean or None) from the native bundles."""
+    w = native.mean_field_reconstruct_prepared(b.prep_w, seed, S)
+    bias = native.mean_field_reconstruct_prepared(b.prep_b, seed, S) if b.prep_b is not None else bmu
+    return w, bias
+
+
+def _mf_ready(layer, S: int):
+    """(binding, mu, rho, bias_mu, bias_rho) when the native bundles serve this layer's call, else None."""
+    if not _usable():
+        return None
+    b = _mf_binding(layer)
+    if b is None or b.prep_w is None:
+        return None
+    mu, rho, bmu, brho = _mf_current(layer)
+    if brho is not None and b.prep_b is None:
+        return None
+    if 4 * S * mu.numel() > _checks._FIT_FLOOR:
+        _checks.samples_fit(S, mu.numel(), mu.device)
+    return b, mu, rho, bmu, brho
+
+
 class _MFLinearFn(torch.autograd.Function):
     """One mean-field linear call (weights and sampled bias) over native bundles."""
 
     @staticmethod
     def forward(ctx, x, mu, rho, bmu, brho, call):
         b, seed, S, ps = call
-        w = native.mean_field_reconstruct_prepared(b.prep_w, seed, S)
-        bias = native.mean_field_reconstruct_prepared(b.prep_b, seed, S) if b.prep_b is not None else bmu
+        w, bias = _mf_sample(b, bmu, seed, S)
         y = _ops._vendor_linear(x, w, bias, ps)
         ctx.save_for_backward(x, mu, rho, bmu, brho)
         ctx.call = call
@@ -362,18 +383,12 @@ class _MFLinearFn(torch.autograd.Function):
 
 def mean_field_linear(layer, x, S: int, seed, ps: bool):
     """The mean-field linear layer's call over native bundles, or None (general path)."""
-    if not _usable() or not isinstance(x, torch.Tensor):
+    ready = _mf_ready(layer, S) if isinstance(x, torch.Tensor) else None
+    if ready is None:
         return None
-    b = _mf_binding(layer)
-    if b is None or b.prep_w is None:
-        return None
-    mu, rho, bmu, brho = _mf_current(layer)
-    if brho is not None and b.prep_b is None:
-        return None
+    b, mu, rho, bmu, brho = ready
     dev = mu.device
     out_f, in_f = mu.shape
-    if 4 * S * mu.numel() > _checks._FIT_FLOOR:
-        _checks.samples_fit(S, mu.numel(), dev)
     if (not x.dtype.is_floating_point or x.device != dev or x.dim() < 1 or x.shape[-1] != in_f
             or (ps and (x.dim() < 2 or x.shape[0] != S))):
         return None  # the general path raises the precise error
@@ -383,8 +398,7 @@ def mean_field_linear(layer, x, S: int, seed, ps: bool):
     seed = _seed_for(seed, dev, backend)
     if _grad_needed((x, mu, rho, bmu, brho)):
         return _MFLinearFn.apply(x, mu, rho, bmu, brho, (b, seed, S, ps))
-    w = native.mean_field_reconstruct_prepared(b.prep_w, seed, S)
-    bias = native.mean_field_reconstruct_prepared(b.prep_b, seed, S) if b.prep_b is not None else bmu
+    w, bias = _mf_sample(b, bmu, seed, S)
     return _ops._vendor_linear(x, w, bias, ps)
 
 
@@ -406,16 +420,10 @@ class _MFReconstructFn(torch.autograd.Function):
 def mean_field_weights(layer, S: int, seed):
     """(sampled weights [S, *shape], sampled bias [S, out] or the bias mean or None) over native bundles, or
     None (general path). The conv layers' path."""
-    if not _usable():
+    ready = _mf_ready(layer, S)
+    if ready is None:
         return None
-    b = _mf_binding(layer)
-    if b is None or b.prep_w is None:
-        return None
-    mu, rho, bmu, brho = _mf_current(layer)
-    if brho is not None and b.prep_b is None:
-        return None
-    if 4 * S * mu.numel() > _checks._FIT_FLOOR:
-        _checks.samples_fit(S, mu.numel(), mu.device)
+    b, mu, rho, bmu, brho = ready
     backend = _backend.select("mean_field_reconstruct", mu.device, mu.dtype)[0]
     if backend not in _NATIVE:
         return None
@@ -424,9 +432,7 @@ def mean_field_weights(layer, S: int, seed):
         w = _MFReconstructFn.apply(mu, rho, b.prep_w, seed, S)
         bias = _MFReconstructFn.apply(bmu, brho, b.prep_b, seed, S) if b.prep_b is not None else bmu
         return w, bias
-    w = native.mean_field_reconstruct_prepared(b.prep_w, seed, S)
-    bias = native.mean_field_reconstruct_prepared(b.prep_b, seed, S) if b.prep_b is not None else bmu
-    return w, bias
+    return _mf_sample(b, bmu, seed, S)
 
 
 def _scalar(t) -> Optional[float]:

@@ -409,28 +409,24 @@ def _rebind(args, fields, tensors, ptrs) -> None:
         setattr(args, name, ptr)
 
 
-class Prepared:
-    """A checked reconstruct-family argument bundle that can be launched many times.
+class _Bundle:
+    """A checked argument bundle launched many times (:class:`Prepared`, :class:`MFPrepared`): ``args`` the C++
+    struct, ``tensors`` the contiguous tensors it points into (kept referenced), ``aliases`` True when every one is
+    the caller's own tensor (no contiguous copy: only then does the bundle follow in-place parameter updates).
 
-    ``args`` is the ``_C.ReconstructArgs`` every reconstruct/linear entry point takes, ``tensors`` the contiguous
-    (means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho) it points into (kept referenced here).
     The per-call fields (seed, samples) are written by :meth:`call` right before each launch, under ``lock`` (two
-    threads calling one layer must not launch with each other's seed), so a layer can keep
-    one Prepared for as long as its tensors keep their addresses (sws_kernels/_bound.py) and skip
-    :func:`prepare`'s ~15 checks per call. ``aliases`` is True when every tensor is the caller's own (no
-    contiguous copy): only then does a Prepared follow in-place updates of the parameters.
+    threads calling one layer must not launch with each other's seed). Addresses are re-read on every launch: a
+    tensor whose storage moved since the bundle was built (FSDP2 frees a layer's parameters after its forward and
+    gathers them into new memory before its backward; ``.data`` replacement) is launched at its current address,
+    never at the old one. A layer keeps one bundle for as long as its tensors are the same objects
+    (sws_kernels/_bound.py) and skips the ~15 checks of :func:`prepare` per call."""
 
-    Addresses are re-read on every launch: a tensor whose storage moved since the bundle was built (FSDP2 frees a
-    layer's parameters after its forward and gathers them into new memory before its backward; ``.data``
-    replacement) is launched at its current address, never at the old one.
-    """
+    __slots__ = ("args", "tensors", "cuda", "device", "shape", "aliases", "lock", "ptrs")
+    _FIELDS: Tuple[str, ...] = ()  # the address fields of ``args``, in the order of ``tensors``
 
-    __slots__ = ("args", "tensors", "cuda", "device", "K", "shape", "aliases", "lock", "ptrs")
-    _FIELDS = ("means", "chol", "labels", "e_pos", "e_a", "e_b", "e_alpha", "o_pos", "o_mu", "o_rho")
-
-    def __init__(self, args, tensors, cuda, device, K, shape, aliases):
+    def __init__(self, args, tensors, cuda, device, shape, aliases):
         self.args, self.tensors, self.cuda, self.device = args, tensors, cuda, device
-        self.K, self.shape, self.aliases = K, shape, aliases
+        self.shape, self.aliases = shape, aliases
         self.lock = threading.Lock()
         self.ptrs = list(map(_PTR, tensors))
 
@@ -447,6 +443,18 @@ class Prepared:
             a.seed_dev = _seed_dev(seed, self.device)
         a.S = samples
         return a
+
+
+class Prepared(_Bundle):
+    """The reconstruct family's bundle: ``_C.ReconstructArgs`` over (means, chol, labels, e_pos, e_a, e_b, e_alpha,
+    o_pos, o_mu, o_rho); ``K`` components, ``shape`` the labels' shape."""
+
+    __slots__ = ("K",)
+    _FIELDS = ("means", "chol", "labels", "e_pos", "e_a", "e_b", "e_alpha", "o_pos", "o_mu", "o_rho")
+
+    def __init__(self, args, tensors, cuda, device, K, shape, aliases):
+        super().__init__(args, tensors, cuda, device, shape, aliases)
+        self.K = K
 
 
 def prepare(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, mode, owner,
@@ -551,30 +559,11 @@ def reconstruct_backward_prepared(p: Prepared, grad_w, seed, S: int, index=None)
 # mean-field reconstruct: w[s] = mu + softplus(rho) eps[s] (CPU: csrc/cpu/mean_field.cpp)
 # ------------------------------------------------------------------------------------------------------
 
-class MFPrepared:
-    """The mean-field counterpart of :class:`Prepared`: a checked ``_C.MeanFieldArgs`` bundle over contiguous
-    (mu, rho), launched many times with per-call seed and samples."""
+class MFPrepared(_Bundle):
+    """The mean-field bundle: ``_C.MeanFieldArgs`` over contiguous (mu, rho); ``shape`` mu's shape."""
 
-    __slots__ = ("args", "tensors", "cuda", "device", "shape", "aliases", "lock", "ptrs")
+    __slots__ = ()
     _FIELDS = ("mu", "rho")
-
-    def __init__(self, args, tensors, cuda, device, shape, aliases):
-        self.args, self.tensors, self.cuda, self.device, self.shape, self.aliases = (args, tensors, cuda, device,
-                                                                                    shape, aliases)
-        self.lock = threading.Lock()
-        self.ptrs = list(map(_PTR, tensors))
-
-    def call(self, seed, samples: int):
-        a = self.args
-        ptrs = list(map(_PTR, self.tensors))
-        if ptrs != self.ptrs:  # see Prepared: launched at the tensors' current addresses
-            _rebind(a, self._FIELDS, self.tensors, ptrs)
-            self.ptrs = ptrs
-        a.seed = _seed(seed)
-        if self.cuda:
-            a.seed_dev = _seed_dev(seed, self.device)
-        a.S = samples
-        return a
 
 
 def prepare_mean_field(mu, rho, owner, purpose) -> MFPrepared:

@@ -208,6 +208,19 @@ def samples_fit(S: int, n: int, device, what: str = "weights") -> None:
                          f"different seeds give more)")
 
 
+def conv_x(x, S: int, per_sample: bool, spatial: int, device) -> None:
+    """The input checks every conv path shares: a float tensor on ``device`` with [N, C, *spatial] dimensions, or
+    [S, N, C, *spatial] with per_sample."""
+    activations(x, "x", device)
+    want = spatial + 2 + (1 if per_sample else 0)
+    if x.dim() != want:
+        what = "[samples, N, C, *spatial]" if per_sample else "[N, C, *spatial]"
+        raise ValueError(f"x: expected {want} dimensions {what}, got {describe(x)}")
+    if per_sample and x.shape[0] != S:
+        raise ValueError(f"x: expected a leading sample dimension of size {S} with per_sample=True, "
+                         f"got {describe(x)}")
+
+
 def conv_input(x, w_shape, groups: int, padding, dilation, spatial: int) -> None:
     """PyTorch's conv input checks as our errors: x's channel count against the kernel [out, in/groups, *k], and
     each padded spatial size against the dilated kernel. x is [N, C, *spatial] (any leading dims before N)."""

@@ -138,14 +138,7 @@ def _conv_all_samples(conv, x, w, bias, stride, padding, dilation, groups, per_s
     """
     S, out_f = w.shape[0], w.shape[1]
     # the checks of reference._conv (same messages)
-    _checks.activations(x, "x", w.device)
-    want = spatial + 2 + (1 if per_sample else 0)
-    if x.dim() != want:
-        what = "[samples, N, C, *spatial]" if per_sample else "[N, C, *spatial]"
-        raise ValueError(f"x: expected {want} dimensions {what}, got {_checks.describe(x)}")
-    if per_sample and x.shape[0] != S:
-        raise ValueError(f"x: expected a leading sample dimension of size {S} with per_sample=True, "
-                         f"got {_checks.describe(x)}")
+    _checks.conv_x(x, S, per_sample, spatial, w.device)
     if not isinstance(groups, int) or groups < 1 or out_f % groups:
         raise ValueError(f"groups: expected a positive int dividing out_channels = {out_f}, got {groups!r}")
     _checks.conv_input(x, w.shape[1:], groups, padding, dilation, spatial)

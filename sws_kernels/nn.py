@@ -246,14 +246,7 @@ def _vendor_conv_all_samples(transposed: bool, spatial: int, x, w, bias, stride,
     groups pair every input slice with its own kernels. -> [S, N, out, *spatial_out].
     """
     S = w.shape[0]
-    _checks.activations(x, "x", w.device)
-    want = spatial + 2 + (1 if per_sample else 0)
-    if x.dim() != want:
-        what = "[samples, N, C, *spatial]" if per_sample else "[N, C, *spatial]"
-        raise ValueError(f"x: expected {want} dimensions {what}, got {_checks.describe(x)}")
-    if per_sample and x.shape[0] != S:
-        raise ValueError(f"x: expected a leading sample dimension of size {S} with per_sample=True, "
-                         f"got {_checks.describe(x)}")
+    _checks.conv_x(x, S, per_sample, spatial, w.device)
     w = w.to(x.dtype)
     kshape = w.shape[3:]
     g = groups

@@ -251,14 +251,7 @@ def _linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], per_
 
 def _conv(conv, x, w, bias, stride, padding, dilation, groups, per_sample: bool, spatial: int):
     S = w.shape[0]
-    _checks.activations(x, "x", w.device)
-    want = spatial + 2 + (1 if per_sample else 0)
-    if x.dim() != want:
-        what = "[samples, N, C, *spatial]" if per_sample else "[N, C, *spatial]"
-        raise ValueError(f"x: expected {want} dimensions {what}, got {_checks.describe(x)}")
-    if per_sample and x.shape[0] != S:
-        raise ValueError(f"x: expected a leading sample dimension of size {S} with per_sample=True, "
-                         f"got {_checks.describe(x)}")
+    _checks.conv_x(x, S, per_sample, spatial, w.device)
     if isinstance(groups, int) and groups >= 1:  # else the vendor conv raises its own error for groups
         _checks.conv_input(x, w.shape[1:], groups, padding, dilation, spatial)
     w = w.to(x.dtype)

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from . import reconstruct as _rc
 from ._launch import GPU_TILES, INTERPRET_C, empty, launch
-from .linear import _specials
+from .linear import _mma, _specials  # _mma: acc += a @ b, fp32 accumulation (tf32x3 for fp32)
 
 BE = 16  # specials per epilogue step (the smallest tl.dot inner size)
 _MIN_PROGRAMS = 1024 if GPU_TILES else 1  # split the columns until this many programs (1: no split, interpreter)
@@ -37,19 +37,6 @@ def _tiles():
     """(BJ, BI, num_warps): output rows per program, label columns per step. GPU: one-hot factors [16, 16, 32]
     (8192 elements each) next to H [16, 16, 16] and the accumulator [16, SP <= 64]. Interpreter: the same."""
     return 16, 16, 8
-
-
-@triton.jit
-def _dot(acc, a, b):
-    """acc += a @ b with float32 accumulation: IEEE under the interpreter (whose bf16 dot is wrong: upcast);
-    on a GPU fp32 operands use tf32x3 (fp32 accuracy on tensor cores), bf16/fp16 operands go as they are (the
-    one-hot factor is exact in them)."""
-    if INTERPRET_C:
-        return acc + tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    elif a.dtype == tl.float32:
-        return tl.dot(a, b, acc, input_precision="tf32x3")
-    else:
-        return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -135,7 +122,7 @@ def _histogram_kernel(x_ptr, lab_ptr, zt_ptr, dt_ptr, sp_ptr_ptr, sp_r_ptr, sp_j
             xr = tl.load(x_row + rr, mask=me, other=0.0).to(tl.float32)
             a = tl.where((nn[None, :] == tl.arange(0, BJ)[:, None]) & me[None, :], xr[None, :], 0.0)
             d = tl.load(dt_ptr + jj[:, None] * SP + offs_s[None, :], mask=me[:, None], other=0.0)
-            acc = _dot(acc, a, d)
+            acc = _mma(acc, a, d)
     # Stage 4: bias, store y[s, m, j].
     ms = offs_s < S
     if HAS_BIAS:

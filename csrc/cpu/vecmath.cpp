@@ -172,12 +172,11 @@ SWS_AVX2 inline void box_muller8(__m256i wa, __m256i wb, __m256& x, __m256& y) {
 }
 
 // The 32 normals of counters j .. j+7 in stream order (element 4(j + l) + t = lane l of output t).
-SWS_AVX2 inline void normals8(const uint32_t* ks0, const uint32_t* ks1, uint32_t j, __m256i c1i, __m256i c2i,
-                              __m256i c3i, float* out) {
+// Philox4x32-10 on 8 counters at once (the rounds of csrc/philox.h, lane-wise): c0..c3 in, the outputs out.
+SWS_AVX2 inline void philox8(const uint32_t* ks0, const uint32_t* ks1, __m256i& c0, __m256i& c1, __m256i& c2,
+                             __m256i& c3) {
   const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0));
   const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
-  __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(j)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  __m256i c1 = c1i, c2 = c2i, c3 = c3i;
   for (int r = 0; r < 10; ++r) {
     __m256i hi0, lo0, hi1, lo1;
     mulhilo8(m0, c0, hi0, lo0);
@@ -189,6 +188,13 @@ SWS_AVX2 inline void normals8(const uint32_t* ks0, const uint32_t* ks1, uint32_t
     c2 = n2;
     c3 = lo0;
   }
+}
+
+SWS_AVX2 inline void normals8(const uint32_t* ks0, const uint32_t* ks1, uint32_t j, __m256i c1i, __m256i c2i,
+                              __m256i c3i, float* out) {
+  __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(j)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  __m256i c1 = c1i, c2 = c2i, c3 = c3i;
+  philox8(ks0, ks1, c0, c1, c2, c3);
   __m256 v0, v1, v2, v3;
   box_muller8(c0, c1, v0, v1);
   box_muller8(c2, c3, v2, v3);
@@ -293,19 +299,7 @@ SWS_AVX2 void gather1_avx2(const L* lab, int64_t n, const float* z, float* out, 
 // computed and dropped.
 SWS_AVX2 inline __m256 normal8_at(const uint32_t* ks0, const uint32_t* ks1, __m256i c0, __m256i c1, __m256i c2,
                                   __m256i c3, __m256i t) {
-  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0));
-  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
-  for (int r = 0; r < 10; ++r) {
-    __m256i hi0, lo0, hi1, lo1;
-    mulhilo8(m0, c0, hi0, lo0);
-    mulhilo8(m1, c2, hi1, lo1);
-    const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(ks0[r])));
-    const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(ks1[r])));
-    c0 = n0;
-    c1 = lo1;
-    c2 = n2;
-    c3 = lo0;
-  }
+  philox8(ks0, ks1, c0, c1, c2, c3);
   const __m256i upper = _mm256_cmpgt_epi32(t, _mm256_set1_epi32(1));  // element % 4 >= 2: words 2, 3
   const __m256i odd = _mm256_cmpeq_epi32(_mm256_and_si256(t, _mm256_set1_epi32(1)), _mm256_set1_epi32(1));
   __m256 x, y;

@@ -35,22 +35,51 @@ def _outliers(o_pos, o_mu, o_rho):
     return None if o_pos.numel() == 0 else (o_pos, o_mu, o_rho)
 
 
+# Global element mapping of a shard (tensor parallelism, reference.element_map): every op takes trailing
+# ``elem_offset`` (int, default 0) and ``row_stride`` (int, default 0 = the local row length): the identity, under
+# which every kernel runs exactly as before. A non-identity mapping goes to kernels that declare support for it
+# (attribute ``sws_elem_map``), else to the reference.
+
+def _row_len(t: Tensor) -> int:
+    return t.numel() // t.shape[0] if t.dim() and t.shape[0] else (1 if t.dim() == 0 else 0)
+
+
+def _identity_map(elem_offset: int, row_stride: int, row_len: int) -> bool:
+    return elem_offset == 0 and row_stride in (0, row_len)
+
+
+def _map_kwargs(kernel, elem_offset: int, row_stride: int, row_len: int):
+    """{} for the identity map (the kernels' own defaults); the mapping for kernels that take one; None when the
+    kernel does not (the caller then runs the reference)."""
+    if _identity_map(elem_offset, row_stride, row_len):
+        return {}
+    if kernel is not None and getattr(kernel, "sws_elem_map", False):
+        return {"elem_offset": elem_offset, "row_stride": row_stride or row_len}
+    return None
+
+
+def _ref_stride(row_stride: int):
+    return None if row_stride == 0 else row_stride
+
+
 # ------------------------------------------------------------------------------------------------------
 # reconstruct
 # ------------------------------------------------------------------------------------------------------
 
 def _reconstruct_impl(means: Tensor, chol: Tensor, labels: Tensor, e_pos: Tensor, e_a: Tensor, e_b: Tensor,
                 e_alpha: Tensor, o_pos: Tensor, o_mu: Tensor, o_rho: Tensor, seed: Tensor, samples: int, mode: int,
-                owner: int, codebook_owner: int) -> Tensor:
+                owner: int, codebook_owner: int, elem_offset: int = 0, row_stride: int = 0) -> Tensor:
     """Sampled weights [samples, *labels.shape] (SPEC.md section 5, reconstruct)."""
     name, kernel, why = _backend.select("reconstruct", means.device, means.dtype)
     log.debug("reconstruct: backend %s (%s)", name, why)
-    if kernel is None:
+    mk = _map_kwargs(kernel, elem_offset, row_stride, _row_len(labels))
+    if kernel is None or mk is None:
         return reference.reconstruct(means, chol, labels, _ellipse(e_pos, e_a, e_b, e_alpha),
                                      _outliers(o_pos, o_mu, o_rho), seed=seed, samples=samples,
-                                     mode=_MODES[mode], owner=owner, codebook_owner=codebook_owner).contiguous()
+                                     mode=_MODES[mode], owner=owner, codebook_owner=codebook_owner,
+                                     elem_offset=elem_offset, row_stride=_ref_stride(row_stride)).contiguous()
     return kernel(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode, owner,
-                  codebook_owner)
+                  codebook_owner, **mk)
 
 
 reconstruct = torch.library.custom_op("sws_kernels::reconstruct", _reconstruct_impl, mutates_args=())
@@ -58,24 +87,27 @@ reconstruct = torch.library.custom_op("sws_kernels::reconstruct", _reconstruct_i
 
 @reconstruct.register_fake
 def _(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode, owner,
-      codebook_owner):
+      codebook_owner, elem_offset=0, row_stride=0):
     return means.new_empty((samples, *labels.shape))
 
 
 def _reconstruct_backward_impl(grad_w: Tensor, means: Tensor, chol: Tensor, labels: Tensor, e_pos: Tensor, e_a: Tensor,
                          e_b: Tensor, e_alpha: Tensor, o_pos: Tensor, o_mu: Tensor, o_rho: Tensor, seed: Tensor,
                          samples: int, mode: int, owner: int,
-                         codebook_owner: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                         codebook_owner: int, elem_offset: int = 0,
+                         row_stride: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """dW -> (d means, d chol, d outlier mu, d outlier rho), noise regenerated from the seed."""
     name, kernel, why = _backend.select("reconstruct_backward", means.device, means.dtype)
     log.debug("reconstruct_backward: backend %s (%s)", name, why)
-    if kernel is None:
+    mk = _map_kwargs(kernel, elem_offset, row_stride, _row_len(labels))
+    if kernel is None or mk is None:
         g = reference.reconstruct_backward(grad_w, means, chol, labels, _ellipse(e_pos, e_a, e_b, e_alpha),
                                            _outliers(o_pos, o_mu, o_rho), seed=seed, samples=samples,
-                                           mode=_MODES[mode], owner=owner, codebook_owner=codebook_owner)
+                                           mode=_MODES[mode], owner=owner, codebook_owner=codebook_owner,
+                                           elem_offset=elem_offset, row_stride=_ref_stride(row_stride))
         return tuple(t.contiguous() for t in g)
     return kernel(grad_w, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode,
-                  owner, codebook_owner)
+                  owner, codebook_owner, **mk)
 
 
 reconstruct_backward = torch.library.custom_op("sws_kernels::reconstruct_backward", _reconstruct_backward_impl, mutates_args=())
@@ -83,17 +115,18 @@ reconstruct_backward = torch.library.custom_op("sws_kernels::reconstruct_backwar
 
 @reconstruct_backward.register_fake
 def _(grad_w, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode, owner,
-      codebook_owner):
+      codebook_owner, elem_offset=0, row_stride=0):
     return means.new_empty(means.shape), chol.new_empty(chol.shape), o_mu.new_empty(o_mu.shape), \
         o_rho.new_empty(o_rho.shape)
 
 
 def _reconstruct_setup(ctx, inputs, output):
     (means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode, owner,
-     codebook_owner) = inputs
+     codebook_owner, *emap) = inputs
     # Only parameters and indices are saved: the noise is regenerated from (seed, samples) in backward.
     ctx.save_for_backward(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed)
-    ctx.args = (samples, mode, owner, codebook_owner)
+    ctx.args = (samples, mode, owner, codebook_owner, *emap)
+    ctx.n_map = len(emap)
 
 
 def _reconstruct_backward(ctx, grad, eager: bool = False):
@@ -101,7 +134,8 @@ def _reconstruct_backward(ctx, grad, eager: bool = False):
     rb = _reconstruct_backward_impl if eager else torch.ops.sws_kernels.reconstruct_backward
     g_means, g_chol, g_mu, g_rho = rb(grad.contiguous(), *saved, seed, *ctx.args)
     # alpha is a buffer (SPEC.md section 2): not trained, no gradient.
-    return g_means, g_chol, None, None, None, None, None, None, g_mu, g_rho, None, None, None, None, None
+    return (g_means, g_chol, None, None, None, None, None, None, g_mu, g_rho, None, None, None, None, None,
+            *([None] * ctx.n_map))
 
 
 torch.library.register_autograd("sws_kernels::reconstruct", _reconstruct_backward, setup_context=_reconstruct_setup)
@@ -128,15 +162,15 @@ for _name in ("native_cpu", "native_cuda"):
 # bound: reconstruct -> cuBLAS. The op's autograd then runs the native reconstruct backward on dW.
 # (_linear/_dx_reference are looked up at call time.)
 def _native_sws_linear(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed, samples,
-                       mode, owner, codebook_owner, per_sample, *, fused: bool):
+                       mode, owner, codebook_owner, per_sample, *, fused: bool, **emap):
     lead = x.shape[1:-1] if per_sample else x.shape[:-1]
     if fused:  # _backend.plan checked the fused kernel's limits (LIMITS cuda/cpu_fused_max_m, dtype, mode)
         run = native.sws_linear_cuda if x.is_cuda else native.sws_linear_cpu
         y = run(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed, samples, mode, owner,
-                codebook_owner, per_sample)
+                codebook_owner, per_sample, **emap)
         return y.reshape(samples, *lead, labels.shape[0])
     w = native.reconstruct(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode,
-                           owner, codebook_owner)
+                           owner, codebook_owner, **emap)
     return _vendor_linear(x, w, bias, per_sample)
 
 
@@ -151,19 +185,19 @@ def _vendor_linear(x, w, bias, per_sample: bool) -> Tensor:
 
 
 def _native_sws_linear_dx(grad_y, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples,
-                          mode, owner, codebook_owner, per_sample, *, fused: bool = False):
+                          mode, owner, codebook_owner, per_sample, *, fused: bool = False, **emap):
     w = native.reconstruct(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode,
-                           owner, codebook_owner)
+                           owner, codebook_owner, **emap)
     return _dx_reference(grad_y, w, samples, per_sample, labels.shape[1])
 
 
-def _native_mean_field_linear(x, mu, rho, bias, seed, samples, owner, per_sample, *, fused: bool = False):
-    w = native.mean_field_reconstruct(mu, rho, seed, samples, owner, 0)
+def _native_mean_field_linear(x, mu, rho, bias, seed, samples, owner, per_sample, *, fused: bool = False, **emap):
+    w = native.mean_field_reconstruct(mu, rho, seed, samples, owner, 0, **emap)
     return _vendor_linear(x, w, bias, per_sample)
 
 
-def _native_mean_field_linear_dx(grad_y, mu, rho, seed, samples, owner, per_sample, *, fused: bool = False):
-    w = native.mean_field_reconstruct(mu, rho, seed, samples, owner, 0)
+def _native_mean_field_linear_dx(grad_y, mu, rho, seed, samples, owner, per_sample, *, fused: bool = False, **emap):
+    w = native.mean_field_reconstruct(mu, rho, seed, samples, owner, 0, **emap)
     return _dx_reference(grad_y, w, samples, per_sample, mu.shape[1])
 
 
@@ -174,78 +208,89 @@ for _name in ("native_cpu", "native_cuda"):
     _backend.register_kernel("mean_field_linear_dx", _name)(_native_mean_field_linear_dx)
 
 
-def call_reconstruct(a: _checks.SWSArgs) -> Tensor:
+def call_reconstruct(a: _checks.SWSArgs, elem_offset: int = 0, row_stride: int = 0) -> Tensor:
     """Run the reconstruct op on validated arguments (see :func:`sws_kernels._checks.sws`)."""
+    emap = () if elem_offset == 0 and row_stride == 0 else (elem_offset, row_stride)
     return _call("reconstruct", a.means, a.chol, a.labels, a.e_pos, a.e_a, a.e_b, a.e_alpha, a.o_pos, a.o_mu, a.o_rho,
                  philox.seed_tensor(a.seed, a.means.device), a.samples, _checks.MODE_CODES[a.mode], a.owner,
-                 a.codebook_owner)
+                 a.codebook_owner, *emap)
 
 
 # ------------------------------------------------------------------------------------------------------
 # mean-field reconstruct (SPEC.md section 3, last paragraph): w[s] = mu + softplus(rho) eps[s]
 # ------------------------------------------------------------------------------------------------------
 
-def _mf_reference_backward(grad_w, mu, rho, seed, samples, owner, purpose):
-    eps = reference._dense_noise(seed, samples, mu.numel(), owner=owner, purpose=purpose, dtype=mu.dtype,
-                                 device=mu.device).view(samples, *mu.shape)
+def _mf_reference_backward(grad_w, mu, rho, seed, samples, owner, purpose, elem_offset=0, row_stride=0):
+    eps = reference._mapped_dense_noise(seed, samples, tuple(mu.shape), owner=owner, purpose=purpose, dtype=mu.dtype,
+                                        device=mu.device, elem_offset=elem_offset,
+                                        row_stride=_ref_stride(row_stride)).view(samples, *mu.shape)
     g = grad_w.to(mu.dtype)
     return g.sum(0), ((g * eps).sum(0) * reference.softplus_grad(rho))
 
 
-def _mean_field_reconstruct_impl(mu: Tensor, rho: Tensor, seed: Tensor, samples: int, owner: int, purpose: int) -> Tensor:
+def _mean_field_reconstruct_impl(mu: Tensor, rho: Tensor, seed: Tensor, samples: int, owner: int, purpose: int,
+                                 elem_offset: int = 0, row_stride: int = 0) -> Tensor:
     """[samples, *mu.shape]; ``purpose`` 0 for weights, 2 for a sampled bias."""
     name, kernel, why = _backend.select("mean_field_reconstruct", mu.device, mu.dtype)
     log.debug("mean_field_reconstruct: backend %s (%s)", name, why)
-    if kernel is None:
+    mk = _map_kwargs(kernel, elem_offset, row_stride, _row_len(mu))
+    if kernel is None or mk is None:
         return reference.mean_field_reconstruct(mu, rho, seed=seed, samples=samples, owner=owner,
-                                                purpose=purpose).contiguous()
-    return kernel(mu, rho, seed, samples, owner, purpose)
+                                                purpose=purpose, elem_offset=elem_offset,
+                                                row_stride=_ref_stride(row_stride)).contiguous()
+    return kernel(mu, rho, seed, samples, owner, purpose, **mk)
 
 
 mean_field_reconstruct = torch.library.custom_op("sws_kernels::mean_field_reconstruct", _mean_field_reconstruct_impl, mutates_args=())
 
 
 @mean_field_reconstruct.register_fake
-def _(mu, rho, seed, samples, owner, purpose):
+def _(mu, rho, seed, samples, owner, purpose, elem_offset=0, row_stride=0):
     return mu.new_empty((samples, *mu.shape))
 
 
 def _mean_field_reconstruct_backward_impl(grad_w: Tensor, mu: Tensor, rho: Tensor, seed: Tensor, samples: int, owner: int,
-                                    purpose: int) -> tuple[Tensor, Tensor]:
+                                    purpose: int, elem_offset: int = 0,
+                                    row_stride: int = 0) -> tuple[Tensor, Tensor]:
     """dW -> (d mu, d rho), the noise regenerated from the seed."""
     name, kernel, why = _backend.select("mean_field_reconstruct_backward", mu.device, mu.dtype)
     log.debug("mean_field_reconstruct_backward: backend %s (%s)", name, why)
-    if kernel is None:
-        return tuple(t.contiguous() for t in _mf_reference_backward(grad_w, mu, rho, seed, samples, owner, purpose))
-    return kernel(grad_w, mu, rho, seed, samples, owner, purpose)
+    mk = _map_kwargs(kernel, elem_offset, row_stride, _row_len(mu))
+    if kernel is None or mk is None:
+        return tuple(t.contiguous() for t in _mf_reference_backward(grad_w, mu, rho, seed, samples, owner, purpose,
+                                                                    elem_offset, row_stride))
+    return kernel(grad_w, mu, rho, seed, samples, owner, purpose, **mk)
 
 
 mean_field_reconstruct_backward = torch.library.custom_op("sws_kernels::mean_field_reconstruct_backward", _mean_field_reconstruct_backward_impl, mutates_args=())
 
 
 @mean_field_reconstruct_backward.register_fake
-def _(grad_w, mu, rho, seed, samples, owner, purpose):
+def _(grad_w, mu, rho, seed, samples, owner, purpose, elem_offset=0, row_stride=0):
     return mu.new_empty(mu.shape), rho.new_empty(rho.shape)
 
 
 def _mf_setup(ctx, inputs, output):
-    mu, rho, seed, samples, owner, purpose = inputs
+    mu, rho, seed, samples, owner, purpose, *emap = inputs
     ctx.save_for_backward(mu, rho, seed)  # the noise is regenerated, never saved
-    ctx.args = (samples, owner, purpose)
+    ctx.args = (samples, owner, purpose, *emap)
 
 
 def _mf_backward(ctx, grad, eager: bool = False):
     mu, rho, seed = ctx.saved_tensors
     mb = _mean_field_reconstruct_backward_impl if eager else torch.ops.sws_kernels.mean_field_reconstruct_backward
     g_mu, g_rho = mb(grad.contiguous(), mu, rho, seed, *ctx.args)
-    return g_mu, g_rho, None, None, None, None
+    return (g_mu, g_rho, None, None, None, None, *([None] * (len(ctx.args) - 3)))
 
 
 torch.library.register_autograd("sws_kernels::mean_field_reconstruct", _mf_backward, setup_context=_mf_setup)
 
 
-def call_mean_field_reconstruct(mu, rho, seed: Tensor, samples: int, owner: int, purpose: int = 0) -> Tensor:
-    return _call("mean_field_reconstruct", mu, rho, philox.seed_tensor(seed, mu.device), samples, owner, purpose)
+def call_mean_field_reconstruct(mu, rho, seed: Tensor, samples: int, owner: int, purpose: int = 0,
+                                elem_offset: int = 0, row_stride: int = 0) -> Tensor:
+    emap = () if elem_offset == 0 and row_stride == 0 else (elem_offset, row_stride)
+    return _call("mean_field_reconstruct", mu, rho, philox.seed_tensor(seed, mu.device), samples, owner, purpose,
+                 *emap)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -304,19 +349,22 @@ def _dx_reference(gy, w, samples, per_sample, in_f):
 
 def _sws_linear_impl(x: Tensor, means: Tensor, chol: Tensor, labels: Tensor, e_pos: Tensor, e_a: Tensor, e_b: Tensor,
                e_alpha: Tensor, o_pos: Tensor, o_mu: Tensor, o_rho: Tensor, bias: Optional[Tensor], seed: Tensor,
-               samples: int, mode: int, owner: int, codebook_owner: int, per_sample: bool) -> Tensor:
+               samples: int, mode: int, owner: int, codebook_owner: int, per_sample: bool, elem_offset: int = 0,
+               row_stride: int = 0) -> Tensor:
     """SWS linear: x [..., in] (or [S, ..., in] per_sample) -> [S, ..., out] in x's dtype."""
     # an empty weight (0 rows or 0 columns) never takes a fused kernel: rows 0 selects reconstruct + GEMM
     rows = _rows(x, samples if per_sample else 1) if labels.numel() else 0
     plan = _backend.plan("sws_linear", means.device, means.dtype, rows=rows, act_dtype=x.dtype, mode=mode)
     kernel = plan.kernel
-    if kernel is None:
+    mk = _map_kwargs(kernel, elem_offset, row_stride, _row_len(labels))
+    if kernel is None or mk is None:
         w = reference.reconstruct(means, chol, labels, _ellipse(e_pos, e_a, e_b, e_alpha),
                                   _outliers(o_pos, o_mu, o_rho), seed=seed, samples=samples, mode=_MODES[mode],
-                                  owner=owner, codebook_owner=codebook_owner)
+                                  owner=owner, codebook_owner=codebook_owner, elem_offset=elem_offset,
+                                  row_stride=_ref_stride(row_stride))
         return reference._linear(x, w, bias, per_sample).contiguous()
     return kernel(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed, samples, mode,
-                  owner, codebook_owner, per_sample, fused=plan.fused)
+                  owner, codebook_owner, per_sample, fused=plan.fused, **mk)
 
 
 sws_linear = torch.library.custom_op("sws_kernels::sws_linear", _sws_linear_impl, mutates_args=())
@@ -324,25 +372,28 @@ sws_linear = torch.library.custom_op("sws_kernels::sws_linear", _sws_linear_impl
 
 @sws_linear.register_fake
 def _(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed, samples, mode, owner,
-      codebook_owner, per_sample):
+      codebook_owner, per_sample, elem_offset=0, row_stride=0):
     lead = x.shape[1:-1] if per_sample else x.shape[:-1]
     return x.new_empty((samples, *lead, labels.shape[0]))
 
 
 def _sws_linear_dx_impl(grad_y: Tensor, means: Tensor, chol: Tensor, labels: Tensor, e_pos: Tensor, e_a: Tensor,
                   e_b: Tensor, e_alpha: Tensor, o_pos: Tensor, o_mu: Tensor, o_rho: Tensor, seed: Tensor, samples: int,
-                  mode: int, owner: int, codebook_owner: int, per_sample: bool) -> Tensor:
+                  mode: int, owner: int, codebook_owner: int, per_sample: bool, elem_offset: int = 0,
+                  row_stride: int = 0) -> Tensor:
     """grad_y [S, ..., out] -> dx (x's shape: summed over samples when x is shared)."""
     rows = _rows(grad_y, samples) if labels.numel() else 0
     plan = _backend.plan("sws_linear_dx", means.device, means.dtype, rows=rows, act_dtype=grad_y.dtype, mode=mode)
     kernel = plan.kernel
-    if kernel is None:
+    mk = _map_kwargs(kernel, elem_offset, row_stride, _row_len(labels))
+    if kernel is None or mk is None:
         w = reference.reconstruct(means, chol, labels, _ellipse(e_pos, e_a, e_b, e_alpha),
                                   _outliers(o_pos, o_mu, o_rho), seed=seed, samples=samples, mode=_MODES[mode],
-                                  owner=owner, codebook_owner=codebook_owner)
+                                  owner=owner, codebook_owner=codebook_owner, elem_offset=elem_offset,
+                                  row_stride=_ref_stride(row_stride))
         return _dx_reference(grad_y, w, samples, per_sample, labels.shape[1])
     return kernel(grad_y, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode,
-                  owner, codebook_owner, per_sample, fused=plan.fused)
+                  owner, codebook_owner, per_sample, fused=plan.fused, **mk)
 
 
 sws_linear_dx = torch.library.custom_op("sws_kernels::sws_linear_dx", _sws_linear_dx_impl, mutates_args=())
@@ -350,111 +401,123 @@ sws_linear_dx = torch.library.custom_op("sws_kernels::sws_linear_dx", _sws_linea
 
 @sws_linear_dx.register_fake
 def _(grad_y, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode, owner,
-      codebook_owner, per_sample):
+      codebook_owner, per_sample, elem_offset=0, row_stride=0):
     return grad_y.new_empty((*((samples,) if per_sample else ()), *grad_y.shape[1:-1], labels.shape[1]))
 
 
 def _sws_linear_setup(ctx, inputs, output):
     (x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed, samples, mode, owner,
-     codebook_owner, per_sample) = inputs
+     codebook_owner, per_sample, *emap) = inputs
     ctx.save_for_backward(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed)
     ctx.args = (samples, mode, owner, codebook_owner, per_sample)
+    ctx.emap = tuple(emap)
 
 
 def _sws_linear_backward(ctx, gy, eager: bool = False):
     x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed = ctx.saved_tensors
     samples, mode, owner, codebook_owner, per_sample = ctx.args
+    emap = getattr(ctx, "emap", ())
     dx_op = _sws_linear_dx_impl if eager else torch.ops.sws_kernels.sws_linear_dx
     rb = _reconstruct_backward_impl if eager else torch.ops.sws_kernels.reconstruct_backward
     gy = gy.contiguous()
     params = (means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho)
     gx = None
     if ctx.needs_input_grad[0]:
-        gx = dx_op(gy, *params, seed, samples, mode, owner, codebook_owner, per_sample)
+        gx = dx_op(gy, *params, seed, samples, mode, owner, codebook_owner, per_sample, *emap)
     out_f, in_f = labels.shape
     gw = _grad_w(gy, x, samples, per_sample, out_f, in_f, means.dtype, "reconstruct_backward")
     gw = gw.view(samples, out_f, in_f)
-    g_means, g_chol, g_mu, g_rho = rb(gw, *params, seed, samples, mode, owner, codebook_owner)
+    g_means, g_chol, g_mu, g_rho = rb(gw, *params, seed, samples, mode, owner, codebook_owner, *emap)
     return (gx, g_means, g_chol, None, None, None, None, None, None, g_mu, g_rho,
-            _grad_bias(gy, bias, samples, out_f), None, None, None, None, None, None)
+            _grad_bias(gy, bias, samples, out_f), None, None, None, None, None, None, *([None] * len(emap)))
 
 
 torch.library.register_autograd("sws_kernels::sws_linear", _sws_linear_backward, setup_context=_sws_linear_setup)
 
 
-def call_sws_linear(x, a: _checks.SWSArgs, bias, per_sample: bool) -> Tensor:
+def call_sws_linear(x, a: _checks.SWSArgs, bias, per_sample: bool, elem_offset: int = 0, row_stride: int = 0) -> Tensor:
+    emap = () if elem_offset == 0 and row_stride == 0 else (elem_offset, row_stride)
     return _call("sws_linear", x, a.means, a.chol, a.labels, a.e_pos, a.e_a, a.e_b, a.e_alpha, a.o_pos, a.o_mu,
                  a.o_rho, bias, philox.seed_tensor(a.seed, a.means.device), a.samples, _checks.MODE_CODES[a.mode],
-                 a.owner, a.codebook_owner, per_sample)
+                 a.owner, a.codebook_owner, per_sample, *emap)
 
 
 def _mean_field_linear_impl(x: Tensor, mu: Tensor, rho: Tensor, bias: Optional[Tensor], seed: Tensor, samples: int,
-                      owner: int, per_sample: bool) -> Tensor:
-    """Mean-field linear with in-kernel noise; ``bias`` None, [out] or a sampled [S, out]."""
+                      owner: int, per_sample: bool, elem_offset: int = 0, row_stride: int = 0) -> Tensor:
+    """Mean-field linear with in-kernel noise; ``bias`` None, [out] or a sampled [S, out] (sampled by the caller:
+    the mapping here is the weight's)."""
     rows = _rows(x, samples if per_sample else 1) if mu.numel() else 0
     plan = _backend.plan("mean_field_linear", mu.device, mu.dtype, rows=rows, act_dtype=x.dtype, mode=0)
     kernel = plan.kernel
-    if kernel is None:
-        w = reference.mean_field_reconstruct(mu, rho, seed=seed, samples=samples, owner=owner)
+    mk = _map_kwargs(kernel, elem_offset, row_stride, _row_len(mu))
+    if kernel is None or mk is None:
+        w = reference.mean_field_reconstruct(mu, rho, seed=seed, samples=samples, owner=owner, elem_offset=elem_offset,
+                                             row_stride=_ref_stride(row_stride))
         return reference._linear(x, w, bias, per_sample).contiguous()
-    return kernel(x, mu, rho, bias, seed, samples, owner, per_sample, fused=plan.fused)
+    return kernel(x, mu, rho, bias, seed, samples, owner, per_sample, fused=plan.fused, **mk)
 
 
 mean_field_linear = torch.library.custom_op("sws_kernels::mean_field_linear", _mean_field_linear_impl, mutates_args=())
 
 
 @mean_field_linear.register_fake
-def _(x, mu, rho, bias, seed, samples, owner, per_sample):
+def _(x, mu, rho, bias, seed, samples, owner, per_sample, elem_offset=0, row_stride=0):
     lead = x.shape[1:-1] if per_sample else x.shape[:-1]
     return x.new_empty((samples, *lead, mu.shape[0]))
 
 
 def _mean_field_linear_dx_impl(grad_y: Tensor, mu: Tensor, rho: Tensor, seed: Tensor, samples: int, owner: int,
-                         per_sample: bool) -> Tensor:
+                         per_sample: bool, elem_offset: int = 0, row_stride: int = 0) -> Tensor:
     rows = _rows(grad_y, samples) if mu.numel() else 0
     plan = _backend.plan("mean_field_linear_dx", mu.device, mu.dtype, rows=rows, act_dtype=grad_y.dtype, mode=0)
     kernel = plan.kernel
-    if kernel is None:
-        w = reference.mean_field_reconstruct(mu, rho, seed=seed, samples=samples, owner=owner)
+    mk = _map_kwargs(kernel, elem_offset, row_stride, _row_len(mu))
+    if kernel is None or mk is None:
+        w = reference.mean_field_reconstruct(mu, rho, seed=seed, samples=samples, owner=owner, elem_offset=elem_offset,
+                                             row_stride=_ref_stride(row_stride))
         return _dx_reference(grad_y, w, samples, per_sample, mu.shape[1])
-    return kernel(grad_y, mu, rho, seed, samples, owner, per_sample, fused=plan.fused)
+    return kernel(grad_y, mu, rho, seed, samples, owner, per_sample, fused=plan.fused, **mk)
 
 
 mean_field_linear_dx = torch.library.custom_op("sws_kernels::mean_field_linear_dx", _mean_field_linear_dx_impl, mutates_args=())
 
 
 @mean_field_linear_dx.register_fake
-def _(grad_y, mu, rho, seed, samples, owner, per_sample):
+def _(grad_y, mu, rho, seed, samples, owner, per_sample, elem_offset=0, row_stride=0):
     return grad_y.new_empty((*((samples,) if per_sample else ()), *grad_y.shape[1:-1], mu.shape[1]))
 
 
 def _mf_linear_setup(ctx, inputs, output):
-    x, mu, rho, bias, seed, samples, owner, per_sample = inputs
+    x, mu, rho, bias, seed, samples, owner, per_sample, *emap = inputs
     ctx.save_for_backward(x, mu, rho, bias, seed)
     ctx.args = (samples, owner, per_sample)
+    ctx.emap = tuple(emap)
 
 
 def _mf_linear_backward(ctx, gy, eager: bool = False):
     x, mu, rho, bias, seed = ctx.saved_tensors
     samples, owner, per_sample = ctx.args
+    emap = getattr(ctx, "emap", ())
     dx_op = _mean_field_linear_dx_impl if eager else torch.ops.sws_kernels.mean_field_linear_dx
     mb = _mean_field_reconstruct_backward_impl if eager else torch.ops.sws_kernels.mean_field_reconstruct_backward
     gy = gy.contiguous()
     gx = None
     if ctx.needs_input_grad[0]:
-        gx = dx_op(gy, mu, rho, seed, samples, owner, per_sample)
+        gx = dx_op(gy, mu, rho, seed, samples, owner, per_sample, *emap)
     out_f, in_f = mu.shape
     gw = _grad_w(gy, x, samples, per_sample, out_f, in_f, mu.dtype, "mean_field_reconstruct_backward")
-    g_mu, g_rho = mb(gw, mu, rho, seed, samples, owner, 0)
-    return gx, g_mu, g_rho, _grad_bias(gy, bias, samples, out_f), None, None, None, None
+    g_mu, g_rho = mb(gw, mu, rho, seed, samples, owner, 0, *emap)
+    return (gx, g_mu, g_rho, _grad_bias(gy, bias, samples, out_f), None, None, None, None, *([None] * len(emap)))
 
 
 torch.library.register_autograd("sws_kernels::mean_field_linear", _mf_linear_backward, setup_context=_mf_linear_setup)
 
 
-def call_mean_field_linear(x, mu, rho, bias, seed: Tensor, samples: int, owner: int, per_sample: bool) -> Tensor:
+def call_mean_field_linear(x, mu, rho, bias, seed: Tensor, samples: int, owner: int, per_sample: bool,
+                           elem_offset: int = 0, row_stride: int = 0) -> Tensor:
+    emap = () if elem_offset == 0 and row_stride == 0 else (elem_offset, row_stride)
     return _call("mean_field_linear", x, mu, rho, bias, philox.seed_tensor(seed, mu.device), samples, owner,
-                 per_sample)
+                 per_sample, *emap)
 
 
 # ------------------------------------------------------------------------------------------------------

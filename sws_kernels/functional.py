@@ -59,43 +59,63 @@ def _traced_args(means, chol, labels, ellipse, outliers, seed, samples, mode, ow
                            _checks.mode(mode), owner, codebook_owner)
 
 
-def _sws_weights(means, chol, labels, ellipse, outliers, seed, samples, mode, owner, codebook_owner):
+def _emap(t, elem_offset, row_stride):
+    """The op arguments (elem_offset, row_stride) of a shard mapping (reference.element_map): (0, 0) for the
+    identity, so unsharded calls run exactly as before."""
+    if elem_offset == 0 and row_stride is None:
+        return 0, 0
+    if not isinstance(t, torch.Tensor):
+        return elem_offset, row_stride  # the call's own type checks raise
+    off, stride, row_len = reference.element_map(t.shape, elem_offset, row_stride)
+    return (0, 0) if reference.is_identity_map(off, stride, row_len) else (off, stride)
+
+
+def _sws_weights(means, chol, labels, ellipse, outliers, seed, samples, mode, owner, codebook_owner, emap=(0, 0)):
     if _compiling():
         return _ops.call_reconstruct(_traced_args(means, chol, labels, ellipse, outliers, seed, samples, mode, owner,
-                                                  codebook_owner))
+                                                  codebook_owner), *emap)
     a = _checks.sws(means, chol, labels, ellipse, outliers, seed, samples, mode, owner, codebook_owner)
     if torch.compiler.is_compiling():
         # Under torch.compile the opaque op is the graph node; it selects its kernel when it runs.
-        return _ops.call_reconstruct(a)
+        return _ops.call_reconstruct(a, *emap)
     name, _, why = _backend.select("reconstruct", means.device, means.dtype)
     log.debug("reconstruct: backend %s (%s)", name, why)
     if name == "reference":
         return reference.reconstruct(means, chol, labels, ellipse, outliers, seed=a.seed, samples=a.samples,
-                                     mode=a.mode, owner=a.owner, codebook_owner=a.codebook_owner)
-    return _ops.call_reconstruct(a)
+                                     mode=a.mode, owner=a.owner, codebook_owner=a.codebook_owner,
+                                     elem_offset=emap[0], row_stride=emap[1] or None)
+    return _ops.call_reconstruct(a, *emap)
 
 
 def reconstruct(means, chol, labels, ellipse=None, outliers=None, *, seed, samples: int = 1, mode: str = "paper",
-                owner: int = 0, codebook_owner: int = 0):
-    """Sampled weights of an SWS layer -> [samples, *labels.shape] (see :func:`reference.reconstruct`)."""
-    return _sws_weights(means, chol, labels, ellipse, outliers, seed, samples, mode, owner, codebook_owner)
+                owner: int = 0, codebook_owner: int = 0, elem_offset: int = 0, row_stride=None):
+    """Sampled weights of an SWS layer -> [samples, *labels.shape] (see :func:`reference.reconstruct`).
+    ``elem_offset``/``row_stride``: ``labels`` is a shard of a larger weight and draws that weight's noise
+    (tensor parallelism; :func:`sws_kernels.reference.element_map`)."""
+    emap = _emap(labels, elem_offset, row_stride)
+    return _sws_weights(means, chol, labels, ellipse, outliers, seed, samples, mode, owner, codebook_owner, emap)
 
 
 def sws_linear(x, means, chol, labels, ellipse=None, outliers=None, bias=None, *, seed, samples: int = 1,
-               mode: str = "paper", owner: int = 0, codebook_owner: int = 0, per_sample: bool = False):
-    """x [..., in] (or [samples, ..., in] with per_sample=True) -> [samples, ..., out]."""
+               mode: str = "paper", owner: int = 0, codebook_owner: int = 0, per_sample: bool = False,
+               elem_offset: int = 0, row_stride=None):
+    """x [..., in] (or [samples, ..., in] with per_sample=True) -> [samples, ..., out]. ``elem_offset`` /
+    ``row_stride``: the layer is a shard of a larger one (see :func:`reconstruct`)."""
+    emap = _emap(labels, elem_offset, row_stride)
     if _compiling():
         a = _traced_args(means, chol, labels, ellipse, outliers, seed, samples, mode, owner, codebook_owner)
-        return _ops.call_sws_linear(x, a, bias, per_sample)
+        return _ops.call_sws_linear(x, a, bias, per_sample, *emap)
     _checks.tensor(labels, "labels", ndim=2, integer=True)
     reference._check_bias(bias, labels.shape[0], means.device)
     name, _, why = _backend.select("sws_linear", means.device, means.dtype)
     log.debug("sws_linear: backend %s (%s)", name, why)
     if name == "reference":
-        w = _sws_weights(means, chol, labels, ellipse, outliers, seed, samples, mode, owner, codebook_owner)
+        w = _sws_weights(means, chol, labels, ellipse, outliers, seed, samples, mode, owner, codebook_owner, emap)
         return reference._linear(x, w, bias, per_sample)
     a = _checks.sws(means, chol, labels, ellipse, outliers, seed, samples, mode, owner, codebook_owner)
     _check_linear_input(x, a.samples, labels.shape[1], per_sample, means.device)
+    if emap != (0, 0):  # a shard: the histogram path (csrc/cpu/histogram.cpp) draws unmapped outlier noise
+        return _ops.call_sws_linear(x, a, bias, per_sample, *emap)
     # ---- issue 14: inference (torch.no_grad) in paper/mean mode with a shared x: the label-histogram path ----
     hk, hwhy = _backend.histogram(name, _ops._rows(x, 1) if labels.numel() else 0, a.samples, _checks.MODE_CODES[a.mode], x.dtype,
                                   per_sample, torch.is_grad_enabled())
@@ -180,30 +200,38 @@ def sws_conv2d(x, means, chol, labels, ellipse=None, outliers=None, bias=None, s
 
 # Mean-field ops: the same dispatch (reference path direct, else the ops with Triton or native kernels).
 
-def mean_field_reconstruct(mu, rho, *, seed, samples: int = 1, owner: int = 0):
-    """w[s] = mu + softplus(rho) eps[s] -> [samples, *mu.shape]."""
+def mean_field_reconstruct(mu, rho, *, seed, samples: int = 1, owner: int = 0, elem_offset: int = 0,
+                           row_stride=None):
+    """w[s] = mu + softplus(rho) eps[s] -> [samples, *mu.shape]; ``elem_offset``/``row_stride``: a shard of a
+    larger weight (:func:`sws_kernels.reference.element_map`)."""
+    emap = _emap(mu, elem_offset, row_stride)
     if _compiling():
-        return _ops.call_mean_field_reconstruct(mu, rho, seed, samples, owner)
+        return _ops.call_mean_field_reconstruct(mu, rho, seed, samples, owner, 0, *emap)
     seed_, samples_, owner_ = _checks.mean_field(mu, rho, seed, samples, owner)
     name, _, why = _backend.select("mean_field_reconstruct", mu.device, mu.dtype)
     log.debug("mean_field_reconstruct: backend %s (%s)", name, why)
     if name == "reference":
-        return reference.mean_field_reconstruct(mu, rho, seed=seed, samples=samples, owner=owner)
-    return _ops.call_mean_field_reconstruct(mu, rho, seed_, samples_, owner_)
+        return reference.mean_field_reconstruct(mu, rho, seed=seed, samples=samples, owner=owner,
+                                                elem_offset=emap[0], row_stride=emap[1] or None)
+    return _ops.call_mean_field_reconstruct(mu, rho, seed_, samples_, owner_, 0, *emap)
 
 
 def mean_field_linear(x, mu, rho, bias_mu=None, bias_rho=None, *, seed, samples: int = 1, owner: int = 0,
-                      per_sample: bool = False):
+                      per_sample: bool = False, elem_offset: int = 0, row_stride=None):
+    """Mean-field linear; ``elem_offset``/``row_stride``: a shard of a larger layer, whose sampled bias entry j
+    draws element ``elem_offset // row_stride + j`` (its global output row) of the bias stream."""
+    emap = _emap(mu, elem_offset, row_stride)
+    bias_off = emap[0] // emap[1] if emap[1] else 0
     if _compiling():
         bias = bias_mu
         if bias_rho is not None:
-            bias = _ops.call_mean_field_reconstruct(bias_mu, bias_rho, seed, samples, owner, purpose=2)
-        return _ops.call_mean_field_linear(x, mu, rho, bias, seed, samples, owner, per_sample)
+            bias = _ops.call_mean_field_reconstruct(bias_mu, bias_rho, seed, samples, owner, 2, bias_off, 0)
+        return _ops.call_mean_field_linear(x, mu, rho, bias, seed, samples, owner, per_sample, *emap)
     name, _, why = _backend.select("mean_field_linear", mu.device, mu.dtype)
     log.debug("mean_field_linear: backend %s (%s)", name, why)
     if name == "reference":
         return reference.mean_field_linear(x, mu, rho, bias_mu, bias_rho, seed=seed, samples=samples, owner=owner,
-                                           per_sample=per_sample)
+                                           per_sample=per_sample, elem_offset=emap[0], row_stride=emap[1] or None)
     _checks.tensor(mu, "mu", ndim=2, floating=True)
     seed_, samples_, owner_ = _checks.mean_field(mu, rho, seed, samples, owner)
     reference._check_bias(bias_mu, mu.shape[0], mu.device)
@@ -212,10 +240,10 @@ def mean_field_linear(x, mu, rho, bias_mu=None, bias_rho=None, *, seed, samples:
         if bias_mu is None:
             raise ValueError("bias_rho: expected None when bias_mu is None, got a tensor")
         _checks.mean_field(bias_mu, bias_rho, seed, samples, owner, "bias_mu", "bias_rho")
-        bias = _ops.call_mean_field_reconstruct(bias_mu, bias_rho, seed_, samples_, owner_, purpose=2)
+        bias = _ops.call_mean_field_reconstruct(bias_mu, bias_rho, seed_, samples_, owner_, 2, bias_off, 0)
     else:
         bias = bias_mu
-    return _ops.call_mean_field_linear(x, mu, rho, bias, seed_, samples_, owner_, per_sample)
+    return _ops.call_mean_field_linear(x, mu, rho, bias, seed_, samples_, owner_, per_sample, *emap)
 
 
 def _mf_conv(conv, spatial, x, mu, rho, bias_mu, bias_rho, stride, padding, dilation, groups, seed, samples, owner,

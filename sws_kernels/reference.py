@@ -30,6 +30,8 @@ __all__ = [
     "sws_conv2d",
     "mean_field_reconstruct",
     "mean_field_bias",
+    "element_map",
+    "global_index",
     "mean_field_linear",
     "mean_field_conv1d",
     "mean_field_conv2d",
@@ -89,6 +91,65 @@ def _dense_noise(seed: int, samples: int, n: int, *, owner: int, purpose: int, d
 
 
 # --------------------------------------------------------------------------------------------------
+# Global element mapping (tensor-parallel shards, issue 18 item 5)
+# --------------------------------------------------------------------------------------------------
+# A weight tensor of shape [rows, ...] is read as rows of row_len = numel / rows elements. A shard of a larger
+# (unsharded) weight draws the noise of its place in that weight: local element i = r * row_len + c has the
+# GLOBAL element index  elem_offset + r * row_stride + c  in the RNG contract (SPEC.md section 4).
+#   - output-row (colwise) shard, rows [r0, r1) of [OUT, IN]:  elem_offset = r0 * IN, row_stride = IN
+#   - input-column (rowwise) shard, columns [c0, c1):          elem_offset = c0,      row_stride = IN
+# The default (elem_offset 0, row_stride None or 0 = row_len) is the identity: today's streams bit for bit.
+# Ellipse/outlier positions stay local (they place values in the local tensor); their noise is mapped the same
+# way. A sampled mean-field bias (purpose 2, one element per output row) of a shard is indexed by its global
+# output row: element elem_offset // row_stride + j for local row j (colwise: r0 + j; rowwise: j).
+# Component noise (purpose 1, per codebook) has no weight index and is unaffected.
+
+def element_map(shape, elem_offset=0, row_stride=None, name: str = "elem_offset") -> tuple[int, int, int]:
+    """Validated mapping of a weight of ``shape``: (elem_offset, row_stride, row_len), row_stride resolved."""
+    for nm, v in (("elem_offset", elem_offset), ("row_stride", row_stride)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise TypeError(f"{nm}: expected an int, got {_checks.describe(v)}")
+    shape = tuple(int(d) for d in shape)
+    rows = shape[0] if shape else 1
+    n = math.prod(shape)
+    row_len = n // rows if rows else 0
+    if elem_offset < 0:
+        raise ValueError(f"elem_offset: expected a non-negative global element index, got {elem_offset}")
+    stride = row_len if row_stride is None or row_stride == 0 else row_stride
+    if stride < row_len:
+        raise ValueError(f"row_stride: expected at least the local row length {row_len} (rows of the shard must not "
+                         f"overlap in the global weight), got {row_stride}")
+    last = elem_offset + (max(rows, 1) - 1) * stride + row_len if n else elem_offset
+    if last > philox.MAX_ELEMENT:
+        raise ValueError(f"{name}: the global element indices of this shard reach {last - 1}, beyond the RNG "
+                         f"stream limit 2**34 - 1 (elem_offset={elem_offset}, row_stride={stride}, shape={shape})")
+    return int(elem_offset), int(stride), int(row_len)
+
+
+def is_identity_map(elem_offset, row_stride, row_len) -> bool:
+    return elem_offset == 0 and row_stride in (None, 0, row_len)
+
+
+def global_index(local: torch.Tensor, row_len: int, elem_offset: int = 0, row_stride: Optional[int] = None) -> torch.Tensor:
+    """Global element indices (int64) of the local flat indices ``local`` under the mapping above."""
+    local = local.long()
+    if row_stride is None or row_stride == 0 or row_stride == row_len or row_len == 0:
+        return local + elem_offset if elem_offset else local
+    return elem_offset + torch.div(local, row_len, rounding_mode="floor") * row_stride + local % row_len
+
+
+def _mapped_dense_noise(seed, samples, shape, *, owner, purpose, dtype, device, elem_offset=0, row_stride=None):
+    """eps[s, i] for every local element of a tensor of ``shape``: [S, n], mapped to its global elements."""
+    n = math.prod(shape)
+    rows = shape[0] if len(shape) else 1
+    row_len = n // rows if rows else 0
+    if is_identity_map(elem_offset, row_stride, row_len):
+        return _dense_noise(seed, samples, n, owner=owner, purpose=purpose, dtype=dtype, device=device)
+    idx = global_index(torch.arange(n, dtype=torch.int64, device=device), row_len, elem_offset, row_stride)
+    return weight_noise(seed, samples, idx, owner=owner, purpose=purpose, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------------
 # SWS reconstruction (SPEC.md sections 2-3)
 # --------------------------------------------------------------------------------------------------
 
@@ -110,13 +171,15 @@ def sample_components(means: torch.Tensor, chol: torch.Tensor, *, seed, samples:
 def reconstruct(means: torch.Tensor, chol: torch.Tensor, labels: torch.Tensor,
                 ellipse: Optional[Sequence[torch.Tensor]] = None, outliers: Optional[Sequence[torch.Tensor]] = None,
                 *, seed, samples: int = 1, mode: str = "paper", owner: int = 0,
-                codebook_owner: int = 0) -> torch.Tensor:
+                codebook_owner: int = 0, elem_offset: int = 0, row_stride: Optional[int] = None) -> torch.Tensor:
     """Sampled weights W[s] of one SWS layer: [samples, *labels.shape] in the dtype of ``means``.
 
     Inliers take their component's value, ellipse weights blend two components with alpha, outliers
-    keep their own Gaussian (SPEC.md section 3, table of modes).
+    keep their own Gaussian (SPEC.md section 3, table of modes). ``elem_offset``/``row_stride``: the labels are
+    a shard of a larger weight and draw its noise (see :func:`element_map`).
     """
     a = _checks.sws(means, chol, labels, ellipse, outliers, seed, samples, mode, owner, codebook_owner)
+    off, stride, row_len = element_map(labels.shape, elem_offset, row_stride)
     S, dt, dev = a.samples, means.dtype, means.device
     n = labels.numel()
     lab = labels.reshape(-1).long()
@@ -134,23 +197,26 @@ def reconstruct(means: torch.Tensor, chol: torch.Tensor, labels: torch.Tensor,
     z_mu, z_rho = z[..., 0], z[..., 1]  # [S, K]
     w = z_mu[:, lab]  # [S, n]
     if a.mode == "hierarchical":
-        eps = _dense_noise(a.seed, S, n, owner=a.owner, purpose=philox.PURPOSE_WEIGHT, dtype=dt, device=dev)
+        eps = _mapped_dense_noise(a.seed, S, tuple(labels.shape), owner=a.owner, purpose=philox.PURPOSE_WEIGHT,
+                                  dtype=dt, device=dev, elem_offset=off, row_stride=stride)
         w = w + softplus(z_rho[:, lab]) * eps
     if a.e_pos.numel():
         alpha = a.e_alpha
         e_val = alpha * z_mu[:, a.e_a] + (1 - alpha) * z_mu[:, a.e_b]
         if a.mode == "hierarchical":
             std = alpha * softplus(z_rho[:, a.e_a]) + (1 - alpha) * softplus(z_rho[:, a.e_b])
-            e_val = e_val + std * weight_noise(a.seed, S, a.e_pos, owner=a.owner, dtype=dt)
+            e_val = e_val + std * weight_noise(a.seed, S, global_index(a.e_pos, row_len, off, stride), owner=a.owner,
+                                               dtype=dt)
         w = w.index_copy(1, a.e_pos, e_val)
     if a.o_pos.numel():
-        eps_o = weight_noise(a.seed, S, a.o_pos, owner=a.owner, dtype=dt)
+        eps_o = weight_noise(a.seed, S, global_index(a.o_pos, row_len, off, stride), owner=a.owner, dtype=dt)
         w = w.index_copy(1, a.o_pos, a.o_mu + softplus(a.o_rho) * eps_o)
     return w.reshape(S, *labels.shape)
 
 
 def reconstruct_backward(grad_w: torch.Tensor, means, chol, labels, ellipse=None, outliers=None, *, seed,
-                         samples: int = 1, mode: str = "paper", owner: int = 0, codebook_owner: int = 0):
+                         samples: int = 1, mode: str = "paper", owner: int = 0, codebook_owner: int = 0,
+                         elem_offset: int = 0, row_stride: Optional[int] = None):
     """The vector-Jacobian product of :func:`reconstruct`, written out: dW -> (d means, d chol, d mu_o, d rho_o).
 
     It is the backward every kernel implements (the noise regenerated from the seed) and is tested
@@ -161,6 +227,7 @@ def reconstruct_backward(grad_w: torch.Tensor, means, chol, labels, ellipse=None
     """
     a = _checks.sws(means, chol, labels, ellipse, outliers, seed, samples, mode, owner, codebook_owner)
     S, K, dt, dev, n = a.samples, means.shape[0], means.dtype, means.device, labels.numel()
+    off, stride, row_len = element_map(labels.shape, elem_offset, row_stride)
     if tuple(grad_w.shape) != (S, *labels.shape):
         raise ValueError(f"grad_w: expected shape {(S, *labels.shape)}, got {_checks.describe(grad_w)}")
     g = grad_w.reshape(S, n).to(dt)
@@ -183,7 +250,8 @@ def reconstruct_backward(grad_w: torch.Tensor, means, chol, labels, ellipse=None
     xi = component_noise(a.seed, S, K, codebook_owner=a.codebook_owner, dtype=dt, device=dev)
     if a.mode == "hierarchical":
         z = sample_components(means, chol, seed=a.seed, samples=S, codebook_owner=a.codebook_owner)
-        eps = _dense_noise(a.seed, S, n, owner=a.owner, purpose=philox.PURPOSE_WEIGHT, dtype=dt, device=dev)
+        eps = _mapped_dense_noise(a.seed, S, tuple(labels.shape), owner=a.owner, purpose=philox.PURPOSE_WEIGHT,
+                                  dtype=dt, device=dev, elem_offset=off, row_stride=stride)
         dz_rho = softplus_grad(z[..., 1]) * by_component(g_i * eps[:, inlier], g_e * eps[:, a.e_pos])
     else:
         dz_rho = torch.zeros_like(dz_mu)
@@ -191,7 +259,7 @@ def reconstruct_backward(grad_w: torch.Tensor, means, chol, labels, ellipse=None
     g_means = torch.stack([dz_mu.sum(0), dz_rho.sum(0)], -1)
     g_chol = torch.stack([(dz_mu * xi[..., 0]).sum(0) * softplus_grad(ca), (dz_rho * xi[..., 0]).sum(0),
                           (dz_rho * xi[..., 1]).sum(0) * softplus_grad(cc)], -1)
-    eps_o = weight_noise(a.seed, S, a.o_pos, owner=a.owner, dtype=dt)
+    eps_o = weight_noise(a.seed, S, global_index(a.o_pos, row_len, off, stride), owner=a.owner, dtype=dt)
     return g_means, g_chol, g_o.sum(0), (g_o * eps_o).sum(0) * softplus_grad(a.o_rho)
 
 
@@ -200,16 +268,21 @@ def reconstruct_backward(grad_w: torch.Tensor, means, chol, labels, ellipse=None
 # --------------------------------------------------------------------------------------------------
 
 def mean_field_reconstruct(mu: torch.Tensor, rho: torch.Tensor, *, seed, samples: int = 1, owner: int = 0,
-                           purpose: int = philox.PURPOSE_WEIGHT) -> torch.Tensor:
-    """w[s, i] = mu_i + softplus(rho_i) eps[s, i] -> [samples, *mu.shape]."""
+                           purpose: int = philox.PURPOSE_WEIGHT, elem_offset: int = 0,
+                           row_stride: Optional[int] = None) -> torch.Tensor:
+    """w[s, i] = mu_i + softplus(rho_i) eps[s, i] -> [samples, *mu.shape] (eps of the global element of i under
+    ``elem_offset``/``row_stride``, :func:`element_map`)."""
     seed, samples, owner = _checks.mean_field(mu, rho, seed, samples, owner)
-    eps = _dense_noise(seed, samples, mu.numel(), owner=owner, purpose=purpose, dtype=mu.dtype, device=mu.device)
+    off, stride, _ = element_map(mu.shape, elem_offset, row_stride)
+    eps = _mapped_dense_noise(seed, samples, tuple(mu.shape), owner=owner, purpose=purpose, dtype=mu.dtype,
+                              device=mu.device, elem_offset=off, row_stride=stride)
     return mu + softplus(rho) * eps.view(samples, *mu.shape)
 
 
 def mean_field_bias(bias_mu: Optional[torch.Tensor], bias_rho: Optional[torch.Tensor], *, seed, samples: int,
-                    owner: int) -> Optional[torch.Tensor]:
-    """Per-sample bias [S, out]: sampled with purpose 2 when it has a rho, else deterministic (or None)."""
+                    owner: int, bias_offset: int = 0) -> Optional[torch.Tensor]:
+    """Per-sample bias [S, out]: sampled with purpose 2 when it has a rho, else deterministic (or None).
+    ``bias_offset``: the global output row of the first entry (a shard of a larger layer)."""
     if bias_mu is None:
         if bias_rho is not None:
             raise ValueError("bias_rho: expected None when bias_mu is None, got a tensor")
@@ -218,7 +291,7 @@ def mean_field_bias(bias_mu: Optional[torch.Tensor], bias_rho: Optional[torch.Te
     if bias_rho is None:
         return bias_mu.expand(samples, -1)
     return mean_field_reconstruct(bias_mu, bias_rho, seed=seed, samples=samples, owner=owner,
-                                  purpose=philox.PURPOSE_BIAS)
+                                  purpose=philox.PURPOSE_BIAS, elem_offset=bias_offset)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -273,12 +346,13 @@ def _check_bias(bias, out_f: int, device):
 
 
 def sws_linear(x, means, chol, labels, ellipse=None, outliers=None, bias=None, *, seed, samples: int = 1,
-               mode: str = "paper", owner: int = 0, codebook_owner: int = 0, per_sample: bool = False):
+               mode: str = "paper", owner: int = 0, codebook_owner: int = 0, per_sample: bool = False,
+               elem_offset: int = 0, row_stride: Optional[int] = None):
     """SWS linear layer: x [..., in] (or [samples, ..., in] with per_sample) -> [samples, ..., out]."""
     _checks.tensor(labels, "labels", ndim=2, integer=True)
     _check_bias(bias, labels.shape[0], means.device)
     w = reconstruct(means, chol, labels, ellipse, outliers, seed=seed, samples=samples, mode=mode, owner=owner,
-                    codebook_owner=codebook_owner)
+                    codebook_owner=codebook_owner, elem_offset=elem_offset, row_stride=row_stride)
     return _linear(x, w, bias, per_sample)
 
 
@@ -308,12 +382,15 @@ def sws_conv2d(x, means, chol, labels, ellipse=None, outliers=None, bias=None, s
 
 
 def mean_field_linear(x, mu, rho, bias_mu=None, bias_rho=None, *, seed, samples: int = 1, owner: int = 0,
-                      per_sample: bool = False):
-    """Mean-field linear layer (bayesian-torch's LinearReparameterization, S samples) -> [samples, ..., out]."""
+                      per_sample: bool = False, elem_offset: int = 0, row_stride: Optional[int] = None):
+    """Mean-field linear layer (bayesian-torch's LinearReparameterization, S samples) -> [samples, ..., out].
+    A shard (``elem_offset``/``row_stride``, :func:`element_map`) draws its weights' and its bias's global noise."""
     _checks.tensor(mu, "mu", ndim=2, floating=True)
-    w = mean_field_reconstruct(mu, rho, seed=seed, samples=samples, owner=owner)
+    off, stride, _ = element_map(mu.shape, elem_offset, row_stride)
+    w = mean_field_reconstruct(mu, rho, seed=seed, samples=samples, owner=owner, elem_offset=off, row_stride=stride)
     _check_bias(bias_mu, mu.shape[0], mu.device)
-    b = mean_field_bias(bias_mu, bias_rho, seed=seed, samples=samples, owner=owner)
+    b = mean_field_bias(bias_mu, bias_rho, seed=seed, samples=samples, owner=owner,
+                        bias_offset=off // stride if stride else 0)
     return _linear(x, w, b, per_sample)
 
 

@@ -559,3 +559,111 @@ def test_triton_special_index_is_cached_and_sync_free(rng):
     assert a.ptr.tolist() == [0, 2, 3, 3, 3, 4, 4, 4, 5]
     e_pos[0] = 4  # an in-place edit: rebuilt
     assert tl_._specials(e_pos, o_pos, 10, 8, True, 80) is not a
+
+
+# ======================================================================================================
+# 3. Shards (tensor parallelism, issue 18 item 5): the layer cut into output-row (colwise) or input-column
+#    (rowwise) shards, each called with its global element mapping, gives the unsharded layer's output (colwise:
+#    concatenated; rowwise: summed) and, summed over shards, its gradients; outlier gradients per shard are
+#    the unsharded ones of its outliers. Every backend, fused and reconstruct + GEMM paths.
+# ======================================================================================================
+
+from tp_helpers import cut_sws, outlier_mask  # noqa: E402
+
+SPLITS = [((7, 10), "colwise", (0, 4, 7)), ((7, 10), "rowwise", (0, 5, 10)), ((7, 10), "rowwise", (0, 3, 10)),
+          ((8, 16), "colwise", (0, 4, 8)), ((8, 16), "rowwise", (0, 8, 16))]
+
+
+def _blocks(shape, style, cuts):
+    out_f, in_f = shape
+    spans = list(zip(cuts[:-1], cuts[1:]))
+    return [(a, b, 0, in_f) if style == "colwise" else (0, out_f, a, b) for a, b in spans]
+
+
+@pytest.mark.backends("reference", "native_cpu", "triton")
+@pytest.mark.parametrize("mode", ["paper", "hierarchical"])
+@pytest.mark.parametrize("S,fused", [(1, True), (3, False), (3, True)])
+@pytest.mark.parametrize("split", SPLITS, ids=lambda s: f"{s[0][0]}x{s[0][1]}-{s[1]}-{'-'.join(map(str, s[2]))}")
+def test_sws_linear_shards_match_unsharded(rng, monkeypatch, backend, mode, S, fused, split):
+    monkeypatch.setitem(_backend.LIMITS, "triton_fused_max_m", _backend.Limit(10**9 if fused else 0, "test"))
+    monkeypatch.setitem(_backend.LIMITS, "cpu_fused_max_m", _backend.Limit(32 if fused else 0, "test"))
+    shape, style, cuts = split
+    means, chol, labels, e, o = make_layer(rng, shape, 6, 4, 5, torch.uint8, device=backend.device)
+    bias = torch.randn(shape[0], generator=rng).to(backend.device)
+    x = torch.randn(3, shape[1], generator=rng).to(backend.device)
+    gy = torch.randn(S, 3, shape[0], generator=rng).to(backend.device)
+    kw = dict(seed=int(torch.randint(0, 2**62, (1,), generator=rng)), samples=S, mode=mode, owner=3,
+              codebook_owner=8)
+    leaf = lambda t: t.clone().requires_grad_()  # noqa: E731
+    fx, fm, fc, fb, fo = leaf(x), leaf(means), leaf(chol), leaf(bias), [leaf(o[1]), leaf(o[2])]
+    with backend():
+        y_full = F.sws_linear(fx, fm, fc, labels, e, (o[0], *fo), fb, **kw)
+    (y_full * gy).sum().backward()
+    ys, sums = [], None
+    for blk in _blocks(shape, style, cuts):
+        r0, r1, c0, c1 = blk
+        lab, es, os_, mp = cut_sws(labels, e, o, blk)
+        sx, sm, sc = leaf(x[:, c0:c1]), leaf(means), leaf(chol)
+        sb = leaf(bias[r0:r1]) if style == "colwise" else None
+        so = [leaf(os_[1]), leaf(os_[2])]
+        with backend():
+            y = F.sws_linear(sx, sm, sc, lab, es, (os_[0], *so), sb, **kw, **mp)
+        (y * gy[..., r0:r1]).sum().backward()
+        ys.append(y)
+        om = outlier_mask(o, shape[1], blk)
+        for got, want in zip(so, fo):  # a shard without outliers gets no gradient for its empty ones
+            g = torch.zeros_like(got) if got.grad is None else got.grad
+            torch.testing.assert_close(g, want.grad[om], rtol=1e-4, atol=1e-4)
+        if style == "colwise":
+            torch.testing.assert_close(sb.grad, fb.grad[r0:r1], rtol=1e-5, atol=1e-5)
+        else:
+            torch.testing.assert_close(sx.grad, fx.grad[:, c0:c1], rtol=1e-5, atol=1e-5)
+        parts = [sm.grad, sc.grad] + ([sx.grad] if style == "colwise" else [])
+        sums = parts if sums is None else [a + b for a, b in zip(sums, parts)]
+    y = torch.cat(ys, -1) if style == "colwise" else sum(ys) + bias
+    torch.testing.assert_close(y, y_full, rtol=1e-5, atol=1e-5)
+    for got, want in zip(sums, [fm.grad, fc.grad] + ([fx.grad] if style == "colwise" else [])):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.backends("reference", "native_cpu", "triton")
+@pytest.mark.parametrize("S,fused", [(1, True), (3, False)])
+@pytest.mark.parametrize("split", SPLITS, ids=lambda s: f"{s[0][0]}x{s[0][1]}-{s[1]}-{'-'.join(map(str, s[2]))}")
+def test_mean_field_linear_shards_match_unsharded(rng, monkeypatch, backend, S, fused, split):
+    monkeypatch.setitem(_backend.LIMITS, "triton_fused_max_m", _backend.Limit(10**9 if fused else 0, "test"))
+    shape, style, cuts = split
+    mu = torch.randn(*shape, generator=rng).to(backend.device) * 0.1
+    rho = torch.randn(*shape, generator=rng).to(backend.device) - 3
+    b_mu = torch.randn(shape[0], generator=rng).to(backend.device) * 0.1
+    b_rho = torch.randn(shape[0], generator=rng).to(backend.device) - 3
+    x = torch.randn(3, shape[1], generator=rng).to(backend.device)
+    gy = torch.randn(S, 3, shape[0], generator=rng).to(backend.device)
+    kw = dict(seed=int(torch.randint(0, 2**62, (1,), generator=rng)), samples=S, owner=21)
+    leaf = lambda t: t.clone().requires_grad_()  # noqa: E731
+    full = [leaf(t) for t in (x, mu, rho, b_mu, b_rho)]
+    with backend():
+        y_full = F.mean_field_linear(*full, **kw)
+    (y_full * gy).sum().backward()
+    ys, gx = [], 0
+    for r0, r1, c0, c1 in _blocks(shape, style, cuts):
+        mp = dict(elem_offset=r0 * shape[1] + c0, row_stride=shape[1])
+        sx, sm, sr = leaf(x[:, c0:c1]), leaf(mu[r0:r1, c0:c1]), leaf(rho[r0:r1, c0:c1])
+        sbm, sbr = (leaf(b_mu[r0:r1]), leaf(b_rho[r0:r1])) if style == "colwise" else (None, None)
+        with backend():
+            y = F.mean_field_linear(sx, sm, sr, sbm, sbr, **kw, **mp)
+        (y * gy[..., r0:r1]).sum().backward()
+        ys.append(y)
+        torch.testing.assert_close(sm.grad, full[1].grad[r0:r1, c0:c1], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(sr.grad, full[2].grad[r0:r1, c0:c1], rtol=1e-4, atol=1e-4)
+        if style == "colwise":
+            torch.testing.assert_close(sbm.grad, full[3].grad[r0:r1], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(sbr.grad, full[4].grad[r0:r1], rtol=1e-5, atol=1e-5)
+            gx = gx + sx.grad
+        else:
+            torch.testing.assert_close(sx.grad, full[0].grad[:, c0:c1], rtol=1e-5, atol=1e-5)
+    if style == "colwise":
+        torch.testing.assert_close(torch.cat(ys, -1), y_full, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gx, full[0].grad, rtol=1e-5, atol=1e-5)
+    else:  # the sampled bias (purpose 2, global rows) added once, after the sum of the partial outputs
+        b = R.mean_field_bias(b_mu, b_rho, seed=kw["seed"], samples=S, owner=21)
+        torch.testing.assert_close(sum(ys) + b[:, None, :], y_full, rtol=1e-5, atol=1e-5)

@@ -190,3 +190,39 @@ def test_native_cuda_matches_cpu_and_reference(backend, shape, S, purpose):
     for a, b, r in zip(got, again, want):
         assert torch.equal(a, b)  # deterministic
         torch.testing.assert_close(a.cpu().double(), r, rtol=1e-5, atol=1e-5 * S)
+
+
+# ======================================================================================================
+# Shards (tensor parallelism, issue 18 item 5): a block of mu/rho with elem_offset/row_stride draws the noise
+# of its place in the unsharded weight, on every backend
+# ======================================================================================================
+
+from tp_helpers import SHARDS, shard_ids  # noqa: E402
+
+
+@pytest.mark.backends("reference", "native_cpu", "triton")
+@pytest.mark.parametrize("case", SHARDS, ids=shard_ids)
+def test_shard_reproduces_its_block(rng, backend, case):
+    shape, (r0, r1, c0, c1) = case
+    mu = torch.randn(*shape, generator=rng).to(backend.device) * 0.1
+    rho = torch.randn(*shape, generator=rng).to(backend.device) - 3
+    mp = dict(elem_offset=r0 * shape[1] + c0, row_stride=shape[1])
+    kw = dict(seed=int(torch.randint(0, 2**62, (1,), generator=rng)), samples=3, owner=19)
+    ms, rs = mu[r0:r1, c0:c1].clone().requires_grad_(), rho[r0:r1, c0:c1].clone().requires_grad_()
+    with backend():
+        full = F.mean_field_reconstruct(mu, rho, **kw)
+        w = F.mean_field_reconstruct(ms, rs, **kw, **mp)
+    torch.testing.assert_close(w, full[:, r0:r1, c0:c1], rtol=1e-6, atol=1e-5)
+    m64, r64 = ms.detach().double().requires_grad_(), rs.detach().double().requires_grad_()
+    wr = R.mean_field_reconstruct(m64, r64, **kw, **mp)
+    torch.testing.assert_close(w.double(), wr.detach(), rtol=1e-6, atol=1e-5)
+    gw = torch.randn(w.shape, generator=rng).to(backend.device)
+    got = torch.autograd.grad(w, (ms, rs), gw)
+    for a, b in zip(got, torch.autograd.grad(wr, (m64, r64), gw.double())):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+    # a 1-D shard (a bias: rows of length 1) is indexed by its global entries
+    b_mu, b_rho = mu[:, 0].contiguous(), rho[:, 0].contiguous()
+    with backend():
+        bfull = F.mean_field_reconstruct(b_mu, b_rho, **kw)
+        bs = F.mean_field_reconstruct(b_mu[r0:r1], b_rho[r0:r1], **kw, elem_offset=r0)
+    torch.testing.assert_close(bs, bfull[:, r0:r1], rtol=1e-6, atol=1e-5)

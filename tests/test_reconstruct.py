@@ -582,3 +582,69 @@ def test_native_cuda_matches_cpu(backend, mode, label_dtype, K, shape, E, O, S):
     for a, b, c in zip(got, again, got_cpu):
         assert torch.equal(a, b)  # deterministic
         torch.testing.assert_close(a.cpu(), c, rtol=1e-5, atol=1e-5)
+
+
+# ======================================================================================================
+# 4. Shards (tensor parallelism, issue 18 item 5): a block of the weight with elem_offset/row_stride draws
+#    exactly the noise of its place in the unsharded weight, on every backend
+# ======================================================================================================
+
+from tp_helpers import SHARDS, cut_sws, outlier_mask, shard_ids  # noqa: E402
+
+
+@pytest.mark.backends("reference", "native_cpu", "triton")
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", SHARDS, ids=shard_ids)
+def test_shard_reproduces_its_block_of_the_unsharded_weight(rng, backend, mode, case):
+    shape, block = case
+    r0, r1, c0, c1 = block
+    means, chol, labels, e, o = make_layer(rng, shape, 6, 5, 6, torch.uint8, device=backend.device)
+    kw = dict(seed=int(torch.randint(0, 2**62, (1,), generator=rng)), samples=3, mode=mode, owner=77,
+              codebook_owner=5)
+    with backend():
+        full = F.reconstruct(means, chol, labels, e, o, **kw)
+    lab, es, os_, mp = cut_sws(labels, e, o, block)
+    m = means.clone().requires_grad_()
+    c = chol.clone().requires_grad_()
+    o_par = [os_[1].clone().requires_grad_(), os_[2].clone().requires_grad_()]
+    with backend():
+        W = F.reconstruct(m, c, lab, es, (os_[0], *o_par), **kw, **mp)
+    assert W.shape == (3, r1 - r0, c1 - c0)
+    want = R.reconstruct(*to64((means, chol)), lab, to64(es), to64(os_), **kw, **mp)
+    torch.testing.assert_close(W.double(), want, rtol=1e-5, atol=1e-5)
+    # the reference shard is its block of the reference unsharded weight (same noise; float64 vector/scalar
+    # softplus may differ in the last ulp between tensor sizes)
+    want_full = R.reconstruct(*to64((means, chol)), labels, to64(e), to64(o), **kw)
+    torch.testing.assert_close(want, want_full[:, r0:r1, c0:c1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(W, full[:, r0:r1, c0:c1], rtol=1e-5, atol=1e-5)
+
+    g = torch.randn(W.shape, generator=rng).to(backend.device)
+    grads = torch.autograd.grad(W, [m, c] + o_par, g, allow_unused=True)
+    want_g = R.reconstruct_backward(g.double(), *to64((means, chol)), lab, to64(es), to64(os_), **kw, **mp)
+    # and it is the unsharded backward of a gradient that is zero outside the block (outliers: the block's)
+    gf = torch.zeros(3, *shape, dtype=D, device=backend.device)
+    gf[:, r0:r1, c0:c1] = g.double()
+    full_g = R.reconstruct_backward(gf, *to64((means, chol)), labels, to64(e), to64(o), **kw)
+    om = outlier_mask(o, shape[1], block)
+    for a, b in zip(want_g, (full_g[0], full_g[1], full_g[2][om], full_g[3][om])):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for got, ref, name in zip(grads, want_g, ("means", "chol", "mu_o", "rho_o")):
+        got = torch.zeros_like(ref) if got is None else got
+        torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-5 * max(1.0, g.abs().sum().item() / 6),
+                                   msg=name)
+
+
+def test_shard_mapping_errors(rng):
+    means, chol, labels, e, o = make_layer(rng, (4, 5), 3, 0, 0, torch.uint8, device="cpu")
+    kw = dict(seed=1, samples=1)
+    with pytest.raises(ValueError, match="row_stride"):
+        F.reconstruct(means, chol, labels, **kw, elem_offset=0, row_stride=3)
+    with pytest.raises(ValueError, match="elem_offset"):
+        F.reconstruct(means, chol, labels, **kw, elem_offset=-1)
+    with pytest.raises(ValueError, match="2\\*\\*34"):
+        F.reconstruct(means, chol, labels, **kw, elem_offset=2**34 - 10, row_stride=5)
+    with pytest.raises(TypeError, match="row_stride"):
+        F.reconstruct(means, chol, labels, **kw, row_stride=5.0)
+    # the identity mapping is today's stream bit for bit
+    assert torch.equal(F.reconstruct(means, chol, labels, **kw, mode="hierarchical", elem_offset=0, row_stride=5),
+                       F.reconstruct(means, chol, labels, **kw, mode="hierarchical"))

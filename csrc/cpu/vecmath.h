@@ -46,9 +46,16 @@ void normals_at_fill(Key key, const int64_t* pos, int64_t npos, int64_t S, uint3
 // fresh 64 MB output cost several times its writes. Only a hint; harmless when refused.
 void advise_huge_pages(void* p, size_t bytes);
 
-// "avx2" or "scalar": the version the calls above use now.
+// "avx2" or "scalar": whether the calls above use vector code now ("avx2" also when they run the AVX-512
+// versions: callers that only need AVX2 test this).
 const char* simd_level();
-// Enable (default) or disable the vector version (tests compare both; benchmarks measure both).
+// "avx512", "avx2" or "scalar": the widest vector code in use now. The AVX-512 (F/DQ/BW/VL) versions of the bulk
+// and scattered normals run the same operations as the AVX2 ones on 16 lanes (same words, same normals).
+const char* simd_isa();
+// Enable (default) or disable the vector versions (tests compare both; benchmarks measure both). Enabling takes
+// the widest level the CPU has, capped by the environment variable SWS_SIMD when set ("avx2": no AVX-512;
+// "scalar": no vector code), read at each set_simd(true) and at the first call: a test sets SWS_SIMD and calls
+// set_simd(True) to run a lower level in the same process.
 void set_simd(bool enabled);
 
 }  // namespace sws

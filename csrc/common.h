@@ -40,7 +40,47 @@ struct ReconstructArgs {
   int mode = kPaper;
   int64_t owner = 0;
   int64_t codebook_owner = 0;
+  // Global element mapping of a shard (tensor parallelism; sws_kernels/reference.py element_map): local weight
+  // i = r * row_len + c draws the noise of element elem_offset + r * row_stride + c. All 0: the identity.
+  int64_t elem_offset = 0;
+  int64_t row_stride = 0;
+  int64_t row_len = 0;
 };
+
+// The element mapping above as a value (host and device): g(i) = offset + (i / row_len) * row_stride + i % row_len,
+// or offset + i when the rows are contiguous (row_stride == row_len, or row_len 0).
+struct ElemMap {
+  int64_t offset = 0, row_stride = 0, row_len = 0;
+  SWS_HD bool contiguous() const { return row_len <= 0 || row_stride == row_len; }
+  SWS_HD bool identity() const { return offset == 0 && contiguous(); }
+  SWS_HD uint64_t operator()(int64_t i) const {
+    if (contiguous()) return static_cast<uint64_t>(offset + i);
+    return static_cast<uint64_t>(offset + (i / row_len) * row_stride + i % row_len);
+  }
+};
+
+// Checks of a mapping over n local elements; throws std::invalid_argument naming `fn`.
+inline void validate_elem_map(int64_t offset, int64_t row_stride, int64_t row_len, int64_t n, const char* fn) {
+  auto fail = [&](const std::string& what) { throw std::invalid_argument(std::string(fn) + ": " + what); };
+  if (offset < 0) fail("elem_offset must be >= 0, got " + std::to_string(offset));
+  if (row_len < 0 || (row_len > 0 && n % row_len != 0))
+    fail("row_len must divide n = " + std::to_string(n) + ", got " + std::to_string(row_len));
+  if (row_len > 0 && row_stride < row_len)
+    fail("row_stride must be >= row_len = " + std::to_string(row_len) + ", got " + std::to_string(row_stride));
+  if (n > 0) {
+    const int64_t rows = row_len > 0 ? n / row_len : 1;
+    const int64_t len = row_len > 0 ? row_len : n;
+    const int64_t stride = row_len > 0 ? row_stride : 0;
+    const double last = static_cast<double>(offset) + static_cast<double>(rows - 1) * static_cast<double>(stride) +
+                        static_cast<double>(len);
+    if (last > static_cast<double>(kMaxElement))
+      fail("the shard's global element indices exceed the per-stream limit of 2^34 elements");
+  }
+}
+
+inline ElemMap elem_map_of(const ReconstructArgs& a) {
+  return ElemMap{a.elem_offset, a.row_len > 0 ? a.row_stride : 0, a.row_len};
+}
 
 // The kernels' view of the seed: the device copy when there is one (read in the kernel), else the host value.
 inline SeedRef seed_ref_of(const ReconstructArgs& a) { return SeedRef{a.seed_dev, seed_key(a.seed)}; }
@@ -68,6 +108,7 @@ inline void validate_sizes(const ReconstructArgs& a, const char* fn) {
     fail("e_pos/e_a/e_b/e_alpha pointer is null with E = " + std::to_string(a.E));
   if (a.O > 0 && (a.o_pos == nullptr || a.o_mu == nullptr || a.o_rho == nullptr))
     fail("o_pos/o_mu/o_rho pointer is null with O = " + std::to_string(a.O));
+  validate_elem_map(a.elem_offset, a.row_stride, a.row_len, a.n, fn);
 }
 
 // Calls f with `labels` cast to its element type (host side; every backend's one switch over LabelDtype).
@@ -135,9 +176,17 @@ struct MeanFieldArgs {
   int64_t S = 1;
   int64_t owner = 0;
   int64_t purpose = 0;
+  // Global element mapping of a shard, as in ReconstructArgs (all 0: the identity).
+  int64_t elem_offset = 0;
+  int64_t row_stride = 0;
+  int64_t row_len = 0;
 };
 
 inline SeedRef seed_ref_of(const MeanFieldArgs& a) { return SeedRef{a.seed_dev, seed_key(a.seed)}; }
+
+inline ElemMap elem_map_of(const MeanFieldArgs& a) {
+  return ElemMap{a.elem_offset, a.row_len > 0 ? a.row_stride : 0, a.row_len};
+}
 
 // Checks of the mean-field entry points (CPU and CUDA); throws std::invalid_argument naming `fn`.
 inline void validate_mean_field(const MeanFieldArgs& a, const char* fn) {
@@ -149,6 +198,7 @@ inline void validate_mean_field(const MeanFieldArgs& a, const char* fn) {
   if (a.owner < 0 || a.owner > 0xffffffffll) fail("owner must be in [0, 2^32), got " + std::to_string(a.owner));
   if (a.purpose < 0 || a.purpose > 0xffffffffll)
     fail("purpose must be in [0, 2^32), got " + std::to_string(a.purpose));
+  validate_elem_map(a.elem_offset, a.row_stride, a.row_len, a.n, fn);
 }
 
 // The op-specific extras of the fused small-M SWS linear forward (CPU: csrc/cpu/linear.cpp, float32 x only;

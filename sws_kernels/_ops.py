@@ -145,13 +145,59 @@ torch.library.register_autograd("sws_kernels::reconstruct", _reconstruct_backwar
 # Kernel registrations (backend -> kernel). Availability is decided at call time by _backend.select.
 # ------------------------------------------------------------------------------------------------------
 
+# A shard's element mapping (elem_offset/row_stride) goes into the argument bundle's fields (csrc/common.h); the
+# unsharded call is native's own function, untouched.
+def _map_bundle(p, elem_offset: int, row_stride: int, row_len: int):
+    p.args.elem_offset, p.args.row_stride, p.args.row_len = elem_offset, row_stride, row_len
+    return p
+
+
+def _native_reconstruct(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode, owner,
+                        codebook_owner, *, elem_offset: int = 0, row_stride: int = 0):
+    if elem_offset == 0 and row_stride in (0, _row_len(labels)):
+        return native.reconstruct(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples,
+                                  mode, owner, codebook_owner)
+    p = _map_bundle(native.prepare(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, mode, owner,
+                                   codebook_owner), elem_offset, row_stride, _row_len(labels))
+    return native.reconstruct_prepared(p, seed, int(samples))
+
+
+def _native_reconstruct_backward(grad_w, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed,
+                                 samples, mode, owner, codebook_owner, *, elem_offset: int = 0, row_stride: int = 0):
+    if elem_offset == 0 and row_stride in (0, _row_len(labels)):
+        return native.reconstruct_backward(grad_w, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho,
+                                           seed, samples, mode, owner, codebook_owner)
+    p = _map_bundle(native.prepare(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, mode, owner,
+                                   codebook_owner), elem_offset, row_stride, _row_len(labels))
+    return native.reconstruct_backward_prepared(p, grad_w, seed, int(samples), (labels, e_pos, e_a, e_b, e_alpha, o_pos))
+
+
+def _native_mean_field_reconstruct(mu, rho, seed, samples, owner, purpose, *, elem_offset: int = 0,
+                                   row_stride: int = 0):
+    if elem_offset == 0 and row_stride in (0, _row_len(mu)):
+        return native.mean_field_reconstruct(mu, rho, seed, samples, owner, purpose)
+    p = _map_bundle(native.prepare_mean_field(mu, rho, owner, purpose), elem_offset, row_stride, _row_len(mu))
+    return native.mean_field_reconstruct_prepared(p, seed, int(samples))
+
+
+def _native_mean_field_reconstruct_backward(grad_w, mu, rho, seed, samples, owner, purpose, *, elem_offset: int = 0,
+                                            row_stride: int = 0):
+    if elem_offset == 0 and row_stride in (0, _row_len(mu)):
+        return native.mean_field_reconstruct_backward(grad_w, mu, rho, seed, samples, owner, purpose)
+    p = _map_bundle(native.prepare_mean_field(mu, rho, owner, purpose), elem_offset, row_stride, _row_len(mu))
+    return native.mean_field_reconstruct_backward_prepared(p, grad_w, seed, int(samples))
+
+
+for _fn in (_native_reconstruct, _native_reconstruct_backward, _native_mean_field_reconstruct,
+            _native_mean_field_reconstruct_backward):
+    _fn.sws_elem_map = True  # takes a shard's mapping (see _map_kwargs)
 for _name in ("native_cpu", "native_cuda"):
-    _backend.register_kernel("reconstruct", _name)(native.reconstruct)
-    _backend.register_kernel("reconstruct_backward", _name)(native.reconstruct_backward)
+    _backend.register_kernel("reconstruct", _name)(_native_reconstruct)
+    _backend.register_kernel("reconstruct_backward", _name)(_native_reconstruct_backward)
 # mean-field: csrc/cpu/mean_field.cpp (OpenMP + AVX2 normals), csrc/cuda/mean_field.cu.
 for _name in ("native_cpu", "native_cuda"):
-    _backend.register_kernel("mean_field_reconstruct", _name)(native.mean_field_reconstruct)
-    _backend.register_kernel("mean_field_reconstruct_backward", _name)(native.mean_field_reconstruct_backward)
+    _backend.register_kernel("mean_field_reconstruct", _name)(_native_mean_field_reconstruct)
+    _backend.register_kernel("mean_field_reconstruct_backward", _name)(_native_mean_field_reconstruct_backward)
 
 
 # Linear layers, native. On the CPU, M <= 32 rows per sample with float32 activations in paper/mean mode runs
@@ -164,13 +210,19 @@ for _name in ("native_cpu", "native_cuda"):
 def _native_sws_linear(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed, samples,
                        mode, owner, codebook_owner, per_sample, *, fused: bool, **emap):
     lead = x.shape[1:-1] if per_sample else x.shape[:-1]
+    if fused and emap:  # a shard (see _map_bundle): the same fused kernels over a mapped bundle
+        p = _map_bundle(native.prepare(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, mode, owner,
+                                       codebook_owner), emap["elem_offset"], emap["row_stride"], labels.shape[1])
+        run = native.sws_linear_cuda_prepared if x.is_cuda else native.sws_linear_cpu_prepared
+        y = run(p, x, bias, seed, int(samples), per_sample)
+        return y.reshape(samples, *lead, labels.shape[0])
     if fused:  # _backend.plan checked the fused kernel's limits (LIMITS cuda/cpu_fused_max_m, dtype, mode)
         run = native.sws_linear_cuda if x.is_cuda else native.sws_linear_cpu
         y = run(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed, samples, mode, owner,
-                codebook_owner, per_sample, **emap)
+                codebook_owner, per_sample)
         return y.reshape(samples, *lead, labels.shape[0])
-    w = native.reconstruct(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode,
-                           owner, codebook_owner, **emap)
+    w = _native_reconstruct(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode,
+                            owner, codebook_owner, **emap)
     return _vendor_linear(x, w, bias, per_sample)
 
 
@@ -186,19 +238,23 @@ def _vendor_linear(x, w, bias, per_sample: bool) -> Tensor:
 
 def _native_sws_linear_dx(grad_y, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples,
                           mode, owner, codebook_owner, per_sample, *, fused: bool = False, **emap):
-    w = native.reconstruct(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode,
-                           owner, codebook_owner, **emap)
+    w = _native_reconstruct(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode,
+                            owner, codebook_owner, **emap)
     return _dx_reference(grad_y, w, samples, per_sample, labels.shape[1])
 
 
 def _native_mean_field_linear(x, mu, rho, bias, seed, samples, owner, per_sample, *, fused: bool = False, **emap):
-    w = native.mean_field_reconstruct(mu, rho, seed, samples, owner, 0, **emap)
+    w = _native_mean_field_reconstruct(mu, rho, seed, samples, owner, 0, **emap)
     return _vendor_linear(x, w, bias, per_sample)
 
 
 def _native_mean_field_linear_dx(grad_y, mu, rho, seed, samples, owner, per_sample, *, fused: bool = False, **emap):
-    w = native.mean_field_reconstruct(mu, rho, seed, samples, owner, 0, **emap)
+    w = _native_mean_field_reconstruct(mu, rho, seed, samples, owner, 0, **emap)
     return _dx_reference(grad_y, w, samples, per_sample, mu.shape[1])
+
+
+for _fn in (_native_sws_linear, _native_sws_linear_dx, _native_mean_field_linear, _native_mean_field_linear_dx):
+    _fn.sws_elem_map = True
 
 
 for _name in ("native_cpu", "native_cuda"):

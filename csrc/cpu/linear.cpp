@@ -117,6 +117,7 @@ void sws_linear_cpu(const ReconstructArgs& a, const LinearArgs& l) {
   const int64_t K = a.K, S = a.S;
   const Key key = seed_key(a.seed);
   const uint32_t owner = static_cast<uint32_t>(a.owner);
+  const ElemMap em = elem_map_of(a);  // a shard: outlier noise of its global elements
 
   // Entry checks (memory safety; the same errors as reconstruct): positions in range and unique,
   // ellipse components in range.
@@ -222,8 +223,7 @@ void sws_linear_cpu(const ReconstructArgs& a, const LinearArgs& l) {
       const float mu = a.o_mu[o];
       const float sd = softplus(a.o_rho[o]);
       for (int64_t s = 0; s < S; ++s)
-        correct(p, s, mean ? mu : mu + sd * normal_at(key, static_cast<uint64_t>(p), static_cast<uint32_t>(s), owner,
-                                                      kPurposeWeight));
+        correct(p, s, mean ? mu : mu + sd * normal_at(key, em(p), static_cast<uint32_t>(s), owner, kPurposeWeight));
     }
   });
 }

@@ -7,6 +7,9 @@
 // boundaries), softplus/softplus' are evaluated once per block (not once per sample), and the normals of a
 // block come from normals_fill (AVX2 when the CPU has it, see vecmath.cpp) into an L1-resident buffer.
 //
+// A shard of a larger weight (MeanFieldArgs elem_offset/row_stride/row_len, tensor parallelism) draws each block's
+// normals through mapped_normals_fill (elem_map.h): the same values as the unsharded layer's elements.
+//
 // Determinism: every output element depends only on its own inputs and the S samples summed in order
 // s = 0, 1, ... (double accumulators), so results are bit-identical run to run and for any thread count.
 #include <algorithm>
@@ -15,6 +18,7 @@
 #include <string>
 
 #include "../common.h"
+#include "elem_map.h"
 #include "parallel.h"
 #include "vecmath.h"
 
@@ -36,6 +40,8 @@ void mean_field_reconstruct_cpu(const MeanFieldArgs& a, float* out) {
   advise_huge_pages(out, static_cast<size_t>(S) * static_cast<size_t>(n) * sizeof(float));
   const Key key = seed_key(a.seed);
   const uint32_t own = static_cast<uint32_t>(a.owner), pur = static_cast<uint32_t>(a.purpose);
+  const ElemMap em = elem_map_of(a);
+  const bool ident = em.identity();
   const int64_t nb = (n + kBlock - 1) / kBlock;
   const int nt = parallel_threads(kNsNormal * static_cast<double>(S * n));
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
@@ -46,7 +52,8 @@ void mean_field_reconstruct_cpu(const MeanFieldArgs& a, float* out) {
     softplus_fill(rho + i0, sp, len);
     const float* m = mu + i0;
     for (int64_t s = 0; s < S; ++s) {
-      normals_fill(key, static_cast<uint64_t>(i0 >> 2), (len + 3) >> 2, static_cast<uint32_t>(s), own, pur, eps);
+      if (ident) normals_fill(key, static_cast<uint64_t>(i0 >> 2), (len + 3) >> 2, static_cast<uint32_t>(s), own, pur, eps);
+      else mapped_normals_fill(key, em, i0, len, static_cast<uint32_t>(s), own, pur, eps);
       float* o = out + s * n + i0;
       // mu + sp * eps, two roundings like the reference (mul, then add): no FMA contraction in this file's
       // baseline-ISA build, and the vectoriser keeps the order.
@@ -66,6 +73,8 @@ void mean_field_reconstruct_backward_cpu(const MeanFieldArgs& a, const float* gr
     throw std::invalid_argument(std::string(fn) + ": null pointer");
   const Key key = seed_key(a.seed);
   const uint32_t own = static_cast<uint32_t>(a.owner), pur = static_cast<uint32_t>(a.purpose);
+  const ElemMap em = elem_map_of(a);
+  const bool ident = em.identity();
   const int64_t nb = (n + kBlock - 1) / kBlock;
   const int nt = parallel_threads((kNsNormal + kNsGather) * static_cast<double>(S * n));
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
@@ -77,7 +86,8 @@ void mean_field_reconstruct_backward_cpu(const MeanFieldArgs& a, const float* gr
     std::fill(acc_mu, acc_mu + len, 0.0);
     std::fill(acc_rho, acc_rho + len, 0.0);
     for (int64_t s = 0; s < S; ++s) {  // samples in order: the sums are the same whatever the threads
-      normals_fill(key, static_cast<uint64_t>(i0 >> 2), (len + 3) >> 2, static_cast<uint32_t>(s), own, pur, eps);
+      if (ident) normals_fill(key, static_cast<uint64_t>(i0 >> 2), (len + 3) >> 2, static_cast<uint32_t>(s), own, pur, eps);
+      else mapped_normals_fill(key, em, i0, len, static_cast<uint32_t>(s), own, pur, eps);
       const float* g = grad_w + s * n + i0;
       for (int64_t t = 0; t < len; ++t) {
         const double gv = static_cast<double>(g[t]);

@@ -28,6 +28,7 @@
 #include "../common.h"
 #include "parallel.h"
 #include "codebook.h"
+#include "elem_map.h"
 #include "vecmath.h"
 
 #if defined(__linux__)
@@ -203,6 +204,8 @@ void reconstruct_cpu(const ReconstructArgs& a, float* out) {
   const int64_t K = a.K, S = a.S, n = a.n;
   const Key key = seed_key(a.seed);
   const uint32_t owner = static_cast<uint32_t>(a.owner);
+  const ElemMap em = elem_map_of(a);  // a shard's global element mapping (identity: the plain stream)
+  const bool ident = em.identity();
   const bool hier = a.mode == kHierarchical;
 
   // Prologue: z table. paper/mean: sample-interleaved zt[k*S + s] = z_mu (mean: m_mu), so one label
@@ -259,8 +262,11 @@ void reconstruct_cpu(const ReconstructArgs& a, float* out) {
         for (int64_t s = 0; s < S; ++s) {
           const float* zs = z + 2 * s * K;
           float* o = out + s * n;
-          normals_fill(key, static_cast<uint64_t>(i0 >> 2), (i1 - i0 + 3) >> 2, static_cast<uint32_t>(s), owner,
-                       kPurposeWeight, eps);
+          if (ident)
+            normals_fill(key, static_cast<uint64_t>(i0 >> 2), (i1 - i0 + 3) >> 2, static_cast<uint32_t>(s), owner,
+                         kPurposeWeight, eps);
+          else  // a shard: its elements' global noise (elem_map.h)
+            mapped_normals_fill(key, em, i0, i1 - i0, static_cast<uint32_t>(s), owner, kPurposeWeight, eps);
           for (int64_t i = i0; i < i1; ++i) {
             const int64_t c = static_cast<int64_t>(lab[i]);
             o[i] = zs[2 * c] + zs[2 * c + 1] * eps[i - i0];
@@ -287,7 +293,7 @@ void reconstruct_cpu(const ReconstructArgs& a, float* out) {
         const float* zs = z + 2 * s * K;
         const float mu = al * zs[2 * ca] + bl * zs[2 * cb];
         const float sd = al * zs[2 * ca + 1] + bl * zs[2 * cb + 1];
-        v = mu + sd * normal_at(key, static_cast<uint64_t>(p), static_cast<uint32_t>(s), owner, kPurposeWeight);
+        v = mu + sd * normal_at(key, em(p), static_cast<uint32_t>(s), owner, kPurposeWeight);
       }
       out[s * n + p] = v;
     }
@@ -301,7 +307,7 @@ void reconstruct_cpu(const ReconstructArgs& a, float* out) {
     const float sd = softplus(a.o_rho[o]);
     for (int64_t s = 0; s < S; ++s) {
       out[s * n + p] =
-          a.mode == kMean ? mu : mu + sd * normal_at(key, static_cast<uint64_t>(p), static_cast<uint32_t>(s), owner, kPurposeWeight);
+          a.mode == kMean ? mu : mu + sd * normal_at(key, em(p), static_cast<uint32_t>(s), owner, kPurposeWeight);
     }
   }
 }
@@ -315,6 +321,8 @@ void reconstruct_backward_cpu(const ReconstructArgs& a, const float* grad_out, f
   const int64_t K = a.K, S = a.S, n = a.n;
   const Key key = seed_key(a.seed);
   const uint32_t owner = static_cast<uint32_t>(a.owner);
+  const ElemMap em = elem_map_of(a);  // a shard's global element mapping (identity: the plain stream)
+  const bool ident = em.identity();
   const bool hier = a.mode == kHierarchical;
   const int64_t nacc = hier ? 2 : 1;  // per (s, k): sum dW [, sum dW * eps]
   const int64_t width = S * K * nacc;
@@ -353,8 +361,11 @@ void reconstruct_backward_cpu(const ReconstructArgs& a, const float* grad_out, f
           for (int64_t ib = i0; ib < i1; ib += kFwdBlock) {  // chunks start on counter boundaries
             alignas(64) float eps[kFwdBlock];
             const int64_t ie = std::min(i1, ib + kFwdBlock);
-            normals_fill(key, static_cast<uint64_t>(ib >> 2), (ie - ib + 3) >> 2, static_cast<uint32_t>(s), owner,
-                         kPurposeWeight, eps);
+            if (ident)
+              normals_fill(key, static_cast<uint64_t>(ib >> 2), (ie - ib + 3) >> 2, static_cast<uint32_t>(s), owner,
+                           kPurposeWeight, eps);
+            else  // a shard: its elements' global noise (elem_map.h)
+              mapped_normals_fill(key, em, ib, ie - ib, static_cast<uint32_t>(s), owner, kPurposeWeight, eps);
             for (int64_t i = ib; i < ie; ++i) {
               if (mask && masked(mask, i)) continue;
               const int64_t c = static_cast<int64_t>(lab[i]);
@@ -390,7 +401,7 @@ void reconstruct_backward_cpu(const ReconstructArgs& a, const float* grad_out, f
 #pragma omp parallel for schedule(static) num_threads(nte) if (nte > 1)
       for (int64_t e = 0; e < a.E; ++e)
         for (int64_t s = 0; s < S; ++s)
-          eps_e[s * a.E + e] = normal_at(key, static_cast<uint64_t>(a.e_pos[e]), static_cast<uint32_t>(s), owner, kPurposeWeight);
+          eps_e[s * a.E + e] = normal_at(key, em(a.e_pos[e]), static_cast<uint32_t>(s), owner, kPurposeWeight);
     }
     for (int64_t s = 0; s < S; ++s) {
       const float* g = grad_out + s * n;
@@ -465,7 +476,7 @@ void reconstruct_backward_cpu(const ReconstructArgs& a, const float* grad_out, f
       const double gv = static_cast<double>(grad_out[s * n + p]);
       g_mu += gv;
       if (a.mode != kMean)
-        g_rho += gv * static_cast<double>(normal_at(key, static_cast<uint64_t>(p), static_cast<uint32_t>(s), owner, kPurposeWeight));
+        g_rho += gv * static_cast<double>(normal_at(key, em(p), static_cast<uint32_t>(s), owner, kPurposeWeight));
     }
     grad_mu_o[o] = static_cast<float>(g_mu);
     grad_rho_o[o] = a.mode == kMean ? 0.0f : static_cast<float>(g_rho * static_cast<double>(sigmoid(a.o_rho[o])));

@@ -17,6 +17,7 @@
 #include "common.h"
 #include "cpu/vecmath.h"
 #include "cpu/histogram.h"  // issue 14: the label-histogram linear forward
+#include "cpu/layer.h"  // issue 11: the layers' one-row backward
 
 namespace py = pybind11;
 using sws::LinearArgs;
@@ -306,6 +307,145 @@ PYBIND11_MODULE(_C, m) {
       py::arg("args"), py::arg("linear"), py::call_guard<py::gil_scoped_release>(),
       "Fused small-M SWS linear forward (paper/mean, float32 x, M <= 32): float32 y[S, M, out_f] = x W[s]^T "
       "(+ bias), W never materialised.");
+
+  // The layers' steady-state call (sws_kernels/_bound.py): the bundles are the caller's, reused across calls
+  // and shared by threads, so this call's seed, S and addresses go into local copies (no lock, no attribute
+  // writes from Python: ~1.5 us less than filling the bound objects field by field). seed_ptr: the address of
+  // a CPU int64 seed tensor (read here), else 0 and seed is the value. The GIL is released only around work
+  // that is worth it (releasing and re-taking it costs more than a tiny layer's kernel).
+  m.def(
+      "sws_linear_cpu_run",
+      [](const ReconstructArgs& a0, const LinearArgs& l0, uintptr_t x, uintptr_t y, uintptr_t bias,
+         bool bias_per_sample, uint64_t seed, uintptr_t seed_ptr, int64_t S) {
+        ReconstructArgs a = a0;
+        LinearArgs l = l0;
+        a.seed = seed_ptr ? *ptr<const uint64_t>(seed_ptr) : seed;
+        a.S = S;
+        l.x = ptr<const void>(x);
+        l.y = ptr<void>(y);
+        l.bias = ptr<const float>(bias);
+        l.bias_per_sample = bias_per_sample;
+        check_ptr("sws_linear_cpu_run", "x", x, l.M * l.in_f);
+        check_ptr("sws_linear_cpu_run", "y", y, l.M * l.out_f);
+        if (S * a.n * l.M < (1 << 16)) {
+          sws::sws_linear_cpu(a, l);
+        } else {
+          py::gil_scoped_release release;
+          sws::sws_linear_cpu(a, l);
+        }
+      },
+      py::arg("args"), py::arg("linear"), py::arg("x"), py::arg("y"), py::arg("bias"), py::arg("bias_per_sample"),
+      py::arg("seed"), py::arg("seed_ptr"), py::arg("S"),
+      "sws_linear_cpu with this call's addresses, seed and S written into copies of the bundles.");
+
+  // csrc/cpu/layer.cpp: the one-row backward of the linear layers and the mean-field sampling, one call each,
+  // the same per-call convention as sws_linear_cpu_run (bundles copied, seed by value or address).
+  m.def(
+      "sws_linear_backward_rows_cpu",
+      [](const ReconstructArgs& a0, int64_t out_f, int64_t in_f, uintptr_t gy, uintptr_t x, bool x_per_sample,
+         uint64_t seed, uintptr_t seed_ptr, int64_t S, uintptr_t g_means, uintptr_t g_chol, uintptr_t g_mu,
+         uintptr_t g_rho, uintptr_t g_bias) {
+        const char* fn = "sws_linear_backward_rows_cpu";
+        ReconstructArgs a = a0;
+        a.seed = seed_ptr ? *ptr<const uint64_t>(seed_ptr) : seed;
+        a.S = S;
+        check_ptr(fn, "g_means", g_means, a.K);
+        check_ptr(fn, "g_chol", g_chol, a.K);
+        check_ptr(fn, "g_mu", g_mu, a.O);
+        check_ptr(fn, "g_rho", g_rho, a.O);
+        sws::RowBackward r;
+        r.out_f = out_f;
+        r.in_f = in_f;
+        r.gy = ptr<const float>(gy);
+        r.x = ptr<const float>(x);
+        r.x_per_sample = x_per_sample;
+        auto run = [&] {
+          sws::sws_linear_backward_rows_cpu(a, r, ptr<float>(g_means), ptr<float>(g_chol), ptr<float>(g_mu),
+                                            ptr<float>(g_rho), ptr<float>(g_bias));
+        };
+        if (S * a.n < (1 << 16)) {
+          run();
+        } else {
+          py::gil_scoped_release release;
+          run();
+        }
+      },
+      py::arg("args"), py::arg("out_f"), py::arg("in_f"), py::arg("gy"), py::arg("x"), py::arg("x_per_sample"),
+      py::arg("seed"), py::arg("seed_ptr"), py::arg("S"), py::arg("g_means"), py::arg("g_chol"), py::arg("g_mu"),
+      py::arg("g_rho"), py::arg("g_bias"),
+      "One-row SWS linear backward: gradients (overwritten) of means, chol, o_mu, o_rho from dW[s] = gy[s] x[s]^T, "
+      "and of the bias (g_bias != 0, S == 1).");
+  m.def(
+      "mean_field_linear_backward_rows_cpu",
+      [](const MeanFieldArgs& w0, const MeanFieldArgs* b0, int64_t out_f, int64_t in_f, uintptr_t gy, uintptr_t x,
+         bool x_per_sample, uint64_t seed, uintptr_t seed_ptr, int64_t S, uintptr_t g_mu, uintptr_t g_rho,
+         uintptr_t g_bmu, uintptr_t g_brho) {
+        const char* fn = "mean_field_linear_backward_rows_cpu";
+        const uint64_t sd = seed_ptr ? *ptr<const uint64_t>(seed_ptr) : seed;
+        MeanFieldArgs w = w0, b;
+        w.seed = sd;
+        w.S = S;
+        check_ptr(fn, "g_mu", g_mu, w.n);
+        check_ptr(fn, "g_rho", g_rho, w.n);
+        if (b0 != nullptr) {
+          b = *b0;
+          b.seed = sd;
+          b.S = S;
+          check_ptr(fn, "g_bmu", g_bmu, b.n);
+          check_ptr(fn, "g_brho", g_brho, b.n);
+        }
+        sws::RowBackward r;
+        r.out_f = out_f;
+        r.in_f = in_f;
+        r.gy = ptr<const float>(gy);
+        r.x = ptr<const float>(x);
+        r.x_per_sample = x_per_sample;
+        auto run = [&] {
+          sws::mean_field_linear_backward_rows_cpu(w, b0 != nullptr ? &b : nullptr, r, ptr<float>(g_mu),
+                                                   ptr<float>(g_rho), ptr<float>(g_bmu), ptr<float>(g_brho));
+        };
+        if (S * w.n < (1 << 16)) {
+          run();
+        } else {
+          py::gil_scoped_release release;
+          run();
+        }
+      },
+      py::arg("weight"), py::arg("bias").none(true), py::arg("out_f"), py::arg("in_f"), py::arg("gy"), py::arg("x"),
+      py::arg("x_per_sample"), py::arg("seed"), py::arg("seed_ptr"), py::arg("S"), py::arg("g_mu"), py::arg("g_rho"),
+      py::arg("g_bmu"), py::arg("g_brho"),
+      "One-row mean-field linear backward: gradients (overwritten) of mu, rho from dW[s] = gy[s] x[s]^T and, with "
+      "the bias bundle, of bias mu, rho from gy[s].");
+  m.def(
+      "mean_field_sample_cpu",
+      [](const MeanFieldArgs& w0, const MeanFieldArgs* b0, uint64_t seed, uintptr_t seed_ptr, int64_t S,
+         uintptr_t w_out, uintptr_t b_out) {
+        const char* fn = "mean_field_sample_cpu";
+        const uint64_t sd = seed_ptr ? *ptr<const uint64_t>(seed_ptr) : seed;
+        MeanFieldArgs w = w0, b;
+        w.seed = sd;
+        w.S = S;
+        check_ptr(fn, "w_out", w_out, w.n);
+        if (b0 != nullptr) {
+          b = *b0;
+          b.seed = sd;
+          b.S = S;
+          check_ptr(fn, "b_out", b_out, b.n);
+        }
+        auto run = [&] {
+          sws::mean_field_reconstruct_cpu(w, ptr<float>(w_out));
+          if (b0 != nullptr) sws::mean_field_reconstruct_cpu(b, ptr<float>(b_out));
+        };
+        if (S * w.n < (1 << 16)) {
+          run();
+        } else {
+          py::gil_scoped_release release;
+          run();
+        }
+      },
+      py::arg("weight"), py::arg("bias").none(true), py::arg("seed"), py::arg("seed_ptr"), py::arg("S"),
+      py::arg("w_out"), py::arg("b_out"),
+      "Mean-field weights [S, n] and, with the bias bundle, bias [S, out] of one seed, in one call.");
 
   // ---- issue 14: label-histogram SWS linear forward (csrc/cpu/histogram.cpp) ----
   m.def(

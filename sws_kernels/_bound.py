@@ -68,37 +68,40 @@ class _SWSBinding:
 
 
 def _sws_current(layer):
-    """The layer's tensors, read straight from the module dicts (nn.Module.__getattr__ costs ~0.3 us each)."""
+    """The layer's tensors, read straight from the module dicts (nn.Module.__getattr__ costs ~0.3 us each), then
+    the layer's and the codebook's rng_id buffers (their identity and version stand for the owner ids)."""
     buf = layer._buffers
     par = layer._parameters
     cb = layer._modules["codebook"]
     cbp = cb._parameters
     return (cbp["means"], cbp["chol"], buf["labels"], buf["ellipse_pos"], buf["ellipse_a"], buf["ellipse_b"],
-            buf["ellipse_alpha"], buf["outlier_pos"], par["outlier_mu"], par["outlier_rho"], par["bias"]), cb
+            buf["ellipse_alpha"], buf["outlier_pos"], par["outlier_mu"], par["outlier_rho"], par["bias"],
+            buf["rng_id"], cb._buffers["rng_id"]), cb
 
 
 def _sws_binding(layer) -> Optional[_SWSBinding]:
+    """The layer's binding if still valid: the same tensor objects (ids) at the same addresses, the index tensors
+    and the rng_id buffers at the same versions, the same mode; else a new one."""
     cur, cb = _sws_current(layer)
-    meta = (layer.mode, layer._owner, cb._owner)
     b = layer.__dict__.get("_sws_binding")
     if b is not None:
         try:
-            if (b.meta == meta and list(map(id, cur)) == b.ids and list(map(_PTR, cur[:10])) == b.ptrs
-                    and list(map(_VERSION, cur[2:8])) == b.versions):
+            if (b.meta[0] == layer._mode and list(map(id, cur)) == b.ids and list(map(_PTR, cur[:10])) == b.ptrs
+                    and list(map(_VERSION, cur[2:8] + cur[11:])) == b.versions):
                 return b
         except RuntimeError:  # an inference tensor has no version counter: no binding
             return None
-    return _sws_bind(layer, cur, cb, meta)
+    return _sws_bind(layer, cur, cb, (layer.mode, layer._owner, cb._owner))
 
 
 def _sws_bind(layer, cur, cb, meta) -> Optional[_SWSBinding]:
-    means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias = cur
+    means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias = cur[:11]
     # the tuples even when empty, so the converted arguments alias the layer's own (empty) outlier parameters
     a = _checks.sws(means, chol, labels, (e_pos, e_a, e_b, e_alpha), (o_pos, o_mu, o_rho), 0, 1, layer.mode,
                     layer._owner, cb._owner)
     b = _SWSBinding()
     try:
-        b.versions = list(map(_VERSION, cur[2:8]))
+        b.versions = list(map(_VERSION, cur[2:8] + cur[11:]))
     except RuntimeError:
         return None
     b.ids = list(map(id, cur))
@@ -118,18 +121,24 @@ def _sws_bind(layer, cur, cb, meta) -> Optional[_SWSBinding]:
     return b
 
 
-def _sws_forward(b, pl, x, bias, seed, S, ps, lead):
+def _sws_forward(b, pl, x, bias, seed, S, ps, c, squeeze=False, checked=False):
+    """y in the call shape's output shape: [S, *lead, out], or [*lead, out] with ``squeeze`` (S = 1).
+    ``checked``: the binding was verified by this call (addresses unmoved, see native._Bundle.call)."""
     t = b.tensors
     mode, owner, cbo = b.meta[0], b.meta[1], b.meta[2]
-    mcode = _checks.MODE_CODES[mode]
     if pl.backend in _NATIVE and b.prep is not None:
         p = b.prep
-        if pl.fused:
-            run = native.sws_linear_cuda_prepared if p.cuda else native.sws_linear_cpu_prepared
-            return run(p, x, bias, seed, S, ps).reshape(S, *lead, p.shape[0])
-        w = native.reconstruct_prepared(p, seed, S)
-        return _ops._vendor_linear(x, w, bias, ps)
-    return pl.kernel(x, *t, bias, seed, S, mcode, owner, cbo, ps, fused=pl.fused)
+        if c.lin is not None:  # CPU fused: the output allocated in its final shape, the launch arguments reused
+            return native.sws_linear_cpu_bound(p, c.lin, x, bias, seed, S, c.shape, checked)
+        if pl.fused and p.cuda:
+            y = native.sws_linear_cuda_prepared(p, x, bias, seed, S, ps)
+        elif pl.fused:
+            y = native.sws_linear_cpu_prepared(p, x, bias, seed, S, ps, None, checked)
+        else:
+            y = _ops._vendor_linear(x, native.reconstruct_prepared(p, seed, S), bias, ps)
+    else:
+        y = pl.kernel(x, *t, bias, seed, S, _checks.MODE_CODES[mode], owner, cbo, ps, fused=pl.fused)
+    return y.reshape(c.shape)
 
 
 def _sws_reconstruct(b, backend, kernel, seed, S):
@@ -154,9 +163,10 @@ class _SWSLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, means, chol, o_mu, o_rho, bias, call):
-        # call = (binding, plan, seed, S, per_sample, lead): one argument, as apply's per-argument work is costly
-        b, pl, seed, S, ps, lead = call
-        y = _sws_forward(b, pl, x, bias, seed, S, ps, lead)
+        # call = (binding, plan, seed, S, per_sample, call shape, squeeze): one argument, as apply's per-argument
+        # work is costly
+        b, pl, seed, S, ps, c, squeeze = call
+        y = _sws_forward(b, pl, x, bias, seed, S, ps, c, squeeze, True)
         ctx.save_for_backward(x, means, chol, o_mu, o_rho, bias)
         ctx.call = call
         return y
@@ -164,12 +174,26 @@ class _SWSLinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         x, means, chol, o_mu, o_rho, bias = ctx.saved_tensors
-        b, pl, seed, S, ps, _ = ctx.call
+        b, pl, seed, S, ps, c, squeeze = ctx.call
         gy = gy.contiguous()
+        if squeeze:
+            gy = gy.unsqueeze(0)
         out_f, in_f = b.tensors[2].shape
         mode, owner, cbo = b.meta
         mcode = _checks.MODE_CODES[mode]
         gx = None
+        if (c.rows == 1 and not ctx.needs_input_grad[0] and b.prep is not None and not b.prep.cuda
+                and x.dtype is torch.float32 and gy.dtype is torch.float32):
+            # one input row per sample: every parameter gradient in one native call (csrc/cpu/layer.cpp),
+            # bit-identical to the three ops below
+            n = ctx.needs_input_grad
+            g = native.sws_linear_backward_rows_cpu(b.prep, gy, x, seed, S, ps,
+                                                    n[5] and bias.dim() == 1 and bias.dtype is torch.float32)
+            g_bias = g[4]
+            if g_bias is None and n[5]:
+                g_bias = _ops._grad_bias(gy, bias, S, out_f)
+            return (None, g[0] if n[1] else None, g[1] if n[2] else None, g[2] if n[3] else None,
+                    g[3] if n[4] else None, g_bias, None)
         if ctx.needs_input_grad[0]:
             if pl.backend in _NATIVE and b.prep is not None:
                 w = native.reconstruct_prepared(b.prep, seed, S)
@@ -216,53 +240,79 @@ def _grad_needed(tensors) -> bool:
     return False
 
 
-def sws_linear(layer, x, S: int, seed, ps: bool):
-    """The SWS linear layer's call over its binding, or None: take the general path (module docstring)."""
+class _CallShape:
+    """What one call shape of a bound layer decided (cached in the binding, keyed by the input's shape, dtype and
+    device, S, per_sample, squeeze and the backend choice): the plan, the histogram kernel for no-grad calls, the
+    input's lead dims, the output shape, and for the native CPU fused kernel a reusable ``_C.LinearArgs``."""
+    __slots__ = ("pl", "hk", "lead", "rows", "shape", "lin")
+
+
+def _call_shape(b, x, S, ps, squeeze) -> Optional[_CallShape]:
+    """The checks of one new call shape (None: the general path raises the precise error) and its decisions."""
+    t = b.tensors
+    dev = t[0].device
+    out_f, in_f = t[2].shape
+    if (not x.dtype.is_floating_point or x.device != dev or x.dim() < 1 or x.shape[-1] != in_f
+            or (ps and (x.dim() < 2 or x.shape[0] != S)) or (squeeze and (S != 1 or ps))):
+        return None
+    if 4 * S * out_f * in_f > _checks._FIT_FLOOR:
+        _checks.samples_fit(S, out_f * in_f, dev)
+    c = _CallShape()
+    c.lead = x.shape[1:-1] if ps else x.shape[:-1]
+    # rows per sample; 0 for an empty weight or input, which takes reconstruct + GEMM (no fused kernel)
+    c.rows = (x.numel() // (in_f * S) if ps else x.numel() // in_f) if out_f * in_f else 0
+    c.pl, c.hk = _dispatch(b, dev, c.rows, S, ps, x.dtype)
+    c.shape = (*c.lead, out_f) if squeeze else (S, *c.lead, out_f)
+    c.lin = None
+    if (c.pl.backend == "native_cpu" and c.pl.fused and b.prep is not None and x.dtype is torch.float32
+            and 0 < c.rows <= native.LINEAR_CPU_MAX_M):
+        c.lin = native.linear_args(out_f, in_f, c.rows, ps)
+    return c
+
+
+def sws_linear(layer, x, S: int, seed, ps: bool, squeeze: bool = False):
+    """The SWS linear layer's call over its binding, or None: take the general path (module docstring).
+    ``squeeze`` (S = 1, not per sample): return [*lead, out], the layer's output for ``samples=None``."""
     if not _usable() or not isinstance(x, torch.Tensor):
         return None
     b = _sws_binding(layer)
     if b is None:
         return None
-    t = b.tensors
-    means = t[0]
-    dev = means.device
-    out_f, in_f = t[2].shape
-    if (not x.dtype.is_floating_point or x.device != dev or x.dim() < 1 or x.shape[-1] != in_f
-            or (ps and (x.dim() < 2 or x.shape[0] != S))):
-        return None  # the general path raises the precise error
-    if 4 * S * out_f * in_f > _checks._FIT_FLOOR:
-        _checks.samples_fit(S, out_f * in_f, dev)
-    lead = x.shape[1:-1] if ps else x.shape[:-1]
-    # rows per sample; 0 for an empty weight or input, which takes reconstruct + GEMM (no fused kernel)
-    rows = (x.numel() // (in_f * S) if ps else x.numel() // in_f) if out_f * in_f else 0
-    key = (rows, S, ps, x.dtype, _backend.current(), _backend.interpret())
-    hit = b.plans.get(key)
-    if hit is None:
-        hit = b.plans[key] = _dispatch(b, dev, rows, S, ps, x.dtype)
-    pl, hk = hit
+    key = (x.shape, x.dtype, x.device, S, ps, squeeze, _backend.current(), _backend.interpret())
+    c = b.plans.get(key)
+    if c is None:
+        c = _call_shape(b, x, S, ps, squeeze)
+        if c is None:
+            return None  # the general path raises the precise error
+        if len(b.plans) > 64:
+            b.plans.clear()
+        b.plans[key] = c
+    pl = c.pl
     if pl.kernel is None:
         return None
+    t = b.tensors
+    means = t[0]
     bias = layer._parameters["bias"]
-    if bias is not None and bias.device != dev:
+    if bias is not None and bias.device != means.device:
         return None
-    seed = _seed_for(seed, dev, pl.backend)
-    if _grad_needed((x, means, t[1], t[8], t[9], bias)):
-        return _SWSLinearFn.apply(x, means, t[1], t[8], t[9], bias, (b, pl, seed, S, ps, lead))
-    if hk is not None:  # inference: the label-histogram path where the dispatch table says it pays (issue 14)
+    seed = _seed_for(seed, means.device, pl.backend)
+    if torch.is_grad_enabled() and (x.requires_grad or means.requires_grad or t[1].requires_grad
+                                    or t[8].requires_grad or t[9].requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return _SWSLinearFn.apply(x, means, t[1], t[8], t[9], bias, (b, pl, seed, S, ps, c, squeeze))
+    if c.hk is not None:  # inference: the label-histogram path where the dispatch table says it pays (issue 14)
         if pl.backend == "native_cpu" and b.prep is not None:
             y = native.sws_linear_histogram_cpu_prepared(b.prep, x, bias, seed, S)
         else:
             mode, owner, cbo = b.meta
-            y = hk(x, *t, bias, _seed_for(seed, dev, "triton"), S, _checks.MODE_CODES[mode], owner, cbo)
-        return y.reshape(S, *lead, out_f)
-    return _sws_forward(b, pl, x, bias, seed, S, ps, lead)
+            y = c.hk(x, *t, bias, _seed_for(seed, means.device, "triton"), S, _checks.MODE_CODES[mode], owner, cbo)
+        return y.reshape(c.shape)
+    return _sws_forward(b, pl, x, bias, seed, S, ps, c, squeeze, True)
 
 
 def _dispatch(b, dev, rows, S, ps, act_dtype):
     """(plan, label-histogram kernel for a no-grad call or None): ``_backend.plan`` and ``_backend.histogram``
-    for one call shape, cached in the binding (the key holds everything they depend on)."""
-    if len(b.plans) > 64:
-        b.plans.clear()
+    for one call shape (cached in the binding by the caller: the key holds everything they depend on)."""
     mode = _checks.MODE_CODES[b.meta[0]]
     pl = _backend.plan("sws_linear", dev, torch.float32, rows=rows, act_dtype=act_dtype, mode=mode)
     hk = None
@@ -325,10 +375,19 @@ def _mf_binding(layer) -> Optional[_MFBinding]:
     return b
 
 
-def _mf_sample(b, bmu, seed, S):
-    """(sampled weights [S, *shape], sampled bias [S, out] or the bias mean or None) from the native bundles."""
-    w = native.mean_field_reconstruct_prepared(b.prep_w, seed, S)
-    bias = native.mean_field_reconstruct_prepared(b.prep_b, seed, S) if b.prep_b is not None else bmu
+def _mf_sample(b, bmu, seed, S, squeeze=False, checked=False):
+    """(sampled weights [S, *shape], sampled bias [S, out] or the bias mean or None) from the native bundles;
+    ``squeeze`` (S = 1): [*shape] and [out]. CPU: both in one call."""
+    pw, pb = b.prep_w, b.prep_b
+    if not pw.cuda:
+        w, bias = native.mean_field_sample_cpu(pw, pb, seed, S, pw.shape if squeeze else (S, *pw.shape),
+                                               None if pb is None else pb.shape if squeeze else (S, *pb.shape),
+                                               checked)
+        return w, (bmu if pb is None else bias)
+    w = native.mean_field_reconstruct_prepared(pw, seed, S)
+    bias = native.mean_field_reconstruct_prepared(pb, seed, S) if pb is not None else bmu
+    if squeeze:
+        return w[0], (bias[0] if pb is not None else bias)
     return w, bias
 
 
@@ -347,14 +406,22 @@ def _mf_ready(layer, S: int):
     return b, mu, rho, bmu, brho
 
 
+def _mf_linear(x, w, bias, ps, squeeze):
+    """y = x w^T + bias: [*lead, out] from squeezed float32 weights [out, in] and bias (S = 1, float32 x: the
+    F.linear ``_ops._vendor_linear`` calls then), else ``_ops._vendor_linear``."""
+    if squeeze:
+        return torch.nn.functional.linear(x, w, bias)
+    return _ops._vendor_linear(x, w, bias, ps)
+
+
 class _MFLinearFn(torch.autograd.Function):
     """One mean-field linear call (weights and sampled bias) over native bundles."""
 
     @staticmethod
     def forward(ctx, x, mu, rho, bmu, brho, call):
-        b, seed, S, ps = call
-        w, bias = _mf_sample(b, bmu, seed, S)
-        y = _ops._vendor_linear(x, w, bias, ps)
+        b, seed, S, ps, squeeze = call
+        w, bias = _mf_sample(b, bmu, seed, S, squeeze, True)
+        y = _mf_linear(x, w, bias, ps, squeeze)
         ctx.save_for_backward(x, mu, rho, bmu, brho)
         ctx.call = call
         return y
@@ -362,17 +429,30 @@ class _MFLinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         x, mu, rho, bmu, brho = ctx.saved_tensors
-        b, seed, S, ps = ctx.call
+        b, seed, S, ps, squeeze = ctx.call
         gy = gy.contiguous()
+        if squeeze:
+            gy = gy.unsqueeze(0)
         out_f, in_f = mu.shape
+        n = ctx.needs_input_grad
+        if (not n[0] and not b.prep_w.cuda and x.dtype is torch.float32 and gy.dtype is torch.float32
+                and x.numel() == (S if ps else 1) * in_f):
+            # one input row per sample: every parameter gradient in one native call (csrc/cpu/layer.cpp),
+            # bit-identical to the ops below
+            g = native.mean_field_linear_backward_rows_cpu(b.prep_w, b.prep_b, gy, x, seed, S, ps)
+            g_bmu = g[2]
+            if bmu is not None and b.prep_b is None and n[3]:
+                g_bmu = gy.reshape(S, out_f).sum(0, dtype=torch.float32).to(bmu.dtype)
+            return (None, g[0] if n[1] else None, g[1] if n[2] else None, g_bmu if n[3] else None,
+                    g[3] if n[4] else None, None)
         gx = g_mu = g_rho = g_bmu = g_brho = None
-        if ctx.needs_input_grad[0]:
+        if n[0]:
             w = native.mean_field_reconstruct_prepared(b.prep_w, seed, S)
             gx = _ops._dx_reference(gy, w, S, ps, in_f)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        if n[1] or n[2]:
             gw = _ops._grad_w(gy, x, S, ps, out_f, in_f, mu.dtype, "mean_field_reconstruct_backward")
             g_mu, g_rho = native.mean_field_reconstruct_backward_prepared(b.prep_w, gw.view(S, out_f, in_f), seed, S)
-        if bmu is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4]):
+        if bmu is not None and (n[3] or n[4]):
             gb = gy.reshape(S, math.prod(gy.shape[1:-1]), out_f).sum(1, dtype=torch.float32)  # [S, out]
             if b.prep_b is not None:
                 g_bmu, g_brho = native.mean_field_reconstruct_backward_prepared(b.prep_b, gb, seed, S)
@@ -381,8 +461,9 @@ class _MFLinearFn(torch.autograd.Function):
         return gx, g_mu, g_rho, g_bmu, g_brho, None
 
 
-def mean_field_linear(layer, x, S: int, seed, ps: bool):
-    """The mean-field linear layer's call over native bundles, or None (general path)."""
+def mean_field_linear(layer, x, S: int, seed, ps: bool, squeeze: bool = False):
+    """The mean-field linear layer's call over native bundles, or None (general path). ``squeeze`` (S = 1, not
+    per sample): return [*lead, out], the layer's output for ``samples=None``."""
     ready = _mf_ready(layer, S) if isinstance(x, torch.Tensor) else None
     if ready is None:
         return None
@@ -390,16 +471,22 @@ def mean_field_linear(layer, x, S: int, seed, ps: bool):
     dev = mu.device
     out_f, in_f = mu.shape
     if (not x.dtype.is_floating_point or x.device != dev or x.dim() < 1 or x.shape[-1] != in_f
-            or (ps and (x.dim() < 2 or x.shape[0] != S))):
+            or (ps and (x.dim() < 2 or x.shape[0] != S)) or (squeeze and (S != 1 or ps))):
         return None  # the general path raises the precise error
     backend = _backend.select("mean_field_linear", dev, mu.dtype)[0]
     if backend not in _NATIVE:
         return None
     seed = _seed_for(seed, dev, backend)
-    if _grad_needed((x, mu, rho, bmu, brho)):
-        return _MFLinearFn.apply(x, mu, rho, bmu, brho, (b, seed, S, ps))
-    w, bias = _mf_sample(b, bmu, seed, S)
-    return _ops._vendor_linear(x, w, bias, ps)
+    # squeezed sampling where the general path's single F.linear applies (float32 x and bias), else [0] at the end
+    sq = squeeze and x.dtype is torch.float32 and (bmu is None or bmu.dtype is torch.float32)
+    if torch.is_grad_enabled() and (x.requires_grad or mu.requires_grad or rho.requires_grad
+                                    or (bmu is not None and bmu.requires_grad)
+                                    or (brho is not None and brho.requires_grad)):
+        y = _MFLinearFn.apply(x, mu, rho, bmu, brho, (b, seed, S, ps, sq))
+    else:
+        w, bias = _mf_sample(b, bmu, seed, S, sq, True)
+        y = _mf_linear(x, w, bias, ps, sq)
+    return y[0] if squeeze and not sq else y
 
 
 class _MFReconstructFn(torch.autograd.Function):
@@ -486,23 +573,29 @@ def mean_field_kl(layer, compute):
         return compute()
     buf = layer._buffers
     priors = (buf["prior_weight_mu"], buf["prior_weight_sigma"], buf["prior_bias_mu"], buf["prior_bias_sigma"])
+    grad = _grad_needed(cur)
+    b = None if grad else _mf_binding(layer)
+    if b is not None:
+        # the kept value while the parameters and priors are the same tensors at the same versions (no prior is
+        # read: the values follow from the versions); a fresh tensor per call, as every PyTorch op returns, so
+        # an in-place edit by the caller reaches neither the cache nor other calls' results
+        try:
+            key = (tuple(map(id, cur + priors)), tuple(t._version if t is not None else -1 for t in cur + priors))
+        except RuntimeError:  # inference tensors: no versions to key on
+            key = None
+        if key is not None and b.kl_key == key:
+            return b.kl_value.clone()
     values = tuple(map(_scalar, priors[:2] if bmu is None else priors))
     if None in values:
         return compute()
     values = values + (0.0, 1.0) if bmu is None else values
-    if _grad_needed(cur):
+    if grad:
         return _MFKLFn.apply(mu, rho, bmu, brho, values)
-    b = _mf_binding(layer)
-    try:
-        key = tuple(t._version if t is not None else -1 for t in cur) + values + tuple(map(id, cur))
-    except RuntimeError:  # inference tensors: no versions to key on
-        key = None
-    if key is None or b.kl_key != key:
-        kl = _MFKLFn.forward(_NoCtx(), mu, rho, bmu, brho, values)
-        if key is None:
-            return kl
+    kl = _MFKLFn.forward(_NoCtx(), mu, rho, bmu, brho, values)
+    if b is not None and key is not None:
         b.kl_key, b.kl_value = key, kl
-    return b.kl_value.clone()  # a fresh tensor per call: an in-place edit by the caller cannot reach the cache
+        return kl.clone()
+    return kl
 
 
 class _NoCtx:

@@ -20,6 +20,7 @@ csrc/cuda/reconstruct.cu).
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import threading
 from dataclasses import dataclass
@@ -421,7 +422,7 @@ class _Bundle:
     never at the old one. A layer keeps one bundle for as long as its tensors are the same objects
     (sws_kernels/_bound.py) and skips the ~15 checks of :func:`prepare` per call."""
 
-    __slots__ = ("args", "tensors", "cuda", "device", "shape", "aliases", "lock", "ptrs")
+    __slots__ = ("args", "tensors", "cuda", "device", "shape", "aliases", "lock", "ptrs", "moved")
     _FIELDS: Tuple[str, ...] = ()  # the address fields of ``args``, in the order of ``tensors``
 
     def __init__(self, args, tensors, cuda, device, shape, aliases):
@@ -429,20 +430,39 @@ class _Bundle:
         self.shape, self.aliases = shape, aliases
         self.lock = threading.Lock()
         self.ptrs = list(map(_PTR, tensors))
+        self.moved = False
 
-    def call(self, seed, samples: int):
+    def call(self, seed, samples: int, checked: bool = False):
         """The bundle with this call's seed and sample count written in (CPU: the seed read from its memory) and
-        every tensor's current address."""
+        every tensor's current address. ``checked``: the caller has just verified that no address moved since the
+        bundle was built (sws_kernels/_bound.py's binding check of a forward call), so they are not re-read
+        (~1 us) -- unless a launch has ever re-pointed the bundle (``moved``): storage that moved away and back
+        would pass the caller's check while the bundle still points at the intermediate address."""
         a = self.args
-        ptrs = list(map(_PTR, self.tensors))
-        if ptrs != self.ptrs:
-            _rebind(a, self._FIELDS, self.tensors, ptrs)
-            self.ptrs = ptrs
+        if not checked or self.moved:
+            ptrs = list(map(_PTR, self.tensors))
+            if ptrs != self.ptrs:
+                _rebind(a, self._FIELDS, self.tensors, ptrs)
+                self.ptrs = ptrs
+                self.moved = True
         a.seed = _seed(seed)
         if self.cuda:
             a.seed_dev = _seed_dev(seed, self.device)
         a.S = samples
         return a
+
+
+    def refresh(self, checked: bool = False):
+        """The C++ struct pointed at its tensors' current storage (see :meth:`call`), for the ``*_run`` entries
+        that take this call's seed and S as arguments (they copy the struct: no per-call field is written)."""
+        if not checked or self.moved:
+            with self.lock:
+                ptrs = list(map(_PTR, self.tensors))
+                if ptrs != self.ptrs:
+                    _rebind(self.args, self._FIELDS, self.tensors, ptrs)
+                    self.ptrs = ptrs
+                    self.moved = True
+        return self.args
 
 
 class Prepared(_Bundle):
@@ -757,17 +777,139 @@ def sws_linear_cpu(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu
     return sws_linear_cpu_prepared(p, x, bias, seed, int(samples), per_sample)
 
 
-def sws_linear_cpu_prepared(p: Prepared, x, bias, seed, S: int, per_sample: bool) -> torch.Tensor:
-    """:func:`sws_linear_cpu` on a :class:`Prepared` bundle (of a 2-d labels tensor, paper or mean mode)."""
+def _empty32(shape) -> torch.Tensor:
+    """``torch.empty(shape, dtype=torch.float32)`` on the CPU. Measured (bench_overhead's machine): passing the
+    shape as varargs and no dtype keyword costs ~0.6 us where the tuple + dtype form costs ~1.05 us; that form is
+    only float32 while the default dtype is."""
+    if torch.get_default_dtype() is torch.float32:
+        return torch.empty(*shape)
+    return torch.empty(shape, dtype=torch.float32)
+
+
+def linear_args(out_f: int, in_f: int, M: int, per_sample: bool):
+    """A ``_C.LinearArgs`` of one call shape, for :func:`sws_linear_cpu_bound` to reuse (its addresses are written
+    per call): building one costs ~1 us of pybind argument conversion."""
+    if not 1 <= M <= LINEAR_CPU_MAX_M:
+        raise ValueError(f"M: expected 1 <= M <= {LINEAR_CPU_MAX_M} rows per sample, got {M}")
+    return _C.LinearArgs(int(out_f), int(in_f), 0, 0, int(M), bool(per_sample))
+
+
+def sws_linear_cpu_bound(p: Prepared, lin, x, bias, seed, S: int, shape, checked: bool) -> torch.Tensor:
+    """:func:`sws_linear_cpu_prepared` for a caller that has checked the call shape once (sws_kernels/_bound.py:
+    ``lin`` from :func:`linear_args` for x's shape, float32 x on the CPU, ``shape`` the output's shape). What can
+    change between calls of one shape is re-checked here: x's layout and size, the bias' dtype, device and size.
+    ``lin`` and the bundle are not written: this call's addresses, seed and S go to C++ as arguments."""
+    out_f, in_f = p.shape
+    x = x.contiguous()
+    if x.numel() != (S if lin.per_sample else 1) * lin.M * in_f or x.dtype is not torch.float32 or not x.is_cpu:
+        raise ValueError(f"x: expected float32 CPU [{'S, ' if lin.per_sample else ''}..., {in_f}] with "
+                         f"{lin.M} rows per sample, got {x.dtype} {tuple(x.shape)} on {x.device}")
+    y = _empty32(shape)
+    if y.numel() != S * lin.M * out_f:
+        raise ValueError(f"shape: expected {S * lin.M * out_f} elements, got {tuple(shape)}")
+    bptr, b2 = 0, False
+    if bias is not None:
+        if bias.dtype is not torch.float32 or not bias.is_cpu or bias.numel() != out_f or bias.dim() != 1:
+            _, _, bias = _linear_x(x, bias, out_f, in_f, S, lin.per_sample, torch.float32, p.device, cpu=True)
+        bias = bias.contiguous()
+        bptr, b2 = bias.data_ptr(), bias.dim() == 2
+    _C.sws_linear_cpu_run(p.refresh(checked), lin, x.data_ptr(), y.data_ptr(), bptr, b2, *_seed_arg(seed), S)
+    return y
+
+
+def _seed_arg(seed) -> Tuple[int, int]:
+    """(value, address) of a seed for the ``*_run`` entries: a CPU int64 seed tensor by its address (C++ reads
+    it: no aten op, no sync), anything else by its value (:func:`_seed`)."""
+    if type(seed) is torch.Tensor:
+        if not seed.is_cpu or seed.dtype is not torch.int64 or seed.numel() != 1:
+            raise TypeError(f"seed: expected a one-element int64 CPU tensor, got {seed.dtype} of shape "
+                            f"{tuple(seed.shape)} on {seed.device}")
+        return 0, seed.data_ptr()
+    return _seed(seed), 0
+
+
+def _rows_inputs(gy, x, out_f: int, in_f: int, S: int, per_sample: bool):
+    """(gy, x) contiguous float32 CPU for the one-row backward entries, checked against [S, 1, out] and [1, in]
+    ([S, 1, in] per sample): what the C++ reads."""
+    gy = gy.contiguous()
+    x = x.contiguous()
+    nx = (S if per_sample else 1) * in_f
+    if (gy.dtype is not torch.float32 or x.dtype is not torch.float32 or not gy.is_cpu or not x.is_cpu
+            or gy.numel() != S * out_f or x.numel() != nx):
+        raise ValueError(f"gy, x: expected float32 CPU tensors of {S * out_f} and {nx} elements (one row per "
+                         f"sample), got {gy.dtype} {tuple(gy.shape)} and {x.dtype} {tuple(x.shape)}")
+    return gy, x
+
+
+def sws_linear_backward_rows_cpu(p: Prepared, gy, x, seed, S: int, per_sample: bool, bias: bool):
+    """(g_means, g_chol, g_o_mu, g_o_rho, g_bias or None) of an SWS linear layer with ONE input row per sample,
+    from gy [S, 1, out] and x [1, in] ([S, 1, in] per sample), in one call (csrc/cpu/layer.cpp): bit-identical
+    to the GEMM + reconstruct backward path (the weight gradient is an outer product). ``bias``: also the bias
+    gradient (S == 1 only; else None: the caller sums gy itself). Addresses are re-read (a backward runs after
+    FSDP2 may have moved the parameters)."""
+    out_f, in_f = p.shape
+    gy, x = _rows_inputs(gy, x, out_f, in_f, S, per_sample)
+    K, O = p.K, p.tensors[7].numel()
+    g_means, g_chol = _empty32((K, 2)), _empty32((K, 3))
+    g_mu, g_rho = _empty32((O,)), _empty32((O,))
+    g_bias = _empty32((out_f,)) if bias and S == 1 else None
+    _C.sws_linear_backward_rows_cpu(p.refresh(), out_f, in_f, gy.data_ptr(), x.data_ptr(), per_sample,
+                                    *_seed_arg(seed), S, g_means.data_ptr(), g_chol.data_ptr(), g_mu.data_ptr(),
+                                    g_rho.data_ptr(), 0 if g_bias is None else g_bias.data_ptr())
+    return g_means, g_chol, g_mu, g_rho, g_bias
+
+
+def mean_field_sample_cpu(pw: MFPrepared, pb: Optional[MFPrepared], seed, S: int, w_shape, b_shape,
+                          checked: bool = False):
+    """(weights in ``w_shape``, bias in ``b_shape`` or None) of one seed from the weight and bias bundles, in one
+    call; shapes of S * n elements each (e.g. [out, in] and [out] for one sample: no [0] views per call).
+    ``checked``: see :meth:`_Bundle.call`."""
+    w = _empty32(w_shape)
+    b = _empty32(b_shape) if pb is not None else None
+    if w.numel() != S * pw.args.n or (b is not None and b.numel() != S * pb.args.n):
+        raise ValueError(f"w_shape, b_shape: expected {S} x {pw.args.n} and {S} x "
+                         f"{None if pb is None else pb.args.n} elements, got {tuple(w_shape)}, {tuple(b_shape)}")
+    _C.mean_field_sample_cpu(pw.refresh(checked), None if pb is None else pb.refresh(checked), *_seed_arg(seed), S,
+                             w.data_ptr(), 0 if b is None else b.data_ptr())
+    return w, b
+
+
+def mean_field_linear_backward_rows_cpu(pw: MFPrepared, pb: Optional[MFPrepared], gy, x, seed, S: int,
+                                        per_sample: bool):
+    """(g_mu, g_rho, g_bias_mu or None, g_bias_rho or None) of a mean-field linear layer with ONE input row per
+    sample (sampled bias: ``pb``), in one call (csrc/cpu/layer.cpp); bit-identical to the GEMM + reconstruct
+    backward path. Addresses are re-read."""
+    out_f, in_f = pw.shape
+    gy, x = _rows_inputs(gy, x, out_f, in_f, S, per_sample)
+    g_mu, g_rho = _empty32(pw.shape), _empty32(pw.shape)
+    g_bmu = g_brho = None
+    if pb is not None:
+        g_bmu, g_brho = _empty32(pb.shape), _empty32(pb.shape)
+    _C.mean_field_linear_backward_rows_cpu(
+        pw.refresh(), None if pb is None else pb.refresh(), out_f, in_f, gy.data_ptr(), x.data_ptr(), per_sample,
+        *_seed_arg(seed), S, g_mu.data_ptr(), g_rho.data_ptr(), 0 if pb is None else g_bmu.data_ptr(),
+        0 if pb is None else g_brho.data_ptr())
+    return g_mu, g_rho, g_bmu, g_brho
+
+
+def sws_linear_cpu_prepared(p: Prepared, x, bias, seed, S: int, per_sample: bool, shape=None,
+                            checked: bool = False) -> torch.Tensor:
+    """:func:`sws_linear_cpu` on a :class:`Prepared` bundle (of a 2-d labels tensor, paper or mean mode).
+    ``shape``: the output's shape (default [S, M, out]; any shape of the same size, e.g. the layer's
+    ``[*lead, out]`` for one sample); ``checked``: see :meth:`_Bundle.call`."""
     out_f, in_f = p.shape
     x, M, b = _linear_x(x, bias, out_f, in_f, S, per_sample, torch.float32, p.device, cpu=True)
     if M > LINEAR_CPU_MAX_M:
         raise ValueError(f"sws_linear_cpu: at most {LINEAR_CPU_MAX_M} rows per sample, got {M}")
-    y = torch.empty((S, M, out_f), dtype=torch.float32)
+    if shape is None:
+        shape = (S, M, out_f)
+    elif math.prod(shape) != S * M * out_f:
+        raise ValueError(f"shape: expected {S * M * out_f} elements (S, M, out = {S}, {M}, {out_f}), got {tuple(shape)}")
+    y = _empty32(shape)
     lin = _C.LinearArgs(out_f, in_f, x.data_ptr(), 0, M, bool(per_sample), 0 if b is None else b.data_ptr(),
                         b is not None and b.dim() == 2, y.data_ptr())
     with p.lock:  # per-call fields of a shared bundle: one launch at a time
-        _C.sws_linear_cpu(p.call(seed, S), lin)
+        _C.sws_linear_cpu(p.call(seed, S, checked), lin)
     return y
 
 

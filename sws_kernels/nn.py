@@ -386,8 +386,10 @@ def _validate_after_load(module, incompatible_keys) -> None:
         raise type(e)(f"{where}: {e}") from None
 
 
-def _run_sampled(x, samples, seed, per_sample, call):
-    """The sampling protocol shared by every layer (see the module docstring)."""
+def _run_sampled(x, samples, seed, per_sample, call, call1=None):
+    """The sampling protocol shared by every layer (see the module docstring). ``call1(x, seed)``, where a layer
+    has one: the one-sample call (``samples=None``) returning the output without its sample dimension, or None
+    (then ``call(x, 1, seed, False)[0]``)."""
     fold = _FOLD
     if fold is not None and samples is None:
         S, fseed, folded, shared = fold
@@ -407,8 +409,13 @@ def _run_sampled(x, samples, seed, per_sample, call):
     if samples is None:
         if per_sample:
             raise ValueError("per_sample: expected False when samples is None (one sample, no sample dimension)")
-        y = call(x, 1, draw_seed(x.device) if seed is None else seed, False)
-        return y[0]
+        if seed is None:
+            seed = draw_seed(x.device)
+        if call1 is not None:
+            y = call1(x, seed)
+            if y is not None:
+                return y
+        return call(x, 1, seed, False)[0]
     samples = _checks.samples(samples)
     return call(x, samples, draw_seed(x.device) if seed is None else seed, bool(per_sample))
 
@@ -860,7 +867,10 @@ class SWSLinear(_SWSLayer):
             return SF.sws_linear(xx, cb.means, cb.chol, self.labels, self._ellipse(), self._outliers(), self.bias,
                                  seed=sd, samples=S, mode=self.mode, owner=self.owner, codebook_owner=cb.owner,
                                  per_sample=ps)
-        return self._contract(_run_sampled(x, samples, seed, per_sample, call), return_kl)
+
+        def call1(xx, sd):
+            return _bound.sws_linear(self, xx, 1, sd, False, True)
+        return self._contract(_run_sampled(x, samples, seed, per_sample, call, call1), return_kl)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -1009,6 +1019,8 @@ class _MeanFieldLayer(_RngIdMixin, nn.Module):
     _w_mu = "mu_weight"
     _w_rho = "rho_weight"
 
+    _call1 = None  # a one-sample call without the sample dimension (``_run_sampled``'s call1), where a layer has one
+
     def _init_mf(self, weight_shape, out: int, prior_mean, prior_variance, posterior_mu_init, posterior_rho_init,
                  bias: bool, rng_id, estimator: str = "reparameterization"):
         self.estimator = estimator
@@ -1154,8 +1166,9 @@ class _MeanFieldLayer(_RngIdMixin, nn.Module):
 
     def forward(self, x: torch.Tensor, return_kl: bool = True, *, samples: Optional[int] = None, seed=None,
                 per_sample: bool = False):
-        call = self._call if self.estimator == "reparameterization" else self._flipout_call
-        out = _run_sampled(x, samples, seed, per_sample, call)
+        reparam = self.estimator == "reparameterization"
+        call = self._call if reparam else self._flipout_call
+        out = _run_sampled(x, samples, seed, per_sample, call, self._call1 if reparam else None)
         if return_kl and not self._dnn_to_bnn_flag:
             return out, self.kl_loss()
         return out
@@ -1181,6 +1194,9 @@ class MeanFieldLinear(_MeanFieldLayer):
         self.out_features = _positive_int(out_features, "out_features")
         self._init_mf((out_features, in_features), out_features, prior_mean, prior_variance, posterior_mu_init,
                       posterior_rho_init, bias, rng_id, estimator)
+
+    def _call1(self, xx, sd):
+        return _bound.mean_field_linear(self, xx, 1, sd, False, True)
 
     def _call(self, xx, S, sd, ps):
         y = _bound.mean_field_linear(self, xx, S, sd, ps)  # the steady-state path (sws_kernels/_bound.py)

@@ -85,7 +85,8 @@ def _both(layer, x, S, seed, per_sample, grad):
     return fast, general
 
 
-SHAPES = [(1, None, False), (3, 2, False), (2, 3, True), (40, 1, False)]  # M = 40: past the fused paths' limit
+SHAPES = [(1, None, False), (3, 2, False), (2, 3, True), (40, 1, False),  # M = 40: past the fused paths' limit
+          (1, 3, False), (1, 2, True)]  # one row per sample: the one-call backward (csrc/cpu/layer.cpp)
 SWS_CASES = ([("auto", "linear", mode, *shape) for mode in ("paper", "hierarchical", "mean") for shape in SHAPES]
              + [("auto", kind, mode, *shape) for kind in ("conv1d", "conv2d") for mode in ("paper", "hierarchical")
                 for shape in SHAPES[:3]]
@@ -108,6 +109,7 @@ def test_sws_layers_match_the_general_path(rng, backend, kind, mode, M, S, per_s
 
 MF_CASES = ([("auto", kind, *shape, bias) for kind in ("linear", "conv1d", "conv2d") for shape in SHAPES[:3]
              for bias in (True, False)]
+            + [("auto", "linear", *shape, bias) for shape in SHAPES[4:] for bias in (True, False)]
             + [(b, "linear", *shape, True) for b in BACKENDS[1:] for shape in SHAPES[:3]])
 
 

@@ -64,12 +64,14 @@ def _on(dev, *objs):
     return out
 
 
-CASES = [  # (out, in, K, label dtype, M, S, bias)
+CASES = [  # (out, in, K, label dtype, M, S, bias): odd shapes (row blocks of 4, 8-column steps with tails)
     (37, 53, 5, torch.uint8, 3, 3, "shared"),
     (17, 129, 256, torch.uint8, 1, 1, "none"),
     (29, 31, 300, torch.int16, 2, 64, "per_sample"),
     (5, 67, 1, torch.int32, 1, 3, "shared"),
     (33, 9, 1500, torch.int32, 4, 3, "none"),
+    (22, 75, 40, torch.int8, 5, 20, "per_sample"),  # two 16-sample vectors, x rows in blocks of 2 and 1
+    (12, 40, 9, torch.int64, 6, 33, "shared"),
 ]
 
 
@@ -89,10 +91,11 @@ def test_native_matches_reference(case, mode):
 
 
 @needs_native
-def test_native_deterministic_across_runs_and_threads():
+@pytest.mark.parametrize("S", [16, 64])  # AVX-512: the sample-vector gather (S <= 32), the histogram (S > 32)
+def test_native_deterministic_across_runs_and_threads(S):
     gen = torch.Generator().manual_seed(5)
-    x, means, chol, labels, ell, outl, bias = _case(gen, 70, 300, 64, torch.uint8, 3, 16, "shared")
-    run = lambda: native.sws_linear_histogram_cpu(x, means, chol, labels, *ell, *outl, bias, 11, 16, 0, 7, 3)
+    x, means, chol, labels, ell, outl, bias = _case(gen, 70, 300, 64, torch.uint8, 3, S, "shared")
+    run = lambda: native.sws_linear_histogram_cpu(x, means, chol, labels, *ell, *outl, bias, 11, S, 0, 7, 3)
     before = native.max_threads()
     try:
         a, b = run(), run()
@@ -116,6 +119,75 @@ def test_native_scalar_fallback_matches_reference(S):
         native.set_simd(True)
     yr, bound = _expected(x, means, chol, labels, ell, outl, bias, 21, S, "paper")
     assert bool(((y.double() - yr).abs() <= bound).all())
+
+
+@pytest.fixture
+def simd_level(request, monkeypatch):
+    """Run under a capped vector level (SWS_SIMD, read at set_simd(True)); the machine's best level after."""
+    level = request.param
+    monkeypatch.setenv("SWS_SIMD", level)
+    native.set_simd(level != "scalar")
+    yield level
+    monkeypatch.delenv("SWS_SIMD")
+    native.set_simd(True)
+
+
+@needs_native
+@pytest.mark.parametrize("simd_level", ["best", "avx2", "scalar"], indirect=True)
+@pytest.mark.parametrize("case", [CASES[0], CASES[5], CASES[2]])
+def test_native_every_simd_level_matches_reference(case, simd_level):
+    """The level the machine picks (AVX-512: the sample-vector gather up to 32 samples, 16-lane Philox) and the
+    forced lower levels (AVX2 histogram + product, 8-lane Philox; portable scalar) against the reference."""
+    gen = torch.Generator().manual_seed(hash(case[:4]) % 2**31)
+    out_f, in_f, K, ldt, M, S, bk = case
+    x, means, chol, labels, ell, outl, bias = _case(gen, out_f, in_f, K, ldt, M, S, bk)
+    for mode in MODES:
+        y = native.sws_linear_histogram_cpu(x, means, chol, labels, *ell, *outl, bias, 77, S, MODES[mode], 7, 3)
+        yr, bound = _expected(x, means, chol, labels, ell, outl, bias, 77, S, mode)
+        err = (y.double() - yr).abs()
+        assert bool((err <= bound).all()), f"{simd_level} {mode}: max error {err.max().item():.3g}"
+
+
+@needs_native
+def test_wide_normals_equal_avx2_normals(monkeypatch):
+    """The AVX-512 bulk normals run the AVX2 operations on 16 lanes: the same floats (and both within the
+    contract of the scalar path); on a machine without AVX-512 both calls take the same path."""
+    if native.simd_level() != "avx2":
+        pytest.skip("no vector path on this CPU")
+    n, off = 5000, 123
+    best = native.normal(31, n, 3, 9, 0, off)
+    monkeypatch.setenv("SWS_SIMD", "avx2")
+    native.set_simd(True)
+    try:
+        narrow = native.normal(31, n, 3, 9, 0, off)
+    finally:
+        monkeypatch.delenv("SWS_SIMD")
+        native.set_simd(True)
+    assert torch.equal(best, narrow)
+    native.set_simd(False)
+    try:
+        scalar = native.normal(31, n, 3, 9, 0, off)
+    finally:
+        native.set_simd(True)
+    assert (best - scalar).abs().max().item() < 2e-6
+
+
+@needs_native
+def test_native_rejects_bad_entries():
+    gen = torch.Generator().manual_seed(9)
+    x, means, chol, labels, ell, outl, bias = _case(gen, 6, 10, 4, torch.uint8, 2, 3, "none")
+    twice = (outl[0].clone(), *outl[1:])
+    twice[0][0] = ell[0][0]  # the outlier at the ellipse's position
+    with pytest.raises(ValueError, match="appears twice"):
+        native.sws_linear_histogram_cpu(x, means, chol, labels, *ell, *twice, bias, 1, 3, 0, 7, 3)
+    far = (outl[0].clone(), *outl[1:])
+    far[0][0] = 60  # n = 60
+    with pytest.raises(ValueError, match="out of range"):
+        native.sws_linear_histogram_cpu(x, means, chol, labels, *ell, *far, bias, 1, 3, 0, 7, 3)
+    comp = (ell[0], ell[1].clone(), *ell[2:])
+    comp[1][0] = 4
+    with pytest.raises(ValueError, match="components"):
+        native.sws_linear_histogram_cpu(x, means, chol, labels, *comp, *outl, bias, 1, 3, 0, 7, 3)
 
 
 @needs_native

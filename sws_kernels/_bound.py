@@ -183,7 +183,8 @@ class _SWSLinearFn(torch.autograd.Function):
         mcode = _checks.MODE_CODES[mode]
         gx = None
         if (c.rows == 1 and not ctx.needs_input_grad[0] and b.prep is not None and not b.prep.cuda
-                and x.dtype is torch.float32 and gy.dtype is torch.float32):
+                and x.dtype is torch.float32 and gy.dtype is torch.float32
+                and _backend.select("reconstruct_backward", b.prep.device, torch.float32)[0] == "native_cpu"):
             # one input row per sample: every parameter gradient in one native call (csrc/cpu/layer.cpp),
             # bit-identical to the three ops below
             n = ctx.needs_input_grad
@@ -461,9 +462,35 @@ class _MFLinearFn(torch.autograd.Function):
         return gx, g_mu, g_rho, g_bmu, g_brho, None
 
 
-def mean_field_linear(layer, x, S: int, seed, ps: bool, squeeze: bool = False):
+class _MFLinearKLFn(torch.autograd.Function):
+    """bayesian-torch's default call ``out, kl = layer(x)`` with grad as ONE autograd node: :class:`_MFLinearFn`
+    and :class:`_MFKLFn` in one (each node costs ~6 us of Function.apply and engine work on a small layer). The
+    gradients are theirs: the engine adds the two nodes' contributions to a parameter before accumulating it,
+    and so does this backward (a sum of two terms, the same in either order)."""
+
+    @staticmethod
+    def forward(ctx, x, mu, rho, bmu, brho, call, priors):
+        ctx.set_materialize_grads(False)
+        y = _MFLinearFn.forward(ctx, x, mu, rho, bmu, brho, call)  # saves (x, mu, rho, bmu, brho) and call
+        ctx.priors = priors
+        kl = native.kl_gaussian_mean(mu, rho, priors[0], priors[1], bmu, brho, priors[2], priors[3])
+        return y, torch.scalar_tensor(kl, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, gy, gkl):
+        g = list(_MFLinearFn.backward(ctx, gy)[:5]) if gy is not None else [None] * 5
+        if gkl is not None and any(ctx.needs_input_grad[1:5]):
+            gk = _kl_grads(*ctx.saved_tensors[1:], ctx.priors, gkl)
+            for i in range(1, 5):
+                if ctx.needs_input_grad[i] and gk[i - 1] is not None:
+                    g[i] = gk[i - 1] if g[i] is None else g[i] + gk[i - 1]
+        return (*g, None, None)
+
+
+def mean_field_linear(layer, x, S: int, seed, ps: bool, squeeze: bool = False, with_kl: bool = False):
     """The mean-field linear layer's call over native bundles, or None (general path). ``squeeze`` (S = 1, not
-    per sample): return [*lead, out], the layer's output for ``samples=None``."""
+    per sample): return [*lead, out], the layer's output for ``samples=None``. ``with_kl``: return
+    ``(out, layer.kl_loss())`` (one autograd node for both with grad), or None where that does not apply."""
     ready = _mf_ready(layer, S) if isinstance(x, torch.Tensor) else None
     if ready is None:
         return None
@@ -482,11 +509,18 @@ def mean_field_linear(layer, x, S: int, seed, ps: bool, squeeze: bool = False):
     if torch.is_grad_enabled() and (x.requires_grad or mu.requires_grad or rho.requires_grad
                                     or (bmu is not None and bmu.requires_grad)
                                     or (brho is not None and brho.requires_grad)):
+        if with_kl:
+            values = _kl_values(layer, mu, bmu, brho)
+            if values is None:
+                return None
+            y, kl = _MFLinearKLFn.apply(x, mu, rho, bmu, brho, (b, seed, S, ps, sq), values)
+            return (y[0] if squeeze and not sq else y), kl
         y = _MFLinearFn.apply(x, mu, rho, bmu, brho, (b, seed, S, ps, sq))
     else:
         w, bias = _mf_sample(b, bmu, seed, S, sq, True)
         y = _mf_linear(x, w, bias, ps, sq)
-    return y[0] if squeeze and not sq else y
+    y = y[0] if squeeze and not sq else y
+    return (y, mean_field_kl(layer, layer._kl_loss)) if with_kl else y
 
 
 class _MFReconstructFn(torch.autograd.Function):
@@ -536,25 +570,27 @@ class _MFKLFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mu, rho, bmu, brho, priors):
-        wm, ws, bm, bs = priors
-        kl = native.kl_gaussian_sum(mu, rho, wm, ws) / mu.numel()
-        if bmu is not None:
-            kl += native.kl_gaussian_sum(bmu, brho, bm, bs) / bmu.numel()
+        kl = native.kl_gaussian_mean(mu, rho, priors[0], priors[1], bmu, brho, priors[2], priors[3])
         ctx.save_for_backward(mu, rho, bmu, brho)
         ctx.priors = priors
-        return torch.tensor(kl, dtype=torch.float32)
+        return torch.scalar_tensor(kl, dtype=torch.float32)  # torch.tensor(kl, dtype=...) costs ~2 us more
 
     @staticmethod
     def backward(ctx, g):
         mu, rho, bmu, brho = ctx.saved_tensors
-        wm, ws, bm, bs = ctx.priors
-        g = g.to(torch.float32).contiguous()
-        gv = ctypes.c_float.from_address(g.data_ptr()).value  # the CPU scalar, read without an aten op (no sync)
-        g_mu, g_rho = native.kl_gaussian_backward(mu, rho, wm, ws, gv / mu.numel())
-        g_bmu = g_brho = None
-        if bmu is not None:
-            g_bmu, g_brho = native.kl_gaussian_backward(bmu, brho, bm, bs, gv / bmu.numel())
-        return g_mu, g_rho, g_bmu, g_brho, None
+        return (*_kl_grads(mu, rho, bmu, brho, ctx.priors, g), None)
+
+
+def _kl_grads(mu, rho, bmu, brho, priors, g):
+    """(g_mu, g_rho, g_bmu, g_brho) of g times the layer KL of :class:`_MFKLFn` (native, csrc/cpu/kl.cpp)."""
+    wm, ws, bm, bs = priors
+    g = g.to(torch.float32).contiguous()
+    gv = ctypes.c_float.from_address(g.data_ptr()).value  # the CPU scalar, read without an aten op (no sync)
+    g_mu, g_rho = native.kl_gaussian_backward(mu, rho, wm, ws, gv / mu.numel())
+    g_bmu = g_brho = None
+    if bmu is not None:
+        g_bmu, g_brho = native.kl_gaussian_backward(bmu, brho, bm, bs, gv / bmu.numel())
+    return g_mu, g_rho, g_bmu, g_brho
 
 
 def mean_field_kl(layer, compute):
@@ -571,8 +607,7 @@ def mean_field_kl(layer, compute):
         return compute()
     if (bmu is None) != (brho is None) or (bmu is not None and bmu.dtype is not torch.float32):
         return compute()
-    buf = layer._buffers
-    priors = (buf["prior_weight_mu"], buf["prior_weight_sigma"], buf["prior_bias_mu"], buf["prior_bias_sigma"])
+    priors = _priors(layer)
     grad = _grad_needed(cur)
     b = None if grad else _mf_binding(layer)
     if b is not None:
@@ -585,10 +620,9 @@ def mean_field_kl(layer, compute):
             key = None
         if key is not None and b.kl_key == key:
             return b.kl_value.clone()
-    values = tuple(map(_scalar, priors[:2] if bmu is None else priors))
-    if None in values:
+    values = _prior_values(layer, priors, bmu is None)
+    if values is None:
         return compute()
-    values = values + (0.0, 1.0) if bmu is None else values
     if grad:
         return _MFKLFn.apply(mu, rho, bmu, brho, values)
     kl = _MFKLFn.forward(_NoCtx(), mu, rho, bmu, brho, values)
@@ -596,6 +630,40 @@ def mean_field_kl(layer, compute):
         b.kl_key, b.kl_value = key, kl
         return kl.clone()
     return kl
+
+
+def _priors(layer):
+    buf = layer._buffers
+    return buf["prior_weight_mu"], buf["prior_weight_sigma"], buf["prior_bias_mu"], buf["prior_bias_sigma"]
+
+
+def _kl_values(layer, mu, bmu, brho):
+    """The prior scalars where :func:`mean_field_kl` computes the KL natively (its conditions), else None."""
+    if not native.AVAILABLE_CPU or not mu.is_cpu or mu.dtype is not torch.float32:
+        return None
+    if (bmu is None) != (brho is None) or (bmu is not None and bmu.dtype is not torch.float32):
+        return None
+    return _prior_values(layer, _priors(layer), bmu is None)
+
+
+def _prior_values(layer, priors, no_bias: bool):
+    """The four prior scalars (weight mu, sigma, bias mu, sigma; (0, 1) for a layer without bias) read from the
+    prior buffers, kept on the layer while the buffers are the same tensors at the same versions (four reads from
+    memory cost ~1.5 us a call); None where a prior is not a one-element CPU float32 buffer."""
+    try:
+        key = (tuple(map(id, priors)), tuple(t._version if t is not None else -1 for t in priors), no_bias)
+    except RuntimeError:  # inference tensors
+        key = None
+    hit = layer.__dict__.get("_prior_values")
+    if hit is not None and key is not None and hit[0] == key:
+        return hit[1]
+    values = tuple(map(_scalar, priors[:2] if no_bias else priors))
+    if None in values:
+        return None
+    values = values + (0.0, 1.0) if no_bias else values
+    if key is not None:
+        layer.__dict__["_prior_values"] = (key, values)
+    return values
 
 
 class _NoCtx:

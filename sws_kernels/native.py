@@ -648,6 +648,23 @@ def kl_gaussian_sum(mu, rho, mu0: float, sigma0: float) -> float:
     return _C.kl_gaussian_cpu(mu.data_ptr(), rho.data_ptr(), mu.numel(), float(mu0), float(sigma0))
 
 
+def kl_gaussian_mean(mu, rho, mu0: float, sigma0: float, bmu=None, brho=None, bmu0: float = 0.0,
+                     bsigma0: float = 1.0) -> float:
+    """kl_gaussian_sum(mu, rho) / mu.numel() (+ the same of bmu, brho): bayesian-torch's layer KL of a weight and
+    bias in one or two calls with the checks done once (the layers' per-call KL, sws_kernels/_bound.py). The
+    ``Tensor.is_cpu`` / ``is_contiguous`` checks of the common case cost ~0.3 us where two :func:`kl_gaussian_sum`
+    calls cost ~2."""
+    pairs = ((mu, rho, mu0, sigma0),) if bmu is None else ((mu, rho, mu0, sigma0), (bmu, brho, bmu0, bsigma0))
+    kl = 0.0
+    for m, r, m0, s0 in pairs:
+        if not (m.dtype is torch.float32 and r.dtype is torch.float32 and m.is_cpu and r.is_cpu
+                and m.is_contiguous() and r.is_contiguous() and m.shape == r.shape and AVAILABLE_CPU):
+            kl += kl_gaussian_sum(m, r, m0, s0) / m.numel()
+            continue
+        kl += _C.kl_gaussian_cpu(m.data_ptr(), r.data_ptr(), m.numel(), m0, s0) / m.numel()
+    return kl
+
+
 def kl_gaussian_backward(mu, rho, mu0: float, sigma0: float, scale: float):
     """(d mu, d rho) of scale * kl_gaussian_sum(mu, rho, mu0, sigma0)."""
     _need_for(mu)

@@ -367,6 +367,7 @@ class _RngIdMixin:
         state.pop("_mf_binding", None)
         state.pop("_kl_cache", None)  # a codebook's kept KL (_codebook_kl_share) and weight count
         state.pop("_nw_cache", None)
+        state.pop("_prior_values", None)  # _bound's prior scalars, keyed by the original's tensor ids
         return state
 
     def _load_rng_id(self, state_dict, prefix) -> None:
@@ -858,12 +859,12 @@ class SWSLinear(_SWSLayer):
         """``out`` [..., out] ([S, ..., out] with ``samples``), or ``(out, layer_kl())`` when ``return_kl``
         (default: the layer's attribute) is true and ``dnn_to_bnn_flag`` is not set."""
         samples, return_kl = self._split_samples(samples, return_kl)
-        cb = self.codebook
 
         def call(xx, S, sd, ps):
             y = _bound.sws_linear(self, xx, S, sd, ps)  # the steady-state path (sws_kernels/_bound.py)
             if y is not None:
                 return y
+            cb = self.codebook
             return SF.sws_linear(xx, cb.means, cb.chol, self.labels, self._ellipse(), self._outliers(), self.bias,
                                  seed=sd, samples=S, mode=self.mode, owner=self.owner, codebook_owner=cb.owner,
                                  per_sample=ps)
@@ -1167,9 +1168,17 @@ class _MeanFieldLayer(_RngIdMixin, nn.Module):
     def forward(self, x: torch.Tensor, return_kl: bool = True, *, samples: Optional[int] = None, seed=None,
                 per_sample: bool = False):
         reparam = self.estimator == "reparameterization"
+        want_kl = return_kl and not self._dnn_to_bnn_flag
+        if want_kl and reparam and samples is None and not per_sample and _FOLD is None and self._call1 is not None:
+            # bayesian-torch's default call: output and KL from one steady-state call (sws_kernels/_bound.py)
+            if seed is None:
+                seed = draw_seed(x.device)  # one draw per call: the path below reuses it
+            r = self._call1(x, seed, True)
+            if r is not None:
+                return r
         call = self._call if reparam else self._flipout_call
         out = _run_sampled(x, samples, seed, per_sample, call, self._call1 if reparam else None)
-        if return_kl and not self._dnn_to_bnn_flag:
+        if want_kl:
             return out, self.kl_loss()
         return out
 
@@ -1195,8 +1204,8 @@ class MeanFieldLinear(_MeanFieldLayer):
         self._init_mf((out_features, in_features), out_features, prior_mean, prior_variance, posterior_mu_init,
                       posterior_rho_init, bias, rng_id, estimator)
 
-    def _call1(self, xx, sd):
-        return _bound.mean_field_linear(self, xx, 1, sd, False, True)
+    def _call1(self, xx, sd, with_kl: bool = False):
+        return _bound.mean_field_linear(self, xx, 1, sd, False, True, with_kl)
 
     def _call(self, xx, S, sd, ps):
         y = _bound.mean_field_linear(self, xx, S, sd, ps)  # the steady-state path (sws_kernels/_bound.py)

@@ -57,7 +57,7 @@ def _run(layer, x, S, seed, per_sample, grad):
     params = [p for p in layer.parameters()]
     for p in params:
         p.grad = None
-    xx = x.clone().requires_grad_(grad)
+    xx = x.clone().requires_grad_(grad is True)
     kw = dict(samples=S, seed=seed, per_sample=per_sample) if S else dict(seed=seed)
     if grad:
         out = layer(xx, **kw)
@@ -100,7 +100,7 @@ def test_sws_layers_match_the_general_path(rng, backend, kind, mode, M, S, per_s
     x = _x(kind, rng, M, S or 1, per_sample).to(_dev(backend))
     seed = int(torch.randint(0, 2 ** 62, (), generator=rng))
     with sws.backend(backend):
-        for grad in (False, True):
+        for grad in (False, True, "params"):  # "params": x without grad (one-row backward on the CPU)
             _same(*_both(layer, x, S, seed, per_sample, grad))
         # a tensor seed (what seed=None draws) gives the same numbers as the int
         _same(_run(layer, x, S, torch.tensor(seed), per_sample, True), _run(layer, x, S, seed, per_sample, True))
@@ -123,10 +123,50 @@ def test_mean_field_layers_match_the_general_path(rng, backend, kind, M, S, per_
     x = _x(kind, rng, M, S or 1, per_sample).to(_dev(backend))
     seed = int(torch.randint(0, 2 ** 62, (), generator=rng))
     with sws.backend(backend):
-        for grad in (False, True):
+        for grad in (False, True, "params"):  # "params": x without grad (one-row backward on the CPU)
             _same(*_both(layer, x, S, seed, per_sample, grad))
     if backend == "auto" and native.AVAILABLE_CPU:
         assert "_mf_binding" in layer.__dict__
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_mean_field_output_and_kl_in_one_node_match_two(rng, bias, x_grad):
+    """bayesian-torch's default call ``out, kl = layer(x)`` with grad runs one autograd node for both
+    (_bound._MFLinearKLFn); its gradients of a loss of both are those of the separate output and KL nodes, bit
+    for bit, including into gradients that accumulate."""
+    layer = snn.MeanFieldLinear(9, 4, prior_mean=0.1, prior_variance=0.4, bias=bias)
+    x = torch.randn(1, 9, generator=rng)
+    seed = int(torch.randint(0, 2 ** 62, (), generator=rng))
+    params = list(layer.parameters())
+
+    def step(fused):
+        xx = x.clone().requires_grad_(x_grad)
+        if fused:
+            out, kl = layer(xx, seed=seed)
+            assert out.grad_fn is kl.grad_fn  # one node
+        else:
+            out, kl = layer(xx, return_kl=False, seed=seed), layer.kl_loss()
+        ((out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum() + 0.7 * kl).backward()
+        return [out.detach(), kl.detach(), xx.grad] + [p.grad.clone() for p in params]
+
+    for p in params:
+        p.grad = torch.full_like(p, 0.3)
+    one = step(True) + step(True)  # the second accumulates into the first's gradients
+    for p in params:
+        p.grad = torch.full_like(p, 0.3)
+    two = step(False) + step(False)
+    _same(one, two)
+    # a loss of the output alone, and of the KL alone (the other output's gradient is None)
+    for p in params:
+        p.grad = None
+    out, kl = layer(x, seed=seed)
+    kl.backward()
+    by_kl = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    layer.kl_loss().backward()
+    _same(by_kl, [p.grad for p in params])
 
 
 def test_mean_field_kl_is_reused_only_while_unchanged():

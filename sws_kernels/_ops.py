@@ -210,13 +210,14 @@ for _name in ("native_cpu", "native_cuda"):
 def _native_sws_linear(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed, samples,
                        mode, owner, codebook_owner, per_sample, *, fused: bool, **emap):
     lead = x.shape[1:-1] if per_sample else x.shape[:-1]
-    if fused and emap:  # a shard (see _map_bundle): the same fused kernels over a mapped bundle
+    if fused and emap and not x.is_cuda:  # a shard (see _map_bundle): the CPU fused kernel over a mapped bundle
         p = _map_bundle(native.prepare(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, mode, owner,
                                        codebook_owner), emap["elem_offset"], emap["row_stride"], labels.shape[1])
-        run = native.sws_linear_cuda_prepared if x.is_cuda else native.sws_linear_cpu_prepared
-        y = run(p, x, bias, seed, int(samples), per_sample)
+        y = native.sws_linear_cpu_prepared(p, x, bias, seed, int(samples), per_sample)
         return y.reshape(samples, *lead, labels.shape[0])
-    if fused:  # _backend.plan checked the fused kernel's limits (LIMITS cuda/cpu_fused_max_m, dtype, mode)
+    # A shard on CUDA takes reconstruct (mapped) + cuBLAS: csrc/cuda/linear.cu's fused kernel reads no mapping (its
+    # register allocation is at the edge: the two extra fields made ptxas spill in more variants).
+    if fused and not emap:  # _backend.plan checked the fused kernel's limits (LIMITS cuda/cpu_fused_max_m, dtype, mode)
         run = native.sws_linear_cuda if x.is_cuda else native.sws_linear_cpu
         y = run(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed, samples, mode, owner,
                 codebook_owner, per_sample)
@@ -632,6 +633,7 @@ def _triton_kernel(module: str, fn: str):
         return getattr(importlib.import_module(f"sws_kernels.triton.{module}"), fn)(*args, **kwargs)
 
     kernel.__name__ = f"triton_{fn}"
+    kernel.sws_elem_map = True  # every Triton launcher takes a shard's elem_offset/row_stride
     return kernel
 
 

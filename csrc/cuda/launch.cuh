@@ -6,6 +6,8 @@
 
 #include <cuda_runtime.h>
 
+#include "../common.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <stdexcept>
@@ -48,5 +50,25 @@ __device__ __forceinline__ uint64_t label_at(const L* lab, int64_t i) {
   return static_cast<uint64_t>(static_cast<int64_t>(lab[i]));
 }
 #endif
+
+#ifdef __CUDACC__
+// The 4 normals of local weights i .. i+3 (cnt of them valid) under a shard's global element mapping (common.h
+// ElemMap; tensor parallelism): the identity and any mapping whose aligned local quads are aligned global quads
+// (offset, row_stride and row_len multiples of 4) take one Philox call per quad; any other mapping one per weight.
+__device__ __forceinline__ void mapped_normal4(Key key, const ElemMap& em, int64_t i, int cnt, uint32_t sample,
+                                               uint32_t owner, uint32_t purpose, bool quad, float eps[4]) {
+  if (quad) {
+    words_to_normal4(stream_words(key, static_cast<uint32_t>(em(i) >> 2), sample, owner, purpose), eps);
+  } else {
+#pragma unroll
+    for (int t = 0; t < 4; ++t) eps[t] = t < cnt ? normal_at(key, em(i + t), sample, owner, purpose) : 0.0f;
+  }
+}
+#endif
+
+// Whether mapped_normal4 may take one Philox call per quad under `em`.
+inline bool quad_aligned(const ElemMap& em) {
+  return em.identity() || ((em.offset & 3) == 0 && (em.row_len & 3) == 0 && (em.row_stride & 3) == 0);
+}
 
 }  // namespace sws

@@ -195,6 +195,11 @@ void dispatch_act(const char* fn, int code, F&& f) {
 void sws_linear_cuda(const ReconstructArgs& a, const LinearArgs& l, float* zbuf, uintptr_t stream_ptr) {
   const char* fn = "sws_linear_cuda";
   validate_sizes(a, fn);
+  // A tensor-parallel shard's element mapping (common.h) is not read by this kernel: sws_kernels/_ops.py sends
+  // shards to reconstruct + GEMM; a direct call with a mapping is refused rather than drawing the wrong noise.
+  if (!elem_map_of(a).identity())
+    throw std::invalid_argument(std::string(fn) + ": a shard's element mapping (elem_offset/row_stride) is not "
+                                "supported by the fused CUDA linear; use reconstruct + GEMM");
   auto fail = [&](const std::string& what) { throw std::invalid_argument(std::string(fn) + ": " + what); };
   if (l.out_f < 1 || l.in_f < 1 || l.out_f * l.in_f != a.n)
     fail("labels must be [out_f, in_f] with out_f * in_f = n, got out_f = " + std::to_string(l.out_f) +

@@ -19,7 +19,8 @@ namespace sws {
 namespace {
 
 __global__ void k_mf_forward(const float* __restrict__ mu, const float* __restrict__ rho, int64_t n, int64_t S,
-                             SeedRef seed_ref, uint32_t owner, uint32_t purpose, float* __restrict__ out) {
+                             SeedRef seed_ref, uint32_t owner, uint32_t purpose, ElemMap em, bool quad,
+                             float* __restrict__ out) {
   const Key key = seed_ref.get();
   const int64_t groups = (n + 3) / 4;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -30,9 +31,9 @@ __global__ void k_mf_forward(const float* __restrict__ mu, const float* __restri
     float* o = out + s * n;
     for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups; g += stride) {
       float eps[4], m[4], r[4], v[4];
-      words_to_normal4(stream_words(key, static_cast<uint32_t>(g), static_cast<uint32_t>(s), owner, purpose), eps);
       const int64_t i = 4 * g;
       const int cnt = static_cast<int>(min(static_cast<int64_t>(4), n - i));
+      mapped_normal4(key, em, i, cnt, static_cast<uint32_t>(s), owner, purpose, quad, eps);  // a shard: global noise
       if (vec) {
         const float4 m4 = *reinterpret_cast<const float4*>(mu + i);
         const float4 r4 = *reinterpret_cast<const float4*>(rho + i);
@@ -57,7 +58,8 @@ __global__ void k_mf_forward(const float* __restrict__ mu, const float* __restri
 }
 
 __global__ void k_mf_backward(const float* __restrict__ grad, const float* __restrict__ rho, int64_t n, int64_t S,
-                              SeedRef seed_ref, uint32_t owner, uint32_t purpose, float* __restrict__ grad_mu,
+                              SeedRef seed_ref, uint32_t owner, uint32_t purpose, ElemMap em, bool quad,
+                              float* __restrict__ grad_mu,
                               float* __restrict__ grad_rho) {
   const Key key = seed_ref.get();
   const int64_t groups = (n + 3) / 4;
@@ -68,7 +70,7 @@ __global__ void k_mf_backward(const float* __restrict__ grad, const float* __res
     double am[4] = {0, 0, 0, 0}, ar[4] = {0, 0, 0, 0};
     for (int64_t s = 0; s < S; ++s) {  // in order: deterministic
       float eps[4];
-      words_to_normal4(stream_words(key, static_cast<uint32_t>(g), static_cast<uint32_t>(s), owner, purpose), eps);
+      mapped_normal4(key, em, i, cnt, static_cast<uint32_t>(s), owner, purpose, quad, eps);  // a shard: global noise
       const float* gs = grad + s * n + i;
 #pragma unroll
       for (int t = 0; t < 4; ++t) {
@@ -98,7 +100,8 @@ void mean_field_reconstruct_cuda(const MeanFieldArgs& a, float* out, uintptr_t s
   const dim3 grid(grid_for((n + 3) / 4, cap), gy);
   k_mf_forward<<<grid, kThreads, 0, as_stream(stream_ptr)>>>(a.mu, a.rho, n, S, seed_ref_of(a),
                                                              static_cast<uint32_t>(a.owner),
-                                                             static_cast<uint32_t>(a.purpose), out);
+                                                             static_cast<uint32_t>(a.purpose), elem_map_of(a),
+                                                             quad_aligned(elem_map_of(a)), out);
   SWS_CUDA_CHECK(fn, cudaGetLastError());
 }
 
@@ -110,7 +113,7 @@ void mean_field_reconstruct_backward_cuda(const MeanFieldArgs& a, const float* g
   const int64_t cap = static_cast<int64_t>(sm_count(fn)) * 16;
   k_mf_backward<<<grid_for((a.n + 3) / 4, cap), kThreads, 0, as_stream(stream_ptr)>>>(
       grad_w, a.rho, a.n, a.S, seed_ref_of(a), static_cast<uint32_t>(a.owner), static_cast<uint32_t>(a.purpose),
-      grad_mu, grad_rho);
+      elem_map_of(a), quad_aligned(elem_map_of(a)), grad_mu, grad_rho);
   SWS_CUDA_CHECK(fn, cudaGetLastError());
 }
 

@@ -65,7 +65,7 @@ __global__ void k_sample(const float* __restrict__ means, const float* __restric
 // (zero contribution). Sizes (chol [K, 3], E/O-long arrays) are checked on the host (sws_kernels/native.py).
 template <class L, bool kHier, bool kSmem>
 __global__ void k_forward(const L* __restrict__ lab, int64_t n, int64_t K, int64_t S, const float* __restrict__ zbuf,
-                          SeedRef seed_ref, uint32_t owner, float* __restrict__ out) {
+                          SeedRef seed_ref, uint32_t owner, ElemMap em, bool quad, float* __restrict__ out) {
   const Key key = seed_ref.get();
   extern __shared__ float smem[];
   const float nan = __int_as_float(0x7fc00000);
@@ -98,9 +98,10 @@ __global__ void k_forward(const L* __restrict__ lab, int64_t n, int64_t K, int64
       const bool vec = (n % 4 == 0) && ((reinterpret_cast<uintptr_t>(out) & 15) == 0);
       for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups; g += stride) {
         float eps[4], v[4];
-        words_to_normal4(stream_words(key, static_cast<uint32_t>(g), static_cast<uint32_t>(s), owner, kPurposeWeight), eps);
         const int64_t i = 4 * g;
         const int m = static_cast<int>(min(static_cast<int64_t>(4), n - i));
+        // a shard's global noise (em; the identity: counter g)
+        mapped_normal4(key, em, i, m, static_cast<uint32_t>(s), owner, kPurposeWeight, quad, eps);
 #pragma unroll
         for (int t = 0; t < 4; ++t) {
           v[t] = nan;
@@ -124,7 +125,7 @@ __global__ void k_overrides(int64_t n, int64_t K, int64_t S, int mode, const flo
                             const int64_t* __restrict__ e_b, const float* __restrict__ e_alpha, int64_t E,
                             const int64_t* __restrict__ o_pos, const float* __restrict__ o_mu,
                             const float* __restrict__ o_rho, int64_t O, const float* __restrict__ zbuf, SeedRef seed_ref,
-                            uint32_t owner, float* __restrict__ out) {
+                            uint32_t owner, ElemMap em, float* __restrict__ out) {
   const Key key = seed_ref.get();
   const int64_t total = (E + O) * S;
   const float nan = __int_as_float(0x7fc00000);
@@ -144,7 +145,7 @@ __global__ void k_overrides(int64_t n, int64_t K, int64_t S, int mode, const flo
           v = al * zs[2 * ca] + bl * zs[2 * cb];
           if (mode == kHierarchical) {
             const float sd = al * zs[2 * ca + 1] + bl * zs[2 * cb + 1];
-            v = v + sd * normal_at(key, static_cast<uint64_t>(p), static_cast<uint32_t>(s), owner, kPurposeWeight);
+            v = v + sd * normal_at(key, em(p), static_cast<uint32_t>(s), owner, kPurposeWeight);
           }
         }
       }
@@ -155,7 +156,7 @@ __global__ void k_overrides(int64_t n, int64_t K, int64_t S, int mode, const flo
       if (p < 0 || p >= n) continue;
       float v = o_mu[o];
       if (mode != kMean)
-        v = v + softplus(o_rho[o]) * normal_at(key, static_cast<uint64_t>(p), static_cast<uint32_t>(s), owner, kPurposeWeight);
+        v = v + softplus(o_rho[o]) * normal_at(key, em(p), static_cast<uint32_t>(s), owner, kPurposeWeight);
       out[s * n + p] = v;
     }
   }
@@ -166,7 +167,7 @@ __global__ void k_bwd_segments(const float* __restrict__ grad, int64_t n, int64_
                                const int64_t* __restrict__ seg_offsets, const int64_t* __restrict__ seg_pos,
                                const float* __restrict__ seg_coef, const float* __restrict__ means,
                                const float* __restrict__ chol, SeedRef seed_ref, uint32_t owner, uint32_t cb_owner,
-                               double* __restrict__ dz) {
+                               ElemMap em, double* __restrict__ dz) {
   const Key key = seed_ref.get();
   __shared__ double red_mu[kThreads];
   __shared__ double red_rho[kThreads];
@@ -181,7 +182,7 @@ __global__ void k_bwd_segments(const float* __restrict__ grad, int64_t n, int64_
       const double gc = (p >= 0 && p < n) ? static_cast<double>(seg_coef[t]) * static_cast<double>(g[p]) : 0.0;
       acc_mu += gc;
       if (kHier)
-        acc_rho += gc * static_cast<double>(normal_at(key, static_cast<uint64_t>(p), static_cast<uint32_t>(s), owner, kPurposeWeight));
+        acc_rho += gc * static_cast<double>(normal_at(key, em(p), static_cast<uint32_t>(s), owner, kPurposeWeight));
     }
     red_mu[threadIdx.x] = acc_mu;
     red_rho[threadIdx.x] = acc_rho;
@@ -239,7 +240,7 @@ __global__ void k_bwd_final(int64_t K, int64_t S, int mode, const float* __restr
 
 __global__ void k_bwd_outliers(const float* __restrict__ grad, int64_t n, int64_t S, int mode,
                                const int64_t* __restrict__ o_pos, const float* __restrict__ o_rho, int64_t O, SeedRef seed_ref,
-                               uint32_t owner, float* __restrict__ grad_mu_o, float* __restrict__ grad_rho_o) {
+                               uint32_t owner, ElemMap em, float* __restrict__ grad_mu_o, float* __restrict__ grad_rho_o) {
   const Key key = seed_ref.get();
   for (int64_t o = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; o < O;
        o += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -250,7 +251,7 @@ __global__ void k_bwd_outliers(const float* __restrict__ grad, int64_t n, int64_
         const double gv = static_cast<double>(grad[s * n + p]);
         g_mu += gv;
         if (mode != kMean)
-          g_rho += gv * static_cast<double>(normal_at(key, static_cast<uint64_t>(p), static_cast<uint32_t>(s), owner, kPurposeWeight));
+          g_rho += gv * static_cast<double>(normal_at(key, em(p), static_cast<uint32_t>(s), owner, kPurposeWeight));
       }
     }
     grad_mu_o[o] = static_cast<float>(g_mu);
@@ -272,6 +273,8 @@ void reconstruct_cuda(const ReconstructArgs& a, float* out, float* zbuf, uintptr
 
   k_sample<<<grid_for(S * K, grid_cap), kThreads, 0, stream>>>(a.means, a.chol, K, S, a.mode, key, cb_owner, zbuf);
   SWS_CUDA_CHECK(fn, cudaGetLastError());
+  const ElemMap em = elem_map_of(a);  // a shard's global element mapping (the identity for a whole layer)
+  const bool quad = quad_aligned(em);
 
   if (n > 0) {
     const bool hier = a.mode == kHierarchical;
@@ -287,18 +290,18 @@ void reconstruct_cuda(const ReconstructArgs& a, float* out, float* zbuf, uintptr
     dispatch_labels(fn, a.labels_dtype, a.labels, [&](auto lab) {
       using L = std::remove_cv_t<std::remove_pointer_t<decltype(lab)>>;
       if (hier) {
-        if (smem) k_forward<L, true, true><<<grid, kThreads, shmem, stream>>>(lab, n, K, S, zbuf, key, owner, out);
-        else k_forward<L, true, false><<<grid, kThreads, 0, stream>>>(lab, n, K, S, zbuf, key, owner, out);
+        if (smem) k_forward<L, true, true><<<grid, kThreads, shmem, stream>>>(lab, n, K, S, zbuf, key, owner, em, quad, out);
+        else k_forward<L, true, false><<<grid, kThreads, 0, stream>>>(lab, n, K, S, zbuf, key, owner, em, quad, out);
       } else {
-        if (smem) k_forward<L, false, true><<<grid, kThreads, shmem, stream>>>(lab, n, K, S, zbuf, key, owner, out);
-        else k_forward<L, false, false><<<grid, kThreads, 0, stream>>>(lab, n, K, S, zbuf, key, owner, out);
+        if (smem) k_forward<L, false, true><<<grid, kThreads, shmem, stream>>>(lab, n, K, S, zbuf, key, owner, em, quad, out);
+        else k_forward<L, false, false><<<grid, kThreads, 0, stream>>>(lab, n, K, S, zbuf, key, owner, em, quad, out);
       }
     });
     SWS_CUDA_CHECK(fn, cudaGetLastError());
   }
   if (a.E + a.O > 0) {
     k_overrides<<<grid_for((a.E + a.O) * S, grid_cap), kThreads, 0, stream>>>(
-        n, K, S, a.mode, a.means, a.e_pos, a.e_a, a.e_b, a.e_alpha, a.E, a.o_pos, a.o_mu, a.o_rho, a.O, zbuf, key, owner, out);
+        n, K, S, a.mode, a.means, a.e_pos, a.e_a, a.e_b, a.e_alpha, a.E, a.o_pos, a.o_mu, a.o_rho, a.O, zbuf, key, owner, em, out);
     SWS_CUDA_CHECK(fn, cudaGetLastError());
   }
 }
@@ -318,12 +321,13 @@ void reconstruct_backward_cuda(const ReconstructArgs& a, const float* grad_out, 
   const int64_t grid_cap = static_cast<int64_t>(sm_count(fn)) * 32;
 
   const dim3 grid(static_cast<unsigned>(K), static_cast<unsigned>(std::min<int64_t>(S, 65535)));
+  const ElemMap em = elem_map_of(a);  // a shard's global element mapping (the identity for a whole layer)
   if (a.mode == kHierarchical) {
     k_bwd_segments<true><<<grid, kThreads, 0, stream>>>(grad_out, n, K, S, seg_offsets, seg_pos, seg_coef, a.means,
-                                                        a.chol, key, owner, cb_owner, dzbuf);
+                                                        a.chol, key, owner, cb_owner, em, dzbuf);
   } else {
     k_bwd_segments<false><<<grid, kThreads, 0, stream>>>(grad_out, n, K, S, seg_offsets, seg_pos, seg_coef, a.means,
-                                                         a.chol, key, owner, cb_owner, dzbuf);
+                                                         a.chol, key, owner, cb_owner, em, dzbuf);
   }
   SWS_CUDA_CHECK(fn, cudaGetLastError());
   k_bwd_final<<<grid_for(K, grid_cap), kThreads, 0, stream>>>(K, S, a.mode, a.chol, dzbuf, key, cb_owner, grad_means,
@@ -331,7 +335,7 @@ void reconstruct_backward_cuda(const ReconstructArgs& a, const float* grad_out, 
   SWS_CUDA_CHECK(fn, cudaGetLastError());
   if (a.O > 0) {
     k_bwd_outliers<<<grid_for(a.O, grid_cap), kThreads, 0, stream>>>(grad_out, n, S, a.mode, a.o_pos, a.o_rho, a.O, key,
-                                                                     owner, grad_mu_o, grad_rho_o);
+                                                                     owner, em, grad_mu_o, grad_rho_o);
     SWS_CUDA_CHECK(fn, cudaGetLastError());
   }
 }

@@ -127,10 +127,14 @@ def _mma_specials(acc, ag, onehot, X_F32: tl.constexpr):
 # Sizes and counts are not specialised (== 1 / divisible by 16 would only multiply the compiled variants:
 # they feed masks and loop bounds); strides are, since a stride of 1 or a multiple of 16 is what lets the
 # compiler vectorise the A and label loads.
-@triton.jit(do_not_specialize=["M", "N", "R", "K", "J", "T", "n_m", "n_n", "seed_ptr", "owner"])
+# noise_off / noise_sr: the weight noise of element (row, col) is element noise_off + row * noise_sr + col of the
+# stream: (0, in_features) for a whole layer; a tensor-parallel shard's place in the unsharded weight otherwise
+# (sws_kernels/reference.py element_map).
+@triton.jit(do_not_specialize=["M", "N", "R", "K", "J", "T", "n_m", "n_n", "seed_ptr", "owner", "noise_off",
+                               "noise_sr"])
 def _lookup_gemm_kernel(a_ptr, lab_ptr, z_ptr, mu_ptr, rho_ptr, delta_ptr, sp_ptr_ptr, sp_r_ptr, sp_j_ptr, bias_ptr,
                         out_ptr, M, N, R, K, J, T, n_m, n_n, stride_as, stride_am, stride_ar, lab_sr, lab_sc,
-                        stride_bs, stride_os, stride_om, stride_on, seed_ptr, owner,
+                        stride_bs, stride_os, stride_om, stride_on, seed_ptr, owner, noise_off, noise_sr,
                         MF: tl.constexpr, HIER: tl.constexpr, SPECIALS: tl.constexpr, HAS_BIAS: tl.constexpr,
                         NOISE4: tl.constexpr, CONTIG_R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
                         BE: tl.constexpr):
@@ -170,18 +174,23 @@ def _lookup_gemm_kernel(a_ptr, lab_ptr, z_ptr, mu_ptr, rho_ptr, delta_ptr, sp_pt
                 idx = offs_r[:, None].to(tl.int64) * lab_sc + offs_n[None, :].to(tl.int64) * lab_sr
                 mw = mr[:, None] & mn[None, :]
             if NOISE:
-                # eps[s, idx] of the weight stream. NOISE4 (the weight's row length is a multiple of 4, so
-                # every run of four consecutive elements starting at a multiple of 4 is one Philox counter):
-                # one Philox call per four weights along the contiguous axis. Otherwise one call per weight.
+                # eps[s, g] of the weight stream, g = noise_off + row * noise_sr + col (idx itself for a whole
+                # layer). NOISE4 (the row length, noise_sr and noise_off multiples of 4, so every run of four
+                # consecutive elements starting at a multiple of 4 is one Philox counter): one Philox call per
+                # four weights along the contiguous axis. Otherwise one call per weight.
                 if NOISE4:
                     if CONTIG_R:
-                        eps = normal_rows(offs_n[:, None].to(tl.int64) * lab_sr + r0, seed_lo, seed_hi, s, owner,
-                                          _purpose(0), BR)
+                        eps = normal_rows(offs_n[:, None].to(tl.int64) * noise_sr + noise_off + r0, seed_lo, seed_hi,
+                                          s, owner, _purpose(0), BR)
                     else:
-                        eps = normal_rows(offs_r[:, None].to(tl.int64) * lab_sc + pid_n.to(tl.int64) * BN, seed_lo,
-                                          seed_hi, s, owner, _purpose(0), BN)
+                        eps = normal_rows(offs_r[:, None].to(tl.int64) * noise_sr + noise_off
+                                          + pid_n.to(tl.int64) * BN, seed_lo, seed_hi, s, owner, _purpose(0), BN)
                 else:
-                    eps = stream_normal(idx, seed_lo, seed_hi, s, owner, _purpose(0))
+                    if CONTIG_R:
+                        gidx = offs_n[:, None].to(tl.int64) * noise_sr + offs_r[None, :].to(tl.int64) + noise_off
+                    else:
+                        gidx = offs_r[:, None].to(tl.int64) * noise_sr + offs_n[None, :].to(tl.int64) + noise_off
+                    eps = stream_normal(gidx, seed_lo, seed_hi, s, owner, _purpose(0))
             if MF:
                 w = tl.load(mu_ptr + idx, mask=mw, other=0.0).to(tl.float32)
                 rho = tl.load(rho_ptr + idx, mask=mw, other=0.0).to(tl.float32)
@@ -289,11 +298,14 @@ def _specials(e_pos, o_pos, in_f: int, N: int, by_row: bool, numel: int) -> _Spe
 
 
 def _launch(a3, stride_as, T, S_out, M, N, R, lab_sr, lab_sc, out, *, labels=None, z=None, mu=None, rho=None,
-            delta=None, specials=None, bias=None, stride_bs=0, seed=0, owner=0, hier=False):
+            delta=None, specials=None, bias=None, stride_bs=0, seed=0, owner=0, hier=False, elem_offset=0,
+            row_stride=0):
     mf = mu is not None
     # the weight's row length (in) is lab_sr in the forward and lab_sc in dx
     row_len = lab_sr if lab_sc == 1 else lab_sc
-    BM, BN, BR, warps, stages = _tiles(M, a3.dtype, elem_noise=(mf or hier) and row_len % 4 != 0)
+    noise_sr = row_stride or row_len  # a shard's mapping (elem_offset, row_stride), else the layer's own rows
+    noise4 = row_len % 4 == 0 and noise_sr % 4 == 0 and elem_offset % 4 == 0
+    BM, BN, BR, warps, stages = _tiles(M, a3.dtype, elem_noise=(mf or hier) and not noise4)
     n_m, n_n = triton.cdiv(M, BM), triton.cdiv(N, BN)
     dummy = out
     sp = specials is not None and specials.J > 0
@@ -303,8 +315,8 @@ def _launch(a3, stride_as, T, S_out, M, N, R, lab_sr, lab_sc, out, *, labels=Non
            specials.j if sp else dummy, bias if bias is not None else dummy, out,
            M, N, R, 1 if z is None else z.shape[1], specials.J if sp else 0, T, n_m, n_n,
            stride_as, a3.stride(1), a3.stride(2), lab_sr, lab_sc, stride_bs, out.stride(0), out.stride(1),
-           out.stride(2), seed_arg(seed, out.device), u32_arg(owner),
-           MF=mf, HIER=hier, SPECIALS=sp, HAS_BIAS=bias is not None, NOISE4=row_len % 4 == 0,
+           out.stride(2), seed_arg(seed, out.device), u32_arg(owner), int(elem_offset), int(noise_sr),
+           MF=mf, HIER=hier, SPECIALS=sp, HAS_BIAS=bias is not None, NOISE4=noise4,
            CONTIG_R=lab_sc == 1, BM=BM, BN=BN, BR=BR, BE=BE, num_warps=warps, num_stages=stages)
     return out
 
@@ -333,7 +345,7 @@ def _as3(x, S: int, per_sample: bool, in_f: int):
 
 def sws_linear(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, bias, seed: int,
                samples: int, mode: int, owner: int, codebook_owner: int, per_sample: bool,
-               fused: bool):
+               fused: bool, elem_offset: int = 0, row_stride: int = 0):
     """Backend kernel of ``sws_kernels::sws_linear``: y [S, ..., out] in x's dtype.
 
     Memory safety whatever the data (the functional API validates it on entry; called directly it may not
@@ -344,26 +356,28 @@ def sws_linear(x, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_
     _check_bias(bias, S, out_f)
     lead = x.shape[1:-1] if per_sample else x.shape[:-1]
     x3, sas, M = _as3(x, S, per_sample, in_f)
+    mk = dict(elem_offset=elem_offset, row_stride=row_stride)  # a shard's mapping (reconstruct.elem_map)
     if not fused:
         w = _rc.reconstruct(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, S, mode, owner,
-                            codebook_owner).to(x.dtype)
+                            codebook_owner, **mk).to(x.dtype)
         y = torch.matmul(x3, w.transpose(1, 2))
         if bias is not None:
             y = y + bias.to(x.dtype)
         return y.reshape(S, *lead, out_f)
     lab = labels.reshape(-1).contiguous()
     z = _rc.sample_codebook(means, chol, seed, S, mode, codebook_owner)
-    delta = _rc.special_values(z, lab, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, S, mode, owner)
+    delta = _rc.special_values(z, lab, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, S, mode, owner,
+                               emap=_rc.elem_map(elem_offset, row_stride, in_f))
     specials = _specials(e_pos, o_pos, in_f, out_f, True, out_f * in_f)
     y = empty((S, M, out_f), dtype=x.dtype, device=x.device)
     _launch(x3, sas, 1, S, M, out_f, in_f, in_f, 1, y, labels=lab, z=z, delta=delta, specials=specials,
-            bias=bias, seed=seed, owner=owner, hier=(mode == _rc.HIER))
+            bias=bias, seed=seed, owner=owner, hier=(mode == _rc.HIER), **mk)
     return y.reshape(S, *lead, out_f)
 
 
 def sws_linear_dx(grad_y, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed: int,
                   samples: int, mode: int, owner: int, codebook_owner: int, per_sample: bool,
-                  fused: bool):
+                  fused: bool, elem_offset: int = 0, row_stride: int = 0):
     """Backend kernel of ``sws_kernels::sws_linear_dx``: grad_y [S, ..., out] -> dx in the shape of x
     ([S, ..., in] with per_sample, else [..., in] summed over samples in a fixed order). Memory-safe whatever
     the data, as :func:`sws_linear`."""
@@ -372,20 +386,22 @@ def sws_linear_dx(grad_y, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, 
     lead = grad_y.shape[1:-1]
     g3 = grad_y.reshape(S, math.prod(grad_y.shape[1:-1]), out_f)
     M = g3.shape[1]
+    mk = dict(elem_offset=elem_offset, row_stride=row_stride)  # a shard's mapping (reconstruct.elem_map)
     if not fused:
         w = _rc.reconstruct(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, S, mode, owner,
-                            codebook_owner).to(grad_y.dtype)
+                            codebook_owner, **mk).to(grad_y.dtype)
         dx = torch.matmul(g3, w)
         dx = dx if per_sample else dx.sum(0)  # torch's sum over a dim is deterministic
         return dx.reshape(*((S,) if per_sample else ()), *lead, in_f)
     lab = labels.reshape(-1).contiguous()
     z = _rc.sample_codebook(means, chol, seed, S, mode, codebook_owner)
-    delta = _rc.special_values(z, lab, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, S, mode, owner)
+    delta = _rc.special_values(z, lab, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, S, mode, owner,
+                               emap=_rc.elem_map(elem_offset, row_stride, in_f))
     specials = _specials(e_pos, o_pos, in_f, in_f, False, out_f * in_f)
     S_out = S if per_sample else 1
     dx = empty((S_out, M, in_f), dtype=grad_y.dtype, device=grad_y.device)
     _launch(g3, g3.stride(0), 1 if per_sample else S, S_out, M, in_f, out_f, 1, in_f, dx, labels=lab, z=z,
-            delta=delta, specials=specials, seed=seed, owner=owner, hier=(mode == _rc.HIER))
+            delta=delta, specials=specials, seed=seed, owner=owner, hier=(mode == _rc.HIER), **mk)
     return dx.reshape(*((S,) if per_sample else ()), *lead, in_f)
 
 
@@ -394,7 +410,7 @@ def sws_linear_dx(grad_y, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, 
 # --------------------------------------------------------------------------------------------------
 
 def mean_field_linear(x, mu, rho, bias, seed: int, samples: int, owner: int, per_sample: bool,
-                      fused: bool):
+                      fused: bool, elem_offset: int = 0, row_stride: int = 0):
     """Backend kernel of ``sws_kernels::mean_field_linear``; ``bias`` None, [out] or per-sample [S, out].
     Sizes are checked here (ValueError), so the kernel never reads past mu, rho or the bias."""
     S, (out_f, in_f) = samples, mu.shape
@@ -403,7 +419,8 @@ def mean_field_linear(x, mu, rho, bias, seed: int, samples: int, owner: int, per
     lead = x.shape[1:-1] if per_sample else x.shape[:-1]
     x3, sas, M = _as3(x, S, per_sample, in_f)
     if not fused:
-        w = _mf.mean_field_reconstruct(mu, rho, seed, S, owner, 0).to(x.dtype)
+        w = _mf.mean_field_reconstruct(mu, rho, seed, S, owner, 0, elem_offset=elem_offset,
+                                       row_stride=row_stride).to(x.dtype)
         y = torch.matmul(x3, w.transpose(1, 2))
         if bias is not None:
             b = bias.to(x.dtype)
@@ -412,24 +429,26 @@ def mean_field_linear(x, mu, rho, bias, seed: int, samples: int, owner: int, per
     y = empty((S, M, out_f), dtype=x.dtype, device=x.device)
     b = None if bias is None else bias.contiguous()
     _launch(x3, sas, 1, S, M, out_f, in_f, in_f, 1, y, mu=mu.contiguous(), rho=rho.contiguous(), bias=b,
-            stride_bs=(out_f if b is not None and b.dim() == 2 else 0), seed=seed, owner=owner)
+            stride_bs=(out_f if b is not None and b.dim() == 2 else 0), seed=seed, owner=owner, elem_offset=elem_offset,
+            row_stride=row_stride)
     return y.reshape(S, *lead, out_f)
 
 
 def mean_field_linear_dx(grad_y, mu, rho, seed: int, samples: int, owner: int, per_sample: bool,
-                         fused: bool):
+                         fused: bool, elem_offset: int = 0, row_stride: int = 0):
     S, (out_f, in_f) = samples, mu.shape
     _check_mf(mu, rho)
     lead = grad_y.shape[1:-1]
     g3 = grad_y.reshape(S, math.prod(grad_y.shape[1:-1]), out_f)
     M = g3.shape[1]
     if not fused:
-        w = _mf.mean_field_reconstruct(mu, rho, seed, S, owner, 0).to(grad_y.dtype)
+        w = _mf.mean_field_reconstruct(mu, rho, seed, S, owner, 0, elem_offset=elem_offset,
+                                       row_stride=row_stride).to(grad_y.dtype)
         dx = torch.matmul(g3, w)
         dx = dx if per_sample else dx.sum(0)
         return dx.reshape(*((S,) if per_sample else ()), *lead, in_f)
     S_out = S if per_sample else 1
     dx = empty((S_out, M, in_f), dtype=grad_y.dtype, device=grad_y.device)
     _launch(g3, g3.stride(0), 1 if per_sample else S, S_out, M, in_f, out_f, 1, in_f, dx, mu=mu.contiguous(),
-            rho=rho.contiguous(), seed=seed, owner=owner)
+            rho=rho.contiguous(), seed=seed, owner=owner, elem_offset=elem_offset, row_stride=row_stride)
     return dx.reshape(*((S,) if per_sample else ()), *lead, in_f)

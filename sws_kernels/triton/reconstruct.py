@@ -82,6 +82,47 @@ def normal_block(start, seed_lo, seed_hi, s, owner, purpose, BLOCK: tl.constexpr
     return tl.reshape(normal_rows(base, seed_lo, seed_hi, s, owner, purpose, BLOCK), [BLOCK])
 
 
+# A shard's global element mapping (tensor parallelism, sws_kernels/reference.py element_map): local element i of
+# rows of e_rowlen draws the noise of element e_off + (i // e_rowlen) * e_stride + i % e_rowlen. Kernels take
+# (e_off, e_stride, e_rowlen) as their last runtime arguments and a MAPPED constexpr: 0 the identity (the
+# unchanged code), 1 an aligned mapping (e_off, e_stride, e_rowlen multiples of 4: every aligned run of four
+# local weights is one aligned Philox counter, so still one Philox call per four weights), 2 any other (one call
+# per weight, as for scattered positions).
+
+def elem_map(elem_offset: int = 0, row_stride: int = 0, row_len: int = 0):
+    """((e_off, e_stride, e_rowlen), MAPPED) for a launch; the identity gives ((0, 0, 1), 0)."""
+    rl = max(int(row_len), 1)
+    stride = int(row_stride) or rl
+    if elem_offset == 0 and stride == rl:
+        return (0, 0, 1), 0
+    aligned = elem_offset % 4 == 0 and stride % 4 == 0 and rl % 4 == 0
+    return (int(elem_offset), stride, rl), 1 if aligned else 2
+
+
+@triton.jit
+def global_index(i, e_off, e_stride, e_rowlen):
+    """Global element indices of the local int64 indices ``i`` under a shard's mapping."""
+    r = i // e_rowlen
+    return e_off + r * e_stride + (i - r * e_rowlen)
+
+
+@triton.jit
+def mapped_normal_block(start, seed_lo, seed_hi, s, owner, purpose, e_off, e_stride, e_rowlen, MAPPED: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """normal_block of local elements start .. start + BLOCK - 1 under the mapping (MAPPED 0: normal_block)."""
+    if MAPPED == 0:
+        eps = normal_block(start, seed_lo, seed_hi, s, owner, purpose, BLOCK)
+    elif MAPPED == 1:
+        # aligned: the global start of each local quad, one Philox call per quad
+        quad = start + 4 * tl.arange(0, BLOCK // 4).to(tl.int64)
+        base = tl.reshape(global_index(quad, e_off, e_stride, e_rowlen), [BLOCK // 4, 1])
+        eps = tl.reshape(normal_rows(base, seed_lo, seed_hi, s, owner, purpose, 4), [BLOCK])
+    else:
+        offs = start + tl.arange(0, BLOCK).to(tl.int64)
+        eps = stream_normal(global_index(offs, e_off, e_stride, e_rowlen), seed_lo, seed_hi, s, owner, purpose)
+    return eps
+
+
 @triton.jit
 def softplus(x):
     """PyTorch's softplus in float32: x above 20, else log1p(exp(x)).
@@ -132,9 +173,9 @@ def _sample_kernel(means_ptr, chol_ptr, z_ptr, K, nblk, seed_ptr, cb_owner, MODE
 
 # n stays specialised: n % 16 == 0 tells the compiler that every sample's row start s * n is aligned, so the
 # stores vectorise (this kernel is bound by writing W). Counts that only feed masks are not specialised.
-@triton.jit(do_not_specialize=["K", "nblk", "seed_ptr", "owner"])
-def _dense_kernel(labels_ptr, z_ptr, w_ptr, n, K, nblk, seed_ptr, owner, HIER: tl.constexpr,
-                  BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["K", "nblk", "seed_ptr", "owner", "e_off", "e_stride", "e_rowlen"])
+def _dense_kernel(labels_ptr, z_ptr, w_ptr, n, K, nblk, seed_ptr, owner, e_off, e_stride, e_rowlen,
+                  HIER: tl.constexpr, BLOCK: tl.constexpr, MAPPED: tl.constexpr):
     seed_lo, seed_hi = load_seed(seed_ptr)
     # Stage 1: one program = BLOCK consecutive weights of one sample; reads one label per weight.
     # Labels are validated when they enter a layer; the clamp keeps a bad label from reading outside z
@@ -150,14 +191,15 @@ def _dense_kernel(labels_ptr, z_ptr, w_ptr, n, K, nblk, seed_ptr, owner, HIER: t
     w = tl.load(zrow + 2 * lab, mask=m, other=0.0)
     if HIER:
         zr = tl.load(zrow + 2 * lab + 1, mask=m, other=0.0)
-        w = w + softplus(zr) * normal_block(start, seed_lo, seed_hi, s, owner, _purpose(0), BLOCK)
+        w = w + softplus(zr) * mapped_normal_block(start, seed_lo, seed_hi, s, owner, _purpose(0), e_off, e_stride,
+                                                   e_rowlen, MAPPED, BLOCK)
     tl.store(w_ptr + s.to(tl.int64) * n + offs, w.to(w_ptr.dtype.element_ty), mask=m)
 
 
-@triton.jit(do_not_specialize=["E", "O", "K", "n", "nblk", "seed_ptr", "owner"])
+@triton.jit(do_not_specialize=["E", "O", "K", "n", "nblk", "seed_ptr", "owner", "e_off", "e_stride", "e_rowlen"])
 def _special_kernel(z_ptr, labels_ptr, e_pos_ptr, e_a_ptr, e_b_ptr, e_alpha_ptr, o_pos_ptr, o_mu_ptr, o_rho_ptr,
-                    out_ptr, E, O, K, n, nblk, seed_ptr, owner, MODE: tl.constexpr, DELTA: tl.constexpr,
-                    BLOCK: tl.constexpr):
+                    out_ptr, E, O, K, n, nblk, seed_ptr, owner, e_off, e_stride, e_rowlen, MODE: tl.constexpr,
+                    DELTA: tl.constexpr, BLOCK: tl.constexpr, MAPPED: tl.constexpr):
     seed_lo, seed_hi = load_seed(seed_ptr)
     # Stage 2: one program = BLOCK special weights (ellipses first, then outliers) of one sample.
     pid = tl.program_id(0)
@@ -188,7 +230,10 @@ def _special_kernel(z_ptr, labels_ptr, e_pos_ptr, e_a_ptr, e_b_ptr, e_alpha_ptr,
         o_val = mu
     else:
         rho = tl.load(o_rho_ptr + jo, mask=mo, other=0.0).to(tl.float32)
-        eps = stream_normal(pos, seed_lo, seed_hi, s, owner, _purpose(0))
+        if MAPPED:  # a shard: the noise of the position's global element
+            eps = stream_normal(global_index(pos, e_off, e_stride, e_rowlen), seed_lo, seed_hi, s, owner, _purpose(0))
+        else:
+            eps = stream_normal(pos, seed_lo, seed_hi, s, owner, _purpose(0))
         o_val = mu + softplus(rho) * eps
         if MODE == 1:
             zra = tl.load(zrow + 2 * ca + 1, mask=me, other=0.0)
@@ -243,9 +288,9 @@ def sample_codebook(means, chol, seed: int, samples: int, mode: int, codebook_ow
 
 
 def special_values(z, labels_flat, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode, owner,
-                   *, out=None) -> torch.Tensor:
+                   *, out=None, emap=((0, 0, 1), 0)) -> torch.Tensor:
     """Stage 2. ``out`` = W [S, n] to overwrite special positions in place; None: return the corrections
-    delta [S, E + O] (ellipses then outliers) = true value - label value, float32."""
+    delta [S, E + O] (ellipses then outliers) = true value - label value, float32. ``emap``: :func:`elem_map`."""
     E, O = e_pos.numel(), o_pos.numel()
     K, n = z.shape[1], labels_flat.numel()
     check_sizes(None, None, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho)
@@ -257,14 +302,21 @@ def special_values(z, labels_flat, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho,
     nblk = triton.cdiv(E + O, BLOCK)
     launch(_special_kernel, (samples * nblk,), z, labels_flat, e_pos.contiguous(), e_a.contiguous(),
            e_b.contiguous(), e_alpha.contiguous(), o_pos.contiguous(), o_mu.contiguous(), o_rho.contiguous(), out, E,
-           O, K, n, nblk, seed_arg(seed, z.device), u32_arg(owner), MODE=mode, DELTA=delta, BLOCK=BLOCK,
-           num_warps=warps(BLOCK, 2))
+           O, K, n, nblk, seed_arg(seed, z.device), u32_arg(owner), *emap[0], MODE=mode, DELTA=delta, BLOCK=BLOCK,
+           MAPPED=0 if mode == 2 else int(emap[1] != 0), num_warps=warps(BLOCK, 2))
     return out
 
 
+def _row_len(t) -> int:
+    return t.numel() // t.shape[0] if t.dim() and t.shape[0] else 0
+
+
 def reconstruct(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed: int, samples: int,
-                mode: int, owner: int, codebook_owner: int) -> torch.Tensor:
-    """The backend kernel of ``sws_kernels::reconstruct``: W [S, *labels.shape] in the dtype of means."""
+                mode: int, owner: int, codebook_owner: int, *, elem_offset: int = 0,
+                row_stride: int = 0) -> torch.Tensor:
+    """The backend kernel of ``sws_kernels::reconstruct``: W [S, *labels.shape] in the dtype of means.
+    ``elem_offset``/``row_stride``: a shard's global element mapping (:func:`elem_map`)."""
+    emap = elem_map(elem_offset, row_stride, _row_len(labels))
     n = labels.numel()
     lab = labels.reshape(-1).contiguous()
     z = sample_codebook(means, chol, seed, samples, mode, codebook_owner)
@@ -272,9 +324,10 @@ def reconstruct(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rh
     if n:
         nblk = triton.cdiv(n, BLOCK)
         launch(_dense_kernel, (samples * nblk,), lab, z, w, n, means.shape[0], nblk, seed_arg(seed, w.device),
-               u32_arg(owner),
-               HIER=(mode == HIER), BLOCK=BLOCK, num_warps=warps(BLOCK))
-        special_values(z, lab, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode, owner, out=w)
+               u32_arg(owner), *emap[0],
+               HIER=(mode == HIER), BLOCK=BLOCK, MAPPED=emap[1] if mode == HIER else 0, num_warps=warps(BLOCK))
+        special_values(z, lab, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed, samples, mode, owner, out=w,
+                       emap=emap)
     return w.view(samples, *labels.shape)
 
 
@@ -294,9 +347,10 @@ class Segments(_segments.Pieces):
         super().__init__(_segments.build(labels, e_pos, e_a, e_b, e_alpha, o_pos, K), chunk, BLOCK_K)
 
 
-@triton.jit(do_not_specialize=["n", "P", "nblk", "seed_ptr", "owner"])
+@triton.jit(do_not_specialize=["n", "P", "nblk", "seed_ptr", "owner", "e_off", "e_stride", "e_rowlen"])
 def _piece_kernel(g_ptr, pos_ptr, coef_ptr, start_ptr, len_ptr, pmu_ptr, prho_ptr, n, P, nblk, seed_ptr,
-                  owner, HIER: tl.constexpr, PB: tl.constexpr, CHUNK: tl.constexpr):
+                  owner, e_off, e_stride, e_rowlen, HIER: tl.constexpr, PB: tl.constexpr, CHUNK: tl.constexpr,
+                  MAPPED: tl.constexpr):
     seed_lo, seed_hi = load_seed(seed_ptr)
     # Backward stage 1: one program = PB pieces (each <= CHUNK entries of one component) of one sample, as a
     # [PB, CHUNK] tile; each piece's sum is a fixed-shape tl.sum, so partials are bit-identical run to run.
@@ -317,7 +371,10 @@ def _piece_kernel(g_ptr, pos_ptr, coef_ptr, start_ptr, len_ptr, pmu_ptr, prho_pt
     out = s.to(tl.int64) * P + p
     tl.store(pmu_ptr + out, tl.sum(v, axis=1), mask=mp)
     if HIER:
-        eps = stream_normal(pos, seed_lo, seed_hi, s, owner, _purpose(0))
+        if MAPPED:  # a shard: the noise of the position's global element
+            eps = stream_normal(global_index(pos, e_off, e_stride, e_rowlen), seed_lo, seed_hi, s, owner, _purpose(0))
+        else:
+            eps = stream_normal(pos, seed_lo, seed_hi, s, owner, _purpose(0))
         tl.store(prho_ptr + out, tl.sum(tl.where(m, v * eps, 0.0), axis=1), mask=mp)
 
 
@@ -370,9 +427,9 @@ def _component_kernel(pmu_ptr, prho_ptr, off_ptr, np_ptr, bmax_ptr, means_ptr, c
     tl.store(gc_ptr + 3 * k + 2, g_c.to(gc_ptr.dtype.element_ty), mask=mk)
 
 
-@triton.jit(do_not_specialize=["O", "n", "S", "seed_ptr", "owner"])
-def _outlier_kernel(g_ptr, pos_ptr, rho_ptr, gmu_ptr, grho_ptr, O, n, S, seed_ptr, owner,
-                    MODE: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["O", "n", "S", "seed_ptr", "owner", "e_off", "e_stride", "e_rowlen"])
+def _outlier_kernel(g_ptr, pos_ptr, rho_ptr, gmu_ptr, grho_ptr, O, n, S, seed_ptr, owner, e_off, e_stride, e_rowlen,
+                    MODE: tl.constexpr, BLOCK: tl.constexpr, MAPPED: tl.constexpr):
     seed_lo, seed_hi = load_seed(seed_ptr)
     # Backward stage 3: BLOCK outliers, samples looped in order.
     j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -380,6 +437,10 @@ def _outlier_kernel(g_ptr, pos_ptr, rho_ptr, gmu_ptr, grho_ptr, O, n, S, seed_pt
     pos = tl.load(pos_ptr + j, mask=m, other=0)
     rho = tl.load(rho_ptr + j, mask=m, other=0.0).to(tl.float32)
     mg = m & (pos >= 0) & (pos < n)  # a position outside [0, n) gets a zero gradient, never a wild read
+    if MAPPED:  # a shard: the noise of the positions' global elements
+        gpos = global_index(pos, e_off, e_stride, e_rowlen)
+    else:
+        gpos = pos
     gmu = tl.zeros([BLOCK], tl.float32)
     grho = tl.zeros([BLOCK], tl.float32)
     for s_ in range(S):
@@ -387,16 +448,19 @@ def _outlier_kernel(g_ptr, pos_ptr, rho_ptr, gmu_ptr, grho_ptr, O, n, S, seed_pt
         g = tl.load(g_ptr + s.to(tl.int64) * n + pos, mask=mg, other=0.0).to(tl.float32)
         gmu += g
         if MODE != 2:
-            grho += g * stream_normal(pos, seed_lo, seed_hi, s, owner, _purpose(0))
+            grho += g * stream_normal(gpos, seed_lo, seed_hi, s, owner, _purpose(0))
     grho = grho * softplus_grad(rho)
     tl.store(gmu_ptr + j, gmu.to(gmu_ptr.dtype.element_ty), mask=m)
     tl.store(grho_ptr + j, grho.to(grho_ptr.dtype.element_ty), mask=m)
 
 
 def reconstruct_backward(grad_w, means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho, seed: int,
-                         samples: int, mode: int, owner: int, codebook_owner: int, *, segments=None):
+                         samples: int, mode: int, owner: int, codebook_owner: int, *, segments=None,
+                         elem_offset: int = 0, row_stride: int = 0):
     """The backend kernel of ``sws_kernels::reconstruct_backward``: dW [S, *shape] -> (g_means, g_chol,
-    g_mu_o, g_rho_o), bit-identical run to run."""
+    g_mu_o, g_rho_o), bit-identical run to run. ``elem_offset``/``row_stride``: a shard (:func:`elem_map`)."""
+    emap = elem_map(elem_offset, row_stride, _row_len(labels))
+    mapped = int(emap[1] != 0)
     K, n, S, dev = means.shape[0], labels.numel(), samples, means.device
     check_sizes(means, chol, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho)
     if grad_w.numel() != S * n:
@@ -410,8 +474,8 @@ def reconstruct_backward(grad_w, means, chol, labels, e_pos, e_a, e_b, e_alpha, 
     if seg.P:
         nblk = triton.cdiv(seg.P, PIECES)
         launch(_piece_kernel, (S * nblk,), g, seg.pos, seg.coef, seg.piece_start, seg.piece_len, pmu, prho, n, seg.P,
-               nblk, *words, u32_arg(owner), HIER=(mode == HIER), PB=PIECES, CHUNK=seg.chunk,
-               num_warps=warps(PIECES * seg.chunk))
+               nblk, *words, u32_arg(owner), *emap[0], HIER=(mode == HIER), PB=PIECES, CHUNK=seg.chunk,
+               MAPPED=mapped if mode == HIER else 0, num_warps=warps(PIECES * seg.chunk))
     g_means = empty_like(means)
     g_chol = empty_like(chol)
     launch(_component_kernel, (triton.cdiv(K, BLOCK_K),), pmu, prho, seg.piece_off, seg.npieces, seg.block_max,
@@ -423,5 +487,6 @@ def reconstruct_backward(grad_w, means, chol, labels, e_pos, e_a, e_b, e_alpha, 
     if O:
         ob = sparse_block()
         launch(_outlier_kernel, (triton.cdiv(O, ob),), g, o_pos.contiguous(), o_rho.contiguous(), g_mu, g_rho, O, n,
-               S, *words, u32_arg(owner), MODE=mode, BLOCK=ob, num_warps=warps(ob, 2))
+               S, *words, u32_arg(owner), *emap[0], MODE=mode, BLOCK=ob, MAPPED=mapped if mode != 2 else 0,
+               num_warps=warps(ob, 2))
     return g_means, g_chol, g_mu, g_rho

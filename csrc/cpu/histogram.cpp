@@ -278,13 +278,18 @@ struct RowOf {
 };
 
 // A CSR by output row of N entries with flat positions pos[e] (entry order kept within a row): off[out_f + 1],
-// order[t] = the entry at slot t. Counting sort over T chunks of entries (chunk c's entries of a row after those
-// of chunks < c: the order does not depend on T).
+// order[t] = the entry at slot t, spos[t] = its position, and (when f0 is not null) sf0[t] = f0[e], sf1[t] = f1[e]
+// (written in slot order here, read sequentially later). Counting sort over T chunks of entries (chunk c's entries
+// of a row after those of chunks < c: the order does not depend on T).
 // Returns -1, or the index of an entry whose position is outside [0, n) (nothing filled then).
 int64_t csr_by_row(const int64_t* pos, int64_t N, int64_t n, int64_t out_f, const RowOf& row_of, int nt,
-                   std::vector<int64_t>& off, std::vector<int64_t>& order) {
+                   std::vector<int64_t>& off, std::vector<int64_t>& order, std::vector<int64_t>& spos,
+                   const float* f0 = nullptr, const float* f1 = nullptr, std::vector<float>* sf0 = nullptr,
+                   std::vector<float>* sf1 = nullptr) {
   off.assign(static_cast<size_t>(out_f + 1), 0);
   order.resize(static_cast<size_t>(N));
+  spos.resize(static_cast<size_t>(N));
+  if (f0 != nullptr) sf0->resize(static_cast<size_t>(N)), sf1->resize(static_cast<size_t>(N));
   if (N == 0) return -1;
   int64_t bad = N;
   const int T = N >= 65536 ? nt : 1;
@@ -329,8 +334,14 @@ int64_t csr_by_row(const int64_t* pos, int64_t N, int64_t n, int64_t out_f, cons
       }
       off[static_cast<size_t>(out_f)] = run;
     }
-    if (bad == N)
-      for (int64_t e = e0; e < e1; ++e) order[static_cast<size_t>(cc[rows[static_cast<size_t>(e)]]++)] = e;
+    if (bad == N) {
+      for (int64_t e = e0; e < e1; ++e) {
+        const size_t t = static_cast<size_t>(cc[rows[static_cast<size_t>(e)]]++);
+        order[t] = e;
+        spos[t] = pos[e];
+        if (f0 != nullptr) (*sf0)[t] = f0[e], (*sf1)[t] = f1[e];
+      }
+    }
   }
   return bad < N ? bad : -1;
 }
@@ -389,9 +400,11 @@ void sws_linear_histogram_cpu(const ReconstructArgs& a, const LinearArgs& l) {
   // Ellipse and outlier entries as CSRs by output row (entry order kept within a row).
   const RowOf row_of(in_f);
   const int ntc = parallel_threads(20.0 * static_cast<double>(a.E + a.O));
-  std::vector<int64_t> eoff, eord, ooff, oord;
-  const int64_t be = csr_by_row(a.e_pos, a.E, a.n, out_f, row_of, ntc, eoff, eord);
-  const int64_t bo = be >= 0 ? -1 : csr_by_row(a.o_pos, a.O, a.n, out_f, row_of, ntc, ooff, oord);
+  std::vector<int64_t> eoff, eord, epos, ooff, oord, opos;
+  std::vector<float> omu, orho;  // the outliers' mu and rho in slot order
+  const int64_t be = csr_by_row(a.e_pos, a.E, a.n, out_f, row_of, ntc, eoff, eord, epos);
+  const int64_t bo =
+      be >= 0 ? -1 : csr_by_row(a.o_pos, a.O, a.n, out_f, row_of, ntc, ooff, oord, opos, a.o_mu, a.o_rho, &omu, &orho);
   if (be >= 0 || bo >= 0)
     fail(std::string(be >= 0 ? "e_pos[" : "o_pos[") + std::to_string(be >= 0 ? be : bo) + "] = " +
          std::to_string(be >= 0 ? a.e_pos[be] : a.o_pos[bo]) + " is out of range [0, " + std::to_string(a.n) + ")");
@@ -420,9 +433,8 @@ void sws_linear_histogram_cpu(const ReconstructArgs& a, const LinearArgs& l) {
       std::vector<float> we_buf(static_cast<size_t>(Sp + 16), 0.0f);
       float* const we = we_buf.data() + ((64 - reinterpret_cast<uintptr_t>(we_buf.data()) % 64) % 64) / sizeof(float);
       std::vector<uint64_t> seen(static_cast<size_t>((in_f + 63) / 64), 0);  // a row's ellipse/outlier columns
-      // the block's outliers (CSR slots tb ..): positions, mu, softplus(rho), normals eps[q * SZ + s]
-      std::vector<int64_t> bpos;
-      std::vector<float> beps, bmu, bsd;
+      // the block's outliers (CSR slots tb ..): softplus(rho), normals eps[q * SZ + s]
+      std::vector<float> beps, bsd;
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < nb; ++b) {
         const int64_t j0 = b * kRows, nr = std::min<int64_t>(kRows, out_f - j0);
@@ -436,7 +448,7 @@ void sws_linear_histogram_cpu(const ReconstructArgs& a, const LinearArgs& l) {
           const int64_t j = j0 + r;
           for (int pass = 0; pass < 2; ++pass) {
             for (int64_t t = (pass ? ooff : eoff)[j]; t < (pass ? ooff : eoff)[j + 1]; ++t) {
-              const int64_t p = pass ? a.o_pos[oord[t]] : a.e_pos[eord[t]], col = p - j * in_f;
+              const int64_t p = (pass ? opos : epos)[t], col = p - j * in_f;
               uint64_t& w = seen[static_cast<size_t>(col >> 6)];
               if (w >> (col & 63) & 1) {
 #pragma omp critical(sws_hist_dup)
@@ -447,27 +459,20 @@ void sws_linear_histogram_cpu(const ReconstructArgs& a, const LinearArgs& l) {
           }
           for (int pass = 0; pass < 2; ++pass)
             for (int64_t t = (pass ? ooff : eoff)[j]; t < (pass ? ooff : eoff)[j + 1]; ++t)
-              seen[static_cast<size_t>(((pass ? a.o_pos[oord[t]] : a.e_pos[eord[t]]) - j * in_f) >> 6)] = 0;
+              seen[static_cast<size_t>(((pass ? opos : epos)[t] - j * in_f) >> 6)] = 0;
         }
         // The block's outliers: w_o[s] = mu + softplus(rho) eps[s, p] (the reconstruct's bits; mean mode: mu), the
         // normals generated here, where they are used (an O x S buffer's page faults and traffic cost more).
         const int64_t tb = ooff[static_cast<size_t>(j0)], nob = ooff[static_cast<size_t>(j0 + nr)] - tb;
         if (nob > 0) {
-          if (static_cast<int64_t>(bpos.size()) < nob)
-            bpos.resize(static_cast<size_t>(nob)), bmu.resize(static_cast<size_t>(nob)), bsd.resize(static_cast<size_t>(nob));
+          if (static_cast<int64_t>(bsd.size()) < nob) bsd.resize(static_cast<size_t>(nob));
           if (static_cast<int64_t>(beps.size()) < nob * SZ) beps.resize(static_cast<size_t>(nob * SZ));
-          for (int64_t q = 0; q < nob; ++q) {
-            const int64_t o = oord[static_cast<size_t>(tb + q)];
-            bpos[q] = a.o_pos[o];
-            bmu[q] = a.o_mu[o];
-            bsd[q] = a.o_rho[o];
-          }
           if (mean) {
             std::fill(bsd.begin(), bsd.begin() + nob, 0.0f);  // w = mu + 0 * eps
             std::fill(beps.begin(), beps.begin() + nob, 0.0f);
           } else {
-            normals_at_fill(key, bpos.data(), nob, S, owner, kPurposeWeight, beps.data());
-            softplus_fill(bsd.data(), bsd.data(), nob);
+            normals_at_fill(key, opos.data() + tb, nob, S, owner, kPurposeWeight, beps.data());
+            softplus_fill(orho.data() + tb, bsd.data(), nob);
           }
         }
         for (int64_t m = 0; m < (gather ? 1 : M); ++m) {
@@ -489,7 +494,7 @@ void sws_linear_histogram_cpu(const ReconstructArgs& a, const LinearArgs& l) {
               float* ar = acc + r * M * Sp;
               const int64_t j = j0 + r;
               for (int64_t t = eoff[j]; t < eoff[j + 1]; ++t) {
-                const int64_t e = eord[static_cast<size_t>(t)], col = a.e_pos[e] - j * in_f;
+                const int64_t e = eord[static_cast<size_t>(t)], col = epos[t] - j * in_f;
                 const float al = a.e_alpha[e];
                 const float* za = zt_p + a.e_a[e] * Sp;
                 const float* zb = zt_p + a.e_b[e] * Sp;
@@ -497,8 +502,8 @@ void sws_linear_histogram_cpu(const ReconstructArgs& a, const LinearArgs& l) {
                 correct_avx512(ar, M, Sp, x + col, in_f, 0.0f, 1.0f, we, Sp, zt_p + static_cast<int64_t>(lr[col]) * Sp);
               }
               for (int64_t t = ooff[j]; t < ooff[j + 1]; ++t) {
-                const int64_t q = t - tb, col = bpos[q] - j * in_f;
-                correct_avx512(ar, M, Sp, x + col, in_f, bmu[q], bsd[q], beps.data() + q * SZ, SZ,
+                const int64_t q = t - tb, col = opos[t] - j * in_f;
+                correct_avx512(ar, M, Sp, x + col, in_f, omu[t], bsd[q], beps.data() + q * SZ, SZ,
                                zt_p + static_cast<int64_t>(lr[col]) * Sp);
               }
             }
@@ -518,7 +523,7 @@ void sws_linear_histogram_cpu(const ReconstructArgs& a, const LinearArgs& l) {
               }
               const int64_t j = j0 + r;
               for (int64_t t = eoff[j]; t < eoff[j + 1]; ++t) {
-                const int64_t e = eord[static_cast<size_t>(t)], col = a.e_pos[e] - j * in_f;
+                const int64_t e = eord[static_cast<size_t>(t)], col = epos[t] - j * in_f;
                 const float xv = xm[col];
                 hr[static_cast<int64_t>(lr[col])] -= xv;
                 const float al = a.e_alpha[e];
@@ -526,7 +531,7 @@ void sws_linear_histogram_cpu(const ReconstructArgs& a, const LinearArgs& l) {
                 hr[a.e_b[e]] += (1.0f - al) * xv;
               }
               for (int64_t t = ooff[j]; t < ooff[j + 1]; ++t) {
-                const int64_t col = bpos[t - tb] - j * in_f;
+                const int64_t col = opos[t] - j * in_f;
                 hr[static_cast<int64_t>(lr[col])] -= xm[col];
               }
             }
@@ -543,7 +548,7 @@ void sws_linear_histogram_cpu(const ReconstructArgs& a, const LinearArgs& l) {
               float* ar = acc + r * Sp;
               for (int64_t t = ooff[j]; t < ooff[j + 1]; ++t) {
                 const int64_t q = t - tb;
-                const float xv = xm[bpos[q] - j * in_f], mu = bmu[q], sd = bsd[q];
+                const float xv = xm[opos[t] - j * in_f], mu = omu[t], sd = bsd[q];
                 const float* eps = beps.data() + q * SZ;
                 for (int64_t s = 0; s < SZ; ++s) ar[s] += xv * (mu + sd * eps[s]);
               }

@@ -196,9 +196,11 @@ def _dense_kernel(labels_ptr, z_ptr, w_ptr, n, K, nblk, seed_ptr, owner, e_off, 
     tl.store(w_ptr + s.to(tl.int64) * n + offs, w.to(w_ptr.dtype.element_ty), mask=m)
 
 
-@triton.jit(do_not_specialize=["E", "O", "K", "n", "nblk", "seed_ptr", "owner", "e_off", "e_stride", "e_rowlen"])
+# e_npos_ptr / o_npos_ptr (read only when MAPPED): the global element of each ellipse / outlier position of a
+# shard, mapped on the host (a few entries; the in-kernel int64 division made this kernel spill).
+@triton.jit(do_not_specialize=["E", "O", "K", "n", "nblk", "seed_ptr", "owner"])
 def _special_kernel(z_ptr, labels_ptr, e_pos_ptr, e_a_ptr, e_b_ptr, e_alpha_ptr, o_pos_ptr, o_mu_ptr, o_rho_ptr,
-                    out_ptr, E, O, K, n, nblk, seed_ptr, owner, e_off, e_stride, e_rowlen, MODE: tl.constexpr,
+                    out_ptr, E, O, K, n, nblk, seed_ptr, owner, e_npos_ptr, o_npos_ptr, MODE: tl.constexpr,
                     DELTA: tl.constexpr, BLOCK: tl.constexpr, MAPPED: tl.constexpr):
     seed_lo, seed_hi = load_seed(seed_ptr)
     # Stage 2: one program = BLOCK special weights (ellipses first, then outliers) of one sample.
@@ -231,7 +233,8 @@ def _special_kernel(z_ptr, labels_ptr, e_pos_ptr, e_a_ptr, e_b_ptr, e_alpha_ptr,
     else:
         rho = tl.load(o_rho_ptr + jo, mask=mo, other=0.0).to(tl.float32)
         if MAPPED:  # a shard: the noise of the position's global element
-            eps = stream_normal(global_index(pos, e_off, e_stride, e_rowlen), seed_lo, seed_hi, s, owner, _purpose(0))
+            npos = tl.where(is_e, tl.load(e_npos_ptr + j, mask=me, other=0), tl.load(o_npos_ptr + jo, mask=mo, other=0))
+            eps = stream_normal(npos, seed_lo, seed_hi, s, owner, _purpose(0))
         else:
             eps = stream_normal(pos, seed_lo, seed_hi, s, owner, _purpose(0))
         o_val = mu + softplus(rho) * eps
@@ -300,10 +303,16 @@ def special_values(z, labels_flat, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rho,
     if E + O == 0:
         return out
     nblk = triton.cdiv(E + O, BLOCK)
-    launch(_special_kernel, (samples * nblk,), z, labels_flat, e_pos.contiguous(), e_a.contiguous(),
-           e_b.contiguous(), e_alpha.contiguous(), o_pos.contiguous(), o_mu.contiguous(), o_rho.contiguous(), out, E,
-           O, K, n, nblk, seed_arg(seed, z.device), u32_arg(owner), *emap[0], MODE=mode, DELTA=delta, BLOCK=BLOCK,
-           MAPPED=0 if mode == 2 else int(emap[1] != 0), num_warps=warps(BLOCK, 2))
+    e_pos, o_pos = e_pos.contiguous(), o_pos.contiguous()
+    mapped = 0 if mode == 2 else int(emap[1] != 0)
+    e_npos, o_npos = e_pos, o_pos
+    if mapped:  # the shard's global elements of its special positions (torch ops on a few entries: no sync)
+        off, stride, rl = emap[0]
+        e_npos, o_npos = (off + torch.div(p, rl, rounding_mode="floor") * stride + p % rl for p in (e_pos, o_pos))
+    launch(_special_kernel, (samples * nblk,), z, labels_flat, e_pos, e_a.contiguous(),
+           e_b.contiguous(), e_alpha.contiguous(), o_pos, o_mu.contiguous(), o_rho.contiguous(), out, E,
+           O, K, n, nblk, seed_arg(seed, z.device), u32_arg(owner), e_npos, o_npos, MODE=mode, DELTA=delta,
+           BLOCK=BLOCK, MAPPED=mapped, num_warps=warps(BLOCK, 2))
     return out
 
 

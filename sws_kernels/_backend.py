@@ -185,6 +185,12 @@ LIMITS: Dict[str, Limit] = {
         native.LINEAR_CPU_MAX_M,
         "native CPU fused linear: csrc/common.h kLinearCpuMaxM (fp32 activations, paper/mean mode: a normal "
         "per weight in hierarchical mode makes reconstruct + GEMM cheaper)"),
+    "cpu_rows_backward_max": Limit(
+        1 << 18,
+        "native CPU linear layers with one input row per sample: the parameter gradients in one call "
+        "(csrc/cpu/layer.cpp; the weight gradient is an outer product, bit-identical to the GEMM's) up to this "
+        "many weights x samples, where the three ops' Python and dispatch cost (~15 us a step) dominates; above, "
+        "torch's multi-threaded outer product is as fast (1024x1024, S = 1, 2 threads: 0.356 vs 0.341 ms)"),
 }
 
 # (backend, op) pairs that have a fused path; every other pair reconstructs W then calls the vendor GEMM.

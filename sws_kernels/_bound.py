@@ -184,6 +184,7 @@ class _SWSLinearFn(torch.autograd.Function):
         gx = None
         if (c.rows == 1 and not ctx.needs_input_grad[0] and b.prep is not None and not b.prep.cuda
                 and x.dtype is torch.float32 and gy.dtype is torch.float32
+                and S * out_f * in_f <= _backend.LIMITS["cpu_rows_backward_max"].value
                 and _backend.select("reconstruct_backward", b.prep.device, torch.float32)[0] == "native_cpu"):
             # one input row per sample: every parameter gradient in one native call (csrc/cpu/layer.cpp),
             # bit-identical to the three ops below
@@ -437,7 +438,8 @@ class _MFLinearFn(torch.autograd.Function):
         out_f, in_f = mu.shape
         n = ctx.needs_input_grad
         if (not n[0] and not b.prep_w.cuda and x.dtype is torch.float32 and gy.dtype is torch.float32
-                and x.numel() == (S if ps else 1) * in_f):
+                and x.numel() == (S if ps else 1) * in_f
+                and S * out_f * in_f <= _backend.LIMITS["cpu_rows_backward_max"].value):
             # one input row per sample: every parameter gradient in one native call (csrc/cpu/layer.cpp),
             # bit-identical to the ops below
             g = native.mean_field_linear_backward_rows_cpu(b.prep_w, b.prep_b, gy, x, seed, S, ps)

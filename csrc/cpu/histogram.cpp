@@ -32,6 +32,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "codebook.h"
@@ -245,21 +246,49 @@ SWS_HIST_AVX512 void gather_rows(const L* lab, int64_t n, const float* x, int64_
   for (; m < M; ++m) gather_block<R, 1, V>(lab, n, x + m * n, M, zt, out + m * 16 * V);
 }
 
-// One ellipse/outlier entry on a gather row block's results: ar[m * Sp + s] += x[m * xs] (w[s] - zl[s]) for every
-// x row m, w[s] = mu + sd eps[s] (an outlier: eps the nw normals of its element, zero beyond; an ellipse passes
-// its blended weights as eps with mu = 0, sd = 1); zl: the label's row of zt, which the gather added here.
-SWS_HIST_AVX512 void correct_avx512(float* ar, int64_t M, int64_t Sp, const float* x, int64_t xs, float mu, float sd,
-                                    const float* eps, int64_t nw, const float* zl) {
-  for (int64_t s0 = 0; s0 < Sp; s0 += 16) {
-    const int64_t left = nw - s0;
-    const __mmask16 k = left >= 16 ? static_cast<__mmask16>(0xFFFF)
-                                   : static_cast<__mmask16>(left <= 0 ? 0u : (1u << left) - 1u);
-    const __m512 w = _mm512_fmadd_ps(_mm512_set1_ps(sd), _mm512_maskz_loadu_ps(k, eps + s0), _mm512_set1_ps(mu));
-    const __m512 d = _mm512_sub_ps(w, _mm512_load_ps(zl + s0));
-    for (int64_t m = 0; m < M; ++m) {
-      float* am = ar + m * Sp + s0;
-      _mm512_storeu_ps(am, _mm512_fmadd_ps(_mm512_set1_ps(x[m * xs]), d, _mm512_loadu_ps(am)));
+// The ellipse/outlier entries of one output row on its gather results ar[m * Sp + s] (the gather added
+// x[m, col] zt[label, s] at each entry's column): += x[m, col] (w[s] - zt[label, s]) with, for an ellipse,
+// w = alpha z[a] + (1 - alpha) z[b], and for an outlier w = mu + softplus(rho) eps[s] (eps: its SZ normals, sd[q]
+// its softplus(rho)). Entries in slot order; the row's results stay in registers (per x row m).
+template <int V, class L>
+SWS_HIST_AVX512 void correct_row(float* ar, int64_t M, const float* x, int64_t in_f, const L* lr, int64_t base,
+                                 const float* zt, int64_t SZ, int64_t e0, int64_t e1, const int64_t* epos,
+                                 const int64_t* eord, const int64_t* e_a, const int64_t* e_b, const float* e_alpha,
+                                 int64_t o0, int64_t o1, const int64_t* opos, const float* omu, const float* sd,
+                                 const float* eps, int64_t tb) {
+  constexpr int64_t SP = 16 * V;
+  __mmask16 km[V];
+  for (int v = 0; v < V; ++v) {
+    const int64_t left = SZ - 16 * v;
+    km[v] = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>(left <= 0 ? 0u : (1u << left) - 1u);
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * in_f;
+    __m512 acc[V];
+    for (int v = 0; v < V; ++v) acc[v] = _mm512_loadu_ps(ar + m * SP + 16 * v);
+    for (int64_t t = e0; t < e1; ++t) {
+      const int64_t e = eord[t], col = epos[t] - base;
+      const float* za = zt + e_a[e] * SP;
+      const float* zb = zt + e_b[e] * SP;
+      const float* zl = zt + static_cast<int64_t>(lr[col]) * SP;
+      const __m512 al = _mm512_set1_ps(e_alpha[e]), bl = _mm512_set1_ps(1.0f - e_alpha[e]);
+      const __m512 xv = _mm512_set1_ps(xm[col]);
+      for (int v = 0; v < V; ++v) {
+        const __m512 w = _mm512_add_ps(_mm512_mul_ps(al, _mm512_load_ps(za + 16 * v)),
+                                       _mm512_mul_ps(bl, _mm512_load_ps(zb + 16 * v)));
+        acc[v] = _mm512_fmadd_ps(xv, _mm512_sub_ps(w, _mm512_load_ps(zl + 16 * v)), acc[v]);
+      }
     }
+    for (int64_t t = o0; t < o1; ++t) {
+      const int64_t col = opos[t] - base, q = t - tb;
+      const float* zl = zt + static_cast<int64_t>(lr[col]) * SP;
+      const __m512 mu = _mm512_set1_ps(omu[t]), so = _mm512_set1_ps(sd[q]), xv = _mm512_set1_ps(xm[col]);
+      for (int v = 0; v < V; ++v) {
+        const __m512 w = _mm512_fmadd_ps(so, _mm512_maskz_loadu_ps(km[v], eps + q * SZ + 16 * v), mu);
+        acc[v] = _mm512_fmadd_ps(xv, _mm512_sub_ps(w, _mm512_load_ps(zl + 16 * v)), acc[v]);
+      }
+    }
+    for (int v = 0; v < V; ++v) _mm512_storeu_ps(ar + m * SP + 16 * v, acc[v]);
   }
 }
 #endif
@@ -430,9 +459,7 @@ void sws_linear_histogram_cpu(const ReconstructArgs& a, const LinearArgs& l) {
       // acc[(r * M + m) * Sp + s]: the block's results (gather: every (row, x row); histogram: one x row at a time)
       std::vector<float> acc_buf(static_cast<size_t>(kRows * (gather ? M : 1) * Sp + 16), 0.0f);
       float* const acc = acc_buf.data() + ((64 - reinterpret_cast<uintptr_t>(acc_buf.data()) % 64) % 64) / sizeof(float);
-      std::vector<float> we_buf(static_cast<size_t>(Sp + 16), 0.0f);
-      float* const we = we_buf.data() + ((64 - reinterpret_cast<uintptr_t>(we_buf.data()) % 64) % 64) / sizeof(float);
-      std::vector<uint64_t> seen(static_cast<size_t>((in_f + 63) / 64), 0);  // a row's ellipse/outlier columns
+      std::vector<int64_t> stamp(static_cast<size_t>(in_f), -1);  // stamp[col] = j: row j has an entry at col
       // the block's outliers (CSR slots tb ..): softplus(rho), normals eps[q * SZ + s]
       std::vector<float> beps, bsd;
 #pragma omp for schedule(static)
@@ -447,19 +474,16 @@ void sws_linear_histogram_cpu(const ReconstructArgs& a, const LinearArgs& l) {
         for (int64_t r = 0; r < nr; ++r) {
           const int64_t j = j0 + r;
           for (int pass = 0; pass < 2; ++pass) {
+            const int64_t* ps = (pass ? opos : epos).data();
             for (int64_t t = (pass ? ooff : eoff)[j]; t < (pass ? ooff : eoff)[j + 1]; ++t) {
-              const int64_t p = (pass ? opos : epos)[t], col = p - j * in_f;
-              uint64_t& w = seen[static_cast<size_t>(col >> 6)];
-              if (w >> (col & 63) & 1) {
+              int64_t& st = stamp[static_cast<size_t>(ps[t] - j * in_f)];
+              if (st == j) {
 #pragma omp critical(sws_hist_dup)
-                dup = p;
+                dup = ps[t];
               }
-              w |= 1ull << (col & 63);
+              st = j;
             }
           }
-          for (int pass = 0; pass < 2; ++pass)
-            for (int64_t t = (pass ? ooff : eoff)[j]; t < (pass ? ooff : eoff)[j + 1]; ++t)
-              seen[static_cast<size_t>(((pass ? opos : epos)[t] - j * in_f) >> 6)] = 0;
         }
         // The block's outliers: w_o[s] = mu + softplus(rho) eps[s, p] (the reconstruct's bits; mean mode: mu), the
         // normals generated here, where they are used (an O x S buffer's page faults and traffic cost more).
@@ -490,22 +514,12 @@ void sws_linear_histogram_cpu(const ReconstructArgs& a, const LinearArgs& l) {
               }
             }
             for (int64_t r = 0; r < nr; ++r) {
-              const auto* lr = lb + r * in_f;
-              float* ar = acc + r * M * Sp;
               const int64_t j = j0 + r;
-              for (int64_t t = eoff[j]; t < eoff[j + 1]; ++t) {
-                const int64_t e = eord[static_cast<size_t>(t)], col = epos[t] - j * in_f;
-                const float al = a.e_alpha[e];
-                const float* za = zt_p + a.e_a[e] * Sp;
-                const float* zb = zt_p + a.e_b[e] * Sp;
-                for (int64_t s = 0; s < Sp; ++s) we[s] = al * za[s] + (1.0f - al) * zb[s];
-                correct_avx512(ar, M, Sp, x + col, in_f, 0.0f, 1.0f, we, Sp, zt_p + static_cast<int64_t>(lr[col]) * Sp);
-              }
-              for (int64_t t = ooff[j]; t < ooff[j + 1]; ++t) {
-                const int64_t q = t - tb, col = opos[t] - j * in_f;
-                correct_avx512(ar, M, Sp, x + col, in_f, omu[t], bsd[q], beps.data() + q * SZ, SZ,
-                               zt_p + static_cast<int64_t>(lr[col]) * Sp);
-              }
+              (V == 1 ? correct_row<1, std::remove_cv_t<std::remove_pointer_t<decltype(lb)>>>
+                      : correct_row<2, std::remove_cv_t<std::remove_pointer_t<decltype(lb)>>>)(
+                  acc + r * M * Sp, M, x, in_f, lb + r * in_f, j * in_f, zt_p, SZ, eoff[j], eoff[j + 1], epos.data(),
+                  eord.data(), a.e_a, a.e_b, a.e_alpha, ooff[j], ooff[j + 1], opos.data(), omu.data(), bsd.data(),
+                  beps.data(), tb);
             }
 #endif
           } else {

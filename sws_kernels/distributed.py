@@ -94,7 +94,7 @@ from . import nn as _snn
 
 __all__ = ["ddp", "prepare_ddp", "check_consistency", "sync_buffers", "constant_buffers", "unwrap", "plain_model",
            "save", "state_dict", "load_state_dict", "save_dcp", "load_dcp", "resize_to_checkpoint", "fully_shard",
-           "gathered"]
+           "gathered", "parallelize_linear", "parallelize", "TensorParallelInfo", "TP_STYLES"]
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -754,3 +754,319 @@ def gathered(model: nn.Module):
     finally:
         for m in mods:
             m.reshard()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Tensor parallelism (issue 18 item 5)
+# ------------------------------------------------------------------------------------------------------
+
+TP_STYLES = ("colwise", "rowwise")
+
+
+def _chunk_bounds(size: int, world: int, rank: int) -> Tuple[int, int]:
+    """[lo, hi) of ``rank``'s part of a dimension of ``size`` split over ``world`` ranks as ``torch.chunk`` (and
+    DTensor's ``Shard``) split it: chunks of ceil(size / world), the last ones shorter."""
+    c = -(-size // world)
+    lo = min(size, rank * c)
+    return lo, min(size, lo + c)
+
+
+class TensorParallelInfo:
+    """What a tensor-parallel shard of a Linear layer holds: ``style`` ("colwise": output rows [r0, r1) of every
+    input column; "rowwise": input columns [c0, c1) of every output row), the ``mesh`` and its process ``group``,
+    the unsharded sizes ``in_global`` x ``out_global``, and the shard's global element mapping (``elem_offset``,
+    ``row_stride``; sws_kernels.reference.element_map)."""
+
+    __slots__ = ("style", "mesh", "group", "rank", "world", "in_global", "out_global", "r0", "r1", "c0", "c1",
+                 "use_local_output")
+
+    def __init__(self, **kw):
+        for k in self.__slots__:
+            setattr(self, k, kw[k])
+
+    @property
+    def elem_offset(self) -> int:
+        return self.r0 * self.in_global + self.c0
+
+    @property
+    def row_stride(self) -> int:
+        return self.in_global
+
+    def __repr__(self) -> str:
+        return (f"TensorParallelInfo({self.style}, rank {self.rank}/{self.world}, rows [{self.r0}, {self.r1}) x "
+                f"columns [{self.c0}, {self.c1}) of {self.out_global} x {self.in_global})")
+
+
+class _AllReduceGrad(torch.autograd.Function):
+    """Identity forward; the gradient summed over the group in backward (a replicated tensor read by every rank's
+    shard: the codebook, a colwise layer's input)."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        ctx.group = group
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous().clone()
+        _dist().all_reduce(g, group=ctx.group)
+        return g, None
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """The rowwise partial outputs summed over the group; the (replicated) gradient passes through unchanged."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        t = t.contiguous().clone()
+        _dist().all_reduce(t, group=group)
+        return t
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+def _tp_grad_sum(t, group):
+    return _AllReduceGrad.apply(t, group) if torch.is_grad_enabled() and t.requires_grad else t
+
+
+def _tp_input(tp: TensorParallelInfo, x, local_in: int):
+    """The layer's local input: a DTensor is redistributed to the style's layout (colwise: Replicate, rowwise:
+    Shard(-1)) and its local tensor taken; a plain tensor is taken as that local tensor already (as PyTorch's
+    ColwiseParallel / RowwiseParallel take plain inputs)."""
+    dt = _dtensor_type()
+    if dt is not None and isinstance(x, dt):
+        from torch.distributed.tensor import Replicate, Shard
+        want = (Replicate(),) if tp.style == "colwise" else (Shard(x.dim() - 1),)
+        if tuple(x.placements) != want:
+            x = x.redistribute(tp.mesh, want)
+        x = x.to_local()
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor or DTensor, got {_checks.describe(x)}")
+    if x.dim() < 1 or x.shape[-1] != local_in:
+        what = "the full in_features" if tp.style == "colwise" else f"this rank's columns [{tp.c0}, {tp.c1})"
+        raise ValueError(f"x: expected a last dimension of {local_in} ({what}), got {_checks.describe(x)}")
+    if tp.style == "colwise":  # every rank reads all of x: its gradient is the sum of the ranks' parts
+        x = _tp_grad_sum(x, tp.group)
+    return x
+
+
+def _tp_output(tp: TensorParallelInfo, y):
+    if tp.use_local_output:
+        return y
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    y = y.contiguous()
+    if tp.style == "rowwise":
+        return DTensor.from_local(y, tp.mesh, (Replicate(),), run_check=False)
+    shape = (*y.shape[:-1], tp.out_global)
+    stride, acc = [], 1
+    for d in reversed(shape):
+        stride.append(acc)
+        acc *= d
+    return DTensor.from_local(y, tp.mesh, (Shard(y.dim() - 1),), run_check=False, shape=torch.Size(shape),
+                              stride=tuple(reversed(stride)))
+
+
+def _bias_view(b, y):
+    return b.reshape(b.shape[0] if b.dim() == 2 else 1, *([1] * (y.dim() - 2)), b.shape[-1]).to(y.dtype)
+
+
+class _TPSWSLinear:
+    """Forward of a tensor-parallel SWSLinear shard (mixed in front of the layer's class by :func:`parallelize_linear`):
+    the general functional path (not the layers' steady-state bindings) with the shard's element mapping."""
+
+    def forward(self, x, samples=None, seed=None, *, per_sample: bool = False, return_kl=None):
+        samples, return_kl = self._split_samples(samples, return_kl)
+        tp = self._tp
+        xl = _tp_input(tp, x, self.in_features)
+        cb = self.codebook
+        means, chol = _tp_grad_sum(cb.means, tp.group), _tp_grad_sum(cb.chol, tp.group)
+        rowwise = tp.style == "rowwise"
+
+        def call(xx, S, sd, ps):
+            y = _SF().sws_linear(xx, means, chol, self.labels, self._ellipse(), self._outliers(),
+                                 None if rowwise else self.bias, seed=sd, samples=S, mode=self.mode, owner=self.owner,
+                                 codebook_owner=cb.owner, per_sample=ps, elem_offset=tp.elem_offset,
+                                 row_stride=tp.row_stride)
+            if rowwise:  # partial sums over this rank's columns; the (replicated) bias once, after the sum
+                y = _AllReduceSum.apply(y, tp.group)
+                if self.bias is not None:
+                    y = y + _bias_view(self.bias, y)
+            return y
+
+        return self._contract(_tp_output(tp, _snn._run_sampled(xl, samples, seed, per_sample, call)), return_kl)
+
+
+class _TPMeanFieldLinear:
+    """Forward of a tensor-parallel MeanFieldLinear shard (see :class:`_TPSWSLinear`). The sampled bias draws the
+    bias stream (purpose 2) at its global output rows: a colwise shard samples its rows in its op, a rowwise shard
+    (bias replicated) adds the whole sampled bias once, after the all-reduce."""
+
+    def forward(self, x, return_kl: bool = True, *, samples=None, seed=None, per_sample: bool = False):
+        if self.estimator != "reparameterization":
+            raise ValueError(f"estimator: a tensor-parallel shard supports 'reparameterization' only, got "
+                             f"{self.estimator!r}")
+        tp = self._tp
+        xl = _tp_input(tp, x, self.in_features)
+        rowwise = tp.style == "rowwise"
+
+        def call(xx, S, sd, ps):
+            y = _SF().mean_field_linear(xx, self.mu_weight, self.rho_weight, None if rowwise else self.mu_bias,
+                                        None if rowwise else self.rho_bias, seed=sd, samples=S, owner=self.owner,
+                                        per_sample=ps, elem_offset=tp.elem_offset, row_stride=tp.row_stride)
+            if rowwise:
+                y = _AllReduceSum.apply(y, tp.group)
+                if self.mu_bias is not None:
+                    from . import reference as _ref
+                    y = y + _bias_view(_ref.mean_field_bias(self.mu_bias, self.rho_bias, seed=sd, samples=S,
+                                                            owner=self.owner), y)
+            return y
+
+        out = _tp_output(tp, _snn._run_sampled(xl, samples, seed, per_sample, call))
+        if return_kl and not self._dnn_to_bnn_flag:
+            return out, self.kl_loss()
+        return out
+
+
+def _SF():
+    from . import functional
+    return functional
+
+
+_TP_CLASSES: Dict[type, type] = {}
+
+
+def _tp_class(cls: type) -> type:
+    """``TP<Class>(mixin, Class)``, as fully_shard makes ``FSDP<Class>``: isinstance checks keep working."""
+    if cls not in _TP_CLASSES:
+        mixin = _TPSWSLinear if issubclass(cls, _snn.SWSLinear) else _TPMeanFieldLinear
+        _TP_CLASSES[cls] = type(f"TP{cls.__name__}", (mixin, cls), {"__module__": cls.__module__})
+    return _TP_CLASSES[cls]
+
+
+def _cut(pos, IN, r0, r1, c0, c1):
+    r, c = torch.div(pos, IN, rounding_mode="floor"), pos % IN
+    m = (r >= r0) & (r < r1) & (c >= c0) & (c < c1)
+    return m, (r[m] - r0) * (c1 - c0) + (c[m] - c0)
+
+
+def _shard_sws(layer, r0, r1, c0, c1, colwise: bool) -> None:
+    IN = layer.in_features
+    me, e_pos = _cut(layer.ellipse_pos, IN, r0, r1, c0, c1)
+    mo, o_pos = _cut(layer.outlier_pos, IN, r0, r1, c0, c1)
+    keep = int(mo.sum())
+    layer._entry_checks = False  # the buffers change shape together: checked once, at the end
+    try:
+        layer.weight_shape = (r1 - r0, c1 - c0)
+        layer.labels = layer.labels[r0:r1, c0:c1].contiguous()
+        layer.ellipse_pos = e_pos
+        for n in ("ellipse_a", "ellipse_b", "ellipse_alpha"):
+            setattr(layer, n, getattr(layer, n)[me].clone())
+        layer.outlier_pos = o_pos
+        for n in ("outlier_mu", "outlier_rho"):
+            p = getattr(layer, n)
+            setattr(layer, n, nn.Parameter(p.detach()[mo].clone(), requires_grad=keep > 0))
+        for n in ("outlier_mu0", "outlier_sigma0"):
+            setattr(layer, n, getattr(layer, n)[mo].clone())
+        if colwise and layer.bias is not None:
+            layer.bias = nn.Parameter(layer.bias.detach()[r0:r1].clone(), requires_grad=layer.bias.requires_grad)
+    finally:
+        layer._entry_checks = True
+    layer.in_features, layer.out_features = c1 - c0, r1 - r0
+    layer.codebook.__dict__.pop("_nw_cache", None)  # its users' weight counts changed
+
+
+def _shard_mean_field(layer, r0, r1, c0, c1, colwise: bool) -> None:
+    for n in (layer._w_mu, layer._w_rho):
+        p = getattr(layer, n)
+        setattr(layer, n, nn.Parameter(p.detach()[r0:r1, c0:c1].clone(), requires_grad=p.requires_grad))
+    if colwise and layer.mu_bias is not None:
+        for n in ("mu_bias", "rho_bias"):
+            p = getattr(layer, n)
+            setattr(layer, n, nn.Parameter(p.detach()[r0:r1].clone(), requires_grad=p.requires_grad))
+    layer.in_features, layer.out_features = c1 - c0, r1 - r0
+
+
+def parallelize_linear(layer: nn.Module, mesh, style: str = "colwise", *, use_local_output: bool = False,
+                       check: bool = True) -> nn.Module:
+    """Shard an :class:`~sws_kernels.nn.SWSLinear` or :class:`~sws_kernels.nn.MeanFieldLinear` over a 1-D device
+    mesh, in place, the way PyTorch's ``ColwiseParallel`` / ``RowwiseParallel`` shard ``nn.Linear``:
+
+    * ``"colwise"``: this rank keeps output rows [r0, r1) (``torch.chunk`` of out_features over the mesh) of the
+      labels / mean-field mu and rho, the bias entries of those rows, and the ellipse and outlier weights among
+      them (positions re-indexed to the shard). Input: a replicated DTensor (or a plain tensor, taken as this
+      rank's replica); output: a DTensor sharded on its last dimension.
+    * ``"rowwise"``: input columns [c0, c1) of every row; the bias stays whole (replicated) and is added once,
+      after the partial outputs are summed over the mesh (an all-reduce). Input: a DTensor sharded on its last
+      dimension (or a plain tensor: this rank's columns); output: a replicated DTensor.
+
+    ``use_local_output=True`` returns the local tensor instead of the DTensor. Every shard draws exactly the noise
+    of its weights in the unsharded layer (the global element mapping of the RNG contract, SPEC.md section 4;
+    the mean-field bias stream at its global output rows), so with the same seed the sharded layer gives the
+    unsharded layer's output and gradients. The codebook stays whole on every rank; its gradient (and a colwise
+    layer's input gradient) is summed over the mesh in backward, so replicated parameters stay identical.
+
+    Build the layer identically on every rank (as for FSDP2); ``check`` runs :func:`check_consistency` on it (same
+    ``rng_id``, same default generators: the same seeds drawn) and broadcasts its constant buffers from the
+    mesh's rank 0. A collective. The layer then takes the functional path (the steady-state bindings of
+    ``sws_kernels._bound`` are for unsharded layers) and its ``kl_loss()`` covers its own shard's outliers or
+    mean-field elements (the codebook's KL is whole on every rank). Returns ``layer``."""
+    dist = _dist()
+    if not isinstance(layer, (_snn.SWSLinear, _snn.MeanFieldLinear)):
+        raise TypeError(f"layer: expected a sws_kernels.nn.SWSLinear or MeanFieldLinear, got {_checks.describe(layer)}")
+    if getattr(layer, "_tp", None) is not None:
+        raise ValueError(f"layer: already tensor-parallel ({layer._tp})")
+    if style not in TP_STYLES:
+        raise ValueError(f"style: expected one of {TP_STYLES}, got {style!r}")
+    if not isinstance(use_local_output, bool):
+        raise TypeError(f"use_local_output: expected a bool, got {_checks.describe(use_local_output)}")
+    from torch.distributed.device_mesh import DeviceMesh
+    if not isinstance(mesh, DeviceMesh) or mesh.ndim != 1:
+        raise TypeError(f"mesh: expected a 1-D torch.distributed.device_mesh.DeviceMesh, got {_checks.describe(mesh)}")
+    if isinstance(layer, _snn.MeanFieldLinear) and layer.estimator != "reparameterization":
+        raise ValueError(f"layer: a tensor-parallel MeanFieldLinear needs estimator='reparameterization', got "
+                         f"{layer.estimator!r}")
+    _require_group(None)
+    group = mesh.get_group()
+    rank, world = mesh.get_local_rank(), mesh.size()
+    OUT, IN = layer.out_features, layer.in_features
+    colwise = style == "colwise"
+    split = OUT if colwise else IN
+    if split < world:
+        what = "out_features" if colwise else "in_features"
+        raise ValueError(f"layer: {style} sharding splits {what} = {split} over {world} ranks: every rank needs at "
+                         f"least one (expected {what} >= {world})")
+    if check:
+        check_consistency(layer, group=group, where="when parallelizing")
+        sync_buffers(layer, group=group)
+    r0, r1 = _chunk_bounds(OUT, world, rank) if colwise else (0, OUT)
+    c0, c1 = (0, IN) if colwise else _chunk_bounds(IN, world, rank)
+    info = TensorParallelInfo(style=style, mesh=mesh, group=group, rank=rank, world=world, in_global=IN,
+                              out_global=OUT, r0=r0, r1=r1, c0=c0, c1=c1, use_local_output=use_local_output)
+    with torch.no_grad():
+        if isinstance(layer, _snn.SWSLinear):
+            _shard_sws(layer, r0, r1, c0, c1, colwise)
+        else:
+            _shard_mean_field(layer, r0, r1, c0, c1, colwise)
+    for k in ("_sws_binding", "_mf_binding"):
+        layer.__dict__.pop(k, None)
+    layer._tp = info
+    layer.__class__ = _tp_class(type(layer))
+    layer._validate()
+    return layer
+
+
+def parallelize(model: nn.Module, mesh, plan: Dict[str, str], **kwargs) -> nn.Module:
+    """:func:`parallelize_linear` on the submodules of ``model`` named in ``plan`` (``{"fc1": "colwise", "fc2":
+    "rowwise"}``, the usual Megatron pairing: the colwise layer's sharded output is the rowwise layer's sharded
+    input, with elementwise ops in between). ``kwargs`` go to every call. Returns ``model``."""
+    if not isinstance(plan, dict):
+        raise TypeError(f"plan: expected a dict of submodule name -> style, got {_checks.describe(plan)}")
+    for name, style in plan.items():
+        try:
+            sub = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"plan: {name!r} is not a submodule of the model") from None
+        parallelize_linear(sub, mesh, style, **kwargs)
+    return model

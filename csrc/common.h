@@ -271,6 +271,10 @@ void sws_linear_cpu(const ReconstructArgs& a, const LinearArgs& l);
 double kl_gaussian_sum_cpu(const float* mu, const float* rho, int64_t n, float mu0, float sigma0);
 void kl_gaussian_backward_cpu(const float* mu, const float* rho, int64_t n, float mu0, float sigma0, float scale,
                               float* grad_mu, float* grad_rho);
+// csrc/cpu/kl.cpp: the codebook KL sum_k KL(N(m_k, L_k L_k^T) || N(m0_k, L0_k L0_k^T)) (double sum of float32
+// terms in component order) and, where g_means / g_chol are not null, its gradient (overwritten).
+double kl_components_cpu(const float* means, const float* chol, const float* means0, const float* chol0, int64_t K,
+                         float* g_means, float* g_chol);
 
 // ---- entry points (csrc/cuda/reconstruct.cu; only when built with SWS_WITH_CUDA) ----
 #if defined(SWS_WITH_CUDA)

@@ -512,6 +512,24 @@ PYBIND11_MODULE(_C, m) {
       py::arg("grad_mu_ptr"), py::arg("grad_rho_ptr"), py::call_guard<py::gil_scoped_release>(),
       "Overwrites grad_mu[n], grad_rho[n] with scale times the gradient of kl_gaussian_cpu's sum.");
 
+  m.def(
+      "kl_components_cpu",
+      [](uintptr_t means, uintptr_t chol, uintptr_t means0, uintptr_t chol0, int64_t K, uintptr_t g_means,
+         uintptr_t g_chol) {
+        const char* fn = "kl_components_cpu";
+        if (K < 0) throw std::invalid_argument(std::string(fn) + ": K must be >= 0, got " + std::to_string(K));
+        check_ptr(fn, "means_ptr", means, K);
+        check_ptr(fn, "chol_ptr", chol, K);
+        check_ptr(fn, "means0_ptr", means0, K);
+        check_ptr(fn, "chol0_ptr", chol0, K);
+        return sws::kl_components_cpu(ptr<const float>(means), ptr<const float>(chol), ptr<const float>(means0),
+                                      ptr<const float>(chol0), K, ptr<float>(g_means), ptr<float>(g_chol));
+      },
+      py::arg("means_ptr"), py::arg("chol_ptr"), py::arg("means0_ptr"), py::arg("chol0_ptr"), py::arg("K"),
+      py::arg("g_means_ptr"), py::arg("g_chol_ptr"),
+      "Codebook KL of float32 means[K,2], chol[K,3] against means0, chol0 (a double); its gradient written into "
+      "g_means[K,2], g_chol[K,3] where those are not 0.");
+
   m.def("simd_level", []() { return std::string(sws::simd_level()); },
         "The vector version the CPU normal/softplus code uses now: 'avx2' or 'scalar'.");
   m.def("set_simd", &sws::set_simd, py::arg("enabled"),

@@ -665,6 +665,25 @@ def kl_gaussian_mean(mu, rho, mu0: float, sigma0: float, bmu=None, brho=None, bm
     return kl
 
 
+def kl_components(means, chol, means0, chol0, grad: bool):
+    """(codebook KL as a float, g_means [K, 2], g_chol [K, 3]) of CPU float32 contiguous tensors (csrc/cpu/kl.cpp);
+    the gradients are None unless ``grad``."""
+    _need_for(means)
+    cpu = torch.device("cpu")
+    means = _check(means, "means", torch.float32, cpu)
+    K = means.shape[0] if means.dim() == 2 and means.shape[1] == 2 else -1
+    if K < 0:
+        raise ValueError(f"means: expected shape [K, 2], got {tuple(means.shape)}")
+    chol = _check(chol, "chol", torch.float32, cpu, (K, 3))
+    means0 = _check(means0, "means0", torch.float32, cpu, (K, 2))
+    chol0 = _check(chol0, "chol0", torch.float32, cpu, (K, 3))
+    g_means = _empty32((K, 2)) if grad else None
+    g_chol = _empty32((K, 3)) if grad else None
+    value = _C.kl_components_cpu(means.data_ptr(), chol.data_ptr(), means0.data_ptr(), chol0.data_ptr(), K,
+                                 0 if g_means is None else g_means.data_ptr(), 0 if g_chol is None else g_chol.data_ptr())
+    return value, g_means, g_chol
+
+
 def kl_gaussian_backward(mu, rho, mu0: float, sigma0: float, scale: float):
     """(d mu, d rho) of scale * kl_gaussian_sum(mu, rho, mu0, sigma0)."""
     _need_for(mu)

@@ -58,4 +58,38 @@ void kl_gaussian_backward_cpu(const float* mu, const float* rho, int64_t n, floa
   }
 }
 
+// Codebook KL (SPEC.md section 6): sum_k KL(N(m_k, L_k L_k^T) || N(m0_k, L0_k L0_k^T)), the closed form
+// functional._KLComponents writes out (u = l11/p11, v = (l21 - p21 u)/p22, w = l22/p22, y = L0^-1 (m0 - m)),
+// float32 per component as there, summed in double in component order; the gradient of the sum with respect
+// to means and chol written into g_means [K, 2], g_chol [K, 3] when they are not null. Why native: it runs
+// once per codebook per training step, and its ~35 PyTorch ops cost ~55 us on a small codebook, more than an
+// SWS layer's whole step (benchmarks/bench_overhead.py, forward+backward+KL).
+double kl_components_cpu(const float* means, const float* chol, const float* means0, const float* chol0, int64_t K,
+                         float* g_means, float* g_chol) {
+  double total = 0.0;
+  for (int64_t k = 0; k < K; ++k) {
+    const float a = chol[3 * k], b = chol[3 * k + 1], c = chol[3 * k + 2];
+    const float l11 = softplus(a), l22 = softplus(c);
+    const float p11 = softplus(chol0[3 * k]), p21 = chol0[3 * k + 1], p22 = softplus(chol0[3 * k + 2]);
+    const float u = l11 / p11;
+    const float v = (b - p21 * u) / p22;
+    const float w = l22 / p22;
+    const float d0 = means0[2 * k] - means[2 * k], d1 = means0[2 * k + 1] - means[2 * k + 1];
+    const float y0 = d0 / p11;
+    const float y1 = (d1 - p21 * y0) / p22;
+    const float kl = 0.5f * (u * u + v * v + w * w + y0 * y0 + y1 * y1 - 2.0f) + std::log(p11 * p22 / (l11 * l22));
+    total += static_cast<double>(kl);
+    if (g_chol != nullptr) {
+      g_chol[3 * k] = ((u - v * p21 / p22) / p11 - 1.0f / l11) * softplus_grad(a);
+      g_chol[3 * k + 1] = v / p22;
+      g_chol[3 * k + 2] = (w / p22 - 1.0f / l22) * softplus_grad(c);
+    }
+    if (g_means != nullptr) {  // d KL / d m = -(d KL / d (m0 - m))
+      g_means[2 * k] = y1 * p21 / (p22 * p11) - y0 / p11;
+      g_means[2 * k + 1] = -y1 / p22;
+    }
+  }
+  return total;
+}
+
 }  // namespace sws

@@ -74,7 +74,9 @@ def _sws_current(layer):
     par = layer._parameters
     cb = layer._modules["codebook"]
     cbp = cb._parameters
-    return (cbp["means"], cbp["chol"], buf["labels"], buf["ellipse_pos"], buf["ellipse_a"], buf["ellipse_b"],
+    # labels: a buffer, or a frozen parameter where sws_kernels.distributed.fully_shard shards them with the layer
+    return (cbp["means"], cbp["chol"], buf["labels"] if "labels" in buf else par["labels"], buf["ellipse_pos"],
+            buf["ellipse_a"], buf["ellipse_b"],
             buf["ellipse_alpha"], buf["outlier_pos"], par["outlier_mu"], par["outlier_rho"], par["bias"],
             buf["rng_id"], cb._buffers["rng_id"]), cb
 

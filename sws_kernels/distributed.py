@@ -56,7 +56,9 @@ FSDP2
    unit), gathered by a forward pre-hook on each SWS layer using it (the layers read ``codebook.means``
    directly, so the codebook's own forward never runs) and kept gathered until the backward has reduced its
    gradient (it is tiny: K x 5 numbers);
-2. every SWS and mean-field layer is its own unit with ``reshard_after_forward=False``: its parameters stay
+2. every SWS and mean-field layer is its own unit with ``reshard_after_forward=False`` (an SWS layer's labels,
+   most of its bytes, shard with it: ``shard_labels=True``, the default, makes them a frozen parameter, same
+   state-dict key, which FSDP2 shards on rows and all-gathers for the forward as bytes); its parameters stay
    gathered from its forward until its backward has reduced their gradients, so :func:`sws_kernels.kl_loss` /
    :func:`sws_kernels.elbo_loss` after the forward read gathered parameters (the KL a layer returns from its
    forward with ``return_kl=True`` works too), and the layers' steady-state kernels, which keep the
@@ -76,8 +78,20 @@ Between steps the parameters are sharded DTensors: read them (e.g. ``kl_loss`` f
 DCP checkpoints (:func:`save_dcp`) are saved sharded and load into sharded or plain models of any world
 size; sizes can only change on a plain model (load, then shard). ``sws_kernels.save(model, path)`` of a sharded
 model gathers the parameters (a collective: every rank calls it, and every rank writes the file); :func:`save`
-gathers on every rank and writes on rank 0 only. Not done (issue 18): label buffers are not sharded (they are
-replicated on every rank, as buffers are under FSDP2), and the row-sharded (tensor-parallel) layers.
+gathers on every rank and writes on rank 0 only. Load into a sharded model through :func:`load_state_dict` /
+:func:`load_dcp` (the layers' own ``load_state_dict`` would re-enable the per-buffer entry checks on sharded labels).
+With ``shard_labels=False`` the labels stay replicated buffers.
+
+Tensor parallelism
+------------------
+:func:`parallelize_linear` (one layer) and :func:`parallelize` (a plan of names) shard an SWSLinear or
+MeanFieldLinear over a 1-D device mesh like PyTorch's ``ColwiseParallel`` (output rows; replicated input, output
+sharded on the last dim) and ``RowwiseParallel`` (input columns; input sharded on the last dim, partial outputs
+all-reduced to a replicated output, the bias added once after the sum), with DTensor inputs and outputs. Labels,
+outliers and ellipses are split (positions re-indexed to the shard), the codebook stays whole on every rank (its
+gradient summed over the mesh). The noise of every weight is the unsharded layer's: the ops take a global element
+mapping (``elem_offset``, ``row_stride``: sws_kernels.reference.element_map), so with the same seed a TP layer
+reproduces the unsharded layer's outputs and gradients.
 """
 from __future__ import annotations
 
@@ -380,6 +394,27 @@ def _is_sharded(model: nn.Module) -> bool:
     return fm is not None and any(isinstance(m, fm) for m in model.modules())
 
 
+# Dtypes gloo and NCCL cannot all-gather (an int16 label shard): gathered as raw bytes.
+_BYTE_GATHER = (torch.int16, torch.bool)
+
+
+def _full(v):
+    """``DTensor.full_tensor()``, for any dtype: an int16 tensor sharded on dim 0 (a layer's labels sharded with
+    it by :func:`fully_shard`) is gathered as a uint8 view of its rows (the collectives have no int16)."""
+    if v.dtype not in _BYTE_GATHER:
+        return v.full_tensor()
+    from torch.distributed.tensor import DTensor, Shard
+    if any(not isinstance(pl, Shard) or pl.dim != 0 for pl in v.placements) or v.dim() < 1:
+        raise ValueError(f"{v.dtype} DTensor: expected a dim-0 sharding to gather as bytes, got {v.placements}")
+    local = v.to_local().contiguous()
+    row = local[0].numel() * local.element_size() if local.dim() > 1 else local.element_size()
+    b = local.reshape(local.shape[0], -1).view(torch.uint8) if local.dim() > 1 else local.view(torch.uint8).view(-1, row)
+    shape = (v.shape[0], row)
+    db = DTensor.from_local(b, v.device_mesh, v.placements, run_check=False, shape=torch.Size(shape),
+                            stride=(row, 1))
+    return db.full_tensor().view(v.dtype).view(v.shape)
+
+
 def state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     """The plain model's state_dict: no wrapper prefixes, full tensors (FSDP2's sharded DTensors gathered: a
     collective, every rank calls it; a shared codebook's tensors stay one tensor under every key)."""
@@ -394,7 +429,7 @@ def state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     for k, v in target.state_dict(keep_vars=True).items():
         if isinstance(v, torch.Tensor):
             if id(v) not in full:  # one gather (and one tensor) per shared tensor
-                full[id(v)] = (v.full_tensor() if isinstance(v, dt) else v).detach()
+                full[id(v)] = (_full(v) if isinstance(v, dt) else v).detach()
             v = full[id(v)]
         out[k] = v
     return out
@@ -458,7 +493,7 @@ def _load_sharded(model: nn.Module, sd, strict: bool):
             if not isinstance(v, torch.Tensor):
                 raise TypeError(f"state_dict: {k!r} is a {type(v).__name__}, expected a tensor")
             if isinstance(v, DTensor):
-                v = v.full_tensor()
+                v = _full(v)
             if tuple(v.shape) != tuple(t.shape):
                 raise ValueError(f"state_dict: {k!r} has shape {tuple(v.shape)}, the model {tuple(t.shape)}")
             v = v.to(device=t.device, dtype=t.dtype)
@@ -488,7 +523,7 @@ def plain_model(model: nn.Module) -> nn.Module:
 
     def gather(p):
         if id(p) not in full:  # one gather per (shared) parameter, in module order on every rank
-            t = p.full_tensor() if isinstance(p, dt) else p
+            t = _full(p) if isinstance(p, dt) else p
             full[id(p)] = nn.Parameter(t.detach(), requires_grad=p.requires_grad)
         return full[id(p)]
 
@@ -508,6 +543,9 @@ def plain_model(model: nn.Module) -> nn.Module:
         d.pop("_mf_binding", None)
         d["_parameters"] = {k: None if p is None else gather(p) for k, p in m._parameters.items()}
         d["_buffers"] = dict(m._buffers)
+        if isinstance(m, _snn._SWSLayer) and "labels" in d["_parameters"]:  # sharded with the layer: a buffer again
+            d["_buffers"]["labels"] = d["_parameters"].pop("labels").detach()
+            d["_entry_checks"] = True
         d["_modules"] = {k: None if s is None else replica(s) for k, s in m._modules.items()}
         c.__dict__.update(d)
         return c
@@ -684,8 +722,21 @@ def _gather_codebook(layer, args) -> None:
         cb.unshard()
 
 
+def _labels_to_parameter(layer) -> None:
+    """Make an SWS layer's labels a frozen parameter (``requires_grad=False``, same key in the state dict), so that
+    FSDP2 shards them with the layer's unit and all-gathers them for its forward (FSDP2 gathers parameters of
+    several dtypes as bytes). FSDP2 writes the sharded / gathered labels through ``setattr``: the layer's per-buffer
+    entry checks are off from now on (they would read a sharded DTensor); the data checks still run when the layer
+    is called (sws_kernels._checks, once per labels version) and the kernels stay memory-safe whatever the data."""
+    if "labels" not in layer._buffers:
+        return
+    lab = layer._buffers.pop("labels")
+    layer.__dict__["_entry_checks"] = False
+    layer._parameters["labels"] = nn.Parameter(lab, requires_grad=False)
+
+
 def fully_shard(model: nn.Module, *, units=(), reshard_after_forward=None, independent: bool = False, group=None,
-                **kwargs) -> nn.Module:
+                shard_labels: bool = True, **kwargs) -> nn.Module:
     """FSDP2 (``torch.distributed.fsdp.fully_shard``) over ``model`` with the wrap rule of the module docstring:
     each codebook, then each SWS / mean-field layer, then each of ``units`` (modules containing layers, e.g.
     transformer blocks; ``reshard_after_forward`` applies to them and the root), then the root. ``kwargs``
@@ -699,6 +750,8 @@ def fully_shard(model: nn.Module, *, units=(), reshard_after_forward=None, indep
         raise TypeError(f"model: expected a torch.nn.Module, got {_checks.describe(model)}")
     if not isinstance(independent, bool):
         raise TypeError(f"independent: expected a bool, got {_checks.describe(independent)}")
+    if not isinstance(shard_labels, bool):
+        raise TypeError(f"shard_labels: expected a bool, got {_checks.describe(shard_labels)}")
     if unwrap(model) is not model:
         raise ValueError(f"model: expected the plain model, got a {type(model).__name__}")
     if _is_sharded(model):
@@ -722,6 +775,8 @@ def fully_shard(model: nn.Module, *, units=(), reshard_after_forward=None, indep
     for m in list(model.modules()):
         if isinstance(m, _snn._RngIdMixin) and not isinstance(m, _snn.Codebook) and id(m) not in seen:
             seen.add(id(m))
+            if shard_labels and isinstance(m, _snn._SWSLayer):
+                _labels_to_parameter(m)  # sharded with the layer (module docstring, rule 2)
             _fs(m, reshard_after_forward=False, **kwargs)  # see the module docstring, rule 2
             if isinstance(m, _snn._SWSLayer):
                 m.register_forward_pre_hook(_gather_codebook)

@@ -209,6 +209,13 @@ def _worker(rank, world, port, out_dir):
         mesh = init_device_mesh("cpu", (world,))
         model = sdist.fully_shard(_make(300), mesh=mesh)
         res["fsdp_steps"] = _fsdp_steps(model, model, xs, ys)
+        # labels sharded with their layer (int16 at K = 300): a DTensor between steps, this rank's rows only
+        res["fsdp_labels"] = [(type(m.labels).__name__, tuple(m.labels.to_local().shape), m.labels.dtype,
+                               "labels" in dict(m.named_parameters()), "labels" in dict(m.named_buffers()))
+                              for m in (model.fc1, model.fc2)]
+        kept = sdist.fully_shard(_make(300), mesh=mesh, shard_labels=False)
+        res["fsdp_labels_kept"] = (type(kept.fc1.labels).__name__, tuple(kept.fc1.labels.shape))
+        del kept
         with sdist.gathered(model):
             res["fsdp_kl"] = sws.kl_loss(model).detach()
         full = sdist.state_dict(model)
@@ -402,6 +409,17 @@ def test_fsdp2_shared_codebook_matches_one_process(world):
     for r in res:
         _assert_close_dicts(r["fsdp_state"], state, rtol=1e-5, atol=1e-6)  # after 2 SGD steps on those grads
         assert r["fsdp_aliases"]
+
+
+def test_fsdp2_labels_shard_with_their_layer(world):
+    _, res = world
+    # fc1 [12, 6] -> 6 + 6 rows; fc2 [3, 12] -> 2 + 1 rows (torch.chunk); frozen parameters, not buffers
+    for rank, r in enumerate(res):
+        (t1, s1, d1, p1, b1), (t2, s2, d2, p2, b2) = r["fsdp_labels"]
+        assert (t1, t2, d1, d2) == ("DTensor", "DTensor", torch.int16, torch.int16)
+        assert s1 == (6, 6) and s2 == ((2, 12) if rank == 0 else (1, 12))
+        assert p1 and p2 and not b1 and not b2
+        assert r["fsdp_labels_kept"] == ("Tensor", (12, 6))  # shard_labels=False: a replicated buffer
 
 
 def test_fsdp2_kl_from_forward(world):

@@ -307,32 +307,37 @@ struct RowOf {
 };
 
 // A CSR by output row of N entries with flat positions pos[e] (entry order kept within a row): off[out_f + 1],
-// order[t] = the entry at slot t, spos[t] = its position, and (when f0 is not null) sf0[t] = f0[e], sf1[t] = f1[e]
-// (written in slot order here, read sequentially later). Counting sort over T chunks of entries (chunk c's entries
-// of a row after those of chunks < c: the order does not depend on T).
+// and per slot t: spos[t] = the entry's position, order[t] = the entry (when order is not null), sf0[t] = f0[e] and
+// sf1[t] = f1[e] (when f0 is not null): written in slot order here, read sequentially later. Counting sort over T
+// chunks of entries (chunk c's entries of a row after those of chunks < c: the order does not depend on T). The
+// slot arrays are left uninitialised until the parallel fill (their first touch is split over the threads).
+struct Csr {
+  std::vector<int64_t> off;
+  std::unique_ptr<int64_t[]> spos, order;
+  std::unique_ptr<float[]> sf0, sf1;
+};
+
 // Returns -1, or the index of an entry whose position is outside [0, n) (nothing filled then).
-int64_t csr_by_row(const int64_t* pos, int64_t N, int64_t n, int64_t out_f, const RowOf& row_of, int nt,
-                   std::vector<int64_t>& off, std::vector<int64_t>& order, std::vector<int64_t>& spos,
-                   const float* f0 = nullptr, const float* f1 = nullptr, std::vector<float>* sf0 = nullptr,
-                   std::vector<float>* sf1 = nullptr) {
-  off.assign(static_cast<size_t>(out_f + 1), 0);
-  order.resize(static_cast<size_t>(N));
-  spos.resize(static_cast<size_t>(N));
-  if (f0 != nullptr) sf0->resize(static_cast<size_t>(N)), sf1->resize(static_cast<size_t>(N));
+int64_t csr_by_row(const int64_t* pos, int64_t N, int64_t n, int64_t out_f, const RowOf& row_of, int nt, bool order,
+                   const float* f0, const float* f1, Csr& c) {
+  c.off.assign(static_cast<size_t>(out_f + 1), 0);
+  const size_t cap = static_cast<size_t>(std::max<int64_t>(N, 1));
+  c.spos.reset(new int64_t[cap]);
+  if (order) c.order.reset(new int64_t[cap]);
+  if (f0 != nullptr) c.sf0.reset(new float[cap]), c.sf1.reset(new float[cap]);
   if (N == 0) return -1;
   int64_t bad = N;
   const int T = N >= 65536 ? nt : 1;
   std::vector<int64_t> cnt(static_cast<size_t>(T) * static_cast<size_t>(out_f), 0);
-  std::vector<int64_t> rows(static_cast<size_t>(N));
 #pragma omp parallel num_threads(T) if (T > 1)
   {
 #ifdef _OPENMP
-    const int c = omp_get_thread_num();
+    const int ci = omp_get_thread_num();
 #else
-    const int c = 0;
+    const int ci = 0;
 #endif
-    const int64_t e0 = N * c / T, e1 = N * (c + 1) / T;
-    int64_t* cc = cnt.data() + static_cast<int64_t>(c) * out_f;
+    const int64_t e0 = N * ci / T, e1 = N * (ci + 1) / T;
+    int64_t* cc = cnt.data() + static_cast<int64_t>(ci) * out_f;
     int64_t first_bad = N;
     for (int64_t e = e0; e < e1; ++e) {
       const int64_t p = pos[e];
@@ -340,9 +345,7 @@ int64_t csr_by_row(const int64_t* pos, int64_t N, int64_t n, int64_t out_f, cons
         first_bad = e;
         break;
       }
-      const int64_t r = row_of(p);
-      rows[static_cast<size_t>(e)] = r;
-      ++cc[r];
+      ++cc[row_of(p)];
     }
     if (first_bad < N) {
 #pragma omp critical(sws_hist_csr)
@@ -353,7 +356,7 @@ int64_t csr_by_row(const int64_t* pos, int64_t N, int64_t n, int64_t out_f, cons
     {
       int64_t run = 0;
       for (int64_t j = 0; j < out_f; ++j) {
-        off[static_cast<size_t>(j)] = run;
+        c.off[static_cast<size_t>(j)] = run;
         for (int t = 0; t < T; ++t) {
           int64_t& v = cnt[static_cast<size_t>(t) * static_cast<size_t>(out_f) + static_cast<size_t>(j)];
           const int64_t k = v;
@@ -361,14 +364,15 @@ int64_t csr_by_row(const int64_t* pos, int64_t N, int64_t n, int64_t out_f, cons
           run += k;
         }
       }
-      off[static_cast<size_t>(out_f)] = run;
+      c.off[static_cast<size_t>(out_f)] = run;
     }
     if (bad == N) {
       for (int64_t e = e0; e < e1; ++e) {
-        const size_t t = static_cast<size_t>(cc[rows[static_cast<size_t>(e)]]++);
-        order[t] = e;
-        spos[t] = pos[e];
-        if (f0 != nullptr) (*sf0)[t] = f0[e], (*sf1)[t] = f1[e];
+        const int64_t p = pos[e];
+        const int64_t t = cc[row_of(p)]++;
+        c.spos[t] = p;
+        if (order) c.order[t] = e;
+        if (f0 != nullptr) c.sf0[t] = f0[e], c.sf1[t] = f1[e];
       }
     }
   }
@@ -429,11 +433,12 @@ void sws_linear_histogram_cpu(const ReconstructArgs& a, const LinearArgs& l) {
   // Ellipse and outlier entries as CSRs by output row (entry order kept within a row).
   const RowOf row_of(in_f);
   const int ntc = parallel_threads(20.0 * static_cast<double>(a.E + a.O));
-  std::vector<int64_t> eoff, eord, epos, ooff, oord, opos;
-  std::vector<float> omu, orho;  // the outliers' mu and rho in slot order
-  const int64_t be = csr_by_row(a.e_pos, a.E, a.n, out_f, row_of, ntc, eoff, eord, epos);
-  const int64_t bo =
-      be >= 0 ? -1 : csr_by_row(a.o_pos, a.O, a.n, out_f, row_of, ntc, ooff, oord, opos, a.o_mu, a.o_rho, &omu, &orho);
+  Csr ec, oc;  // ellipses: positions and entries; outliers: positions, mu and rho (slot order)
+  const int64_t be = csr_by_row(a.e_pos, a.E, a.n, out_f, row_of, ntc, true, nullptr, nullptr, ec);
+  const int64_t bo = be >= 0 ? -1 : csr_by_row(a.o_pos, a.O, a.n, out_f, row_of, ntc, false, a.o_mu, a.o_rho, oc);
+  const std::vector<int64_t>&eoff = ec.off, &ooff = oc.off;
+  const int64_t *epos = ec.spos.get(), *eord = ec.order.get(), *opos = oc.spos.get();
+  const float *omu = oc.sf0.get(), *orho = oc.sf1.get();
   if (be >= 0 || bo >= 0)
     fail(std::string(be >= 0 ? "e_pos[" : "o_pos[") + std::to_string(be >= 0 ? be : bo) + "] = " +
          std::to_string(be >= 0 ? a.e_pos[be] : a.o_pos[bo]) + " is out of range [0, " + std::to_string(a.n) + ")");
@@ -474,7 +479,7 @@ void sws_linear_histogram_cpu(const ReconstructArgs& a, const LinearArgs& l) {
         for (int64_t r = 0; r < nr; ++r) {
           const int64_t j = j0 + r;
           for (int pass = 0; pass < 2; ++pass) {
-            const int64_t* ps = (pass ? opos : epos).data();
+            const int64_t* ps = pass ? opos : epos;
             for (int64_t t = (pass ? ooff : eoff)[j]; t < (pass ? ooff : eoff)[j + 1]; ++t) {
               int64_t& st = stamp[static_cast<size_t>(ps[t] - j * in_f)];
               if (st == j) {
@@ -495,8 +500,8 @@ void sws_linear_histogram_cpu(const ReconstructArgs& a, const LinearArgs& l) {
             std::fill(bsd.begin(), bsd.begin() + nob, 0.0f);  // w = mu + 0 * eps
             std::fill(beps.begin(), beps.begin() + nob, 0.0f);
           } else {
-            normals_at_fill(key, opos.data() + tb, nob, S, owner, kPurposeWeight, beps.data());
-            softplus_fill(orho.data() + tb, bsd.data(), nob);
+            normals_at_fill(key, opos + tb, nob, S, owner, kPurposeWeight, beps.data());
+            softplus_fill(orho + tb, bsd.data(), nob);
           }
         }
         for (int64_t m = 0; m < (gather ? 1 : M); ++m) {
@@ -517,8 +522,8 @@ void sws_linear_histogram_cpu(const ReconstructArgs& a, const LinearArgs& l) {
               const int64_t j = j0 + r;
               (V == 1 ? correct_row<1, std::remove_cv_t<std::remove_pointer_t<decltype(lb)>>>
                       : correct_row<2, std::remove_cv_t<std::remove_pointer_t<decltype(lb)>>>)(
-                  acc + r * M * Sp, M, x, in_f, lb + r * in_f, j * in_f, zt_p, SZ, eoff[j], eoff[j + 1], epos.data(),
-                  eord.data(), a.e_a, a.e_b, a.e_alpha, ooff[j], ooff[j + 1], opos.data(), omu.data(), bsd.data(),
+                  acc + r * M * Sp, M, x, in_f, lb + r * in_f, j * in_f, zt_p, SZ, eoff[j], eoff[j + 1], epos, eord,
+                  a.e_a, a.e_b, a.e_alpha, ooff[j], ooff[j + 1], opos, omu, bsd.data(),
                   beps.data(), tb);
             }
 #endif

@@ -64,6 +64,16 @@ if [ "${SKIP_TESTS:-0}" != "1" ]; then
   fi
 fi
 
+# 3b. Distributed on the card (issue 18). The machine has ONE GPU, and NCCL cannot put two ranks on one device,
+# so: tests/test_distributed.py's NCCL test is a world of size 1 on cuda:0 (DDP with K = 300 int16 labels and
+# FSDP2 with labels sharded, through NCCL's own dtype table), its 2-rank scenarios and tests/test_tensor_parallel.py
+# (colwise / rowwise shards against the unsharded layer) run as 2 gloo ranks on CPU tensors; the shard op tests
+# (elem_offset / row_stride on the CUDA kernels) ran on the card in step 3 (test_reconstruct/mean_field/linear).
+if [ "${SKIP_TESTS:-0}" != "1" ]; then
+  step dist 120 "$OUT/pytest_dist.log" env -u TRITON_INTERPRET "$PY" -m pytest tests/test_distributed.py \
+    tests/test_tensor_parallel.py -q -p no:cacheprovider -rs
+fi
+
 # 4. Benchmark.
 step bench 170 "$OUT/gpu_bench_stdout.log" env -u TRITON_INTERPRET "$PY" benchmarks/gpu_bench.py --out "$OUT"
 
@@ -71,9 +81,11 @@ echo
 echo "================ gpu_check summary ================"
 head -n 1 "$OUT/env.log" >/dev/null
 grep -m1 "python" "$OUT/env.log"
-if [ -f "$OUT/pytest.log" ]; then
-  grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -n 20
-fi
+for log in "$OUT/pytest.log" "$OUT/pytest_dist.log"; do
+  if [ -f "$log" ]; then
+    grep -E "^(FAILED|ERROR)" "$log" | head -n 20
+  fi
+done
 if [ -f "$OUT/gpu_bench_table.txt" ]; then
   cat "$OUT/gpu_bench_table.txt"
 fi

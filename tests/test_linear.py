@@ -580,7 +580,7 @@ def _blocks(shape, style, cuts):
     return [(a, b, 0, in_f) if style == "colwise" else (0, out_f, a, b) for a, b in spans]
 
 
-@pytest.mark.backends("reference", "native_cpu", "triton")
+@pytest.mark.backends("reference", "native_cpu", "native_cuda", "triton")
 @pytest.mark.parametrize("mode", ["paper", "hierarchical"])
 @pytest.mark.parametrize("S,fused", [(1, True), (3, False), (3, True)])
 @pytest.mark.parametrize("split", SPLITS, ids=lambda s: f"{s[0][0]}x{s[0][1]}-{s[1]}-{'-'.join(map(str, s[2]))}")
@@ -626,7 +626,7 @@ def test_sws_linear_shards_match_unsharded(rng, monkeypatch, backend, mode, S, f
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.backends("reference", "native_cpu", "triton")
+@pytest.mark.backends("reference", "native_cpu", "native_cuda", "triton")
 @pytest.mark.parametrize("S,fused", [(1, True), (3, False)])
 @pytest.mark.parametrize("split", SPLITS, ids=lambda s: f"{s[0][0]}x{s[0][1]}-{s[1]}-{'-'.join(map(str, s[2]))}")
 def test_mean_field_linear_shards_match_unsharded(rng, monkeypatch, backend, S, fused, split):

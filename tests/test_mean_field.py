@@ -200,7 +200,7 @@ def test_native_cuda_matches_cpu_and_reference(backend, shape, S, purpose):
 from tp_helpers import SHARDS, shard_ids  # noqa: E402
 
 
-@pytest.mark.backends("reference", "native_cpu", "triton")
+@pytest.mark.backends("reference", "native_cpu", "native_cuda", "triton")
 @pytest.mark.parametrize("case", SHARDS, ids=shard_ids)
 def test_shard_reproduces_its_block(rng, backend, case):
     shape, (r0, r1, c0, c1) = case

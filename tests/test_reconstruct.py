@@ -592,7 +592,7 @@ def test_native_cuda_matches_cpu(backend, mode, label_dtype, K, shape, E, O, S):
 from tp_helpers import SHARDS, cut_sws, outlier_mask, shard_ids  # noqa: E402
 
 
-@pytest.mark.backends("reference", "native_cpu", "triton")
+@pytest.mark.backends("reference", "native_cpu", "native_cuda", "triton")
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", SHARDS, ids=shard_ids)
 def test_shard_reproduces_its_block_of_the_unsharded_weight(rng, backend, mode, case):

@@ -137,7 +137,7 @@ def _lookup_gemm_kernel(a_ptr, lab_ptr, z_ptr, mu_ptr, rho_ptr, delta_ptr, sp_pt
                         stride_bs, stride_os, stride_om, stride_on, seed_ptr, owner, noise_off, noise_sr,
                         MF: tl.constexpr, HIER: tl.constexpr, SPECIALS: tl.constexpr, HAS_BIAS: tl.constexpr,
                         NOISE4: tl.constexpr, CONTIG_R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
-                        BE: tl.constexpr):
+                        BE: tl.constexpr, MAPPED: tl.constexpr):
     seed_lo, seed_hi = load_seed(seed_ptr)
     # program -> (output sample so, m tile, n tile); samples innermost so programs that share a label tile run
     # back to back (L2 reuse of the labels across samples).
@@ -174,23 +174,33 @@ def _lookup_gemm_kernel(a_ptr, lab_ptr, z_ptr, mu_ptr, rho_ptr, delta_ptr, sp_pt
                 idx = offs_r[:, None].to(tl.int64) * lab_sc + offs_n[None, :].to(tl.int64) * lab_sr
                 mw = mr[:, None] & mn[None, :]
             if NOISE:
-                # eps[s, g] of the weight stream, g = noise_off + row * noise_sr + col (idx itself for a whole
-                # layer). NOISE4 (the row length, noise_sr and noise_off multiples of 4, so every run of four
-                # consecutive elements starting at a multiple of 4 is one Philox counter): one Philox call per
-                # four weights along the contiguous axis. Otherwise one call per weight.
+                # eps[s, idx] of the weight stream; a shard (MAPPED) draws element noise_off + row * noise_sr + col
+                # of its place in the unsharded weight instead. NOISE4 (the row length, and for a shard noise_sr
+                # and noise_off, multiples of 4, so every run of four consecutive elements starting at a multiple
+                # of 4 is one Philox counter): one Philox call per four weights along the contiguous axis.
+                # Otherwise one call per weight. (MAPPED is a constexpr: a whole layer compiles the code it had.)
                 if NOISE4:
                     if CONTIG_R:
-                        eps = normal_rows(offs_n[:, None].to(tl.int64) * noise_sr + noise_off + r0, seed_lo, seed_hi,
-                                          s, owner, _purpose(0), BR)
+                        if MAPPED:
+                            base = offs_n[:, None].to(tl.int64) * noise_sr + noise_off + r0
+                        else:
+                            base = offs_n[:, None].to(tl.int64) * lab_sr + r0
+                        eps = normal_rows(base, seed_lo, seed_hi, s, owner, _purpose(0), BR)
                     else:
-                        eps = normal_rows(offs_r[:, None].to(tl.int64) * noise_sr + noise_off
-                                          + pid_n.to(tl.int64) * BN, seed_lo, seed_hi, s, owner, _purpose(0), BN)
+                        if MAPPED:
+                            base = offs_r[:, None].to(tl.int64) * noise_sr + noise_off + pid_n.to(tl.int64) * BN
+                        else:
+                            base = offs_r[:, None].to(tl.int64) * lab_sc + pid_n.to(tl.int64) * BN
+                        eps = normal_rows(base, seed_lo, seed_hi, s, owner, _purpose(0), BN)
                 else:
-                    if CONTIG_R:
-                        gidx = offs_n[:, None].to(tl.int64) * noise_sr + offs_r[None, :].to(tl.int64) + noise_off
+                    if MAPPED:
+                        if CONTIG_R:
+                            gidx = offs_n[:, None].to(tl.int64) * noise_sr + offs_r[None, :].to(tl.int64) + noise_off
+                        else:
+                            gidx = offs_r[:, None].to(tl.int64) * noise_sr + offs_n[None, :].to(tl.int64) + noise_off
+                        eps = stream_normal(gidx, seed_lo, seed_hi, s, owner, _purpose(0))
                     else:
-                        gidx = offs_r[:, None].to(tl.int64) * noise_sr + offs_n[None, :].to(tl.int64) + noise_off
-                    eps = stream_normal(gidx, seed_lo, seed_hi, s, owner, _purpose(0))
+                        eps = stream_normal(idx, seed_lo, seed_hi, s, owner, _purpose(0))
             if MF:
                 w = tl.load(mu_ptr + idx, mask=mw, other=0.0).to(tl.float32)
                 rho = tl.load(rho_ptr + idx, mask=mw, other=0.0).to(tl.float32)
@@ -317,7 +327,8 @@ def _launch(a3, stride_as, T, S_out, M, N, R, lab_sr, lab_sc, out, *, labels=Non
            stride_as, a3.stride(1), a3.stride(2), lab_sr, lab_sc, stride_bs, out.stride(0), out.stride(1),
            out.stride(2), seed_arg(seed, out.device), u32_arg(owner), int(elem_offset), int(noise_sr),
            MF=mf, HIER=hier, SPECIALS=sp, HAS_BIAS=bias is not None, NOISE4=noise4,
-           CONTIG_R=lab_sc == 1, BM=BM, BN=BN, BR=BR, BE=BE, num_warps=warps, num_stages=stages)
+           CONTIG_R=lab_sc == 1, BM=BM, BN=BN, BR=BR, BE=BE, MAPPED=not (elem_offset == 0 and noise_sr == row_len),
+           num_warps=warps, num_stages=stages)
     return out
 
 

@@ -143,11 +143,16 @@ def _sws_forward(b, pl, x, bias, seed, S, ps, c, squeeze=False, checked=False):
     return y.reshape(c.shape)
 
 
-def _sws_reconstruct(b, backend, kernel, seed, S):
+def _sws_reconstruct(b, backend, kernel, seed, S, squeeze=False):
+    """Sampled weights [S, *shape], or [*shape] with ``squeeze`` (S = 1; CPU: allocated so, no [0] view)."""
     if backend in _NATIVE and b.prep is not None:
-        return native.reconstruct_prepared(b.prep, seed, S)
-    mode, owner, cbo = b.meta
-    return kernel(*b.tensors, seed, S, _checks.MODE_CODES[mode], owner, cbo)
+        if not b.prep.cuda:
+            return native.reconstruct_prepared(b.prep, seed, S, b.prep.shape if squeeze else None)
+        w = native.reconstruct_prepared(b.prep, seed, S)
+    else:
+        mode, owner, cbo = b.meta
+        w = kernel(*b.tensors, seed, S, _checks.MODE_CODES[mode], owner, cbo)
+    return w[0] if squeeze else w
 
 
 def _sws_reconstruct_backward(b, gw, seed, S):
@@ -222,17 +227,18 @@ class _SWSReconstructFn(torch.autograd.Function):
     """The sampled weights of an SWS layer over a binding (the conv layers' path)."""
 
     @staticmethod
-    def forward(ctx, means, chol, o_mu, o_rho, b, backend, kernel, seed, S):
-        w = _sws_reconstruct(b, backend, kernel, seed, S)
+    def forward(ctx, means, chol, o_mu, o_rho, b, backend, kernel, seed, S, squeeze):
+        w = _sws_reconstruct(b, backend, kernel, seed, S, squeeze)
         ctx.save_for_backward(means, chol, o_mu, o_rho)
-        ctx.b, ctx.seed, ctx.S = b, seed, S
+        ctx.b, ctx.seed, ctx.S, ctx.squeeze = b, seed, S, squeeze
         return w
 
     @staticmethod
     def backward(ctx, gw):
         ctx.saved_tensors  # noqa: B018  (raises if a parameter was modified in place since forward)
-        g = _sws_reconstruct_backward(ctx.b, gw.contiguous().to(torch.float32), ctx.seed, ctx.S)
-        return (*g, None, None, None, None, None)
+        gw = gw.contiguous().to(torch.float32)
+        g = _sws_reconstruct_backward(ctx.b, gw.unsqueeze(0) if ctx.squeeze else gw, ctx.seed, ctx.S)
+        return (*g, None, None, None, None, None, None)
 
 
 def _grad_needed(tensors) -> bool:
@@ -325,8 +331,9 @@ def _dispatch(b, dev, rows, S, ps, act_dtype):
     return pl, hk
 
 
-def sws_weights(layer, S: int, seed):
-    """Sampled weights [S, *shape] of an SWS layer over its binding, or None (general path)."""
+def sws_weights(layer, S: int, seed, squeeze: bool = False):
+    """Sampled weights [S, *shape] ([*shape] with ``squeeze``, S = 1) of an SWS layer over its binding, or None
+    (general path)."""
     if not _usable():
         return None
     b = _sws_binding(layer)
@@ -341,8 +348,8 @@ def sws_weights(layer, S: int, seed):
         return None
     seed = _seed_for(seed, dev, backend)
     if _grad_needed((t[0], t[1], t[8], t[9])):
-        return _SWSReconstructFn.apply(t[0], t[1], t[8], t[9], b, backend, kernel, seed, S)
-    return _sws_reconstruct(b, backend, kernel, seed, S)
+        return _SWSReconstructFn.apply(t[0], t[1], t[8], t[9], b, backend, kernel, seed, S, squeeze)
+    return _sws_reconstruct(b, backend, kernel, seed, S, squeeze)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -542,9 +549,33 @@ class _MFReconstructFn(torch.autograd.Function):
         return g_mu, g_rho, None, None, None
 
 
-def mean_field_weights(layer, S: int, seed):
+class _MFWeightsFn(torch.autograd.Function):
+    """A mean-field conv layer's sampled kernels and bias in one node (one native call forward, CPU)."""
+
+    @staticmethod
+    def forward(ctx, mu, rho, bmu, brho, call):
+        b, seed, S, squeeze = call
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(mu, rho)
+        ctx.call = call
+        return _mf_sample(b, bmu, seed, S, squeeze, True)
+
+    @staticmethod
+    def backward(ctx, gw, gb):
+        ctx.saved_tensors  # noqa: B018  (raises if mu/rho were modified in place since forward)
+        b, seed, S, squeeze = ctx.call
+        g = [None] * 5
+        for grad, p, i in ((gw, b.prep_w, 0), (gb, b.prep_b, 2)):
+            if grad is not None and (ctx.needs_input_grad[i] or ctx.needs_input_grad[i + 1]):
+                grad = grad.contiguous().to(torch.float32)
+                g[i], g[i + 1] = native.mean_field_reconstruct_backward_prepared(
+                    p, grad.unsqueeze(0) if squeeze else grad, seed, S)
+        return tuple(g)
+
+
+def mean_field_weights(layer, S: int, seed, squeeze: bool = False):
     """(sampled weights [S, *shape], sampled bias [S, out] or the bias mean or None) over native bundles, or
-    None (general path). The conv layers' path."""
+    None (general path); ``squeeze`` (S = 1): [*shape] and [out]. The conv layers' path."""
     ready = _mf_ready(layer, S)
     if ready is None:
         return None
@@ -554,10 +585,14 @@ def mean_field_weights(layer, S: int, seed):
         return None
     seed = _seed_for(seed, mu.device, backend)
     if _grad_needed((mu, rho, bmu, brho)):
+        if b.prep_b is not None and not b.prep_w.cuda:  # a sampled bias: kernels and bias from one node
+            return _MFWeightsFn.apply(mu, rho, bmu, brho, (b, seed, S, squeeze))
         w = _MFReconstructFn.apply(mu, rho, b.prep_w, seed, S)
         bias = _MFReconstructFn.apply(bmu, brho, b.prep_b, seed, S) if b.prep_b is not None else bmu
+        if squeeze:
+            return w[0], (bias[0] if b.prep_b is not None else bias)
         return w, bias
-    return _mf_sample(b, bmu, seed, S)
+    return _mf_sample(b, bmu, seed, S, squeeze, True)
 
 
 def _scalar(t) -> Optional[float]:

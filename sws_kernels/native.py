@@ -520,10 +520,17 @@ def reconstruct(means, chol, labels, e_pos, e_a, e_b, e_alpha, o_pos, o_mu, o_rh
     return reconstruct_prepared(p, seed, int(samples))
 
 
-def reconstruct_prepared(p: Prepared, seed, S: int) -> torch.Tensor:
-    """:func:`reconstruct` on a :class:`Prepared` bundle."""
+def reconstruct_prepared(p: Prepared, seed, S: int, shape=None) -> torch.Tensor:
+    """:func:`reconstruct` on a :class:`Prepared` bundle; ``shape`` (CPU): the output's, of S * n elements
+    (default [S, *labels.shape])."""
     dev = p.device
-    out = torch.empty((S, *p.shape), dtype=torch.float32, device=dev)
+    if shape is not None:
+        if p.cuda or math.prod(shape) != S * math.prod(p.shape):
+            raise ValueError(f"shape: expected a CPU output of {S} x {math.prod(p.shape)} elements, got "
+                             f"{tuple(shape)} on {dev}")
+        out = _empty32(shape)
+    else:
+        out = torch.empty((S, *p.shape), dtype=torch.float32, device=dev)
     if not p.cuda:
         with p.lock:  # per-call fields of a shared bundle: one launch at a time
             _C.reconstruct_cpu(p.call(seed, S), out.data_ptr())

@@ -236,6 +236,17 @@ _CONV_T_OPS = {1: torch.nn.functional.conv_transpose1d, 2: torch.nn.functional.c
                3: torch.nn.functional.conv_transpose3d}
 
 
+def _conv1(layer, x, w, b):
+    """One sample's conv of a conv layer with zero padding: ``w`` its kernel [out, in/g, *k] (no sample
+    dimension), the checks and the vendor call of ``functional._conv_all_samples`` at S = 1 (whose grouped-conv
+    reshapes are identities there: the same call, the same numbers) without its ~10 view ops."""
+    spatial = layer._spatial
+    _checks.conv_x(x, 1, False, spatial, w.device)
+    _checks.conv_input(x, w.shape, layer.groups, layer.padding, layer.dilation, spatial)
+    return _CONV_OPS[spatial](x, w.to(x.dtype), None if b is None else b.to(x.dtype), layer.stride, layer.padding,
+                              layer.dilation, layer.groups)
+
+
 def _vendor_conv_all_samples(transposed: bool, spatial: int, x, w, bias, stride, padding, dilation, groups,
                              output_padding, per_sample: bool):
     """S sampled kernels ``w`` [S, *weight_shape] applied by ONE vendor call (F.convNd / F.conv_transposeNd).
@@ -896,10 +907,10 @@ class _SWSConvNd(_SWSLayer):
         """``out`` ([S, ...] with ``samples``), or ``(out, layer_kl())`` when ``return_kl`` (default: the
         layer's attribute) is true and ``dnn_to_bnn_flag`` is not set."""
         samples, return_kl = self._split_samples(samples, return_kl)
-        cb = self.codebook
-        fn = SF.sws_conv2d if self._spatial == 2 else SF.sws_conv1d
 
         def call(xx, S, sd, ps):
+            cb = self.codebook
+            fn = SF.sws_conv2d if self._spatial == 2 else SF.sws_conv1d
             pad = self.padding
             if self.padding_mode != "zeros":
                 xx, pad = _explicit_pad(xx, self.padding_mode, self.padding, self.kernel_size, self.dilation)
@@ -910,7 +921,13 @@ class _SWSConvNd(_SWSLayer):
             return fn(xx, cb.means, cb.chol, self.labels, self._ellipse(), self._outliers(), self.bias,
                       self.stride, pad, self.dilation, self.groups, seed=sd, samples=S, mode=self.mode,
                       owner=self.owner, codebook_owner=cb.owner, per_sample=ps)
-        return self._contract(_run_sampled(x, samples, seed, per_sample, call), return_kl)
+
+        def call1(xx, sd):  # samples=None: the kernel sampled without a sample dimension, one vendor conv
+            if self.padding_mode != "zeros":
+                return None
+            w = _bound.sws_weights(self, 1, sd, True)
+            return None if w is None else _conv1(self, xx, w, self.bias)
+        return self._contract(_run_sampled(x, samples, seed, per_sample, call, call1), return_kl)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -1236,6 +1253,14 @@ class _MeanFieldConvNd(_MeanFieldLayer):
                           padding_mode)
         self._init_mf((out_channels, in_channels // groups, *self.kernel_size), out_channels, prior_mean,
                       prior_variance, posterior_mu_init, posterior_rho_init, bias, rng_id, estimator)
+
+    def _call1(self, xx, sd, with_kl: bool = False):
+        """samples=None: the kernel and bias sampled without a sample dimension, one vendor conv (zero padding,
+        1-d/2-d); None elsewhere (the general call)."""
+        if with_kl or self.padding_mode != "zeros" or self._spatial not in (1, 2):
+            return None
+        wb = _bound.mean_field_weights(self, 1, sd, True)
+        return None if wb is None else _conv1(self, xx, wb[0], wb[1])
 
     def _call(self, xx, S, sd, ps):
         fn = SF.mean_field_conv2d if self._spatial == 2 else SF.mean_field_conv1d

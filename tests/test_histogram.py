@@ -72,6 +72,7 @@ CASES = [  # (out, in, K, label dtype, M, S, bias): odd shapes (row blocks of 4,
     (33, 9, 1500, torch.int32, 4, 3, "none"),
     (22, 75, 40, torch.int8, 5, 20, "per_sample"),  # two 16-sample vectors, x rows in blocks of 2 and 1
     (12, 40, 9, torch.int64, 6, 33, "shared"),
+    (13, 20, 50, torch.uint8, 2, 40, "none"),  # K > in: AVX-512 gathers three 16-sample vectors
 ]
 
 

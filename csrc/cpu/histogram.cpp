@@ -240,7 +240,7 @@ SWS_HIST_AVX512 void gather_rows(const L* lab, int64_t n, const float* x, int64_
   if constexpr (R * V <= 4) {
     for (; m + 4 <= M; m += 4) gather_block<R, 4, V>(lab, n, x + m * n, M, zt, out + m * 16 * V);
   }
-  if constexpr (R * V <= 8) {
+  if constexpr (R * V <= 8 && V <= 2) {
     for (; m + 2 <= M; m += 2) gather_block<R, 2, V>(lab, n, x + m * n, M, zt, out + m * 16 * V);
   }
   for (; m < M; ++m) gather_block<R, 1, V>(lab, n, x + m * n, M, zt, out + m * 16 * V);
@@ -422,13 +422,16 @@ void sws_linear_histogram_cpu(const ReconstructArgs& a, const LinearArgs& l) {
   sample_codebook_cpu(a, SZ, zo);
 
   // Which inner loop (both produce every y element on one thread, in a fixed order):
-  //  gather (AVX-512, Sp <= 32): per weight its label's row of zt (all samples) times x: Sp / 16 vector loads and
-  //    M * Sp / 16 FMAs, no stores (~0.2 ns per weight at Sp = 16, 1 thread);
-  //  histogram: per weight one scalar add into an L1 bin (~0.3 ns: one scattered store per weight, the store port
-  //    is the limit), then the [rows, K] x [K, Sp] product (K * Sp / in_f FMAs per weight and x row).
+  //  gather (AVX-512, Sp <= 64): per weight its label's row of zt (all samples) times x: Sp / 16 vector loads and
+  //    M * Sp / 16 FMAs, no stores (~0.18 ns per weight and x row at Sp = 16, ~0.14 ns more per further 16);
+  //  histogram: per weight and x row one scalar add into an L1 bin (~0.35 ns: one scattered store per weight, the
+  //    store port is the limit), then the [rows, K] x [K, Sp] product (K * Sp / in_f FMAs per weight and x row).
+  // The gather unless the histogram's estimate is lower (small K / in_f with 48 or 64 samples).
   const char* isa = simd_isa();
   const bool avx2 = SWS_HIST_X86 && std::strcmp(isa, "scalar") != 0;
-  const bool gather = SWS_HIST_X86 && std::strcmp(isa, "avx512") == 0 && V <= 2;
+  const double kr = static_cast<double>(K) / static_cast<double>(std::max<int64_t>(in_f, 1));
+  const bool gather = SWS_HIST_X86 && std::strcmp(isa, "avx512") == 0 && V <= 4 &&
+                      0.04 + 0.14 * static_cast<double>(V) <= 0.35 + 0.15 * kr * static_cast<double>(V);
 
   // Ellipse and outlier entries as CSRs by output row (entry order kept within a row).
   const RowOf row_of(in_f);
@@ -509,19 +512,20 @@ void sws_linear_histogram_cpu(const ReconstructArgs& a, const LinearArgs& l) {
           if (gather) {
 #if SWS_HIST_X86
             // Stage 1 (gather): acc rows of every x row (4 rows at once), then the ellipse/outlier corrections.
+            using Lt = std::remove_cv_t<std::remove_pointer_t<decltype(lb)>>;
             if (nr == kRows) {
-              if (V == 1) gather_rows<kRows, 1>(lb, in_f, x, M, zt_p, acc);
-              else gather_rows<kRows, 2>(lb, in_f, x, M, zt_p, acc);
+              (V == 1 ? gather_rows<kRows, 1, Lt> : V == 2 ? gather_rows<kRows, 2, Lt>
+               : V == 3 ? gather_rows<kRows, 3, Lt> : gather_rows<kRows, 4, Lt>)(lb, in_f, x, M, zt_p, acc);
             } else {
-              for (int64_t r = 0; r < nr; ++r) {
-                if (V == 1) gather_rows<1, 1>(lb + r * in_f, in_f, x, M, zt_p, acc + r * M * Sp);
-                else gather_rows<1, 2>(lb + r * in_f, in_f, x, M, zt_p, acc + r * M * Sp);
-              }
+              for (int64_t r = 0; r < nr; ++r)
+                (V == 1 ? gather_rows<1, 1, Lt> : V == 2 ? gather_rows<1, 2, Lt>
+                 : V == 3 ? gather_rows<1, 3, Lt> : gather_rows<1, 4, Lt>)(lb + r * in_f, in_f, x, M, zt_p,
+                                                                           acc + r * M * Sp);
             }
             for (int64_t r = 0; r < nr; ++r) {
               const int64_t j = j0 + r;
-              (V == 1 ? correct_row<1, std::remove_cv_t<std::remove_pointer_t<decltype(lb)>>>
-                      : correct_row<2, std::remove_cv_t<std::remove_pointer_t<decltype(lb)>>>)(
+              (V == 1 ? correct_row<1, Lt> : V == 2 ? correct_row<2, Lt> : V == 3 ? correct_row<3, Lt>
+               : correct_row<4, Lt>)(
                   acc + r * M * Sp, M, x, in_f, lb + r * in_f, j * in_f, zt_p, SZ, eoff[j], eoff[j + 1], epos, eord,
                   a.e_a, a.e_b, a.e_alpha, ooff[j], ooff[j + 1], opos, omu, bsd.data(),
                   beps.data(), tb);

@@ -123,19 +123,18 @@ def _sws_bind(layer, cur, cb, meta) -> Optional[_SWSBinding]:
     return b
 
 
-def _sws_forward(b, pl, x, bias, seed, S, ps, c, squeeze=False, checked=False):
-    """y in the call shape's output shape: [S, *lead, out], or [*lead, out] with ``squeeze`` (S = 1).
-    ``checked``: the binding was verified by this call (addresses unmoved, see native._Bundle.call)."""
+def _sws_forward(b, pl, x, bias, seed, S, ps, c, checked=False):
+    """y in the call shape's output shape ``c.shape``: [S, *lead, out], or [*lead, out] for a squeezed call.
+    ``checked``: the binding was verified by this call (addresses unmoved, see native._Bundle.refresh)."""
     t = b.tensors
     mode, owner, cbo = b.meta[0], b.meta[1], b.meta[2]
     if pl.backend in _NATIVE and b.prep is not None:
         p = b.prep
         if c.lin is not None:  # CPU fused: the output allocated in its final shape, the launch arguments reused
             return native.sws_linear_cpu_bound(p, c.lin, x, bias, seed, S, c.shape, checked)
-        if pl.fused and p.cuda:
-            y = native.sws_linear_cuda_prepared(p, x, bias, seed, S, ps)
-        elif pl.fused:
-            y = native.sws_linear_cpu_prepared(p, x, bias, seed, S, ps, None, checked)
+        if pl.fused:
+            run = native.sws_linear_cuda_prepared if p.cuda else native.sws_linear_cpu_prepared
+            y = run(p, x, bias, seed, S, ps)
         else:
             y = _ops._vendor_linear(x, native.reconstruct_prepared(p, seed, S), bias, ps)
     else:
@@ -173,7 +172,7 @@ class _SWSLinearFn(torch.autograd.Function):
         # call = (binding, plan, seed, S, per_sample, call shape, squeeze): one argument, as apply's per-argument
         # work is costly
         b, pl, seed, S, ps, c, squeeze = call
-        y = _sws_forward(b, pl, x, bias, seed, S, ps, c, squeeze, True)
+        y = _sws_forward(b, pl, x, bias, seed, S, ps, c, True)
         ctx.save_for_backward(x, means, chol, o_mu, o_rho, bias)
         ctx.call = call
         return y
@@ -317,7 +316,7 @@ def sws_linear(layer, x, S: int, seed, ps: bool, squeeze: bool = False):
             mode, owner, cbo = b.meta
             y = c.hk(x, *t, bias, _seed_for(seed, means.device, "triton"), S, _checks.MODE_CODES[mode], owner, cbo)
         return y.reshape(c.shape)
-    return _sws_forward(b, pl, x, bias, seed, S, ps, c, squeeze, True)
+    return _sws_forward(b, pl, x, bias, seed, S, ps, c, True)
 
 
 def _dispatch(b, dev, rows, S, ps, act_dtype):

@@ -432,37 +432,36 @@ class _Bundle:
         self.ptrs = list(map(_PTR, tensors))
         self.moved = False
 
-    def call(self, seed, samples: int, checked: bool = False):
+    def call(self, seed, samples: int):
         """The bundle with this call's seed and sample count written in (CPU: the seed read from its memory) and
-        every tensor's current address. ``checked``: the caller has just verified that no address moved since the
-        bundle was built (sws_kernels/_bound.py's binding check of a forward call), so they are not re-read
-        (~1 us) -- unless a launch has ever re-pointed the bundle (``moved``): storage that moved away and back
-        would pass the caller's check while the bundle still points at the intermediate address."""
+        every tensor's current address (:meth:`refresh`; the caller holds ``lock``)."""
         a = self.args
-        if not checked or self.moved:
-            ptrs = list(map(_PTR, self.tensors))
-            if ptrs != self.ptrs:
-                _rebind(a, self._FIELDS, self.tensors, ptrs)
-                self.ptrs = ptrs
-                self.moved = True
+        self._repoint()
         a.seed = _seed(seed)
         if self.cuda:
             a.seed_dev = _seed_dev(seed, self.device)
         a.S = samples
         return a
 
-
     def refresh(self, checked: bool = False):
-        """The C++ struct pointed at its tensors' current storage (see :meth:`call`), for the ``*_run`` entries
-        that take this call's seed and S as arguments (they copy the struct: no per-call field is written)."""
+        """The C++ struct pointed at its tensors' current storage. ``checked``: the caller has just verified that
+        no address moved since the bundle was built (sws_kernels/_bound.py's binding check of a forward call),
+        so they are not re-read (~1 us) -- unless a launch has ever re-pointed the bundle (``moved``): storage
+        that moved away and back would pass the caller's check while the bundle still points at the intermediate
+        address. Callers hold ``lock`` when they then write per-call fields (:meth:`call`); the ``*_run`` entries
+        copy the struct and take the seed and S as arguments."""
         if not checked or self.moved:
-            with self.lock:
-                ptrs = list(map(_PTR, self.tensors))
-                if ptrs != self.ptrs:
-                    _rebind(self.args, self._FIELDS, self.tensors, ptrs)
-                    self.ptrs = ptrs
-                    self.moved = True
+            if list(map(_PTR, self.tensors)) != self.ptrs:
+                with self.lock:
+                    self._repoint()
         return self.args
+
+    def _repoint(self) -> None:
+        ptrs = list(map(_PTR, self.tensors))
+        if ptrs != self.ptrs:
+            _rebind(self.args, self._FIELDS, self.tensors, ptrs)
+            self.ptrs = ptrs
+            self.moved = True
 
 
 class Prepared(_Bundle):
@@ -935,24 +934,17 @@ def mean_field_linear_backward_rows_cpu(pw: MFPrepared, pb: Optional[MFPrepared]
     return g_mu, g_rho, g_bmu, g_brho
 
 
-def sws_linear_cpu_prepared(p: Prepared, x, bias, seed, S: int, per_sample: bool, shape=None,
-                            checked: bool = False) -> torch.Tensor:
-    """:func:`sws_linear_cpu` on a :class:`Prepared` bundle (of a 2-d labels tensor, paper or mean mode).
-    ``shape``: the output's shape (default [S, M, out]; any shape of the same size, e.g. the layer's
-    ``[*lead, out]`` for one sample); ``checked``: see :meth:`_Bundle.call`."""
+def sws_linear_cpu_prepared(p: Prepared, x, bias, seed, S: int, per_sample: bool) -> torch.Tensor:
+    """:func:`sws_linear_cpu` on a :class:`Prepared` bundle (of a 2-d labels tensor, paper or mean mode)."""
     out_f, in_f = p.shape
     x, M, b = _linear_x(x, bias, out_f, in_f, S, per_sample, torch.float32, p.device, cpu=True)
     if M > LINEAR_CPU_MAX_M:
         raise ValueError(f"sws_linear_cpu: at most {LINEAR_CPU_MAX_M} rows per sample, got {M}")
-    if shape is None:
-        shape = (S, M, out_f)
-    elif math.prod(shape) != S * M * out_f:
-        raise ValueError(f"shape: expected {S * M * out_f} elements (S, M, out = {S}, {M}, {out_f}), got {tuple(shape)}")
-    y = _empty32(shape)
+    y = _empty32((S, M, out_f))
     lin = _C.LinearArgs(out_f, in_f, x.data_ptr(), 0, M, bool(per_sample), 0 if b is None else b.data_ptr(),
                         b is not None and b.dim() == 2, y.data_ptr())
     with p.lock:  # per-call fields of a shared bundle: one launch at a time
-        _C.sws_linear_cpu(p.call(seed, S, checked), lin)
+        _C.sws_linear_cpu(p.call(seed, S), lin)
     return y
 
 

@@ -249,20 +249,21 @@ def plan(op: str, device: torch.device, dtype: torch.dtype, *, rows: Optional[in
 LIMITS.update({
     "cpu_histogram_max_m": Limit(
         int(os.environ.get("SWS_HISTOGRAM_MAX_M", "64")),
-        "native CPU histogram path up to this many rows per sample: each row is its own pass over the labels "
-        "(~6.5 ms of one core per row at 4096x4096, K = 256); measured at M = 64, S = 16 it still beat reconstruct "
-        "+ GEMM (453 vs 531 ms CPU), larger M unmeasured (benchmarks/RESULTS.md 'Prediction') "
-        "(env SWS_HISTOGRAM_MAX_M)"),
+        "native CPU histogram path up to this many rows per sample: each row costs its own pass over the labels "
+        "(AVX-512 gather: ~2.4 ms of one core per row at 4096x4096, S <= 16); measured at M = 64, S = 16 it still "
+        "beats reconstruct + GEMM (212 vs 556 ms CPU, K = 256), larger M unmeasured (benchmarks/RESULTS.md "
+        "'Prediction') (env SWS_HISTOGRAM_MAX_M)"),
     "triton_histogram_max_m": Limit(
         int(os.environ.get("SWS_TRITON_HISTOGRAM_MAX_M", "16")),
         "Triton histogram path up to this many rows per sample (a row block's histograms live in registers); a "
         "default until benchmarks/gpu_bench.py measures it on a card (env SWS_TRITON_HISTOGRAM_MAX_M)"),
     "histogram_rows_per_sample": Limit(
-        int(os.environ.get("SWS_HISTOGRAM_ROWS_PER_SAMPLE", "2")),
+        int(os.environ.get("SWS_HISTOGRAM_ROWS_PER_SAMPLE", "8")),
         "histogram path only when rows <= this x samples: M label passes against the fused kernel's S passes "
-        "and reconstruct's S weight matrices; measured crossover (4096x4096, K = 256, 1% outliers, one core): "
-        "M = 2, S = 1 pays (17 vs 23 ms), M = 4, S = 2 ties (32 vs 34), M = 8, S = 4 loses 6% (62 vs 58), "
-        "M = 32, S = 16 pays (234 vs 353) (env SWS_HISTOGRAM_ROWS_PER_SAMPLE)"),
+        "and reconstruct's S weight matrices; measured crossover on the CPU (4096x4096, 1% outliers, one core, "
+        "K = 256 / 4096): M = 4, S = 1 pays (12.4 vs 19.1 / 14.6 vs 23.0 ms), M = 8, S = 1 ties (22.1 vs 22.7 / "
+        "24.3 vs 25.1), M = 16, S = 2 ties (41.3 vs 44.0 / 44.0 vs 45.7), M = 16, S = 1 loses (41.1 vs 26.4 / "
+        "42.6 vs 27.2); the Triton path shares it, unmeasured on a card (env SWS_HISTOGRAM_ROWS_PER_SAMPLE)"),
 })
 
 

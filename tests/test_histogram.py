@@ -288,7 +288,7 @@ def test_dispatch_picks_histogram_only_without_autograd(spy):
         with torch.no_grad():
             F.sws_linear(x, means, chol, labels, ell, outl, bias, mode="hierarchical", **kw)  # a normal per weight
             F.sws_linear(x.expand(4, 2, 35), means, chol, labels, ell, outl, bias, per_sample=True, **kw)
-            F.sws_linear(torch.randn(40, 35, device=dev), means, chol, labels, ell, outl, bias, **kw)  # 40 > 2 x 4
+            F.sws_linear(torch.randn(40, 35, device=dev), means, chol, labels, ell, outl, bias, **kw)  # 40 > 8 x 4
             F.sws_linear(x, means, chol, labels, ell, outl, bias, mode="mean", **kw)
         assert len(spy) == 2
     with sws.backend("reference"), torch.no_grad():

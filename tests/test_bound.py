@@ -318,6 +318,27 @@ def test_threads_sharing_one_layer_each_get_their_own_seed(rng):
     assert not bad
 
 
+@pytest.mark.skipif(not native.AVAILABLE_CPU, reason="native CPU module not built")
+def test_bundle_follows_storage_that_moves_away_and_back(rng):
+    """A forward launch skips the address re-read after the binding's own check (its addresses unchanged since
+    the bundle was built) -- unless a launch ever re-pointed the bundle: storage that moved (a backward after an
+    FSDP2 reshard) and came back to the binding's addresses would pass the check while the bundle pointed at the
+    intermediate storage."""
+    layer = _sws_layer("linear", rng)
+    x = _x("linear", rng, 1)
+    with torch.no_grad():
+        layer(x, seed=1)
+    p = layer._sws_binding.prep
+    means = layer.codebook.means
+    home = means.data
+    assert p.refresh(True).means == home.data_ptr() and not p.moved
+    means.data = home.clone()  # moved: a launch that re-reads addresses re-points the bundle
+    assert p.refresh().means == means.data_ptr() != home.data_ptr() and p.moved
+    means.data = home  # back home: the binding's addresses match again
+    assert p.refresh(True).means == home.data_ptr()  # re-read although "checked": the bundle had moved
+    _same(*_both(layer, x, None, 3, False, False))  # and the launch reads the right memory
+
+
 @pytest.mark.parametrize("kind", ["sws", "mf"])
 def test_storage_moved_between_forward_and_backward(rng, kind):
     """FSDP2 frees a layer's parameters after its forward and gathers them into new memory before its backward:

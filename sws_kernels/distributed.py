@@ -952,6 +952,10 @@ class _TPSWSLinear:
 
         return self._contract(_tp_output(tp, _snn._run_sampled(xl, samples, seed, per_sample, call)), return_kl)
 
+    def kl_loss(self):
+        """The outlier KL of the whole (unsharded) layer: this shard's summed over the mesh. A collective."""
+        return _AllReduceSum.apply(super().kl_loss(), self._tp.group)
+
 
 class _TPMeanFieldLinear:
     """Forward of a tensor-parallel MeanFieldLinear shard (see :class:`_TPSWSLinear`). The sampled bias draws the
@@ -982,6 +986,44 @@ class _TPMeanFieldLinear:
         if return_kl and not self._dnn_to_bnn_flag:
             return out, self.kl_loss()
         return out
+
+    # The KLs of the whole (unsharded) layer, from the shards' sums over the mesh (collectives: every rank calls
+    # them). A rowwise layer's bias is whole on every rank: counted once, not summed.
+    def _tp_kl_parts(self, fn):
+        from . import reference as _ref
+        tp = self._tp
+        w = fn(_ref, self.weight_mu, self.weight_rho, self.prior_weight_mu, self.prior_weight_sigma)
+        b = None
+        if self.mu_bias is not None:
+            b = fn(_ref, self.mu_bias, self.rho_bias, self.prior_bias_mu, self.prior_bias_sigma)
+        if tp.style == "colwise" and b is not None:
+            return _AllReduceSum.apply(w + b, tp.group), None
+        return _AllReduceSum.apply(w, tp.group), b
+
+    def kl_sum(self):
+        w, b = self._tp_kl_parts(lambda r, *a: r.kl_gaussian(*a))
+        return w if b is None else w + b
+
+    def kl_loss(self):
+        """bayesian-torch's per-tensor means over the unsharded weight (and bias), as the unsharded layer's."""
+        tp = self._tp
+        if tp.style == "colwise" or self.mu_bias is None:
+            w = _AllReduceSum.apply(_kl_terms_sum(self.weight_mu, self.weight_rho, self.prior_weight_mu,
+                                                  self.prior_weight_sigma), tp.group) / (tp.in_global * tp.out_global)
+            if self.mu_bias is None:
+                return w
+            b = _AllReduceSum.apply(_kl_terms_sum(self.mu_bias, self.rho_bias, self.prior_bias_mu,
+                                                  self.prior_bias_sigma), tp.group) / tp.out_global
+            return w + b
+        from . import reference as _ref
+        w = _AllReduceSum.apply(_kl_terms_sum(self.weight_mu, self.weight_rho, self.prior_weight_mu,
+                                              self.prior_weight_sigma), tp.group) / (tp.in_global * tp.out_global)
+        return w + _ref.kl_gaussian_mean(self.mu_bias, self.rho_bias, self.prior_bias_mu, self.prior_bias_sigma)
+
+
+def _kl_terms_sum(mu, rho, mu0, sigma0):
+    from . import reference as _ref
+    return _ref.kl_gaussian(mu, rho, mu0, sigma0)
 
 
 def _SF():
@@ -1065,8 +1107,9 @@ def parallelize_linear(layer: nn.Module, mesh, style: str = "colwise", *, use_lo
     Build the layer identically on every rank (as for FSDP2); ``check`` runs :func:`check_consistency` on it (same
     ``rng_id``, same default generators: the same seeds drawn) and broadcasts its constant buffers from the
     mesh's rank 0. A collective. The layer then takes the functional path (the steady-state bindings of
-    ``sws_kernels._bound`` are for unsharded layers) and its ``kl_loss()`` covers its own shard's outliers or
-    mean-field elements (the codebook's KL is whole on every rank). Returns ``layer``."""
+    ``sws_kernels._bound`` are for unsharded layers). Its ``kl_loss()`` (and a mean-field layer's ``kl_sum()``) is
+    the unsharded layer's, summed over the shards (a collective: every rank calls it, as ``sws_kernels.kl_loss`` /
+    ``elbo_loss`` do); the codebook's KL is whole on every rank. Returns ``layer``."""
     dist = _dist()
     if not isinstance(layer, (_snn.SWSLinear, _snn.MeanFieldLinear)):
         raise TypeError(f"layer: expected a sws_kernels.nn.SWSLinear or MeanFieldLinear, got {_checks.describe(layer)}")

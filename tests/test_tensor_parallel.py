@@ -5,7 +5,7 @@ each, every scenario builds the same layer on both ranks, keeps an unsharded cop
 rowwise over the 2-rank mesh (uneven shapes: 7 rows -> 4 + 3, 10 columns -> 5 + 5; aligned: 8 x 16), runs one
 forward and backward of both with the same seed and DTensor inputs, and records the differences: outputs (the
 sharded output's full tensor), the input gradient, the codebook / mean-field / outlier / bias gradients of the
-shard against the corresponding entries of the unsharded layer's. The tests check them at the op tests'
+shard against the corresponding entries of the unsharded layer's, and the layer KLs (summed over the shards). The tests check them at the op tests'
 tolerances. S = 1 and 3, paper and hierarchical modes, outliers and ellipses on both sides of the split.
 """
 import copy
@@ -50,6 +50,9 @@ def _layer(kind, shape, mode):
                           ellipse=(pos[:4], torch.tensor([0, 1, 2, 3]), torch.tensor([4, 3, 2, 1]),
                                    torch.tensor([0.2, 0.5, 0.7, 0.9])),
                           outliers=(pos[4:], torch.randn(5) * 0.3, torch.randn(5) - 3))
+    with torch.no_grad():  # away from the prior (the initial fit): a non-zero outlier KL
+        layer.outlier_mu.add_(torch.randn(5) * 0.2)
+        layer.outlier_rho.add_(torch.randn(5) * 0.5)
     return layer
 
 
@@ -82,7 +85,10 @@ def _scenario(case, mesh, rank):
     info = tp._tp
     r0, r1, c0, c1 = info.r0, info.r1, info.c0, info.c1
     pairs = {"out": (y_tp, y_ref), "x.grad": (xt.grad, xr.grad)}
+    # the KLs of the whole layer (collectives over the shards), as the unsharded layer's
+    pairs["kl_loss"] = (tp.kl_loss(), ref.kl_loss())
     if kind == "mf":
+        pairs["kl_sum"] = (tp.kl_sum(), ref.kl_sum())
         pairs["mu.grad"] = (tp.mu_weight.grad, ref.mu_weight.grad[r0:r1, c0:c1])
         pairs["rho.grad"] = (tp.rho_weight.grad, ref.rho_weight.grad[r0:r1, c0:c1])
         rows = slice(r0, r1) if style == "colwise" else slice(None)

@@ -310,11 +310,24 @@ struct RowOf {
 // and per slot t: spos[t] = the entry's position, order[t] = the entry (when order is not null), sf0[t] = f0[e] and
 // sf1[t] = f1[e] (when f0 is not null): written in slot order here, read sequentially later. Counting sort over T
 // chunks of entries (chunk c's entries of a row after those of chunks < c: the order does not depend on T). The
-// slot arrays are left uninitialised until the parallel fill (their first touch is split over the threads).
+// slot arrays are written only by the parallel fill, and kept by the calling thread for its next call (a fresh
+// multi-MB allocation per call is fresh pages: their faults cost about as much as the fill).
+template <class T>
+struct Scratch {
+  std::unique_ptr<T[]> p;
+  size_t cap = 0;
+  T* get(size_t n) {
+    if (n > cap) p.reset(new T[n]), cap = n;
+    return p.get();
+  }
+};
+
 struct Csr {
   std::vector<int64_t> off;
-  std::unique_ptr<int64_t[]> spos, order;
-  std::unique_ptr<float[]> sf0, sf1;
+  Scratch<int64_t> spos_buf, order_buf;
+  Scratch<float> sf0_buf, sf1_buf;
+  int64_t *spos = nullptr, *order = nullptr;
+  float *sf0 = nullptr, *sf1 = nullptr;
 };
 
 // Returns -1, or the index of an entry whose position is outside [0, n) (nothing filled then).
@@ -322,9 +335,10 @@ int64_t csr_by_row(const int64_t* pos, int64_t N, int64_t n, int64_t out_f, cons
                    const float* f0, const float* f1, Csr& c) {
   c.off.assign(static_cast<size_t>(out_f + 1), 0);
   const size_t cap = static_cast<size_t>(std::max<int64_t>(N, 1));
-  c.spos.reset(new int64_t[cap]);
-  if (order) c.order.reset(new int64_t[cap]);
-  if (f0 != nullptr) c.sf0.reset(new float[cap]), c.sf1.reset(new float[cap]);
+  c.spos = c.spos_buf.get(cap);
+  c.order = order ? c.order_buf.get(cap) : nullptr;
+  c.sf0 = f0 != nullptr ? c.sf0_buf.get(cap) : nullptr;
+  c.sf1 = f0 != nullptr ? c.sf1_buf.get(cap) : nullptr;
   if (N == 0) return -1;
   int64_t bad = N;
   const int T = N >= 65536 ? nt : 1;
@@ -436,12 +450,12 @@ void sws_linear_histogram_cpu(const ReconstructArgs& a, const LinearArgs& l) {
   // Ellipse and outlier entries as CSRs by output row (entry order kept within a row).
   const RowOf row_of(in_f);
   const int ntc = parallel_threads(20.0 * static_cast<double>(a.E + a.O));
-  Csr ec, oc;  // ellipses: positions and entries; outliers: positions, mu and rho (slot order)
+  thread_local Csr ec, oc;  // ellipses: positions and entries; outliers: positions, mu and rho (slot order)
   const int64_t be = csr_by_row(a.e_pos, a.E, a.n, out_f, row_of, ntc, true, nullptr, nullptr, ec);
   const int64_t bo = be >= 0 ? -1 : csr_by_row(a.o_pos, a.O, a.n, out_f, row_of, ntc, false, a.o_mu, a.o_rho, oc);
   const std::vector<int64_t>&eoff = ec.off, &ooff = oc.off;
-  const int64_t *epos = ec.spos.get(), *eord = ec.order.get(), *opos = oc.spos.get();
-  const float *omu = oc.sf0.get(), *orho = oc.sf1.get();
+  const int64_t *epos = ec.spos, *eord = ec.order, *opos = oc.spos;
+  const float *omu = oc.sf0, *orho = oc.sf1;
   if (be >= 0 || bo >= 0)
     fail(std::string(be >= 0 ? "e_pos[" : "o_pos[") + std::to_string(be >= 0 ? be : bo) + "] = " +
          std::to_string(be >= 0 ? a.e_pos[be] : a.o_pos[bo]) + " is out of range [0, " + std::to_string(a.n) + ")");

@@ -667,3 +667,37 @@ def test_mean_field_linear_shards_match_unsharded(rng, monkeypatch, backend, S, 
     else:  # the sampled bias (purpose 2, global rows) added once, after the sum of the partial outputs
         b = R.mean_field_bias(b_mu, b_rho, seed=kw["seed"], samples=S, owner=21)
         torch.testing.assert_close(sum(ys) + b[:, None, :], y_full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.backends("reference", "native_cpu", "triton")
+def test_opcheck_ops_with_a_shard_mapping(rng, backend):
+    """The ops' trailing elem_offset / row_stride arguments: schema, fake kernels and autograd (the backward
+    returns no gradient for them) pass torch.library.opcheck on every backend."""
+    means, chol, labels, ell, outl = make_layer(rng, (6, 5), 5, 2, 2, torch.int16, device=backend.device)
+    a = sws_kernels._checks.sws(means, chol, labels, ell, outl, 7, 2, "hierarchical", 1, 2)
+    x = torch.randn(3, 5, generator=rng).to(backend.device).requires_grad_()
+    bias = torch.randn(6, generator=rng).to(backend.device).requires_grad_()
+    m, c = means.clone().requires_grad_(), chol.clone().requires_grad_()
+    rest = (a.labels, a.e_pos, a.e_a, a.e_b, a.e_alpha, a.o_pos, a.o_mu, a.o_rho)
+    seed = sws_kernels.philox.seed_tensor(7, backend.device)
+    emap = (23, 11)  # a 6 x 5 block at row 2, column 1 of a [*, 11] weight
+    gy = torch.randn(2, 3, 6, generator=rng).to(backend.device)
+    mu = (torch.randn(6, 5, generator=rng).to(backend.device) * 0.1).requires_grad_()
+    rho = (torch.randn(6, 5, generator=rng).to(backend.device) - 3).requires_grad_()
+    ops = torch.ops.sws_kernels
+    with backend():
+        torch.library.opcheck(ops.reconstruct.default, (m, c, *rest, seed, 2, 1, 1, 2, *emap))
+        torch.library.opcheck(ops.reconstruct_backward.default,
+                              (torch.randn(2, 6, 5, generator=rng).to(backend.device), means, chol, *rest, seed, 2, 1,
+                               1, 2, *emap))
+        torch.library.opcheck(ops.sws_linear.default, (x, m, c, *rest, bias, seed, 2, 1, 1, 2, False, *emap))
+        torch.library.opcheck(ops.sws_linear_dx.default, (gy, means, chol, *rest, seed, 2, 1, 1, 2, False, *emap))
+        torch.library.opcheck(ops.mean_field_reconstruct.default, (mu, rho, seed, 2, 1, 0, *emap))
+        torch.library.opcheck(ops.mean_field_linear.default, (x, mu, rho, bias, seed, 2, 1, False, *emap))
+        torch.library.opcheck(ops.mean_field_linear_dx.default, (gy, mu.detach(), rho.detach(), seed, 2, 1, False,
+                                                                 *emap))
+        # the op with the mapping is the reference with it
+        w = ops.reconstruct.default(means, chol, *rest, seed, 2, 1, 1, 2, *emap)
+    want = R.reconstruct(means, chol, labels, ell, outl, seed=7, samples=2, mode="hierarchical", owner=1,
+                         codebook_owner=2, elem_offset=23, row_stride=11)
+    torch.testing.assert_close(w, want, rtol=1e-5, atol=1e-5)

@@ -29,6 +29,9 @@ SWS_CASES = [(kind, style, shape, S, mode) for kind in ("sws",) for style in sdi
              for S in (1, 3) for mode in ("paper", "hierarchical")]
 MF_CASES = [("mf", style, shape, S, None) for style in sdist.TP_STYLES for shape in SHAPES for S in (1, 3)]
 CASES = SWS_CASES + MF_CASES
+# the same scenarios with the Triton kernels (under the interpreter on a CPU): shards launch the MAPPED variants
+TRITON_CASES = [("sws", "rowwise", "odd", 3, "hierarchical"), ("sws", "colwise", "aligned", 1, "hierarchical"),
+                ("mf", "colwise", "odd", 3, None), ("mf", "rowwise", "aligned", 1, None)]
 
 
 def _case_id(c):
@@ -131,6 +134,16 @@ def _worker(rank, world, port, out_dir):
                 res[case] = _scenario(case, mesh, rank)
             except Exception:  # noqa: BLE001 - reported by the test of this case
                 res[case] = traceback.format_exc()
+        import sws_kernels
+        for case in TRITON_CASES:
+            try:
+                if not sws_kernels.backends()["triton"][0]:
+                    res[("triton", case)] = "skip: " + sws_kernels.backends()["triton"][1]
+                    continue
+                with sws_kernels.backend("triton"):
+                    res[("triton", case)] = _scenario(case, mesh, rank)
+            except Exception:  # noqa: BLE001 - reported by the test of this case
+                res[("triton", case)] = traceback.format_exc()
         res["errors"] = _errors(mesh)
         res["readme"] = _readme_like(mesh)
     except Exception:  # noqa: BLE001
@@ -192,9 +205,21 @@ def world(tmp_path_factory):
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_shard_matches_unsharded_layer(world, case):
+    _check_case(world, case, case)
+
+
+@pytest.mark.parametrize("case", TRITON_CASES, ids=_case_id)
+def test_shard_matches_unsharded_layer_triton(world, case):
+    r = world[0][("triton", case)]
+    if isinstance(r, str) and r.startswith("skip: "):
+        pytest.skip(r[6:])
+    _check_case(world, ("triton", case), case)
+
+
+def _check_case(world, key, case):
     spans = []
     for rank, res in enumerate(world):
-        r = res[case]
+        r = res[key]
         assert not isinstance(r, str), f"rank {rank}:\n{r}"
         pairs, _, span = r
         spans.append(span)
@@ -208,7 +233,7 @@ def test_shard_matches_unsharded_layer(world, case):
     else:
         assert (c0a, c1a, c0b, c1b) == (0, -(-IN // 2), -(-IN // 2), IN) and (r0a, r1a) == (0, OUT)
     if case[0] == "sws":  # the outliers are split between the ranks, none lost
-        assert sum(int(world[r][case][0]["n_outliers"][0]) for r in range(2)) == 5
+        assert sum(int(world[r][key][0]["n_outliers"][0]) for r in range(2)) == 5
 
 
 def test_colwise_rowwise_pair_matches_unsharded(world):

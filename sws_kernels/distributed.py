@@ -952,6 +952,15 @@ class _TPSWSLinear:
 
         return self._contract(_tp_output(tp, _snn._run_sampled(xl, samples, seed, per_sample, call)), return_kl)
 
+    def sample_weights(self, *, samples: int = 1, seed=None, mode=None):
+        """This shard's sampled weights [samples, rows, columns]: its block of the unsharded layer's."""
+        cb = self.codebook
+        seed = _snn.draw_seed(cb.means.device) if seed is None else seed
+        return _SF().reconstruct(cb.means, cb.chol, self.labels, self._ellipse(), self._outliers(), seed=seed,
+                                 samples=samples, mode=self.mode if mode is None else mode, owner=self.owner,
+                                 codebook_owner=cb.owner, elem_offset=self._tp.elem_offset,
+                                 row_stride=self._tp.row_stride)
+
     def kl_loss(self):
         """The outlier KL of the whole (unsharded) layer: this shard's summed over the mesh. A collective."""
         return _AllReduceSum.apply(super().kl_loss(), self._tp.group)
@@ -986,6 +995,13 @@ class _TPMeanFieldLinear:
         if return_kl and not self._dnn_to_bnn_flag:
             return out, self.kl_loss()
         return out
+
+    def sample_weights(self, *, samples: int = 1, seed=None):
+        """This shard's sampled weights [samples, rows, columns]: its block of the unsharded layer's."""
+        seed = _snn.draw_seed(self.weight_mu.device) if seed is None else seed
+        return _SF().mean_field_reconstruct(self.weight_mu, self.weight_rho, seed=seed, samples=samples,
+                                            owner=self.owner, elem_offset=self._tp.elem_offset,
+                                            row_stride=self._tp.row_stride)
 
     # The KLs of the whole (unsharded) layer, from the shards' sums over the mesh (collectives: every rank calls
     # them). A rowwise layer's bias is whole on every rank: counted once, not summed.

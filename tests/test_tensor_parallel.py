@@ -91,6 +91,9 @@ def _scenario(case, mesh, rank):
     pairs = {"out": (y_tp, y_ref), "x.grad": (xt.grad, xr.grad)}
     # the KLs of the whole layer (collectives over the shards), as the unsharded layer's
     pairs["kl_loss"] = (tp.kl_loss(), ref.kl_loss())
+    # sample_weights: the shard's block of the unsharded layer's weights
+    pairs["sample_weights"] = (tp.sample_weights(samples=2, seed=99),
+                               ref.sample_weights(samples=2, seed=99)[:, r0:r1, c0:c1])
     if kind == "mf":
         pairs["kl_sum"] = (tp.kl_sum(), ref.kl_sum())
         pairs["mu.grad"] = (tp.mu_weight.grad, ref.mu_weight.grad[r0:r1, c0:c1])

@@ -188,19 +188,21 @@ class _SWSLinearFn(torch.autograd.Function):
         mode, owner, cbo = b.meta
         mcode = _checks.MODE_CODES[mode]
         gx = None
-        if (c.rows == 1 and not ctx.needs_input_grad[0] and b.prep is not None and not b.prep.cuda
+        if (c.rows == 1 and b.prep is not None and not b.prep.cuda and pl.backend == "native_cpu"
                 and x.dtype is torch.float32 and gy.dtype is torch.float32
                 and S * out_f * in_f <= _backend.LIMITS["cpu_rows_backward_max"].value
                 and _backend.select("reconstruct_backward", b.prep.device, torch.float32)[0] == "native_cpu"):
             # one input row per sample: every parameter gradient in one native call (csrc/cpu/layer.cpp),
-            # bit-identical to the three ops below
+            # bit-identical to the three ops below; the input gradient as below
             n = ctx.needs_input_grad
+            if n[0]:
+                gx = _ops._dx_reference(gy, native.reconstruct_prepared(b.prep, seed, S), S, ps, in_f)
             g = native.sws_linear_backward_rows_cpu(b.prep, gy, x, seed, S, ps,
                                                     n[5] and bias.dim() == 1 and bias.dtype is torch.float32)
             g_bias = g[4]
             if g_bias is None and n[5]:
                 g_bias = _ops._grad_bias(gy, bias, S, out_f)
-            return (None, g[0] if n[1] else None, g[1] if n[2] else None, g[2] if n[3] else None,
+            return (gx, g[0] if n[1] else None, g[1] if n[2] else None, g[2] if n[3] else None,
                     g[3] if n[4] else None, g_bias, None)
         if ctx.needs_input_grad[0]:
             if pl.backend in _NATIVE and b.prep is not None:
@@ -445,18 +447,20 @@ class _MFLinearFn(torch.autograd.Function):
             gy = gy.unsqueeze(0)
         out_f, in_f = mu.shape
         n = ctx.needs_input_grad
-        if (not n[0] and not b.prep_w.cuda and x.dtype is torch.float32 and gy.dtype is torch.float32
+        gx = g_mu = g_rho = g_bmu = g_brho = None
+        if (not b.prep_w.cuda and x.dtype is torch.float32 and gy.dtype is torch.float32
                 and x.numel() == (S if ps else 1) * in_f
                 and S * out_f * in_f <= _backend.LIMITS["cpu_rows_backward_max"].value):
             # one input row per sample: every parameter gradient in one native call (csrc/cpu/layer.cpp),
-            # bit-identical to the ops below
+            # bit-identical to the ops below; the input gradient as below
+            if n[0]:
+                gx = _ops._dx_reference(gy, native.mean_field_reconstruct_prepared(b.prep_w, seed, S), S, ps, in_f)
             g = native.mean_field_linear_backward_rows_cpu(b.prep_w, b.prep_b, gy, x, seed, S, ps)
             g_bmu = g[2]
             if bmu is not None and b.prep_b is None and n[3]:
                 g_bmu = gy.reshape(S, out_f).sum(0, dtype=torch.float32).to(bmu.dtype)
-            return (None, g[0] if n[1] else None, g[1] if n[2] else None, g_bmu if n[3] else None,
+            return (gx, g[0] if n[1] else None, g[1] if n[2] else None, g_bmu if n[3] else None,
                     g[3] if n[4] else None, None)
-        gx = g_mu = g_rho = g_bmu = g_brho = None
         if n[0]:
             w = native.mean_field_reconstruct_prepared(b.prep_w, seed, S)
             gx = _ops._dx_reference(gy, w, S, ps, in_f)

@@ -192,6 +192,19 @@ def test_native_rejects_bad_entries():
 
 
 @needs_native
+@pytest.mark.parametrize("ldt", [torch.int8, torch.int16])
+@pytest.mark.parametrize("col,value", [(4, 7), (19, -1), (9, -3), (20, 7)])
+def test_native_rejects_labels_out_of_range_in_the_loop(ldt, col, value):
+    """int8/int16 labels are range-checked inside the AVX-512 gather's loop (8 at a time; tail one by one)."""
+    gen = torch.Generator().manual_seed(10)
+    x, means, chol, labels, ell, outl, bias = _case(gen, 9, 21, 7, ldt, 2, 5, "none")
+    bad = labels.clone()
+    bad[5, col] = value
+    with pytest.raises(ValueError, match="outside"):
+        native.sws_linear_histogram_cpu(x, means, chol, bad, *ell, *outl, bias, 1, 5, 0, 7, 3)
+
+
+@needs_native
 def test_native_rejects_what_it_cannot_do():
     gen = torch.Generator().manual_seed(6)
     x, means, chol, labels, ell, outl, bias = _case(gen, 6, 10, 4, torch.uint8, 2, 3, "none")

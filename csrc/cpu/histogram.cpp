@@ -161,6 +161,14 @@ struct Lab8 {
     if constexpr (sizeof(L) <= 2) std::memcpy(w, q, 8 * sizeof(L));
     else p = q;
   }
+  // Nonzero when one of the 8 labels is negative or >= K (int8 / int16 only, K <= 2^7 / 2^15): per lane,
+  // (x | H) - K has its top bit set iff x >= K for 0 <= x < H, and x's own top bit flags a negative label; the
+  // lanes never borrow from each other since x | H >= H >= K.
+  inline uint64_t bad(uint64_t krep, uint64_t hmask) const {
+    uint64_t b = 0;
+    for (int q = 0; q < (sizeof(L) == 2 ? 2 : 1); ++q) b |= (((w[q] | hmask) - krep) | w[q]) & hmask;
+    return b;
+  }
   inline int64_t operator[](int u) const {
     if constexpr (sizeof(L) == 1) return static_cast<int64_t>((w[0] >> (8 * u)) & 0xff);
     else if constexpr (sizeof(L) == 2) return static_cast<int64_t>((w[u / 4] >> (16 * (u % 4))) & 0xffff);
@@ -178,8 +186,21 @@ constexpr int gather_unroll() {
   return R * MB * V >= 8 ? 1 : R * MB * V >= 4 ? 2 : R * MB * V >= 2 ? 4 : 8;
 }
 
+// Labels checked in the loop itself (no separate range pass over them) for int8 / int16 with K <= 2^7 / 2^15.
+template <class L>
+constexpr bool kInLoopCheck = (sizeof(L) == 2 && std::is_signed_v<L>) || (sizeof(L) == 1 && std::is_signed_v<L>);
+
+template <class L>
+inline bool in_loop_check(int64_t K) {
+  return kInLoopCheck<L> && K <= (int64_t{1} << (8 * sizeof(L) - 1));
+}
+
+// Returns false (results undefined) at the first 8-label step with a label outside [0, K) when `check`.
 template <int R, int MB, int V, class L>
-SWS_HIST_AVX512 void gather_block(const L* lab, int64_t n, const float* x, int64_t M, const float* zt, float* out) {
+SWS_HIST_AVX512 bool gather_block(const L* lab, int64_t n, const float* x, int64_t M, const float* zt, float* out,
+                                  bool check, int64_t K) {
+  const uint64_t lanes = sizeof(L) == 2 ? 0x0001000100010001ull : 0x0101010101010101ull;
+  const uint64_t krep = static_cast<uint64_t>(K) * lanes, hmask = (sizeof(L) == 2 ? 0x8000ull : 0x80ull) * lanes;
   constexpr int U = gather_unroll<R, MB, V>();
   constexpr int64_t SP = 16 * V;
   __m512 acc[U][R][MB][V];
@@ -193,6 +214,14 @@ SWS_HIST_AVX512 void gather_block(const L* lab, int64_t n, const float* x, int64
     Lab8<L> lw[R];
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) lw[r].load(lab + r * n + i);
+    if constexpr (kInLoopCheck<L>) {
+      if (check) {
+        uint64_t b = 0;
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) b |= lw[r].bad(krep, hmask);
+        if (b != 0) return false;
+      }
+    }
     __m512 xv[MB];
 #pragma GCC unroll 4
     for (int m = 0; m < MB; ++m) xv[m] = _mm512_castps256_ps512(_mm256_loadu_ps(x + m * n + i));
@@ -215,6 +244,7 @@ SWS_HIST_AVX512 void gather_block(const L* lab, int64_t n, const float* x, int64
   }
   for (; i < n; ++i) {
     for (int r = 0; r < R; ++r) {
+      if (check && (static_cast<int64_t>(lab[r * n + i]) < 0 || static_cast<int64_t>(lab[r * n + i]) >= K)) return false;
       const float* z = zt + static_cast<int64_t>(lab[r * n + i]) * SP;
       for (int m = 0; m < MB; ++m) {
         const __m512 xb = _mm512_set1_ps(x[m * n + i]);
@@ -231,19 +261,25 @@ SWS_HIST_AVX512 void gather_block(const L* lab, int64_t n, const float* x, int64
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m)
       for (int v = 0; v < V; ++v) _mm512_storeu_ps(out + (r * M + m) * SP + 16 * v, acc[0][r][m][v]);
+  return true;
 }
 
 // All M rows of x for R output rows: blocks of MB x rows (R * MB * V <= 16 accumulators).
 template <int R, int V, class L>
-SWS_HIST_AVX512 void gather_rows(const L* lab, int64_t n, const float* x, int64_t M, const float* zt, float* out) {
+SWS_HIST_AVX512 bool gather_rows(const L* lab, int64_t n, const float* x, int64_t M, const float* zt, float* out,
+                                 bool check, int64_t K) {
   int64_t m = 0;
   if constexpr (R * V <= 4) {
-    for (; m + 4 <= M; m += 4) gather_block<R, 4, V>(lab, n, x + m * n, M, zt, out + m * 16 * V);
+    for (; m + 4 <= M; m += 4)
+      if (!gather_block<R, 4, V>(lab, n, x + m * n, M, zt, out + m * 16 * V, check, K)) return false;
   }
   if constexpr (R * V <= 8 && V <= 2) {
-    for (; m + 2 <= M; m += 2) gather_block<R, 2, V>(lab, n, x + m * n, M, zt, out + m * 16 * V);
+    for (; m + 2 <= M; m += 2)
+      if (!gather_block<R, 2, V>(lab, n, x + m * n, M, zt, out + m * 16 * V, check, K)) return false;
   }
-  for (; m < M; ++m) gather_block<R, 1, V>(lab, n, x + m * n, M, zt, out + m * 16 * V);
+  for (; m < M; ++m)
+    if (!gather_block<R, 1, V>(lab, n, x + m * n, M, zt, out + m * 16 * V, check, K)) return false;
+  return true;
 }
 
 // The ellipse/outlier entries of one output row on its gather results ar[m * Sp + s] (the gather added
@@ -465,7 +501,7 @@ void sws_linear_histogram_cpu(const ReconstructArgs& a, const LinearArgs& l) {
   int bad = 0;
   int64_t dup = -1;
   // 1-byte labels with K >= 256 cannot be out of range: no range pass over them
-  const bool check_labels = !(a.labels_dtype == kU8 && K >= 256);
+  // (int8 / int16 labels in the gather: checked inside its loop, see Lab8::bad)
   // histograms or gathers (M passes over the labels), products, and the outliers' S * O normals (one Philox call
   // each: outliers rarely share a counter)
   const double per_weight_ns =
@@ -488,7 +524,10 @@ void sws_linear_histogram_cpu(const ReconstructArgs& a, const LinearArgs& l) {
       for (int64_t b = 0; b < nb; ++b) {
         const int64_t j0 = b * kRows, nr = std::min<int64_t>(kRows, out_f - j0);
         const auto* lb = lab + j0 * in_f;
-        if (check_labels && !labels_in_range(lb, 0, nr * in_f, K)) {
+        using Lt = std::remove_cv_t<std::remove_pointer_t<decltype(lb)>>;
+        const bool in_loop = gather && in_loop_check<Lt>(K);
+        const bool check_first = !(std::is_same_v<Lt, uint8_t> && K >= 256) && !in_loop;
+        if (check_first && !labels_in_range(lb, 0, nr * in_f, K)) {
           bad = 1;
           continue;
         }
@@ -526,15 +565,20 @@ void sws_linear_histogram_cpu(const ReconstructArgs& a, const LinearArgs& l) {
           if (gather) {
 #if SWS_HIST_X86
             // Stage 1 (gather): acc rows of every x row (4 rows at once), then the ellipse/outlier corrections.
-            using Lt = std::remove_cv_t<std::remove_pointer_t<decltype(lb)>>;
+            bool ok = true;
             if (nr == kRows) {
-              (V == 1 ? gather_rows<kRows, 1, Lt> : V == 2 ? gather_rows<kRows, 2, Lt>
-               : V == 3 ? gather_rows<kRows, 3, Lt> : gather_rows<kRows, 4, Lt>)(lb, in_f, x, M, zt_p, acc);
+              ok = (V == 1 ? gather_rows<kRows, 1, Lt> : V == 2 ? gather_rows<kRows, 2, Lt>
+                    : V == 3 ? gather_rows<kRows, 3, Lt> : gather_rows<kRows, 4, Lt>)(lb, in_f, x, M, zt_p, acc,
+                                                                                      in_loop, K);
             } else {
-              for (int64_t r = 0; r < nr; ++r)
-                (V == 1 ? gather_rows<1, 1, Lt> : V == 2 ? gather_rows<1, 2, Lt>
-                 : V == 3 ? gather_rows<1, 3, Lt> : gather_rows<1, 4, Lt>)(lb + r * in_f, in_f, x, M, zt_p,
-                                                                           acc + r * M * Sp);
+              for (int64_t r = 0; r < nr && ok; ++r)
+                ok = (V == 1 ? gather_rows<1, 1, Lt> : V == 2 ? gather_rows<1, 2, Lt>
+                      : V == 3 ? gather_rows<1, 3, Lt> : gather_rows<1, 4, Lt>)(lb + r * in_f, in_f, x, M, zt_p,
+                                                                                acc + r * M * Sp, in_loop, K);
+            }
+            if (!ok) {  // a label out of range: nothing of this block is used (the call throws)
+              bad = 1;
+              break;
             }
             for (int64_t r = 0; r < nr; ++r) {
               const int64_t j = j0 + r;

@@ -105,6 +105,9 @@ def main():
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="cpu: process CPU time (use with --threads 1 on a shared, loaded machine)")
     ap.add_argument("--goals-only", action="store_true", help="only the M = 1, S = 16 goal rows and bayesian-torch")
+    ap.add_argument("--simd", choices=("best", "avx2", "scalar"), default="best",
+                    help="cap the native vector code (SWS_SIMD): avx2 = the AVX2 histogram and 8-lane Philox on an "
+                         "AVX-512 machine")
     ap.add_argument("--replot", help="only redraw --plot from a --json file of an earlier run")
     args = ap.parse_args()
     if args.replot:
@@ -120,6 +123,9 @@ def main():
         native.set_num_threads(args.threads)
     if not native.AVAILABLE_CPU:
         sys.exit(f"bench_predict.py: the native CPU module is needed: {native.CPU_REASON}")
+    if args.simd != "best":
+        os.environ["SWS_SIMD"] = args.simd
+    native.set_simd(args.simd != "scalar")  # (re)reads SWS_SIMD
     rounds = 3 if args.quick else 7
     torch.manual_seed(0)
     bw = copy_bandwidth(rounds)
@@ -129,8 +135,16 @@ def main():
             cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            avx512 = " avx512f " in f.read().replace("\n", " ")
+    except OSError:
+        avx512 = False
+    isa = native.simd_level()
+    if isa == "avx2" and avx512 and os.environ.get("SWS_SIMD", "best") not in ("avx2", "scalar"):
+        isa = "avx512"  # the native code runs its AVX-512 versions where the CPU has them (vecmath.h simd_isa)
     print(f"# {cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), native "
-          f"{native.max_threads()} OpenMP threads, simd {native.simd_level()}; copy bandwidth {bw / 1e9:.1f} GB/s; "
+          f"{native.max_threads()} OpenMP threads, simd {isa}; copy bandwidth {bw / 1e9:.1f} GB/s; "
           f"clock {args.clock}; load average {os.getloadavg()[0]:.1f}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     rows = []
     Ms = (1, 2, 4, 16) if not args.quick else (1, 4)

@@ -35,6 +35,40 @@ void check_ptr(const char* fn, const char* name, uintptr_t p, int64_t count) {
   if (count > 0 && p == 0) throw std::invalid_argument(std::string(fn) + ": " + name + " is a null pointer");
 }
 
+// The *_run / one-row entries (the layers' steady-state calls, sws_kernels/_bound.py): the bundles are the
+// caller's, reused across calls and shared by threads, so this call's seed and S go into a copy (no lock, no
+// attribute writes from Python). seed_ptr: the address of a CPU int64 seed tensor (read here), else 0 and
+// seed is the value.
+template <class A>
+A for_call(const A& a0, uint64_t seed, uintptr_t seed_ptr, int64_t S) {
+  A a = a0;
+  a.seed = seed_ptr ? *ptr<const uint64_t>(seed_ptr) : seed;
+  a.S = S;
+  return a;
+}
+
+// Runs f, releasing the GIL only around work that is worth it: releasing and re-taking it costs more than a
+// tiny layer's kernel.
+template <class F>
+void run_gil_aware(int64_t work, F&& f) {
+  if (work < (1 << 16)) {
+    f();
+    return;
+  }
+  py::gil_scoped_release release;
+  f();
+}
+
+sws::RowBackward row_backward(int64_t out_f, int64_t in_f, uintptr_t gy, uintptr_t x, bool x_per_sample) {
+  sws::RowBackward r;
+  r.out_f = out_f;
+  r.in_f = in_f;
+  r.gy = ptr<const float>(gy);
+  r.x = ptr<const float>(x);
+  r.x_per_sample = x_per_sample;
+  return r;
+}
+
 // A pointer member as a read/write Python int property (the address).
 template <class C, class T>
 void ptr_field(py::class_<C>& cls, const char* name, T* C::*field) {
@@ -308,67 +342,42 @@ PYBIND11_MODULE(_C, m) {
       "Fused small-M SWS linear forward (paper/mean, float32 x, M <= 32): float32 y[S, M, out_f] = x W[s]^T "
       "(+ bias), W never materialised.");
 
-  // The layers' steady-state call (sws_kernels/_bound.py): the bundles are the caller's, reused across calls
-  // and shared by threads, so this call's seed, S and addresses go into local copies (no lock, no attribute
-  // writes from Python: ~1.5 us less than filling the bound objects field by field). seed_ptr: the address of
-  // a CPU int64 seed tensor (read here), else 0 and seed is the value. The GIL is released only around work
-  // that is worth it (releasing and re-taking it costs more than a tiny layer's kernel).
+  // The layers' steady-state calls (sws_kernels/_bound.py): see for_call and run_gil_aware above.
   m.def(
       "sws_linear_cpu_run",
       [](const ReconstructArgs& a0, const LinearArgs& l0, uintptr_t x, uintptr_t y, uintptr_t bias,
          bool bias_per_sample, uint64_t seed, uintptr_t seed_ptr, int64_t S) {
-        ReconstructArgs a = a0;
+        const ReconstructArgs a = for_call(a0, seed, seed_ptr, S);
         LinearArgs l = l0;
-        a.seed = seed_ptr ? *ptr<const uint64_t>(seed_ptr) : seed;
-        a.S = S;
         l.x = ptr<const void>(x);
         l.y = ptr<void>(y);
         l.bias = ptr<const float>(bias);
         l.bias_per_sample = bias_per_sample;
         check_ptr("sws_linear_cpu_run", "x", x, l.M * l.in_f);
         check_ptr("sws_linear_cpu_run", "y", y, l.M * l.out_f);
-        if (S * a.n * l.M < (1 << 16)) {
-          sws::sws_linear_cpu(a, l);
-        } else {
-          py::gil_scoped_release release;
-          sws::sws_linear_cpu(a, l);
-        }
+        run_gil_aware(S * a.n * l.M, [&] { sws::sws_linear_cpu(a, l); });
       },
       py::arg("args"), py::arg("linear"), py::arg("x"), py::arg("y"), py::arg("bias"), py::arg("bias_per_sample"),
       py::arg("seed"), py::arg("seed_ptr"), py::arg("S"),
       "sws_linear_cpu with this call's addresses, seed and S written into copies of the bundles.");
 
-  // csrc/cpu/layer.cpp: the one-row backward of the linear layers and the mean-field sampling, one call each,
-  // the same per-call convention as sws_linear_cpu_run (bundles copied, seed by value or address).
+  // csrc/cpu/layer.cpp: the one-row backward of the linear layers and the mean-field sampling, one call each.
   m.def(
       "sws_linear_backward_rows_cpu",
       [](const ReconstructArgs& a0, int64_t out_f, int64_t in_f, uintptr_t gy, uintptr_t x, bool x_per_sample,
          uint64_t seed, uintptr_t seed_ptr, int64_t S, uintptr_t g_means, uintptr_t g_chol, uintptr_t g_mu,
          uintptr_t g_rho, uintptr_t g_bias) {
         const char* fn = "sws_linear_backward_rows_cpu";
-        ReconstructArgs a = a0;
-        a.seed = seed_ptr ? *ptr<const uint64_t>(seed_ptr) : seed;
-        a.S = S;
+        const ReconstructArgs a = for_call(a0, seed, seed_ptr, S);
         check_ptr(fn, "g_means", g_means, a.K);
         check_ptr(fn, "g_chol", g_chol, a.K);
         check_ptr(fn, "g_mu", g_mu, a.O);
         check_ptr(fn, "g_rho", g_rho, a.O);
-        sws::RowBackward r;
-        r.out_f = out_f;
-        r.in_f = in_f;
-        r.gy = ptr<const float>(gy);
-        r.x = ptr<const float>(x);
-        r.x_per_sample = x_per_sample;
-        auto run = [&] {
+        const sws::RowBackward r = row_backward(out_f, in_f, gy, x, x_per_sample);
+        run_gil_aware(S * a.n, [&] {
           sws::sws_linear_backward_rows_cpu(a, r, ptr<float>(g_means), ptr<float>(g_chol), ptr<float>(g_mu),
                                             ptr<float>(g_rho), ptr<float>(g_bias));
-        };
-        if (S * a.n < (1 << 16)) {
-          run();
-        } else {
-          py::gil_scoped_release release;
-          run();
-        }
+        });
       },
       py::arg("args"), py::arg("out_f"), py::arg("in_f"), py::arg("gy"), py::arg("x"), py::arg("x_per_sample"),
       py::arg("seed"), py::arg("seed_ptr"), py::arg("S"), py::arg("g_means"), py::arg("g_chol"), py::arg("g_mu"),
@@ -381,35 +390,17 @@ PYBIND11_MODULE(_C, m) {
          bool x_per_sample, uint64_t seed, uintptr_t seed_ptr, int64_t S, uintptr_t g_mu, uintptr_t g_rho,
          uintptr_t g_bmu, uintptr_t g_brho) {
         const char* fn = "mean_field_linear_backward_rows_cpu";
-        const uint64_t sd = seed_ptr ? *ptr<const uint64_t>(seed_ptr) : seed;
-        MeanFieldArgs w = w0, b;
-        w.seed = sd;
-        w.S = S;
+        const MeanFieldArgs w = for_call(w0, seed, seed_ptr, S);
+        const MeanFieldArgs b = b0 != nullptr ? for_call(*b0, seed, seed_ptr, S) : MeanFieldArgs{};
         check_ptr(fn, "g_mu", g_mu, w.n);
         check_ptr(fn, "g_rho", g_rho, w.n);
-        if (b0 != nullptr) {
-          b = *b0;
-          b.seed = sd;
-          b.S = S;
-          check_ptr(fn, "g_bmu", g_bmu, b.n);
-          check_ptr(fn, "g_brho", g_brho, b.n);
-        }
-        sws::RowBackward r;
-        r.out_f = out_f;
-        r.in_f = in_f;
-        r.gy = ptr<const float>(gy);
-        r.x = ptr<const float>(x);
-        r.x_per_sample = x_per_sample;
-        auto run = [&] {
+        check_ptr(fn, "g_bmu", g_bmu, b.n);
+        check_ptr(fn, "g_brho", g_brho, b.n);
+        const sws::RowBackward r = row_backward(out_f, in_f, gy, x, x_per_sample);
+        run_gil_aware(S * w.n, [&] {
           sws::mean_field_linear_backward_rows_cpu(w, b0 != nullptr ? &b : nullptr, r, ptr<float>(g_mu),
                                                    ptr<float>(g_rho), ptr<float>(g_bmu), ptr<float>(g_brho));
-        };
-        if (S * w.n < (1 << 16)) {
-          run();
-        } else {
-          py::gil_scoped_release release;
-          run();
-        }
+        });
       },
       py::arg("weight"), py::arg("bias").none(true), py::arg("out_f"), py::arg("in_f"), py::arg("gy"), py::arg("x"),
       py::arg("x_per_sample"), py::arg("seed"), py::arg("seed_ptr"), py::arg("S"), py::arg("g_mu"), py::arg("g_rho"),
@@ -420,28 +411,14 @@ PYBIND11_MODULE(_C, m) {
       "mean_field_sample_cpu",
       [](const MeanFieldArgs& w0, const MeanFieldArgs* b0, uint64_t seed, uintptr_t seed_ptr, int64_t S,
          uintptr_t w_out, uintptr_t b_out) {
-        const char* fn = "mean_field_sample_cpu";
-        const uint64_t sd = seed_ptr ? *ptr<const uint64_t>(seed_ptr) : seed;
-        MeanFieldArgs w = w0, b;
-        w.seed = sd;
-        w.S = S;
-        check_ptr(fn, "w_out", w_out, w.n);
-        if (b0 != nullptr) {
-          b = *b0;
-          b.seed = sd;
-          b.S = S;
-          check_ptr(fn, "b_out", b_out, b.n);
-        }
-        auto run = [&] {
+        const MeanFieldArgs w = for_call(w0, seed, seed_ptr, S);
+        const MeanFieldArgs b = b0 != nullptr ? for_call(*b0, seed, seed_ptr, S) : MeanFieldArgs{};
+        check_ptr("mean_field_sample_cpu", "w_out", w_out, w.n);
+        check_ptr("mean_field_sample_cpu", "b_out", b_out, b.n);
+        run_gil_aware(S * w.n, [&] {
           sws::mean_field_reconstruct_cpu(w, ptr<float>(w_out));
           if (b0 != nullptr) sws::mean_field_reconstruct_cpu(b, ptr<float>(b_out));
-        };
-        if (S * w.n < (1 << 16)) {
-          run();
-        } else {
-          py::gil_scoped_release release;
-          run();
-        }
+        });
       },
       py::arg("weight"), py::arg("bias").none(true), py::arg("seed"), py::arg("seed_ptr"), py::arg("S"),
       py::arg("w_out"), py::arg("b_out"),

@@ -56,6 +56,19 @@ namespace {
 
 constexpr int kRows = 4;  // output rows per work item (and per product step: each zt load feeds 4 rows)
 
+// One ellipse/outlier entry in row order (the CSRs below): its flat position and, for an ellipse, its entry index,
+// for an outlier its (mu, rho). One 16-byte slot per entry: the counting sort's scattered writes touch one cache
+// line per entry (three separate arrays cost three, which shows when the caches are cold).
+struct Slot {
+  int64_t pos;
+  union {
+    int64_t entry;
+    struct {
+      float mu, rho;
+    } w;
+  };
+};
+
 // One row's histogram with C interleaved copies (label i goes to copy i % C), labels already range-checked (so an
 // int8/int16 label's bits are its value): 8 labels per step from one or two 64-bit loads.
 template <int C, class L>
@@ -288,8 +301,8 @@ SWS_HIST_AVX512 bool gather_rows(const L* lab, int64_t n, const float* x, int64_
 // its softplus(rho)). Entries in slot order; the row's results stay in registers (per x row m).
 template <int V, class L>
 SWS_HIST_AVX512 void correct_row(float* ar, int64_t M, const float* x, int64_t in_f, const L* lr, int64_t base,
-                                 const float* zt, int64_t SZ, int64_t e0, int64_t e1, const int64_t* epos,
-                                 const int64_t* eord, const int64_t* e_a, const int64_t* e_b, const float* e_alpha,
+                                 const float* zt, int64_t SZ, int64_t e0, int64_t e1, const Slot* es,
+                                 const int64_t* e_a, const int64_t* e_b, const float* e_alpha,
                                  int64_t o0, int64_t o1, const int64_t* opos, const float* omu, const float* sd,
                                  const float* eps, int64_t tb) {
   constexpr int64_t SP = 16 * V;
@@ -303,7 +316,7 @@ SWS_HIST_AVX512 void correct_row(float* ar, int64_t M, const float* x, int64_t i
     __m512 acc[V];
     for (int v = 0; v < V; ++v) acc[v] = _mm512_loadu_ps(ar + m * SP + 16 * v);
     for (int64_t t = e0; t < e1; ++t) {
-      const int64_t e = eord[t], col = epos[t] - base;
+      const int64_t e = es[t].entry, col = es[t].pos - base;
       const float* za = zt + e_a[e] * SP;
       const float* zb = zt + e_b[e] * SP;
       const float* zl = zt + static_cast<int64_t>(lr[col]) * SP;
@@ -316,9 +329,9 @@ SWS_HIST_AVX512 void correct_row(float* ar, int64_t M, const float* x, int64_t i
       }
     }
     for (int64_t t = o0; t < o1; ++t) {
-      const int64_t col = opos[t] - base, q = t - tb;
+      const int64_t q = t - tb, col = opos[q] - base;
       const float* zl = zt + static_cast<int64_t>(lr[col]) * SP;
-      const __m512 mu = _mm512_set1_ps(omu[t]), so = _mm512_set1_ps(sd[q]), xv = _mm512_set1_ps(xm[col]);
+      const __m512 mu = _mm512_set1_ps(omu[q]), so = _mm512_set1_ps(sd[q]), xv = _mm512_set1_ps(xm[col]);
       for (int v = 0; v < V; ++v) {
         const __m512 w = _mm512_fmadd_ps(so, _mm512_maskz_loadu_ps(km[v], eps + q * SZ + 16 * v), mu);
         acc[v] = _mm512_fmadd_ps(xv, _mm512_sub_ps(w, _mm512_load_ps(zl + 16 * v)), acc[v]);
@@ -343,11 +356,11 @@ struct RowOf {
 };
 
 // A CSR by output row of N entries with flat positions pos[e] (entry order kept within a row): off[out_f + 1],
-// and per slot t: spos[t] = the entry's position, order[t] = the entry (when order is not null), sf0[t] = f0[e] and
-// sf1[t] = f1[e] (when f0 is not null): written in slot order here, read sequentially later. Counting sort over T
-// chunks of entries (chunk c's entries of a row after those of chunks < c: the order does not depend on T). The
-// slot arrays are written only by the parallel fill, and kept by the calling thread for its next call (a fresh
-// multi-MB allocation per call is fresh pages: their faults cost about as much as the fill).
+// and slot[t] = {position, entry} (f0 null) or {position, (f0[e], f1[e])}, written in slot order here and read
+// sequentially later. Counting sort over T chunks of entries (chunk c's entries of a row after those of chunks < c:
+// the order does not depend on T). The slots are written only by the parallel fill, and kept by the calling thread
+// for its next call (a fresh multi-MB allocation per call is fresh pages: their faults cost about as much as the
+// fill).
 template <class T>
 struct Scratch {
   std::unique_ptr<T[]> p;
@@ -360,21 +373,16 @@ struct Scratch {
 
 struct Csr {
   std::vector<int64_t> off;
-  Scratch<int64_t> spos_buf, order_buf;
-  Scratch<float> sf0_buf, sf1_buf;
-  int64_t *spos = nullptr, *order = nullptr;
-  float *sf0 = nullptr, *sf1 = nullptr;
+  Scratch<Slot> buf;
+  Slot* slot = nullptr;
 };
 
 // Returns -1, or the index of an entry whose position is outside [0, n) (nothing filled then).
-int64_t csr_by_row(const int64_t* pos, int64_t N, int64_t n, int64_t out_f, const RowOf& row_of, int nt, bool order,
+int64_t csr_by_row(const int64_t* pos, int64_t N, int64_t n, int64_t out_f, const RowOf& row_of, int nt,
                    const float* f0, const float* f1, Csr& c) {
   c.off.assign(static_cast<size_t>(out_f + 1), 0);
   const size_t cap = static_cast<size_t>(std::max<int64_t>(N, 1));
-  c.spos = c.spos_buf.get(cap);
-  c.order = order ? c.order_buf.get(cap) : nullptr;
-  c.sf0 = f0 != nullptr ? c.sf0_buf.get(cap) : nullptr;
-  c.sf1 = f0 != nullptr ? c.sf1_buf.get(cap) : nullptr;
+  c.slot = c.buf.get(cap);
   if (N == 0) return -1;
   int64_t bad = N;
   const int T = N >= 65536 ? nt : 1;
@@ -420,9 +428,11 @@ int64_t csr_by_row(const int64_t* pos, int64_t N, int64_t n, int64_t out_f, cons
       for (int64_t e = e0; e < e1; ++e) {
         const int64_t p = pos[e];
         const int64_t t = cc[row_of(p)]++;
-        c.spos[t] = p;
-        if (order) c.order[t] = e;
-        if (f0 != nullptr) c.sf0[t] = f0[e], c.sf1[t] = f1[e];
+        Slot q;
+        q.pos = p;
+        if (f0 != nullptr) q.w.mu = f0[e], q.w.rho = f1[e];
+        else q.entry = e;
+        c.slot[t] = q;
       }
     }
   }
@@ -487,11 +497,10 @@ void sws_linear_histogram_cpu(const ReconstructArgs& a, const LinearArgs& l) {
   const RowOf row_of(in_f);
   const int ntc = parallel_threads(20.0 * static_cast<double>(a.E + a.O));
   thread_local Csr ec, oc;  // ellipses: positions and entries; outliers: positions, mu and rho (slot order)
-  const int64_t be = csr_by_row(a.e_pos, a.E, a.n, out_f, row_of, ntc, true, nullptr, nullptr, ec);
-  const int64_t bo = be >= 0 ? -1 : csr_by_row(a.o_pos, a.O, a.n, out_f, row_of, ntc, false, a.o_mu, a.o_rho, oc);
+  const int64_t be = csr_by_row(a.e_pos, a.E, a.n, out_f, row_of, ntc, nullptr, nullptr, ec);
+  const int64_t bo = be >= 0 ? -1 : csr_by_row(a.o_pos, a.O, a.n, out_f, row_of, ntc, a.o_mu, a.o_rho, oc);
   const std::vector<int64_t>&eoff = ec.off, &ooff = oc.off;
-  const int64_t *epos = ec.spos, *eord = ec.order, *opos = oc.spos;
-  const float *omu = oc.sf0, *orho = oc.sf1;
+  const Slot *es = ec.slot, *os = oc.slot;
   if (be >= 0 || bo >= 0)
     fail(std::string(be >= 0 ? "e_pos[" : "o_pos[") + std::to_string(be >= 0 ? be : bo) + "] = " +
          std::to_string(be >= 0 ? a.e_pos[be] : a.o_pos[bo]) + " is out of range [0, " + std::to_string(a.n) + ")");
@@ -518,8 +527,9 @@ void sws_linear_histogram_cpu(const ReconstructArgs& a, const LinearArgs& l) {
       std::vector<float> acc_buf(static_cast<size_t>(kRows * (gather ? M : 1) * Sp + 16), 0.0f);
       float* const acc = acc_buf.data() + ((64 - reinterpret_cast<uintptr_t>(acc_buf.data()) % 64) % 64) / sizeof(float);
       std::vector<int64_t> stamp(static_cast<size_t>(in_f), -1);  // stamp[col] = j: row j has an entry at col
-      // the block's outliers (CSR slots tb ..): softplus(rho), normals eps[q * SZ + s]
-      std::vector<float> beps, bsd;
+      // the block's outliers (CSR slots tb ..): positions, mu, softplus(rho), normals eps[q * SZ + s]
+      std::vector<int64_t> bpos;
+      std::vector<float> beps, bmu, bsd;
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < nb; ++b) {
         const int64_t j0 = b * kRows, nr = std::min<int64_t>(kRows, out_f - j0);
@@ -535,12 +545,12 @@ void sws_linear_histogram_cpu(const ReconstructArgs& a, const LinearArgs& l) {
         for (int64_t r = 0; r < nr; ++r) {
           const int64_t j = j0 + r;
           for (int pass = 0; pass < 2; ++pass) {
-            const int64_t* ps = pass ? opos : epos;
+            const Slot* ps = pass ? os : es;
             for (int64_t t = (pass ? ooff : eoff)[j]; t < (pass ? ooff : eoff)[j + 1]; ++t) {
-              int64_t& st = stamp[static_cast<size_t>(ps[t] - j * in_f)];
+              int64_t& st = stamp[static_cast<size_t>(ps[t].pos - j * in_f)];
               if (st == j) {
 #pragma omp critical(sws_hist_dup)
-                dup = ps[t];
+                dup = ps[t].pos;
               }
               st = j;
             }
@@ -550,14 +560,21 @@ void sws_linear_histogram_cpu(const ReconstructArgs& a, const LinearArgs& l) {
         // normals generated here, where they are used (an O x S buffer's page faults and traffic cost more).
         const int64_t tb = ooff[static_cast<size_t>(j0)], nob = ooff[static_cast<size_t>(j0 + nr)] - tb;
         if (nob > 0) {
-          if (static_cast<int64_t>(bsd.size()) < nob) bsd.resize(static_cast<size_t>(nob));
+          if (static_cast<int64_t>(bsd.size()) < nob)
+            bsd.resize(static_cast<size_t>(nob)), bmu.resize(static_cast<size_t>(nob)), bpos.resize(static_cast<size_t>(nob));
           if (static_cast<int64_t>(beps.size()) < nob * SZ) beps.resize(static_cast<size_t>(nob * SZ));
+          for (int64_t q = 0; q < nob; ++q) {
+            const Slot& sl = os[tb + q];
+            bpos[q] = sl.pos;
+            bmu[q] = sl.w.mu;
+            bsd[q] = sl.w.rho;
+          }
           if (mean) {
             std::fill(bsd.begin(), bsd.begin() + nob, 0.0f);  // w = mu + 0 * eps
             std::fill(beps.begin(), beps.begin() + nob, 0.0f);
           } else {
-            normals_at_fill(key, opos + tb, nob, S, owner, kPurposeWeight, beps.data());
-            softplus_fill(orho + tb, bsd.data(), nob);
+            normals_at_fill(key, bpos.data(), nob, S, owner, kPurposeWeight, beps.data());
+            softplus_fill(bsd.data(), bsd.data(), nob);
           }
         }
         for (int64_t m = 0; m < (gather ? 1 : M); ++m) {
@@ -584,8 +601,8 @@ void sws_linear_histogram_cpu(const ReconstructArgs& a, const LinearArgs& l) {
               const int64_t j = j0 + r;
               (V == 1 ? correct_row<1, Lt> : V == 2 ? correct_row<2, Lt> : V == 3 ? correct_row<3, Lt>
                : correct_row<4, Lt>)(
-                  acc + r * M * Sp, M, x, in_f, lb + r * in_f, j * in_f, zt_p, SZ, eoff[j], eoff[j + 1], epos, eord,
-                  a.e_a, a.e_b, a.e_alpha, ooff[j], ooff[j + 1], opos, omu, bsd.data(),
+                  acc + r * M * Sp, M, x, in_f, lb + r * in_f, j * in_f, zt_p, SZ, eoff[j], eoff[j + 1], es,
+                  a.e_a, a.e_b, a.e_alpha, ooff[j], ooff[j + 1], bpos.data(), bmu.data(), bsd.data(),
                   beps.data(), tb);
             }
 #endif
@@ -604,7 +621,7 @@ void sws_linear_histogram_cpu(const ReconstructArgs& a, const LinearArgs& l) {
               }
               const int64_t j = j0 + r;
               for (int64_t t = eoff[j]; t < eoff[j + 1]; ++t) {
-                const int64_t e = eord[static_cast<size_t>(t)], col = epos[t] - j * in_f;
+                const int64_t e = es[t].entry, col = es[t].pos - j * in_f;
                 const float xv = xm[col];
                 hr[static_cast<int64_t>(lr[col])] -= xv;
                 const float al = a.e_alpha[e];
@@ -612,7 +629,7 @@ void sws_linear_histogram_cpu(const ReconstructArgs& a, const LinearArgs& l) {
                 hr[a.e_b[e]] += (1.0f - al) * xv;
               }
               for (int64_t t = ooff[j]; t < ooff[j + 1]; ++t) {
-                const int64_t col = opos[t] - j * in_f;
+                const int64_t col = bpos[t - tb] - j * in_f;
                 hr[static_cast<int64_t>(lr[col])] -= xm[col];
               }
             }
@@ -629,7 +646,7 @@ void sws_linear_histogram_cpu(const ReconstructArgs& a, const LinearArgs& l) {
               float* ar = acc + r * Sp;
               for (int64_t t = ooff[j]; t < ooff[j + 1]; ++t) {
                 const int64_t q = t - tb;
-                const float xv = xm[opos[t] - j * in_f], mu = omu[t], sd = bsd[q];
+                const float xv = xm[bpos[q] - j * in_f], mu = bmu[q], sd = bsd[q];
                 const float* eps = beps.data() + q * SZ;
                 for (int64_t s = 0; s < SZ; ++s) ar[s] += xv * (mu + sd * eps[s]);
               }

@@ -85,7 +85,11 @@ def mean_field_reconstruct_backward(grad_w, mu, rho, seed: int, samples: int, ow
     g_mu = empty(mu.shape, dtype=mu.dtype, device=mu.device)
     g_rho = empty(rho.shape, dtype=rho.dtype, device=rho.device)
     if n:
-        launch(_mf_bwd_kernel, (triton.cdiv(n, BLOCK),), grad_w.reshape(samples, n).contiguous(), rho.contiguous(),
+        # an unaligned shard (MAPPED 2: a Philox call per weight) keeps two accumulators and a Box-Muller per
+        # element live across the sample loop: the 1024-weight tile (8 warps) spilled 16 B on sm_90, a 512 one
+        # (4 warps) compiles spill-free, 72 / 69 registers on sm_80 / sm_90 (benchmarks/triton_aot.py)
+        block = BLOCK if emap[1] != 2 else BLOCK // 2
+        launch(_mf_bwd_kernel, (triton.cdiv(n, block),), grad_w.reshape(samples, n).contiguous(), rho.contiguous(),
                g_mu, g_rho, n, samples, seed_arg(seed, g_mu.device), u32_arg(owner), u32_arg(purpose), *emap[0],
-               BLOCK=BLOCK, MAPPED=emap[1], num_warps=_rc.warps(BLOCK))
+               BLOCK=block, MAPPED=emap[1], num_warps=_rc.warps(block))
     return g_mu, g_rho

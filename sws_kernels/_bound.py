@@ -16,7 +16,12 @@ more than a small layer's kernels cost (benchmarks/bench_overhead.py). Here a la
   a loaded state rebuilds it (and so re-runs the data checks on the new index values, once).
 
 The call then runs one small ``torch.autograd.Function`` per layer (forward and backward written out over
-the same kernels as the ops in ``_ops``) or, without grad, the kernel alone. Anything this path does not
+the same kernels as the ops in ``_ops``) or, without grad, the kernel alone. Where Python dominates a small layer's
+step (benchmarks/bench_overhead.py), steps are merged without changing a bit of the result: a one-sample call
+(``samples=None``) allocates its output without the sample dimension; with one input row per sample the backward's
+parameter gradients come from one native call (csrc/cpu/layer.cpp: the weight gradient is an outer product, exact
+in any order); ``out, kl = MeanFieldLinear(x)`` is one autograd node; the native ``*_run`` entries take a call's
+seed, S and addresses as arguments (no per-call writes into the shared bundles). Anything this path does not
 serve returns ``None`` and the layer takes the general functional path: torch.compile tracing (the
 registered custom ops stay the graph nodes), ``SWS_VALIDATE=1`` / ``sws_kernels.validate()`` (every check on
 every call), the reference backend (forced or the only one), non-contiguous or non-float32 parameters.

@@ -192,6 +192,32 @@ def test_native_rejects_bad_entries():
 
 
 @needs_native
+def test_native_entry_index_cache_follows_the_entries():
+    """The per-thread cache of the entries' row index is exact: repeated calls, entries changed in place (same
+    storage), and more layers than cached sets all match the reference."""
+    gen = torch.Generator().manual_seed(13)
+    layers = [_case(gen, 23, 37, 11, torch.uint8, 2, 5, "shared") for _ in range(6)]
+
+    def check(case, seed):
+        x, means, chol, labels, ell, outl, bias = case
+        y = native.sws_linear_histogram_cpu(x, means, chol, labels, *ell, *outl, bias, seed, 5, 0, 7, 3)
+        yr, bound = _expected(x, means, chol, labels, ell, outl, bias, seed, 5, "paper")
+        assert bool(((y.double() - yr).abs() <= bound).all())
+
+    for rnd in range(2):
+        for i, case in enumerate(layers):
+            check(case, 100 * rnd + i)
+            check(case, 100 * rnd + i)
+    x, means, chol, labels, ell, outl, bias = layers[0]
+    free = [p for p in range(23 * 37) if p not in set(ell[0].tolist()) | set(outl[0].tolist())]
+    outl[0][0] = free[0]  # in place: same pointers, other contents
+    outl[1].mul_(-2.0)
+    outl[2][-1] = 1.5
+    ell[0][0] = free[1]
+    check(layers[0], 7)
+
+
+@needs_native
 @pytest.mark.parametrize("ldt", [torch.int8, torch.int16])
 @pytest.mark.parametrize("col,value", [(4, 7), (19, -1), (9, -3), (20, 7)])
 def test_native_rejects_labels_out_of_range_in_the_loop(ldt, col, value):

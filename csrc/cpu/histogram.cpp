@@ -227,6 +227,12 @@ SWS_HIST_AVX512 bool gather_block(const L* lab, int64_t n, const float* x, int64
     Lab8<L> lw[R];
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) lw[r].load(lab + r * n + i);
+    // the next R rows' labels (the thread's next block, or past the array: a prefetch never faults) into L2 while
+    // this block computes: one line per row every 64 / sizeof(L) labels
+    if ((i * static_cast<int64_t>(sizeof(L))) % 64 == 0) {
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(lab + (R + r) * n + i), _MM_HINT_T1);
+    }
     if constexpr (kInLoopCheck<L>) {
       if (check) {
         uint64_t b = 0;
@@ -439,6 +445,27 @@ int64_t csr_by_row(const int64_t* pos, int64_t N, int64_t n, int64_t out_f, cons
   return bad < N ? bad : -1;
 }
 
+// The CSRs of the last few entry sets each calling thread used, for repeated inference calls on the same layer
+// (their counting sort is ~10% of a call, more with cold caches: its writes are scattered). Exact: an entry is
+// reused only when the caller's e_pos, o_pos, o_mu and o_rho are equal, element for element, to the copies taken
+// when it was built (a sequential compare, ~5x cheaper than the sort); anything else rebuilds it. (e_a, e_b, e_alpha
+// are read through the entry index at every call, never cached.) ~32 bytes per entry and cached set.
+struct CsrCacheEntry {
+  const void* key[4] = {nullptr, nullptr, nullptr, nullptr};
+  int64_t E = -1, O = -1, n = -1, out_f = -1;
+  std::vector<int64_t> e_pos, o_pos;
+  std::vector<float> o_mu, o_rho;
+  Csr ec, oc;
+  uint64_t used = 0;
+};
+constexpr size_t kCsrCacheSets = 4;
+constexpr int64_t kCsrCacheMaxEntries = int64_t{1} << 22;
+
+template <class T>
+bool same(const std::vector<T>& copy, const T* p, int64_t N) {
+  return N == 0 || std::memcmp(copy.data(), p, sizeof(T) * static_cast<size_t>(N)) == 0;
+}
+
 }  // namespace
 
 void sws_linear_histogram_cpu(const ReconstructArgs& a, const LinearArgs& l) {
@@ -496,14 +523,44 @@ void sws_linear_histogram_cpu(const ReconstructArgs& a, const LinearArgs& l) {
   // Ellipse and outlier entries as CSRs by output row (entry order kept within a row).
   const RowOf row_of(in_f);
   const int ntc = parallel_threads(20.0 * static_cast<double>(a.E + a.O));
-  thread_local Csr ec, oc;  // ellipses: positions and entries; outliers: positions, mu and rho (slot order)
-  const int64_t be = csr_by_row(a.e_pos, a.E, a.n, out_f, row_of, ntc, nullptr, nullptr, ec);
-  const int64_t bo = be >= 0 ? -1 : csr_by_row(a.o_pos, a.O, a.n, out_f, row_of, ntc, a.o_mu, a.o_rho, oc);
-  const std::vector<int64_t>&eoff = ec.off, &ooff = oc.off;
-  const Slot *es = ec.slot, *os = oc.slot;
-  if (be >= 0 || bo >= 0)
-    fail(std::string(be >= 0 ? "e_pos[" : "o_pos[") + std::to_string(be >= 0 ? be : bo) + "] = " +
-         std::to_string(be >= 0 ? a.e_pos[be] : a.o_pos[bo]) + " is out of range [0, " + std::to_string(a.n) + ")");
+  // ellipses: positions and entries; outliers: positions, mu and rho (slot order); from the cache when the
+  // entries are those of a cached set
+  thread_local std::vector<std::unique_ptr<CsrCacheEntry>> cache;
+  thread_local uint64_t tick = 0;
+  const void* ckey[4] = {a.e_pos, a.o_pos, a.o_mu, a.o_rho};
+  CsrCacheEntry* ce = nullptr;
+  for (auto& c : cache)
+    if (std::equal(ckey, ckey + 4, c->key) && c->E == a.E && c->O == a.O && c->n == a.n && c->out_f == out_f) ce = c.get();
+  const bool hit = ce != nullptr && same(ce->e_pos, a.e_pos, a.E) && same(ce->o_pos, a.o_pos, a.O) &&
+                   same(ce->o_mu, a.o_mu, a.O) && same(ce->o_rho, a.o_rho, a.O);
+  if (ce == nullptr) {
+    if (cache.size() < kCsrCacheSets) {
+      cache.push_back(std::make_unique<CsrCacheEntry>());
+      ce = cache.back().get();
+    } else {
+      ce = std::min_element(cache.begin(), cache.end(), [](const auto& u, const auto& v) { return u->used < v->used; })
+               ->get();
+    }
+  }
+  ce->used = ++tick;
+  if (!hit) {
+    ce->E = -1;  // invalid until built and copied
+    const int64_t be = csr_by_row(a.e_pos, a.E, a.n, out_f, row_of, ntc, nullptr, nullptr, ce->ec);
+    const int64_t bo = be >= 0 ? -1 : csr_by_row(a.o_pos, a.O, a.n, out_f, row_of, ntc, a.o_mu, a.o_rho, ce->oc);
+    if (be >= 0 || bo >= 0)
+      fail(std::string(be >= 0 ? "e_pos[" : "o_pos[") + std::to_string(be >= 0 ? be : bo) + "] = " +
+           std::to_string(be >= 0 ? a.e_pos[be] : a.o_pos[bo]) + " is out of range [0, " + std::to_string(a.n) + ")");
+    if (a.E + a.O <= kCsrCacheMaxEntries) {
+      ce->e_pos.assign(a.e_pos, a.e_pos + a.E);
+      ce->o_pos.assign(a.o_pos, a.o_pos + a.O);
+      ce->o_mu.assign(a.o_mu, a.o_mu + a.O);
+      ce->o_rho.assign(a.o_rho, a.o_rho + a.O);
+      std::copy(ckey, ckey + 4, ce->key);
+      ce->E = a.E, ce->O = a.O, ce->n = a.n, ce->out_f = out_f;
+    }
+  }
+  const std::vector<int64_t>&eoff = ce->ec.off, &ooff = ce->oc.off;
+  const Slot *es = ce->ec.slot, *os = ce->oc.slot;
 
   const int copies = K <= 1024 ? 4 : 2;
   const int64_t nb = (out_f + kRows - 1) / kRows;

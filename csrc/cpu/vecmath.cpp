@@ -1,4 +1,5 @@
-// Bulk normals and softplus on the CPU: AVX2 (8 counters per step) with a scalar fallback. See vecmath.h.
+// Bulk normals and softplus on the CPU: AVX-512 (16 counters per step, several Philox chains in flight; normals
+// only) and AVX2 (8 counters per step), runtime-dispatched, with a scalar fallback. See vecmath.h.
 //
 // Why: hierarchical reconstruct and the mean-field ops need one normal per weight per sample, and the scalar
 // path (philox.h's Philox, then libm logf/sincosf per pair) costs ~25 ns per normal on the 2-core dev

@@ -89,7 +89,7 @@ class forced_histogram:
     def __enter__(self):
         self.saved = dict(_backend.LIMITS)
         big = 1 << 30
-        for k in ("cpu_histogram_max_m", "histogram_rows_per_sample"):
+        for k in ("cpu_histogram_max_m", "histogram_rows_per_sample", "histogram_rows_per_sample_scalar"):
             _backend.LIMITS[k] = _backend.LIMITS[k]._replace(value=big if self.on else 0)
 
     def __exit__(self, *exc):

@@ -507,6 +507,8 @@ PYBIND11_MODULE(_C, m) {
       "Codebook KL of float32 means[K,2], chol[K,3] against means0, chol0 (a double); its gradient written into "
       "g_means[K,2], g_chol[K,3] where those are not 0.");
 
+  m.def("simd_isa", []() { return std::string(sws::simd_isa()); },
+        "The widest vector code the CPU normals and the histogram path use now: 'avx512', 'avx2' or 'scalar'.");
   m.def("simd_level", []() { return std::string(sws::simd_level()); },
         "The vector version the CPU normal/softplus code uses now: 'avx2' or 'scalar'.");
   m.def("set_simd", &sws::set_simd, py::arg("enabled"),

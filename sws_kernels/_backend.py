@@ -257,8 +257,15 @@ LIMITS.update({
         int(os.environ.get("SWS_TRITON_HISTOGRAM_MAX_M", "16")),
         "Triton histogram path up to this many rows per sample (a row block's histograms live in registers); a "
         "default until benchmarks/gpu_bench.py measures it on a card (env SWS_TRITON_HISTOGRAM_MAX_M)"),
+    "histogram_rows_per_sample_scalar": Limit(
+        int(os.environ.get("SWS_HISTOGRAM_ROWS_PER_SAMPLE_SCALAR", "2")),
+        "histogram path only when rows <= this x samples, where the CPU has no AVX-512 (the label pass is the "
+        "scalar histogram, ~1.2 cycles per label into 4 interleaved bin copies: crossover rows <= 2 x samples, "
+        "measured 2026-11-29 on the AVX2 path, benchmarks/RESULTS.md 'Prediction') and on Triton (unmeasured on "
+        "a card) (env SWS_HISTOGRAM_ROWS_PER_SAMPLE_SCALAR)"),
     "histogram_rows_per_sample": Limit(
         int(os.environ.get("SWS_HISTOGRAM_ROWS_PER_SAMPLE", "8")),
+        "native CPU with AVX-512 (the sample-vector gather, ~0.7 cycles per weight): "
         "histogram path only when rows <= this x samples: M label passes against the fused kernel's S passes "
         "and reconstruct's S weight matrices; measured crossover on the CPU (4096x4096, 1% outliers, one core, "
         "K = 256 / 4096): M = 4, S = 1 pays (12.4 vs 19.1 / 14.6 vs 23.0 ms), M = 8, S = 1 ties (22.1 vs 22.7 / "
@@ -301,7 +308,8 @@ def histogram(backend: str, rows: int, samples: int, mode: int, act_dtype, per_s
         lim = LIMITS["cpu_histogram_max_m"]
     else:
         lim = LIMITS["triton_histogram_max_m"]
-    ratio = LIMITS["histogram_rows_per_sample"]
+    gather = backend == "native_cpu" and native.simd_isa() == "avx512"
+    ratio = LIMITS["histogram_rows_per_sample" if gather else "histogram_rows_per_sample_scalar"]
     if not 1 <= rows <= lim.value:
         return None, f"histogram: {rows} rows per sample > {lim.value} ({lim.why})"
     if rows > ratio.value * samples:

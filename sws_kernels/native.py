@@ -272,6 +272,7 @@ __all__ = [
     "sws_linear_cuda",
     "sws_linear_cpu",
     "simd_level",
+    "simd_isa",
     "set_simd",
 ]
 
@@ -705,6 +706,13 @@ def simd_level() -> str:
     """'avx2' or 'scalar': the vector code the CPU normals/softplus use now (see csrc/cpu/vecmath.h)."""
     _need(torch.device("cpu"))
     return str(_C.simd_level())
+
+
+def simd_isa() -> str:
+    """'avx512', 'avx2' or 'scalar': the widest vector code the CPU kernels use now (csrc/cpu/vecmath.h); the
+    dispatch table's histogram limits depend on it."""
+    _need(torch.device("cpu"))
+    return str(_C.simd_isa())
 
 
 def set_simd(enabled: bool) -> None:

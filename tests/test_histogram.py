@@ -135,6 +135,21 @@ def simd_level(request, monkeypatch):
 
 @needs_native
 @pytest.mark.parametrize("simd_level", ["best", "avx2", "scalar"], indirect=True)
+def test_dispatch_ratio_follows_the_vector_level(simd_level):
+    """The rows-per-sample crossover in the dispatch table depends on the label pass the CPU runs: the AVX-512
+    sample-vector gather pays up to 8 rows per sample, the scalar histogram (AVX2 / scalar machines) up to 2."""
+    isa = native.simd_isa()
+    assert isa in ("avx512", "avx2", "scalar") and (simd_level == "best" or isa == simd_level)
+    want = _backend.LIMITS["histogram_rows_per_sample" if isa == "avx512" else "histogram_rows_per_sample_scalar"]
+    S = 2
+    rows = want.value * S
+    ok = _backend.histogram("native_cpu", rows, S, 0, torch.float32, False, False)
+    over = _backend.histogram("native_cpu", rows + 1, S, 0, torch.float32, False, False)
+    assert ok[0] is not None and over[0] is None and str(want.value) in over[1]
+
+
+@needs_native
+@pytest.mark.parametrize("simd_level", ["best", "avx2", "scalar"], indirect=True)
 @pytest.mark.parametrize("case", [CASES[0], CASES[5], CASES[2]])
 def test_native_every_simd_level_matches_reference(case, simd_level):
     """The level the machine picks (AVX-512: the sample-vector gather up to 32 samples, 16-lane Philox) and the

@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstddef>
 #include <cstdlib>
 #include <cstring>
 
@@ -74,7 +75,28 @@ void softplus_grad_scalar(const float* x, float* out, int64_t n) {
 // AVX2 + FMA versions
 // ------------------------------------------------------------------------------------------------------
 
+// The Cephes polynomials and reduction constants, one table for both vector widths (the AVX2 and AVX-512
+// functions run the same operations on them in the same order: their normals are bit-identical, tested).
+namespace cephes {
+constexpr float kLog[9] = {7.0376836292E-2f,   -1.1514610310E-1f, 1.1676998740E-1f,
+                           -1.2420140846E-1f,  1.4249322787E-1f,  -1.6668057665E-1f,
+                           2.0000714765E-1f,   -2.4999993993E-1f, 3.3333331174E-1f};  // log(1 + f), f^3 onwards
+constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;  // ln 2 split: e * kLn2Hi is exact
+constexpr float kDP[3] = {0.78515625f, 2.4187564849853515625e-4f, 3.77489497744594108e-8f};  // pi/4 in three parts
+constexpr float kFourOverPi = 1.27323954473516f;
+constexpr float kCos[3] = {2.443315711809948E-005f, -1.388731625493765E-003f, 4.166664568298827E-002f};
+constexpr float kSin[3] = {-1.9515295891E-4f, 8.3321608736E-3f, -1.6666654611E-1f};
+}  // namespace cephes
+
 SWS_AVX2 inline __m256 set1(float v) { return _mm256_set1_ps(v); }
+
+// Horner steps y = y * x + c[i] for i = 1 .. N-1 (y starts at c[0]), as FMAs in that order.
+template <size_t N>
+SWS_AVX2 inline __m256 horner8(__m256 x, const float (&c)[N]) {
+  __m256 y = set1(c[0]);
+  for (size_t i = 1; i < N; ++i) y = _mm256_fmadd_ps(y, x, set1(c[i]));
+  return y;
+}
 
 // Cephes logf for x > 0 normal (the uniforms are in [2^-24, 1); softplus's 1 + e^x is in (1, 4.9e8]).
 SWS_AVX2 inline __m256 log_ps(__m256 x) {
@@ -89,31 +111,23 @@ SWS_AVX2 inline __m256 log_ps(__m256 x) {
   e = _mm256_sub_ps(e, _mm256_and_ps(set1(1.0f), small));
   const __m256 f = _mm256_add_ps(_mm256_sub_ps(m, set1(1.0f)), _mm256_and_ps(m, small));  // exact (Sterbenz)
   const __m256 z = _mm256_mul_ps(f, f);
-  __m256 y = set1(7.0376836292E-2f);
-  y = _mm256_fmadd_ps(y, f, set1(-1.1514610310E-1f));
-  y = _mm256_fmadd_ps(y, f, set1(1.1676998740E-1f));
-  y = _mm256_fmadd_ps(y, f, set1(-1.2420140846E-1f));
-  y = _mm256_fmadd_ps(y, f, set1(1.4249322787E-1f));
-  y = _mm256_fmadd_ps(y, f, set1(-1.6668057665E-1f));
-  y = _mm256_fmadd_ps(y, f, set1(2.0000714765E-1f));
-  y = _mm256_fmadd_ps(y, f, set1(-2.4999993993E-1f));
-  y = _mm256_fmadd_ps(y, f, set1(3.3333331174E-1f));
+  __m256 y = horner8(f, cephes::kLog);
   y = _mm256_mul_ps(_mm256_mul_ps(y, f), z);
-  y = _mm256_fmadd_ps(e, set1(-2.12194440e-4f), y);
+  y = _mm256_fmadd_ps(e, set1(cephes::kLn2Lo), y);
   y = _mm256_fnmadd_ps(set1(0.5f), z, y);
   // ln 2 split in two (0.693359375 has 9 bits: e * it is exact) so small results keep their precision.
-  return _mm256_fmadd_ps(e, set1(0.693359375f), _mm256_add_ps(f, y));
+  return _mm256_fmadd_ps(e, set1(cephes::kLn2Hi), _mm256_add_ps(f, y));
 }
 
 // Cephes sincosf for x in [0, 2 pi] (th = 2 pi u). Quadrant count q <= 8, so q * DP1 and q * DP2 are exact
 // and the reduced argument is accurate to ~1e-10 absolute.
 SWS_AVX2 inline void sincos_ps(__m256 x, __m256& s, __m256& c) {
-  __m256i q = _mm256_cvttps_epi32(_mm256_mul_ps(x, set1(1.27323954473516f)));  // 4/pi
+  __m256i q = _mm256_cvttps_epi32(_mm256_mul_ps(x, set1(cephes::kFourOverPi)));
   q = _mm256_and_si256(_mm256_add_epi32(q, _mm256_set1_epi32(1)), _mm256_set1_epi32(~1));  // even quadrants
   const __m256 qf = _mm256_cvtepi32_ps(q);
-  __m256 r = _mm256_fnmadd_ps(qf, set1(0.78515625f), x);
-  r = _mm256_fnmadd_ps(qf, set1(2.4187564849853515625e-4f), r);
-  r = _mm256_fnmadd_ps(qf, set1(3.77489497744594108e-8f), r);
+  __m256 r = _mm256_fnmadd_ps(qf, set1(cephes::kDP[0]), x);
+  r = _mm256_fnmadd_ps(qf, set1(cephes::kDP[1]), r);
+  r = _mm256_fnmadd_ps(qf, set1(cephes::kDP[2]), r);
   // sin sign flips when bit 2 of q is set; cos sign flips when bit 2 of (q - 2) is clear... as in Cephes.
   const __m256 sign_sin = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(q, _mm256_set1_epi32(4)), 29));
   const __m256 sign_cos = _mm256_castsi256_ps(
@@ -121,15 +135,11 @@ SWS_AVX2 inline void sincos_ps(__m256 x, __m256& s, __m256& c) {
   // quadrants 2, 6 (q & 2): sin and cos polynomials swap
   const __m256 swap = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(q, _mm256_set1_epi32(2)), _mm256_set1_epi32(2)));
   const __m256 z = _mm256_mul_ps(r, r);
-  __m256 pc = set1(2.443315711809948E-005f);
-  pc = _mm256_fmadd_ps(pc, z, set1(-1.388731625493765E-003f));
-  pc = _mm256_fmadd_ps(pc, z, set1(4.166664568298827E-002f));
+  __m256 pc = horner8(z, cephes::kCos);
   pc = _mm256_mul_ps(_mm256_mul_ps(pc, z), z);
   pc = _mm256_fnmadd_ps(set1(0.5f), z, pc);
   pc = _mm256_add_ps(pc, set1(1.0f));
-  __m256 ps = set1(-1.9515295891E-4f);
-  ps = _mm256_fmadd_ps(ps, z, set1(8.3321608736E-3f));
-  ps = _mm256_fmadd_ps(ps, z, set1(-1.6666654611E-1f));
+  __m256 ps = horner8(z, cephes::kSin);
   ps = _mm256_fmadd_ps(_mm256_mul_ps(ps, z), r, r);
   s = _mm256_xor_ps(_mm256_blendv_ps(ps, pc, swap), sign_sin);
   c = _mm256_xor_ps(_mm256_blendv_ps(pc, ps, swap), sign_cos);
@@ -140,8 +150,8 @@ SWS_AVX2 inline void sincos_ps(__m256 x, __m256& s, __m256& c) {
 SWS_AVX2 inline __m256 exp_ps(__m256 x) {
   x = _mm256_min_ps(_mm256_max_ps(x, set1(-87.3f)), set1(88.3762626647949f));
   const __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, set1(1.44269504088896341f), set1(0.5f)));
-  __m256 r = _mm256_fnmadd_ps(fx, set1(0.693359375f), x);
-  r = _mm256_fnmadd_ps(fx, set1(-2.12194440e-4f), r);
+  __m256 r = _mm256_fnmadd_ps(fx, set1(cephes::kLn2Hi), x);
+  r = _mm256_fnmadd_ps(fx, set1(cephes::kLn2Lo), r);
   const __m256 z = _mm256_mul_ps(r, r);
   __m256 y = set1(1.9875691500E-4f);
   y = _mm256_fmadd_ps(y, r, set1(1.3981999507E-3f));
@@ -383,6 +393,14 @@ SWS_AVX2 void normals_at_avx2(Key key, const int64_t* pos, int64_t npos, int64_t
 SWS_AVX512_INLINE __m512 set1z(float v) { return _mm512_set1_ps(v); }
 SWS_AVX512_INLINE __m512i set1i(uint32_t v) { return _mm512_set1_epi32(static_cast<int>(v)); }
 
+// horner8 on 16 lanes.
+template <size_t N>
+SWS_AVX512_INLINE __m512 horner16(__m512 x, const float (&c)[N]) {
+  __m512 y = set1z(c[0]);
+  for (size_t i = 1; i < N; ++i) y = _mm512_fmadd_ps(y, x, set1z(c[i]));
+  return y;
+}
+
 // log_ps on 16 lanes (see log_ps for the method and accuracy).
 SWS_AVX512_INLINE __m512 log16(__m512 x) {
   const __m512i xi = _mm512_castps_si512(x);
@@ -393,44 +411,44 @@ SWS_AVX512_INLINE __m512 log16(__m512 x) {
   e = _mm512_sub_ps(e, _mm512_maskz_mov_ps(small, set1z(1.0f)));
   const __m512 f = _mm512_add_ps(_mm512_sub_ps(m, set1z(1.0f)), _mm512_maskz_mov_ps(small, m));
   const __m512 z = _mm512_mul_ps(f, f);
-  __m512 y = set1z(7.0376836292E-2f);
-  y = _mm512_fmadd_ps(y, f, set1z(-1.1514610310E-1f));
-  y = _mm512_fmadd_ps(y, f, set1z(1.1676998740E-1f));
-  y = _mm512_fmadd_ps(y, f, set1z(-1.2420140846E-1f));
-  y = _mm512_fmadd_ps(y, f, set1z(1.4249322787E-1f));
-  y = _mm512_fmadd_ps(y, f, set1z(-1.6668057665E-1f));
-  y = _mm512_fmadd_ps(y, f, set1z(2.0000714765E-1f));
-  y = _mm512_fmadd_ps(y, f, set1z(-2.4999993993E-1f));
-  y = _mm512_fmadd_ps(y, f, set1z(3.3333331174E-1f));
+  __m512 y = horner16(f, cephes::kLog);
   y = _mm512_mul_ps(_mm512_mul_ps(y, f), z);
-  y = _mm512_fmadd_ps(e, set1z(-2.12194440e-4f), y);
+  y = _mm512_fmadd_ps(e, set1z(cephes::kLn2Lo), y);
   y = _mm512_fnmadd_ps(set1z(0.5f), z, y);
-  return _mm512_fmadd_ps(e, set1z(0.693359375f), _mm512_add_ps(f, y));
+  return _mm512_fmadd_ps(e, set1z(cephes::kLn2Hi), _mm512_add_ps(f, y));
 }
 
-// The Cephes reduction and polynomials of sincos_ps, on 16 lanes: (sin x, cos x).
-SWS_AVX512_INLINE void sincos16(__m512 x, __m512& s, __m512& c) {
-  __m512i q = _mm512_cvttps_epi32(_mm512_mul_ps(x, set1z(1.27323954473516f)));
+// The Cephes reduction of sincos_ps on 16 lanes: the even quadrant count q and x - q pi/4.
+SWS_AVX512_INLINE __m512 reduce16(__m512 x, __m512i& q) {
+  q = _mm512_cvttps_epi32(_mm512_mul_ps(x, set1z(cephes::kFourOverPi)));
   q = _mm512_and_si512(_mm512_add_epi32(q, set1i(1)), set1i(~1u));
   const __m512 qf = _mm512_cvtepi32_ps(q);
-  __m512 r = _mm512_fnmadd_ps(qf, set1z(0.78515625f), x);
-  r = _mm512_fnmadd_ps(qf, set1z(2.4187564849853515625e-4f), r);
-  r = _mm512_fnmadd_ps(qf, set1z(3.77489497744594108e-8f), r);
+  __m512 r = _mm512_fnmadd_ps(qf, set1z(cephes::kDP[0]), x);
+  r = _mm512_fnmadd_ps(qf, set1z(cephes::kDP[1]), r);
+  return _mm512_fnmadd_ps(qf, set1z(cephes::kDP[2]), r);
+}
+
+// sincos_ps' cos (pc) and sin (ps) polynomials of the reduced argument r.
+SWS_AVX512_INLINE void polys16(__m512 r, __m512& pc, __m512& ps) {
+  const __m512 z = _mm512_mul_ps(r, r);
+  pc = horner16(z, cephes::kCos);
+  pc = _mm512_mul_ps(_mm512_mul_ps(pc, z), z);
+  pc = _mm512_fnmadd_ps(set1z(0.5f), z, pc);
+  pc = _mm512_add_ps(pc, set1z(1.0f));
+  ps = horner16(z, cephes::kSin);
+  ps = _mm512_fmadd_ps(_mm512_mul_ps(ps, z), r, r);
+}
+
+// sincos_ps on 16 lanes: (sin x, cos x).
+SWS_AVX512_INLINE void sincos16(__m512 x, __m512& s, __m512& c) {
+  __m512i q;
+  const __m512 r = reduce16(x, q);
   const __m512 sign_sin = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_and_si512(q, set1i(4)), 29));
   const __m512 sign_cos =
       _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_andnot_si512(_mm512_sub_epi32(q, set1i(2)), set1i(4)), 29));
   const __mmask16 swap = _mm512_test_epi32_mask(q, set1i(2));
-  const __m512 z = _mm512_mul_ps(r, r);
-  __m512 pc = set1z(2.443315711809948E-005f);
-  pc = _mm512_fmadd_ps(pc, z, set1z(-1.388731625493765E-003f));
-  pc = _mm512_fmadd_ps(pc, z, set1z(4.166664568298827E-002f));
-  pc = _mm512_mul_ps(_mm512_mul_ps(pc, z), z);
-  pc = _mm512_fnmadd_ps(set1z(0.5f), z, pc);
-  pc = _mm512_add_ps(pc, set1z(1.0f));
-  __m512 ps = set1z(-1.9515295891E-4f);
-  ps = _mm512_fmadd_ps(ps, z, set1z(8.3321608736E-3f));
-  ps = _mm512_fmadd_ps(ps, z, set1z(-1.6666654611E-1f));
-  ps = _mm512_fmadd_ps(_mm512_mul_ps(ps, z), r, r);
+  __m512 pc, ps;
+  polys16(r, pc, ps);
   s = _mm512_xor_ps(_mm512_mask_blend_ps(swap, ps, pc), sign_sin);
   c = _mm512_xor_ps(_mm512_mask_blend_ps(swap, pc, ps), sign_cos);
 }
@@ -438,27 +456,14 @@ SWS_AVX512_INLINE void sincos16(__m512 x, __m512& s, __m512& c) {
 // One output per lane: sin x where `odd`, else cos x; the value sincos16 gives for it (sin x = cos(x - pi/2): a
 // sin lane takes the cos branch with the quadrant count moved back by 2, which picks the same polynomial and sign).
 SWS_AVX512_INLINE __m512 sin_or_cos16(__m512 x, __mmask16 odd) {
-  __m512i q = _mm512_cvttps_epi32(_mm512_mul_ps(x, set1z(1.27323954473516f)));
-  q = _mm512_and_si512(_mm512_add_epi32(q, set1i(1)), set1i(~1u));
-  const __m512 qf = _mm512_cvtepi32_ps(q);
-  __m512 r = _mm512_fnmadd_ps(qf, set1z(0.78515625f), x);
-  r = _mm512_fnmadd_ps(qf, set1z(2.4187564849853515625e-4f), r);
-  r = _mm512_fnmadd_ps(qf, set1z(3.77489497744594108e-8f), r);
+  __m512i q;
+  const __m512 r = reduce16(x, q);
   const __m512i qq = _mm512_mask_sub_epi32(q, odd, q, set1i(2));
   const __m512 sign =
       _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_andnot_si512(_mm512_sub_epi32(qq, set1i(2)), set1i(4)), 29));
   const __mmask16 use_sin_poly = _mm512_test_epi32_mask(qq, set1i(2));
-  const __m512 z = _mm512_mul_ps(r, r);
-  __m512 pc = set1z(2.443315711809948E-005f);
-  pc = _mm512_fmadd_ps(pc, z, set1z(-1.388731625493765E-003f));
-  pc = _mm512_fmadd_ps(pc, z, set1z(4.166664568298827E-002f));
-  pc = _mm512_mul_ps(_mm512_mul_ps(pc, z), z);
-  pc = _mm512_fnmadd_ps(set1z(0.5f), z, pc);
-  pc = _mm512_add_ps(pc, set1z(1.0f));
-  __m512 ps = set1z(-1.9515295891E-4f);
-  ps = _mm512_fmadd_ps(ps, z, set1z(8.3321608736E-3f));
-  ps = _mm512_fmadd_ps(ps, z, set1z(-1.6666654611E-1f));
-  ps = _mm512_fmadd_ps(_mm512_mul_ps(ps, z), r, r);
+  __m512 pc, ps;
+  polys16(r, pc, ps);
   return _mm512_xor_ps(_mm512_mask_blend_ps(use_sin_poly, pc, ps), sign);
 }
 

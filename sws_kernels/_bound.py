@@ -650,9 +650,7 @@ def mean_field_kl(layer, compute):
     bayesian-torch's default ``forward`` recomputes it on every call."""
     cur = _mf_current(layer)
     mu, rho, bmu, brho = cur
-    if not _usable() or not native.AVAILABLE_CPU or not mu.is_cpu or mu.dtype is not torch.float32:
-        return compute()
-    if (bmu is None) != (brho is None) or (bmu is not None and bmu.dtype is not torch.float32):
+    if not _usable() or not _kl_native(mu, bmu, brho):
         return compute()
     priors = _priors(layer)
     grad = _grad_needed(cur)
@@ -684,13 +682,16 @@ def _priors(layer):
     return buf["prior_weight_mu"], buf["prior_weight_sigma"], buf["prior_bias_mu"], buf["prior_bias_sigma"]
 
 
+def _kl_native(mu, bmu, brho) -> bool:
+    """Where the layer KL is computed natively (csrc/cpu/kl.cpp): float32 CPU parameters, the bias' mu and rho
+    both present or both absent."""
+    return (native.AVAILABLE_CPU and mu.is_cpu and mu.dtype is torch.float32 and (bmu is None) == (brho is None)
+            and (bmu is None or bmu.dtype is torch.float32))
+
+
 def _kl_values(layer, mu, bmu, brho):
-    """The prior scalars where :func:`mean_field_kl` computes the KL natively (its conditions), else None."""
-    if not native.AVAILABLE_CPU or not mu.is_cpu or mu.dtype is not torch.float32:
-        return None
-    if (bmu is None) != (brho is None) or (bmu is not None and bmu.dtype is not torch.float32):
-        return None
-    return _prior_values(layer, _priors(layer), bmu is None)
+    """The prior scalars where :func:`mean_field_kl` computes the KL natively, else None."""
+    return _prior_values(layer, _priors(layer), bmu is None) if _kl_native(mu, bmu, brho) else None
 
 
 def _prior_values(layer, priors, no_bias: bool):
